@@ -1,0 +1,351 @@
+"""The on-disk checkpoint format: a folder with `phenotwin.json` and diffusers components.
+
+```
+my-model/
+  phenotwin.json                 format version, kind, classes, size, channels, normalisation,
+                                 default inference settings, provenance, base + adapter
+  scheduler/scheduler_config.json
+  unet/                          diffusers `save_pretrained` (safetensors)  -- or, for a delta:
+  unet_lora/                     peft adapter (adapter_model.safetensors) over the base's UNet
+  vae/                           latent and stable-diffusion kinds
+  class_embeddings.safetensors   stable-diffusion kind: one learned context per class (+ null)
+```
+
+Only safetensors are ever loaded: a model folder shared between labs must not be able to
+run code, and pickled weights (`.bin`, `.ckpt`, `.pt`, ...) can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from phenotwin.errors import CheckpointError
+
+if TYPE_CHECKING:  # torch and diffusers are imported lazily, when a model is really loaded
+    import torch
+
+FORMAT_VERSION = 1
+INFO_FILE = "phenotwin.json"
+KINDS = ("pixel", "latent", "stable-diffusion")
+ADAPTERS = (None, "lora", "svdiff")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
+DEFAULT_INFERENCE = {"steps": 50, "strength": 1.0, "guidance": 0.0}
+
+
+@dataclass
+class CheckpointInfo:
+    """Everything about a model that is not weights: the content of `phenotwin.json`."""
+
+    kind: str
+    classes: list[str]
+    image_size: int
+    channels: int
+    normalization: dict[str, Any] = field(default_factory=lambda: {"mode": "percentile", "low": 0.1, "high": 99.9})
+    channel_names: list[str] | None = None
+    defaults: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_INFERENCE))
+    provenance: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None
+    adapter: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.classes = [str(c) for c in self.classes]
+        problems = []
+        if self.kind not in KINDS:
+            problems.append(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if len(self.classes) < 2:
+            problems.append(f"a translation model needs at least two classes (conditions), this one has {self.classes}")
+        if len(set(self.classes)) != len(self.classes):
+            problems.append(f"class names must be unique, got {self.classes}")
+        if not isinstance(self.image_size, int) or self.image_size < 8:
+            problems.append(f"image_size must be an integer >= 8, got {self.image_size!r}")
+        if not isinstance(self.channels, int) or self.channels < 1:
+            problems.append(f"channels must be a positive integer, got {self.channels!r}")
+        if self.adapter not in ADAPTERS:
+            problems.append(f"adapter {self.adapter!r} is not one of {ADAPTERS}")
+        if self.adapter is not None and not self.base:
+            problems.append(f"a {self.adapter} checkpoint must name the base model it adapts ('base')")
+        if self.format_version > FORMAT_VERSION:
+            problems.append(
+                f"format version {self.format_version} is newer than this phenotwin understands "
+                f"({FORMAT_VERSION}); upgrade napari-phenotwin"
+            )
+        mode = self.normalization.get("mode")
+        if mode == "fixed":
+            low, high = self.normalization.get("low"), self.normalization.get("high")
+            if not (isinstance(low, list) and isinstance(high, list) and len(low) == len(high) == self.channels):
+                problems.append("normalization 'fixed' needs per-channel 'low' and 'high' lists")
+        elif mode == "percentile":
+            if not 0 <= self.normalization.get("low", 0.1) < self.normalization.get("high", 99.9) <= 100:
+                problems.append("normalization 'percentile' needs 0 <= low < high <= 100")
+        else:
+            problems.append(f"normalization mode {mode!r} is not 'fixed' or 'percentile'")
+        if self.channel_names is not None and len(self.channel_names) != self.channels:
+            problems.append(f"{len(self.channel_names)} channel names for {self.channels} channels")
+        if problems:
+            raise CheckpointError("invalid phenotwin.json: " + "; ".join(problems) + ".")
+        self.defaults = {**DEFAULT_INFERENCE, **self.defaults}
+
+    @property
+    def null_class(self) -> int:
+        """Index of the 'no condition' label used for classifier-free guidance."""
+        return len(self.classes)
+
+    def class_index(self, name: str | int) -> int:
+        if isinstance(name, int) and not isinstance(name, bool):
+            if 0 <= name < len(self.classes):
+                return name
+        elif name in self.classes:
+            return self.classes.index(name)
+        raise CheckpointError(
+            f"unknown condition {name!r}: this model knows {', '.join(map(repr, self.classes))}. "
+            "Pick one of those (names are case-sensitive)."
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointInfo:
+        missing = [k for k in ("kind", "classes", "image_size", "channels") if k not in data]
+        if missing:
+            raise CheckpointError(f"invalid phenotwin.json: missing {', '.join(missing)}.")
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model: its info and its torch modules (on CPU, float32, until moved)."""
+
+    info: CheckpointInfo
+    unet: torch.nn.Module
+    scheduler_config: dict[str, Any]
+    vae: torch.nn.Module | None = None
+    class_embeddings: torch.Tensor | None = None
+    path: Path | None = None
+    id: str = "unsaved"
+
+
+def read_info(path: str | os.PathLike) -> CheckpointInfo:
+    """Read and validate `phenotwin.json` without touching any weights."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist. Check the path.")
+    if folder.is_file():
+        if folder.name == INFO_FILE:
+            folder = folder.parent
+        else:
+            raise CheckpointError(
+                f"{folder} is a file; a phenotwin checkpoint is a folder containing {INFO_FILE}. "
+                "Select the folder instead."
+            )
+    info_file = folder / INFO_FILE
+    if not info_file.is_file():
+        raise CheckpointError(
+            f"{folder} has no {INFO_FILE}, so it is not a phenotwin checkpoint. "
+            "Select the folder written by `phenotwin train` (it contains phenotwin.json)."
+        )
+    try:
+        data = json.loads(info_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{info_file} is corrupt ({err}). Restore it from the original checkpoint.") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{info_file} is corrupt: expected a JSON object. Restore it from the original checkpoint.")
+    return CheckpointInfo.from_dict(data)
+
+
+def _refuse_pickles(folder: Path, subfolders: tuple[str, ...] | None = None) -> None:
+    roots = [folder] if subfolders is None else [folder / s for s in subfolders]
+    for root in roots:
+        if not root.exists():
+            continue
+        for file in sorted(root.rglob("*")):
+            if file.suffix.lower() in PICKLE_SUFFIXES and file.is_file():
+                raise CheckpointError(
+                    f"refusing to load {file}: pickled weight files can run arbitrary code when loaded. "
+                    "phenotwin loads only safetensors. Convert it where you trust its origin "
+                    "(load it there and call save_pretrained(..., safe_serialization=True)), then delete it."
+                )
+
+
+def _require_weights(component: Path, what: str) -> None:
+    if not component.is_dir():
+        raise CheckpointError(f"missing {what} folder {component}. The checkpoint is incomplete: copy it again.")
+    if not any(component.glob("*.safetensors")):
+        raise CheckpointError(
+            f"missing {what} weights: {component} has no .safetensors file. The checkpoint is incomplete: copy it again."
+        )
+
+
+def _resolve_base(folder: Path, info: CheckpointInfo) -> Path:
+    base = Path(info.base).expanduser()
+    if not base.is_absolute():
+        base = (folder / base).resolve()
+    if not base.is_dir():
+        raise CheckpointError(
+            f"this {info.adapter} checkpoint adapts the base model {info.base!r}, which is not at {base}. "
+            "Put the base model there, or edit 'base' in phenotwin.json to point at it."
+        )
+    return base
+
+
+def checkpoint_id(folder: Path) -> str:
+    """A short stable identifier: the checkpoint's name plus a hash of its description and weight sizes."""
+    digest = hashlib.sha256((folder / INFO_FILE).read_bytes())
+    for file in sorted(folder.rglob("*.safetensors")):
+        digest.update(f"{file.relative_to(folder)}:{file.stat().st_size}".encode())
+    return f"{folder.name}@{digest.hexdigest()[:10]}"
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Load a checkpoint folder (safetensors only) onto the CPU in float32."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel, UNet2DModel
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if folder.is_file() and folder.name == INFO_FILE:
+        folder = folder.parent
+    info = read_info(folder)
+    _refuse_pickles(folder)
+
+    component_root = folder
+    if info.adapter is not None:
+        component_root = _resolve_base(folder, info)
+        _refuse_pickles(component_root, ("unet", "vae"))
+
+    unet_class = UNet2DConditionModel if info.kind == "stable-diffusion" else UNet2DModel
+    _require_weights(component_root / "unet", "UNet")
+    try:
+        unet = unet_class.from_pretrained(component_root / "unet", use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"cannot load the UNet from {component_root / 'unet'}: {err}") from err
+
+    if info.adapter == "lora":
+        from peft import PeftModel
+
+        _require_weights(folder / "unet_lora", "LoRA adapter")
+        # Merged once at load time: inference then costs exactly what the base model costs.
+        unet = PeftModel.from_pretrained(unet, folder / "unet_lora").merge_and_unload()
+    elif info.adapter == "svdiff":
+        from phenotwin.svdiff import load_svdiff_into
+
+        load_svdiff_into(unet, folder / "unet_svdiff.safetensors")
+
+    vae = None
+    if info.kind in ("latent", "stable-diffusion"):
+        vae_root = folder if (folder / "vae").is_dir() else component_root
+        _require_weights(vae_root / "vae", "VAE")
+        try:
+            vae = AutoencoderKL.from_pretrained(vae_root / "vae", use_safetensors=True)
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise CheckpointError(f"cannot load the VAE from {vae_root / 'vae'}: {err}") from err
+
+    class_embeddings = None
+    if info.kind == "stable-diffusion":
+        file = folder / CLASS_EMBEDDINGS_FILE
+        if not file.is_file():
+            raise CheckpointError(
+                f"missing {file}: a stable-diffusion checkpoint needs one learned embedding per condition. "
+                "The checkpoint is incomplete: copy it again."
+            )
+        class_embeddings = load_file(file)["class_embeddings"].to(torch.float32)
+        expected = len(info.classes) + 1
+        if class_embeddings.shape[0] != expected:
+            raise CheckpointError(
+                f"{file} holds {class_embeddings.shape[0]} class embeddings but phenotwin.json lists "
+                f"{len(info.classes)} classes (+1 null = {expected}). The files do not belong together."
+            )
+
+    scheduler_root = folder if (folder / "scheduler").is_dir() else component_root
+    try:
+        scheduler_config = dict(DDIMScheduler.load_config(scheduler_root / "scheduler"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read the noise schedule in {scheduler_root / 'scheduler'}: {err}") from err
+
+    _check_shapes(info, unet, vae)
+    unet.eval()
+    if vae is not None:
+        vae.eval()
+    return Checkpoint(
+        info=info,
+        unet=unet,
+        scheduler_config=scheduler_config,
+        vae=vae,
+        class_embeddings=class_embeddings,
+        path=folder,
+        id=checkpoint_id(folder),
+    )
+
+
+def _check_shapes(info: CheckpointInfo, unet: Any, vae: Any) -> None:
+    if info.kind == "pixel":
+        if unet.config.in_channels != info.channels:
+            raise CheckpointError(
+                f"phenotwin.json says {info.channels} channels but the UNet takes {unet.config.in_channels}."
+            )
+        if (unet.config.num_class_embeds or 0) < len(info.classes) + 1:
+            raise CheckpointError(
+                f"the UNet has {unet.config.num_class_embeds} class embeddings; {len(info.classes)} classes + null needed."
+            )
+    elif vae is not None and vae.config.latent_channels != unet.config.in_channels:
+        raise CheckpointError(
+            f"the VAE makes {vae.config.latent_channels}-channel latents but the UNet takes {unet.config.in_channels}."
+        )
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a checkpoint folder atomically: a reader sees the old folder or the new one, never half."""
+    from diffusers import DDIMScheduler
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{target} already exists. Choose another folder or pass overwrite=True.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        info = checkpoint.info
+        (staging / INFO_FILE).write_text(info.to_json(), encoding="utf-8")
+        DDIMScheduler.from_config(checkpoint.scheduler_config).save_pretrained(staging / "scheduler")
+        if info.adapter == "lora":
+            checkpoint.unet.save_pretrained(staging / "unet_lora", safe_serialization=True)
+        elif info.adapter == "svdiff":
+            from phenotwin.svdiff import save_svdiff
+
+            save_svdiff(checkpoint.unet, staging / "unet_svdiff.safetensors")
+        else:
+            checkpoint.unet.save_pretrained(staging / "unet", safe_serialization=True)
+        if checkpoint.vae is not None and info.adapter is None:
+            checkpoint.vae.save_pretrained(staging / "vae", safe_serialization=True)
+        if checkpoint.class_embeddings is not None:
+            save_file(
+                {"class_embeddings": checkpoint.class_embeddings.detach().float().cpu().contiguous()},
+                staging / CLASS_EMBEDDINGS_FILE,
+            )
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Replace `target` by `staging` with renames only, so a crash never leaves a half-written model."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)

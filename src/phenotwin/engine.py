@@ -1,0 +1,130 @@
+"""The model behind a translation: a class-conditional denoiser, its codec and its schedulers.
+
+Three checkpoint kinds share one interface so DDIM inversion and sampling are written once:
+- `pixel`: a `UNet2DModel` on the image, the class added to the timestep embedding (PhenDiff);
+- `latent`: the same UNet on `AutoencoderKL` latents;
+- `stable-diffusion`: a `UNet2DConditionModel` whose cross-attention context is a learned
+  per-class embedding (in place of a text encoder), on VAE latents (Phen-LDiff).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from phenotwin.checkpoint import Checkpoint
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' means CUDA, then Apple MPS, then CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def inference_schedulers(scheduler_config: dict[str, Any], steps: int):
+    """A matched pair (DDIM inverse, DDIM) whose step levels mirror each other exactly.
+
+    Inversion step i moves the sample up to level inverse.timesteps[i]; generation step j
+    moves it down from sampler.timesteps[j]; they visit the same levels in reverse order,
+    which is what lets generation start from any point of a cached inversion trajectory.
+    """
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    config = dict(scheduler_config)
+    # Clipping x0 breaks the invertibility of DDIM, and 'linspace' has no inverse in diffusers.
+    config["clip_sample"] = False
+    if config.get("timestep_spacing") not in ("leading", "trailing"):
+        config["timestep_spacing"] = "leading"
+    sampler = DDIMScheduler.from_config(config)
+    inverse = DDIMInverseScheduler.from_config(config)
+    sampler.set_timesteps(steps)
+    inverse.set_timesteps(steps)
+    if not torch.equal(sampler.timesteps.flip(0), inverse.timesteps):
+        raise RuntimeError(
+            f"DDIM and inverse DDIM timesteps disagree for {steps} steps "
+            f"({sampler.timesteps.tolist()[:3]}... vs {inverse.timesteps.tolist()[-3:]})"
+        )
+    return inverse, sampler
+
+
+class Denoiser:
+    """Class-conditional noise predictor plus the encode/decode between images and its sample space.
+
+    `calls` counts UNet evaluations (a batch counts once) so tests and benchmarks can prove
+    that work was or was not repeated.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype):
+        self.info = checkpoint.info
+        self.device = device
+        self.dtype = dtype
+        self.unet = checkpoint.unet.to(device=device).eval()
+        if dtype != torch.float32:
+            self.unet.to(dtype=dtype)
+        # The VAE stays float32: its decoder overflows in float16 on real images.
+        self.vae = checkpoint.vae.to(device=device).eval() if checkpoint.vae is not None else None
+        self.class_embeddings = (
+            checkpoint.class_embeddings.to(device=device, dtype=dtype) if checkpoint.class_embeddings is not None else None
+        )
+        self.calls = 0
+        if self.vae is not None:
+            self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+            self.vae_channels = int(self.vae.config.in_channels)
+            if self.vae_channels < self.info.channels:
+                raise ValueError(
+                    f"the VAE takes {self.vae_channels} channels but the model has {self.info.channels}"
+                )
+
+    @property
+    def null_label(self) -> int:
+        return self.info.null_class
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, labels: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        sample = sample.to(self.dtype)
+        t = torch.as_tensor(timestep, device=self.device).reshape(-1).expand(sample.shape[0])
+        if self.info.kind == "stable-diffusion":
+            context = self.class_embeddings[labels]
+            out = self.unet(sample, t, encoder_hidden_states=context).sample
+        else:
+            out = self.unet(sample, t, class_labels=labels).sample
+        return out.float()
+
+    def predict(self, sample: torch.Tensor, timestep: Any, labels: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
+        """Conditional prediction; with guidance w > 0, classifier-free guidance cond + w (cond - uncond)."""
+        if guidance <= 0:
+            return self(sample, timestep, labels)
+        null = torch.full_like(labels, self.null_label)
+        both = self(torch.cat([sample, sample]), timestep, torch.cat([labels, null]))
+        cond, uncond = both.chunk(2)
+        return cond + guidance * (cond - uncond)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Model-range images (B, C, H, W) to the diffusion sample space (identity for pixel models)."""
+        if self.vae is None:
+            return images.float()
+        x = images.float()
+        if self.vae_channels > x.shape[1]:
+            # A pretrained RGB VAE seeing 1- or 2-channel microscopy: grey is repeated, missing
+            # channels are black (model range -1); decode() undoes it.
+            fill = x.repeat(1, self.vae_channels, 1, 1) if x.shape[1] == 1 else torch.cat(
+                [x, torch.full_like(x[:, :1], -1.0).repeat(1, self.vae_channels - x.shape[1], 1, 1)], dim=1
+            )
+            x = fill
+        # The posterior mean, not a sample: inversion must be deterministic.
+        return self.vae.encode(x).latent_dist.mean * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return latents.float()
+        images = self.vae.decode(latents.float() / self.scaling_factor).sample
+        channels = self.info.channels
+        if images.shape[1] != channels:
+            images = images.mean(dim=1, keepdim=True) if channels == 1 else images[:, :channels]
+        return images

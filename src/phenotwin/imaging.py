@@ -1,0 +1,179 @@
+"""Microscopy intensities in and out: layout, dtype, channels and normalisation.
+
+Models work on channel-first float images in [-1, 1]. Users have 2-D grayscale or
+multichannel arrays, channel axis first or last, in uint8, uint16 or float, in their
+microscope's units. This module checks an image, maps it to model range with the
+checkpoint's normalisation, and maps results back to the input's layout, units and dtype.
+The input array is never modified.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from phenotwin.errors import PhenotwinError, PhenotwinWarning
+
+MIN_SIZE = 16
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How to put a model-range (C, H, W) result back into the user's array conventions."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    channel_axis: int | None
+    low: np.ndarray  # (C,) raw value mapped to 0
+    high: np.ndarray  # (C,) raw value mapped to 1
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        if self.channel_axis is None:
+            return self.shape[0], self.shape[1]
+        return (self.shape[1], self.shape[2]) if self.channel_axis == 0 else (self.shape[0], self.shape[1])
+
+
+def _normalise_channel_axis(ndim: int, channel_axis: int | None) -> int | None:
+    if channel_axis is None:
+        return None
+    if channel_axis not in (0, -1, ndim - 1):
+        raise PhenotwinError(
+            f"channel_axis={channel_axis} is not supported: channels must be the first (0) or last (-1) axis. "
+            "Move the channel axis with numpy.moveaxis first."
+        )
+    return 0 if channel_axis == 0 else -1
+
+
+def to_channels_first(image: Any, channels: int, channel_axis: int | None = None) -> tuple[np.ndarray, int | None]:
+    """Validate a user image and return a float64 (C, H, W) copy plus the normalised channel axis."""
+    array = np.asarray(image)
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise PhenotwinError(
+            f"image has dtype {array.dtype}; expected uint8, uint16 or float intensities. "
+            "Labels, masks and complex data cannot be translated."
+        )
+    if array.ndim == 2:
+        if channel_axis is not None:
+            raise PhenotwinError(
+                f"channel_axis={channel_axis} was given but the image is 2-D {array.shape}; omit channel_axis for grayscale."
+            )
+        chw = array[np.newaxis]
+    elif array.ndim == 3:
+        if channel_axis is None:
+            raise PhenotwinError(
+                f"image is 3-D {array.shape} but no channel_axis was given. If it holds channels, pass "
+                "channel_axis=0 (first) or -1 (last); if it is a stack (time, z, wells), translate one 2-D plane at a time."
+            )
+        axis = _normalise_channel_axis(3, channel_axis)
+        chw = array if axis == 0 else np.moveaxis(array, -1, 0)
+    else:
+        raise PhenotwinError(
+            f"image is {array.ndim}-D {array.shape}; a translation takes one 2-D plane, grayscale or with a channel "
+            "axis. Select a single plane of the stack (e.g. image[t, z]) and translate planes one at a time."
+        )
+    axis = _normalise_channel_axis(array.ndim, channel_axis)
+    if chw.shape[0] != channels:
+        raise PhenotwinError(
+            f"image has {chw.shape[0]} channel(s) but the model was trained on {channels}. "
+            + (
+                "Select a single channel, or use a model trained on multichannel images."
+                if channels == 1
+                else f"Give an image with exactly {channels} channels in the model's order, or check channel_axis."
+            )
+        )
+    height, width = chw.shape[1:]
+    if min(height, width) < MIN_SIZE:
+        raise PhenotwinError(
+            f"image is {height}x{width} pixels; at least {MIN_SIZE}x{MIN_SIZE} is needed. Select a larger region."
+        )
+    data = chw.astype(np.float64)  # always a copy: the caller's array is never touched
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise PhenotwinError(
+            f"image contains {int(bad.sum())} NaN or infinite value(s). Replace them (e.g. numpy.nan_to_num) "
+            "or crop them away before translating."
+        )
+    if data.max() == data.min():
+        raise PhenotwinError(
+            f"image is constant (every pixel is {data.flat[0]:g}); there are no cells to translate. "
+            "Check that the right layer or plane is selected."
+        )
+    return data, axis
+
+
+def intensity_range(chw: np.ndarray, normalization: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel raw values that map to 0 and 1, from the checkpoint's normalisation."""
+    mode = normalization["mode"]
+    if mode == "fixed":
+        low = np.asarray(normalization["low"], dtype=np.float64)
+        high = np.asarray(normalization["high"], dtype=np.float64)
+    elif mode == "percentile":
+        flat = chw.reshape(chw.shape[0], -1)
+        low = np.percentile(flat, normalization.get("low", 0.1), axis=1)
+        high = np.percentile(flat, normalization.get("high", 99.9), axis=1)
+    else:  # validated when the checkpoint is read
+        raise PhenotwinError(f"unknown normalization mode {mode!r}")
+    flat_channels = high <= low
+    if flat_channels.any():
+        # A channel with no contrast (e.g. empty) must not divide by zero; use its full span.
+        span = chw.reshape(chw.shape[0], -1)
+        low = np.where(flat_channels, span.min(axis=1), low)
+        high = np.where(flat_channels, np.maximum(span.max(axis=1), low + 1e-6), high)
+    return low, high
+
+
+def normalise(chw: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Raw intensities to model range [-1, 1] (values outside the range are clipped)."""
+    unit = (chw - low[:, None, None]) / (high - low)[:, None, None]
+    return (np.clip(unit, 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
+
+
+def denormalise(model_range: np.ndarray, layout: ImageLayout) -> np.ndarray:
+    """Model range (C, H, W) back to the caller's units, dtype and channel layout."""
+    unit = (np.clip(model_range.astype(np.float64), -1.0, 1.0) + 1.0) / 2.0
+    raw = unit * (layout.high - layout.low)[:, None, None] + layout.low[:, None, None]
+    if np.issubdtype(layout.dtype, np.integer):
+        info = np.iinfo(layout.dtype)
+        raw = np.clip(np.rint(raw), info.min, info.max).astype(layout.dtype)
+    else:
+        raw = raw.astype(layout.dtype if layout.dtype.itemsize >= 4 else np.float32)
+    return from_channels_first(raw, layout.channel_axis)
+
+
+def from_channels_first(chw: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    if channel_axis is None:
+        return chw[0]
+    return chw if channel_axis == 0 else np.moveaxis(chw, 0, -1)
+
+
+def resize_chw(chw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Anti-aliased resize of each channel (scikit-image), keeping float32."""
+    from skimage.transform import resize
+
+    if chw.shape[1:] == tuple(size):
+        return chw
+    return resize(chw, (chw.shape[0], *size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+
+
+def prepare(
+    image: Any, channels: int, normalization: dict[str, Any], model_size: int, channel_axis: int | None = None
+) -> tuple[np.ndarray, np.ndarray, ImageLayout]:
+    """Check and normalise an image: returns (model-size input, full-size normalised, layout)."""
+    original = np.asarray(image)
+    chw, axis = to_channels_first(original, channels, channel_axis)
+    low, high = intensity_range(chw, normalization)
+    full = normalise(chw, low, high)
+    layout = ImageLayout(shape=original.shape, dtype=original.dtype, channel_axis=axis, low=low, high=high)
+    if full.shape[1:] != (model_size, model_size):
+        warnings.warn(
+            f"image is {full.shape[1]}x{full.shape[2]} but the model works at {model_size}x{model_size}; "
+            "it is resized for translation and the result resized back, which loses detail. "
+            "Crop a region of the model's size for a faithful result.",
+            PhenotwinWarning,
+            stacklevel=3,
+        )
+    return resize_chw(full, (model_size, model_size)), full, layout

@@ -1,0 +1,78 @@
+"""Reading microscopy files and writing results atomically (tifffile, scikit-image)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phenotwin.errors import PhenotwinError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".jpg", ".jpeg")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a TIFF (tifffile) or PNG/JPEG (scikit-image) into a numpy array, or say why not."""
+    file = Path(path)
+    if not file.is_file():
+        raise PhenotwinError(f"{file} does not exist or is not a file. Check the path.")
+    if file.suffix.lower() not in IMAGE_SUFFIXES:
+        raise PhenotwinError(f"{file} is not an image phenotwin reads ({', '.join(IMAGE_SUFFIXES)}).")
+    try:
+        if file.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            return tifffile.imread(file)
+        from skimage.io import imread
+
+        return imread(file)
+    except Exception as err:  # any decoder failure means the same thing to the user
+        raise PhenotwinError(f"cannot read {file}: {err}. The file may be truncated or not really an image.") from err
+
+
+def _atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str, metadata: dict[str, Any] | None = None) -> Path:
+    """Write an OME-TIFF atomically (temp file + rename), provenance in its description."""
+    import tifffile
+
+    def write(temp: str) -> None:
+        tifffile.imwrite(
+            temp,
+            array,
+            ome=True,
+            photometric="minisblack",
+            metadata={"axes": axes, "Description": json.dumps(metadata or {}, default=str)},
+        )
+
+    return _atomic(Path(path), write)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    def write(temp: str) -> None:
+        Path(temp).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+    return _atomic(Path(path), write)
+
+
+def write_png_figure(path: str | os.PathLike, figure) -> Path:
+    def write(temp: str) -> None:
+        figure.savefig(temp, format="png", dpi=110, bbox_inches="tight")
+
+    return _atomic(Path(path), write)

@@ -1,0 +1,50 @@
+"""Overview figures: rows of images with titles, fluorescence channels as colour composites."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+# Colour for each channel in a composite: magenta nucleus, green organelle, cyan cytoplasm.
+CHANNEL_COLOURS = np.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.8, 1.0]])
+
+
+def composite(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) or (H, W) intensities to an (H, W, 3) RGB picture, each channel scaled to its range."""
+    array = np.asarray(image, dtype=np.float64)
+    if array.ndim == 2:
+        array = array[None]
+    low = array.min(axis=(1, 2), keepdims=True)
+    high = array.max(axis=(1, 2), keepdims=True)
+    unit = (array - low) / np.maximum(high - low, 1e-12)
+    if unit.shape[0] == 1:
+        return np.repeat(unit[0][..., None], 3, axis=-1)
+    colours = CHANNEL_COLOURS[: unit.shape[0]]
+    return np.clip(np.einsum("chw,ck->hwk", unit, colours), 0, 1)
+
+
+def save_montage(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str]) -> None:
+    """Save a grid: images as composites, 2-D float maps named 'heatmap' with the inferno colormap."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from phenotwin.io import write_png_figure
+
+    figure, axes = plt.subplots(len(rows), len(titles), figsize=(2.2 * len(titles), 2.2 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            ax = axes[r, c]
+            if "heatmap" in titles[c]:
+                ax.imshow(image, cmap="inferno", vmin=0)
+            else:
+                ax.imshow(composite(image), interpolation="nearest")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+    figure.tight_layout()
+    write_png_figure(path, figure)
+    plt.close(figure)

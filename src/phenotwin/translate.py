@@ -1,0 +1,338 @@
+"""`Translator`: the one entry point for inference, shared by the CLI, napari and tests.
+
+A translation follows PhenDiff / Phen-LDiff: the image is inverted to noise with
+deterministic DDIM inversion under its own (source) condition, then regenerated with DDIM
+under the target condition. The whole inversion trajectory is kept, so generating again
+with another target or another strength starts from the cached state at the right noise
+level and costs only the generation steps: this is what makes scrubbing strength cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from phenotwin import imaging
+from phenotwin.errors import PhenotwinError
+from phenotwin.heatmap import difference_map
+from phenotwin.progress import CancelFlag, Progress, Steps, drive
+
+if TYPE_CHECKING:
+    import torch
+
+    from phenotwin.checkpoint import Checkpoint
+
+
+def psnr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """PSNR in dB of model-range ([-1, 1]) images."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    if np.array_equal(reference, estimate):
+        return float("inf")
+    return float(peak_signal_noise_ratio(reference, estimate, data_range=2.0))
+
+
+@dataclass
+class Inversion:
+    """A source image inverted under its condition, with its whole DDIM trajectory.
+
+    `trajectory[k]` is the sample after k inversion steps (k = 0: the clean image or its
+    latent), so a generation at strength s starts from `trajectory[round(s * steps)]`.
+    """
+
+    source: str
+    source_index: int
+    steps: int
+    trajectory: list[torch.Tensor]
+    model_input: np.ndarray  # (C, S, S) model range, at the model's size
+    normalised: np.ndarray  # (C, H, W) model range, at the image's own size
+    layout: imaging.ImageLayout
+    checkpoint_id: str
+    autoencoder_psnr: float | None = None
+    reconstructions: dict[tuple[int, float], np.ndarray] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Translation:
+    """A translated image, its difference heatmap and how well the model reconstructs the input."""
+
+    image: np.ndarray  # in the input's units, dtype and layout
+    heatmap: np.ndarray  # (H, W) difference summed over channels, normalised units
+    heatmap_channels: np.ndarray  # (C, H, W)
+    normalised: np.ndarray  # (C, H, W) translation in model range, for metrics
+    reconstruction_psnr: float  # dB, regenerating the input under its own condition
+    source: str
+    target: str
+    strength: float  # the strength actually used: inversion steps used / steps
+    steps: int
+    guidance: float
+    seed: int | None
+    checkpoint_id: str
+    autoencoder_psnr: float | None = None
+    inversion: Inversion | None = field(default=None, repr=False)  # reuse it to scrub without re-inverting
+
+    def metadata(self) -> dict[str, Any]:
+        """Provenance to store next to the result (napari layer metadata, OME-TIFF)."""
+        from phenotwin import __version__
+
+        return {
+            "checkpoint": self.checkpoint_id,
+            "source": self.source,
+            "target": self.target,
+            "strength": self.strength,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "seed": self.seed,
+            "reconstruction_psnr": self.reconstruction_psnr,
+            "autoencoder_psnr": self.autoencoder_psnr,
+            "phenotwin_version": __version__,
+        }
+
+
+class Translator:
+    """Loads a checkpoint once and translates images between its conditions.
+
+    >>> translator = Translator("my-model")                      # doctest: +SKIP
+    >>> result = translator.translate(image, "control", "treated")  # doctest: +SKIP
+    >>> result.image, result.heatmap, result.reconstruction_psnr    # doctest: +SKIP
+    """
+
+    def __init__(self, checkpoint: Checkpoint | str | os.PathLike, device: str = "auto", dtype: Any = None):
+        import torch
+
+        from phenotwin.checkpoint import Checkpoint, load_checkpoint
+        from phenotwin.engine import Denoiser, pick_device
+
+        loaded = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        self.device = pick_device(device)
+        if dtype is None:
+            # float16 halves time and memory on CUDA; CPU and MPS stay exact in float32.
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.info = loaded.info
+        self.checkpoint_id = loaded.id
+        self.checkpoint_path = loaded.path
+        self.scheduler_config = loaded.scheduler_config
+        self.denoiser = Denoiser(loaded, self.device, dtype)
+        self._schedulers: dict[int, tuple[Any, Any]] = {}
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.info.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.info.channels
+
+    def _schedulers_for(self, steps: int):
+        from phenotwin.engine import inference_schedulers
+
+        if steps not in self._schedulers:
+            self._schedulers[steps] = inference_schedulers(self.scheduler_config, steps)
+        return self._schedulers[steps]
+
+    # -- validation, done eagerly so that errors appear before any work starts ------------
+
+    def _steps(self, steps: int | None) -> int:
+        steps = self.info.defaults["steps"] if steps is None else steps
+        limit = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= limit:
+            raise PhenotwinError(f"steps must be a whole number from 1 to {limit}, got {steps!r}. 50 is a good default.")
+        return int(steps)
+
+    @staticmethod
+    def _strength(strength: float) -> float:
+        if not isinstance(strength, (int, float, np.floating)) or not 0.0 < float(strength) <= 1.0:
+            raise PhenotwinError(
+                f"strength must be in (0, 1], got {strength!r}: 1 inverts all the way to noise (strongest change), "
+                "smaller values keep more of the original image."
+            )
+        return float(strength)
+
+    @staticmethod
+    def _guidance(guidance: float) -> float:
+        if not isinstance(guidance, (int, float, np.floating)) or not np.isfinite(guidance) or guidance < 0:
+            raise PhenotwinError(f"guidance must be a number >= 0 (0 = no guidance), got {guidance!r}.")
+        return float(guidance)
+
+    # -- inversion ---------------------------------------------------------------------
+
+    def invert_steps(
+        self, image: Any, source: str | int, steps: int | None = None, channel_axis: int | None = None
+    ) -> Steps[Inversion]:
+        """Generator form of `invert`: yields a `Progress` per step, returns the `Inversion`."""
+        source_index = self.info.class_index(source)
+        steps = self._steps(steps)
+        model_input, normalised, layout = imaging.prepare(
+            image, self.channels, self.info.normalization, self.image_size, channel_axis
+        )
+        return self._invert(model_input, normalised, layout, source_index, steps)
+
+    def _invert(self, model_input, normalised, layout, source_index: int, steps: int) -> Steps[Inversion]:
+        import torch
+
+        inverse, _ = self._schedulers_for(steps)
+        den = self.denoiser
+        labels = torch.tensor([source_index], device=self.device)
+        with torch.inference_mode():
+            sample = den.encode(torch.from_numpy(model_input)[None].to(self.device))
+            autoencoder_psnr = None
+            if den.vae is not None:
+                autoencoder_psnr = psnr(model_input, den.decode(sample)[0].cpu().numpy())
+            trajectory = [sample]
+            for i, t in enumerate(inverse.timesteps):
+                output = den.predict(sample, t, labels)
+                sample = inverse.step(output, int(t), sample).prev_sample
+                trajectory.append(sample)
+                yield Progress("invert", i + 1, steps)
+        return Inversion(
+            source=self.classes[source_index],
+            source_index=source_index,
+            steps=steps,
+            trajectory=trajectory,
+            model_input=model_input,
+            normalised=normalised,
+            layout=layout,
+            checkpoint_id=self.checkpoint_id,
+            autoencoder_psnr=autoencoder_psnr,
+        )
+
+    # -- generation --------------------------------------------------------------------
+
+    def generate_steps(
+        self,
+        inversion: Inversion,
+        target: str | int,
+        strength: float | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        reconstruct: bool = True,
+        signed: bool = False,
+        sigma: float = 0.0,
+    ) -> Steps[Translation]:
+        """Generator form of `generate`: regenerate a cached inversion under `target`.
+
+        Costs round(strength * steps) UNet calls and never re-inverts. With `reconstruct`,
+        the source condition is generated in the same batch (once per strength, then cached)
+        to measure how faithfully the model reproduces the input.
+        """
+        if inversion.checkpoint_id != self.checkpoint_id:
+            raise PhenotwinError(
+                "this inversion was made with another model "
+                f"({inversion.checkpoint_id}, not {self.checkpoint_id}); invert the image again with this model."
+            )
+        target_index = self.info.class_index(target)
+        strength = self._strength(self.info.defaults["strength"] if strength is None else strength)
+        guidance = self._guidance(self.info.defaults["guidance"] if guidance is None else guidance)
+        used_steps = max(1, round(strength * inversion.steps))
+        return self._generate(inversion, target_index, used_steps, guidance, seed, reconstruct, signed, sigma)
+
+    def _generate(self, inversion, target_index, used_steps, guidance, seed, reconstruct, signed, sigma):
+        key = (used_steps, guidance)
+        if target_index == inversion.source_index and key in inversion.reconstructions:
+            translated = inversion.reconstructions[key]  # already generated: costs nothing
+        else:
+            translated = yield from self._sample(inversion, target_index, used_steps, guidance, seed, reconstruct)
+        reconstruction = inversion.reconstructions.get(key)
+        heat = difference_map(inversion.normalised, translated, signed=signed, sigma=sigma)
+        return Translation(
+            image=imaging.denormalise(translated, inversion.layout),
+            heatmap=heat.total,
+            heatmap_channels=heat.per_channel,
+            normalised=translated,
+            reconstruction_psnr=psnr(inversion.normalised, reconstruction) if reconstruction is not None else float("nan"),
+            source=inversion.source,
+            target=self.classes[target_index],
+            strength=used_steps / inversion.steps,
+            steps=inversion.steps,
+            guidance=guidance,
+            seed=seed,
+            checkpoint_id=self.checkpoint_id,
+            autoencoder_psnr=inversion.autoencoder_psnr,
+            inversion=inversion,
+        )
+
+    def _sample(self, inversion, target_index, used_steps, guidance, seed, reconstruct) -> Steps[np.ndarray]:
+        """DDIM from the cached trajectory; the source class rides along in the batch when a
+        reconstruction at this strength is still missing."""
+        import torch
+
+        _, sampler = self._schedulers_for(inversion.steps)
+        key = (used_steps, guidance)
+        is_source = target_index == inversion.source_index
+        with_reconstruction = reconstruct and not is_source and key not in inversion.reconstructions
+        labels = torch.tensor([target_index] + [inversion.source_index] * with_reconstruction, device=self.device)
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        with torch.inference_mode():
+            sample = inversion.trajectory[used_steps].repeat(len(labels), 1, 1, 1)
+            for i, t in enumerate(sampler.timesteps[inversion.steps - used_steps :]):
+                output = self.denoiser.predict(sample, t, labels, guidance)
+                sample = sampler.step(output, int(t), sample, generator=generator).prev_sample
+                yield Progress("generate", i + 1, used_steps)
+            images = self.denoiser.decode(sample).clamp(-1, 1).cpu().numpy()
+        size = inversion.normalised.shape[1:]
+        translated = imaging.resize_chw(images[0], size)
+        if is_source:
+            inversion.reconstructions[key] = translated
+        elif with_reconstruction:
+            inversion.reconstructions[key] = imaging.resize_chw(images[1], size)
+        return translated
+
+    def translate_steps(
+        self,
+        image: Any,
+        source: str | int,
+        target: str | int,
+        strength: float | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | None = None,
+        channel_axis: int | None = None,
+        signed: bool = False,
+        sigma: float = 0.0,
+    ) -> Steps[Translation]:
+        """Generator form of `translate`: inversion then generation, one `Progress` per step."""
+        inverting = self.invert_steps(image, source, steps, channel_axis)
+        # Validate the generation settings now, not after a minute of inversion.
+        target_index = self.info.class_index(target)
+        strength = self._strength(self.info.defaults["strength"] if strength is None else strength)
+        guidance = self._guidance(self.info.defaults["guidance"] if guidance is None else guidance)
+
+        def run():
+            inversion = yield from inverting
+            return (yield from self.generate_steps(inversion, target_index, strength, guidance, seed, True, signed, sigma))
+
+        return run()
+
+    # -- plain calls, with an optional progress callback and cancel flag ------------------
+
+    def invert(self, image, source, steps=None, channel_axis=None, progress=None, cancel: CancelFlag = None) -> Inversion:
+        """Invert `image` under its `source` condition (see `invert_steps`)."""
+        return drive(self.invert_steps(image, source, steps, channel_axis), progress, cancel)
+
+    def generate(self, inversion, target, strength=None, guidance=None, seed=None, reconstruct=True,
+                 signed=False, sigma=0.0, progress=None, cancel: CancelFlag = None) -> Translation:
+        """Regenerate a cached `Inversion` under `target` at `strength` (see `generate_steps`)."""
+        return drive(
+            self.generate_steps(inversion, target, strength, guidance, seed, reconstruct, signed, sigma), progress, cancel
+        )
+
+    def translate(self, image, source, target, strength=None, steps=None, guidance=None, seed=None,
+                  channel_axis=None, signed=False, sigma=0.0, progress=None, cancel: CancelFlag = None) -> Translation:
+        """Translate `image` from condition `source` to `target`.
+
+        Returns a `Translation` with the translated image (input units, dtype and layout),
+        the difference heatmap and the reconstruction PSNR of the input under its own
+        condition; `.inversion` holds the cached inversion for `generate()`.
+        """
+        return drive(
+            self.translate_steps(image, source, target, strength, steps, guidance, seed, channel_axis, signed, sigma),
+            progress,
+            cancel,
+        )

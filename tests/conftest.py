@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random checkpoints of each kind, built once per test session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+KINDS = ["pixel", "latent", "stable-diffusion", "stable-diffusion-lora"]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    from phenotwin.testing import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "pixel": make_tiny_checkpoint(root / "pixel", kind="pixel"),
+        "latent": make_tiny_checkpoint(root / "latent", kind="latent"),
+        "stable-diffusion": make_tiny_checkpoint(root / "sd", kind="stable-diffusion"),
+        "stable-diffusion-lora": make_tiny_checkpoint(root / "sd-lora", kind="stable-diffusion", lora=True),
+    }
+
+
+@pytest.fixture(scope="session")
+def translators(checkpoints):
+    from phenotwin import Translator
+
+    return {kind: Translator(path, device="cpu") for kind, path in checkpoints.items()}
+
+
+@pytest.fixture
+def cells():
+    """A smooth two-channel 32x32 image in [0, 1], like a blurred fluorescence crop."""
+    rng = np.random.default_rng(0)
+    image = np.stack([gaussian_filter(rng.random((32, 32)), 2) for _ in range(2)])
+    image -= image.min(axis=(1, 2), keepdims=True)
+    image /= image.max(axis=(1, 2), keepdims=True)
+    return image.astype(np.float32)

@@ -1,0 +1,223 @@
+"""Translator: inversion, cached regeneration, progress, cancellation, units and bad input."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+from phenotwin import Cancelled, PhenotwinError, PhenotwinWarning
+from phenotwin.translate import psnr
+
+from .conftest import KINDS
+
+
+def autoencoder_roundtrip(translator, model_input):
+    import torch
+
+    with torch.inference_mode():
+        x = torch.from_numpy(model_input)[None]
+        return translator.denoiser.decode(translator.denoiser.encode(x))[0].clamp(-1, 1).numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_invert_then_regenerate_reconstructs_the_input(translators, cells, kind):
+    translator = translators[kind]
+    inversion = translator.invert(cells, "control", steps=50, channel_axis=0)
+    assert len(inversion.trajectory) == 51
+    again = translator.generate(inversion, "control", strength=1.0)
+    # Pixel models must give the image back; latent models the image as their autoencoder sees it.
+    reference = inversion.normalised if kind == "pixel" else autoencoder_roundtrip(translator, inversion.model_input)
+    assert psnr(reference, again.normalised) > 30
+
+
+def test_reconstruction_improves_with_more_steps(translators, cells):
+    translator = translators["pixel"]
+    coarse = translator.translate(cells, "control", "treated", steps=5, channel_axis=0).reconstruction_psnr
+    fine = translator.translate(cells, "control", "treated", steps=50, channel_axis=0).reconstruction_psnr
+    assert fine > coarse + 3
+
+
+def test_scrubbing_reuses_the_inversion(translators, cells):
+    translator = translators["pixel"]
+    result = translator.translate(cells, "control", "treated", steps=20, channel_axis=0)
+    inversion = result.inversion
+    before = translator.denoiser.calls
+    half = translator.generate(inversion, "treated", strength=0.5)
+    assert translator.denoiser.calls - before == 10  # only the 10 generation steps, batched with the reconstruction
+    assert half.strength == 0.5
+    before = translator.denoiser.calls
+    translator.generate(inversion, "treated", strength=0.25, reconstruct=False)
+    assert translator.denoiser.calls - before == 5
+    before = translator.denoiser.calls
+    same = translator.generate(inversion, "control", strength=0.5)  # cached with the first scrub
+    assert translator.denoiser.calls == before
+    assert same.reconstruction_psnr == half.reconstruction_psnr
+
+
+def test_lower_strength_keeps_more_of_the_image(translators, cells):
+    translator = translators["pixel"]
+    inversion = translator.invert(cells, "control", steps=20, channel_axis=0)
+    changes = [translator.generate(inversion, "treated", strength=s).heatmap.mean() for s in (0.1, 0.5, 1.0)]
+    assert changes[0] < changes[1] < changes[2]
+
+
+def test_target_class_changes_the_result_and_guidance_counts(translators, cells):
+    translator = translators["stable-diffusion"]
+    inversion = translator.invert(cells, "control", steps=10, channel_axis=0)
+    to_treated = translator.generate(inversion, "treated")
+    to_control = translator.generate(inversion, "control")
+    assert np.abs(to_treated.normalised - to_control.normalised).mean() > 1e-3
+    guided = translator.generate(inversion, "treated", guidance=3.0, reconstruct=False)
+    assert np.abs(guided.normalised - to_treated.normalised).mean() > 1e-4
+    assert guided.guidance == 3.0
+
+
+def test_progress_is_reported_per_step(translators, cells):
+    events = []
+    translators["pixel"].translate(cells, 0, 1, steps=8, strength=0.5, channel_axis=0, progress=events.append)
+    assert [(e.stage, e.step, e.total) for e in events] == [("invert", i, 8) for i in range(1, 9)] + [
+        ("generate", i, 4) for i in range(1, 5)
+    ]
+
+
+def test_cancel_stops_within_one_step(translators, cells):
+    translator = translators["pixel"]
+    cancel = threading.Event()
+    seen = []
+
+    def progress(event):
+        seen.append(event)
+        if len(seen) == 3:
+            cancel.set()
+
+    before = translator.denoiser.calls
+    with pytest.raises(Cancelled):
+        translator.translate(cells, "control", "treated", steps=50, channel_axis=0, progress=progress, cancel=cancel)
+    assert translator.denoiser.calls - before == 3
+
+
+def test_generator_form_returns_the_result(translators, cells):
+    steps = translators["pixel"].translate_steps(cells, "control", "treated", steps=4, channel_axis=0)
+    events = []
+    while True:
+        try:
+            events.append(next(steps))
+        except StopIteration as done:
+            result = done.value
+            break
+    assert len(events) == 8
+    assert result.target == "treated" and result.image.shape == cells.shape
+
+
+def test_units_dtype_and_layout_come_back(translators, cells):
+    translator = translators["pixel"]
+    raw = (cells.transpose(1, 2, 0) * 4000 + 100).astype(np.uint16)  # channels last, 16-bit
+    result = translator.translate(raw, "control", "treated", steps=10, channel_axis=-1)
+    assert result.image.dtype == np.uint16 and result.image.shape == raw.shape
+    assert result.heatmap.shape == raw.shape[:2] and result.heatmap_channels.shape == (2, 32, 32)
+    # fixed normalisation [0, 1]: uint16 values above 1 saturate, so compare in model units
+    assert result.heatmap.dtype == np.float32 and np.isfinite(result.heatmap).all()
+    meta = result.metadata()
+    assert meta["source"] == "control" and meta["target"] == "treated" and meta["steps"] == 10
+    assert meta["checkpoint"] == translator.checkpoint_id
+
+
+def test_percentile_normalisation_maps_back_to_input_units(tmp_path, cells):
+    from phenotwin import Translator
+    from phenotwin.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "m", channels=1, normalization={"mode": "percentile", "low": 0.5, "high": 99.5})
+    translator = Translator(path, device="cpu")
+    raw = (cells[0] * 3000 + 500).astype(np.uint16)
+    result = translator.translate(raw, "control", "control", steps=20)
+    assert result.image.dtype == np.uint16 and result.image.shape == raw.shape
+    assert abs(float(result.image.mean()) - float(raw.mean())) < 100
+    assert result.image.min() >= np.percentile(raw, 0.5) - 1 and result.image.max() <= np.percentile(raw, 99.5) + 1
+
+
+def test_input_is_never_modified(translators, cells):
+    image = (cells * 255).astype(np.uint8)
+    copy = image.copy()
+    image.flags.writeable = False  # would raise if anything wrote into it
+    translators["pixel"].translate(image, "control", "treated", steps=4, channel_axis=0)
+    np.testing.assert_array_equal(image, copy)
+
+
+def test_other_sizes_are_resized_with_a_warning(translators, cells):
+    image = np.concatenate([cells, cells[:, :16]], axis=1)  # 48 x 32, model is 32 x 32
+    with pytest.warns(PhenotwinWarning, match="resized"):
+        result = translators["pixel"].translate(image, "control", "treated", steps=4, channel_axis=0)
+    assert result.image.shape == image.shape and result.heatmap.shape == (48, 32)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda im: im[:1], "1 channel.*trained on 2"),
+        (lambda im: np.concatenate([im, im[:1]]), "3 channel.*trained on 2"),
+        (lambda im: np.where(np.arange(32) == 5, np.nan, im), "NaN"),
+        (lambda im: np.where(np.arange(32) == 5, np.inf, im), "infinite"),
+        (lambda im: np.full_like(im, 0.3), "constant"),
+        (lambda im: im[:, :12, :12], "at least 16x16"),
+        (lambda im: im[None], "4-D"),
+        (lambda im: im.astype(bool), "dtype bool"),
+    ],
+)
+def test_bad_images_are_rejected_clearly(translators, cells, change, message):
+    with pytest.raises(PhenotwinError, match=message):
+        translators["pixel"].translate(change(cells), "control", "treated", channel_axis=0)
+
+
+def test_three_d_without_channel_axis_explains_both_readings(translators, cells):
+    with pytest.raises(PhenotwinError, match="channel_axis.*stack"):
+        translators["pixel"].translate(cells, "control", "treated")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"source": "mutant"}, "unknown condition 'mutant'.*'control', 'treated'"),
+        ({"target": "Treated"}, "unknown condition 'Treated'"),
+        ({"strength": 0.0}, r"strength must be in \(0, 1\]"),
+        ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
+        ({"steps": 0}, "steps must be a whole number"),
+        ({"guidance": -1.0}, "guidance must be a number >= 0"),
+    ],
+)
+def test_bad_settings_are_rejected_before_any_work(translators, cells, kwargs, message):
+    translator = translators["pixel"]
+    before = translator.denoiser.calls
+    settings = {"source": "control", "target": "treated", **kwargs}
+    with pytest.raises(PhenotwinError, match=message):
+        translator.translate_steps(cells, channel_axis=0, **settings)
+    assert translator.denoiser.calls == before
+
+
+def test_inversion_from_another_model_is_refused(translators, cells):
+    inversion = translators["pixel"].invert(cells, "control", steps=2, channel_axis=0)
+    with pytest.raises(PhenotwinError, match="another model"):
+        translators["latent"].generate(inversion, "treated")
+
+
+def test_device_auto_prefers_cuda_then_mps(monkeypatch):
+    import torch
+
+    from phenotwin.engine import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert pick_device("auto").type == "cpu"
+    assert pick_device("cpu").type == "cpu"
+
+
+def test_no_warning_at_native_size(translators, cells):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PhenotwinWarning)
+        translators["pixel"].translate(cells, "control", "treated", steps=2, channel_axis=0)
