@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,9 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 DEFAULT_INFERENCE = {"steps": 50, "strength": 1.0, "guidance": 0.0}
+# Optimizer state, logs and sample grids of the run that wrote the model. Never loaded as
+# part of the model (accelerate stores its optimizer state pickled), so not shipped either.
+TRAINING_DIR = "training"
 
 
 @dataclass
@@ -63,7 +66,10 @@ class CheckpointInfo:
         if self.kind not in KINDS:
             problems.append(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if len(self.classes) < 2:
-            problems.append(f"a translation model needs at least two classes (conditions), this one has {self.classes}")
+            problems.append(
+                f"a translation model needs at least two classes (conditions), this one has {self.classes}: "
+                "list every condition the model was trained on in 'classes'"
+            )
         if len(set(self.classes)) != len(self.classes):
             problems.append(f"class names must be unique, got {self.classes}")
         if not isinstance(self.image_size, int) or self.image_size < 8:
@@ -164,12 +170,14 @@ def read_info(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo.from_dict(data)
 
 
-def _refuse_pickles(folder: Path, subfolders: tuple[str, ...] | None = None) -> None:
+def refuse_pickles(folder: Path, subfolders: tuple[str, ...] | None = None) -> None:
     roots = [folder] if subfolders is None else [folder / s for s in subfolders]
     for root in roots:
         if not root.exists():
             continue
         for file in sorted(root.rglob("*")):
+            if TRAINING_DIR in file.relative_to(folder).parts[:1]:
+                continue
             if file.suffix.lower() in PICKLE_SUFFIXES and file.is_file():
                 raise CheckpointError(
                     f"refusing to load {file}: pickled weight files can run arbitrary code when loaded. "
@@ -178,7 +186,7 @@ def _refuse_pickles(folder: Path, subfolders: tuple[str, ...] | None = None) -> 
                 )
 
 
-def _require_weights(component: Path, what: str) -> None:
+def require_weights(component: Path, what: str) -> None:
     if not component.is_dir():
         raise CheckpointError(f"missing {what} folder {component}. The checkpoint is incomplete: copy it again.")
     if not any(component.glob("*.safetensors")):
@@ -217,15 +225,15 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if folder.is_file() and folder.name == INFO_FILE:
         folder = folder.parent
     info = read_info(folder)
-    _refuse_pickles(folder)
+    refuse_pickles(folder)
 
     component_root = folder
     if info.adapter is not None:
         component_root = _resolve_base(folder, info)
-        _refuse_pickles(component_root, ("unet", "vae"))
+        refuse_pickles(component_root, ("unet", "vae"))
 
     unet_class = UNet2DConditionModel if info.kind == "stable-diffusion" else UNet2DModel
-    _require_weights(component_root / "unet", "UNet")
+    require_weights(component_root / "unet", "UNet")
     try:
         unet = unet_class.from_pretrained(component_root / "unet", use_safetensors=True)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
@@ -234,7 +242,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if info.adapter == "lora":
         from peft import PeftModel
 
-        _require_weights(folder / "unet_lora", "LoRA adapter")
+        require_weights(folder / "unet_lora", "LoRA adapter")
+        if info.kind != "stable-diffusion":
+            from phenotwin.engine import resize_class_embedding
+
+            resize_class_embedding(unet, len(info.classes) + 1)  # the adapter carries the trained rows
         # Merged once at load time: inference then costs exactly what the base model costs.
         unet = PeftModel.from_pretrained(unet, folder / "unet_lora").merge_and_unload()
     elif info.adapter == "svdiff":
@@ -245,7 +257,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     vae = None
     if info.kind in ("latent", "stable-diffusion"):
         vae_root = folder if (folder / "vae").is_dir() else component_root
-        _require_weights(vae_root / "vae", "VAE")
+        require_weights(vae_root / "vae", "VAE")
         try:
             vae = AutoencoderKL.from_pretrained(vae_root / "vae", use_safetensors=True)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
@@ -264,7 +276,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if class_embeddings.shape[0] != expected:
             raise CheckpointError(
                 f"{file} holds {class_embeddings.shape[0]} class embeddings but phenotwin.json lists "
-                f"{len(info.classes)} classes (+1 null = {expected}). The files do not belong together."
+                f"{len(info.classes)} classes (+1 null = {expected}). The files do not belong together: "
+                "copy the whole checkpoint folder again."
             )
 
     scheduler_root = folder if (folder / "scheduler").is_dir() else component_root
@@ -304,8 +317,13 @@ def _check_shapes(info: CheckpointInfo, unet: Any, vae: Any) -> None:
         )
 
 
-def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a checkpoint folder atomically: a reader sees the old folder or the new one, never half."""
+def save_checkpoint(
+    checkpoint: Checkpoint, path: str | os.PathLike, overwrite: bool = False, keep: tuple[str, ...] = ()
+) -> Path:
+    """Write a checkpoint folder atomically: a reader sees the old folder or the new one, never half.
+
+    Entries of an existing folder named in `keep` (e.g. the training state) are carried over.
+    """
     from diffusers import DDIMScheduler
     from safetensors.torch import save_file
 
@@ -313,9 +331,9 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, overwrite: 
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target} already exists. Choose another folder or pass overwrite=True.")
     target.parent.mkdir(parents=True, exist_ok=True)
+    info = _info_to_write(checkpoint, target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        info = checkpoint.info
         (staging / INFO_FILE).write_text(info.to_json(), encoding="utf-8")
         DDIMScheduler.from_config(checkpoint.scheduler_config).save_pretrained(staging / "scheduler")
         if info.adapter == "lora":
@@ -333,11 +351,44 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike, overwrite: 
                 {"class_embeddings": checkpoint.class_embeddings.detach().float().cpu().contiguous()},
                 staging / CLASS_EMBEDDINGS_FILE,
             )
+        for name in keep:
+            if (target / name).exists():
+                os.replace(target / name, staging / name)
         _swap_into_place(staging, target)
     except BaseException:
+        for name in keep:  # carried-over entries go back to the old folder, not into the bin
+            if (staging / name).exists() and target.is_dir() and not (target / name).exists():
+                os.replace(staging / name, target / name)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _info_to_write(checkpoint: Checkpoint, target: Path) -> CheckpointInfo:
+    """The info as it must read at `target`.
+
+    A LoRA or SVDiff checkpoint comes out of `load_checkpoint` merged into its base UNet: it
+    no longer holds a delta (saving "the delta" would write the whole UNet, or nothing), so
+    it is written as a full checkpoint (unet/, vae/) that needs no base.
+    A delta keeps naming its base; a relative `base` is re-expressed from the new folder.
+    """
+    info = checkpoint.info
+    if info.adapter is not None and not _holds_delta(checkpoint.unet, info.adapter):
+        provenance = {**info.provenance, "merged_from": {"adapter": info.adapter, "base": info.base}}
+        return replace(info, adapter=None, base=None, provenance=provenance)
+    if info.base and checkpoint.path is not None and not Path(info.base).expanduser().is_absolute():
+        base = (Path(checkpoint.path) / info.base).resolve()
+        return replace(info, base=os.path.relpath(base, target.resolve()))
+    return info
+
+
+def _holds_delta(unet: Any, adapter: str) -> bool:
+    """Whether `unet` still carries its adapter as separate weights (not merged into the base)."""
+    if adapter == "lora":
+        return hasattr(unet, "peft_config")
+    from torch.nn.utils import parametrize
+
+    return any(parametrize.is_parametrized(module, "weight") for module in unet.modules())
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:
@@ -347,5 +398,9 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         return
     retired = target.with_name(f".{target.name}.old-{os.getpid()}")
     os.replace(target, retired)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(retired, target)  # put the old checkpoint back
+        raise
     shutil.rmtree(retired, ignore_errors=True)

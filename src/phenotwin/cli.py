@@ -1,4 +1,4 @@
-"""The `phenotwin` command: `demo` and `translate` (training and evaluation add their own)."""
+"""The `phenotwin` command: `demo`, `synthetic`, `train` and `translate`."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def run_demo(out: Path, n: int = 4, steps: int = 50, strength: float = 1.0, devi
     if checkpoint is None:
         from phenotwin.testing import make_tiny_checkpoint
 
-        checkpoint = make_tiny_checkpoint(out / "untrained-model", kind="pixel", channels=2, size=64)
+        checkpoint = make_tiny_checkpoint(out / "untrained-model", kind="pixel", channels=2, size=64, overwrite=True)
         origin = "UNTRAINED random model (no demo model is installed): translations are meaningless"
         print(f"warning: {origin}", file=sys.stderr)
     translator = Translator(checkpoint, device=device)
@@ -84,6 +84,12 @@ def run_translate(args: argparse.Namespace) -> int:
     from phenotwin.io import read_image, write_tiff
 
     translator = Translator(args.checkpoint, device=args.device)
+    # Settings that are wrong for every file are an error (exit 2), not a skip per file.
+    translator.info.class_index(args.source)
+    translator.info.class_index(args.target)
+    translator._steps(args.steps)
+    translator._strength(translator.info.defaults["strength"] if args.strength is None else args.strength)
+    translator._guidance(translator.info.defaults["guidance"] if args.guidance is None else args.guidance)
     out = Path(args.output)
     failures = 0
     for file in args.input:
@@ -107,6 +113,44 @@ def run_translate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from tqdm import tqdm
+
+    from phenotwin.train.trainer import TrainConfig, Trainer
+
+    command = "phenotwin " + " ".join(argv if argv is not None else sys.argv[1:])
+    config = TrainConfig(
+        data=str(args.data), out=str(args.out), method=args.method, base=args.base, size=args.size, steps=args.steps,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay, class_dropout=args.class_dropout, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, width=args.width, prediction_type=args.prediction_type, zero_snr=not args.no_zero_snr,
+        lora_rank=args.lora_rank, mixed_precision=args.mixed_precision, channel_axis=args.channel_axis,
+        max_per_class=args.max_per_class, overwrite=args.overwrite, resume=args.resume, command=command,
+    )
+    trainer = Trainer(config)
+    counts = ", ".join(f"{name}: {n}" for name, n in trainer.data.counts().items())
+    main_process = trainer.accelerator.is_main_process
+    if main_process:
+        print(f"training {config.method} ({trainer.kind}) on {counts} images, {trainer.data.channels} channel(s), "
+              f"device {trainer.accelerator.device}, from step {trainer.step} to {config.steps}")
+    steps = trainer.steps()
+    bar = tqdm(total=config.steps, initial=trainer.step, unit="step", desc="train", disable=not main_process)
+    try:
+        for event in steps:
+            bar.update(1)
+            bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.learning_rate:.1e}", refresh=False)
+    except KeyboardInterrupt:
+        steps.close()  # the trainer saves the model and its state before stopping
+        bar.close()
+        print(f"interrupted: saved at step {trainer.step} in {config.out}; continue with the same command and --resume",
+              file=sys.stderr)
+        return 130
+    bar.close()
+    if main_process:
+        print(f"saved {config.out} (samples and log in {Path(config.out) / 'training'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phenotwin",
@@ -120,6 +164,44 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
     demo.add_argument("--strength", type=float, default=1.0, help="inversion strength in (0, 1] (default: %(default)s)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
+
+    syn = commands.add_parser("synthetic", help="write synthetic paired cells as one TIFF folder per condition")
+    syn.add_argument("--out", type=Path, required=True, help="folder to write <condition>/*.tif into")
+    syn.add_argument("-n", type=int, default=500, help="images per condition (default: %(default)s)")
+    syn.add_argument("--phenotype", default="obvious", choices=["obvious", "subtle"])
+    syn.add_argument("--size", type=int, default=64, help="image size in pixels (default: %(default)s)")
+    syn.add_argument("--channels", type=int, default=2, choices=[1, 2, 3])
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--start", type=int, default=0, help="index of the first cell (disjoint sets: different starts)")
+
+    train = commands.add_parser(
+        "train", help="train or fine-tune a translation model on DIR/<condition>/*.tif",
+        description="Train (scratch) or fine-tune (full, lora, svdiff) a class-conditional diffusion model. "
+        "Works on CPU and GPU; for several GPUs or nodes run it through `accelerate launch phenotwin train ...`.",
+    )
+    train.add_argument("--data", type=Path, required=True, help="folder with one subfolder of images per condition")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (and resume from)")
+    train.add_argument("--method", default="scratch", choices=["scratch", "full", "lora", "svdiff"])
+    train.add_argument("--base", help="model to fine-tune: a phenotwin checkpoint or a Stable-Diffusion diffusers folder")
+    train.add_argument("--size", type=int, default=64, help="crop size = model image size (default: %(default)s)")
+    train.add_argument("--steps", type=int, default=3000, help="optimizer steps in total (default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--learning-rate", type=float, default=None, help="default depends on the method")
+    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--ema-decay", type=float, default=0.999)
+    train.add_argument("--class-dropout", type=float, default=0.1, help="fraction of unconditional steps, for guidance")
+    train.add_argument("--checkpoint-every", type=int, default=500, help="save model, state and samples every N steps")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--width", type=int, default=32, help="scratch: channels of the UNet's first level")
+    train.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon", "sample"])
+    train.add_argument("--no-zero-snr", action="store_true", help="scratch: keep the plain linear noise schedule")
+    train.add_argument("--lora-rank", type=int, default=8)
+    train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
+    train.add_argument("--channel-axis", type=int, default=None, choices=[0, -1],
+                       help="channel axis of 3-D images (default: guessed as the short axis)")
+    train.add_argument("--max-per-class", type=int, default=None, help="use at most N images per condition")
+    train.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
 
     tr = commands.add_parser("translate", help="translate image files from one condition to another")
     tr.add_argument("--checkpoint", required=True, help="checkpoint folder (contains phenotwin.json)")
@@ -149,6 +231,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "translate":
             return run_translate(args)
+        if args.command == "train":
+            return run_train(args, argv)
+        if args.command == "synthetic":
+            from phenotwin.synthetic import make_pairs, write_folders
+
+            pairs = make_pairs(args.n, size=args.size, channels=args.channels, phenotype=args.phenotype,
+                               seed=args.seed, start=args.start)
+            written = write_folders(args.out, pairs)
+            print(", ".join(f"{len(files)} {name}" for name, files in written.items()) + f" images in {args.out}")
+            return 0
     except PhenotwinError as err:
         print(f"phenotwin: error: {err}", file=sys.stderr)
         return 2

@@ -53,6 +53,40 @@ def inference_schedulers(scheduler_config: dict[str, Any], steps: int):
     return inverse, sampler
 
 
+def resize_class_embedding(unet: torch.nn.Module, rows: int) -> None:
+    """Give a UNet2DModel `rows` class embeddings (new rows start near the old mean) for new conditions."""
+    old = unet.class_embedding
+    if old.num_embeddings == rows:
+        return
+    new = torch.nn.Embedding(rows, old.embedding_dim)
+    with torch.no_grad():
+        new.weight.copy_(old.weight.mean(dim=0, keepdim=True).expand(rows, -1))
+        new.weight.add_(torch.randn_like(new.weight) * old.weight.std() * 0.1)
+    unet.class_embedding = new
+    unet.register_to_config(num_class_embeds=rows)
+
+
+def to_vae_channels(images: torch.Tensor, vae_channels: int) -> torch.Tensor:
+    """Feed 1- or 2-channel microscopy to a (pretrained, RGB) VAE: grey is repeated, missing
+    channels are black (model range -1). `from_vae_channels` undoes it."""
+    channels = images.shape[1]
+    if vae_channels == channels:
+        return images
+    if channels == 1:
+        return images.repeat(1, vae_channels, 1, 1)
+    return torch.cat([images, torch.full_like(images[:, :1], -1.0).repeat(1, vae_channels - channels, 1, 1)], dim=1)
+
+
+def from_vae_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    if images.shape[1] == channels:
+        return images
+    return images.mean(dim=1, keepdim=True) if channels == 1 else images[:, :channels]
+
+
+def vae_downsampling(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 class Denoiser:
     """Class-conditional noise predictor plus the encode/decode between images and its sample space.
 
@@ -109,14 +143,7 @@ class Denoiser:
         """Model-range images (B, C, H, W) to the diffusion sample space (identity for pixel models)."""
         if self.vae is None:
             return images.float()
-        x = images.float()
-        if self.vae_channels > x.shape[1]:
-            # A pretrained RGB VAE seeing 1- or 2-channel microscopy: grey is repeated, missing
-            # channels are black (model range -1); decode() undoes it.
-            fill = x.repeat(1, self.vae_channels, 1, 1) if x.shape[1] == 1 else torch.cat(
-                [x, torch.full_like(x[:, :1], -1.0).repeat(1, self.vae_channels - x.shape[1], 1, 1)], dim=1
-            )
-            x = fill
+        x = to_vae_channels(images.float(), self.vae_channels)
         # The posterior mean, not a sample: inversion must be deterministic.
         return self.vae.encode(x).latent_dist.mean * self.scaling_factor
 
@@ -124,7 +151,11 @@ class Denoiser:
         if self.vae is None:
             return latents.float()
         images = self.vae.decode(latents.float() / self.scaling_factor).sample
-        channels = self.info.channels
-        if images.shape[1] != channels:
-            images = images.mean(dim=1, keepdim=True) if channels == 1 else images[:, :channels]
-        return images
+        return from_vae_channels(images, self.info.channels)
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the space diffusion runs in."""
+        size = self.info.image_size
+        if self.vae is not None:
+            size //= vae_downsampling(self.vae)
+        return int(self.unet.config.in_channels), size, size

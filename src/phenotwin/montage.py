@@ -25,7 +25,12 @@ def composite(image: np.ndarray) -> np.ndarray:
     return np.clip(np.einsum("chw,ck->hwk", unit, colours), 0, 1)
 
 
-def save_montage(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str]) -> None:
+def save_montage(
+    path: str | os.PathLike,
+    rows: Sequence[Sequence[np.ndarray]],
+    titles: Sequence[str],
+    row_titles: Sequence[str] | None = None,
+) -> None:
     """Save a grid: images as composites, 2-D float maps named 'heatmap' with the inferno colormap."""
     import matplotlib
 
@@ -42,9 +47,14 @@ def save_montage(path: str | os.PathLike, rows: Sequence[Sequence[np.ndarray]], 
                 ax.imshow(image, cmap="inferno", vmin=0)
             else:
                 ax.imshow(composite(image), interpolation="nearest")
-            ax.set_axis_off()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
             if r == 0:
                 ax.set_title(titles[c], fontsize=9)
+            if c == 0 and row_titles is not None:
+                ax.set_ylabel(row_titles[r], fontsize=9)
     figure.tight_layout()
     write_png_figure(path, figure)
     plt.close(figure)

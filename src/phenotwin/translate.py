@@ -310,7 +310,41 @@ class Translator:
 
         return run()
 
+    # -- sampling from noise ------------------------------------------------------------
+
+    def sample_steps(
+        self, target: str | int, count: int = 1, seed: int = 0, steps: int | None = None, guidance: float | None = None
+    ) -> Steps[np.ndarray]:
+        """Generator form of `sample`: new images of a condition drawn from seeded noise.
+
+        Used for training sample grids and memorisation checks: two models given the same
+        seed start from the same noise.
+        """
+        target_index = self.info.class_index(target)
+        steps = self._steps(steps)
+        guidance = self._guidance(self.info.defaults["guidance"] if guidance is None else guidance)
+        return self._sample_from_noise(target_index, count, seed, steps, guidance)
+
+    def _sample_from_noise(self, target_index, count, seed, steps, guidance) -> Steps[np.ndarray]:
+        import torch
+
+        _, sampler = self._schedulers_for(steps)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn((count, *self.denoiser.sample_shape()), generator=generator)
+        sample = (noise * sampler.init_noise_sigma).to(self.device)
+        labels = torch.full((count,), target_index, device=self.device)
+        with torch.inference_mode():
+            for i, t in enumerate(sampler.timesteps):
+                output = self.denoiser.predict(sample, t, labels, guidance)
+                sample = sampler.step(output, int(t), sample).prev_sample
+                yield Progress("sample", i + 1, steps)
+            return self.denoiser.decode(sample).clamp(-1, 1).cpu().numpy()
+
     # -- plain calls, with an optional progress callback and cancel flag ------------------
+
+    def sample(self, target, count=1, seed=0, steps=None, guidance=None, progress=None, cancel: CancelFlag = None):
+        """`count` images of condition `target` from seeded noise, (count, C, S, S) in model range [-1, 1]."""
+        return drive(self.sample_steps(target, count, seed, steps, guidance), progress, cancel)
 
     def invert(self, image, source, steps=None, channel_axis=None, progress=None, cancel: CancelFlag = None) -> Inversion:
         """Invert `image` under its `source` condition (see `invert_steps`)."""

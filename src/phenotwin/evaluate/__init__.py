@@ -1,0 +1,1 @@
+"""Measuring translations and models: classifier flip rate, heatmap AUROC, preservation."""

@@ -1,0 +1,1 @@
+"""Training and fine-tuning (scratch, full, LoRA, SVDiff); see `phenotwin.train.trainer`."""

@@ -1,0 +1,246 @@
+"""Training: every method makes a checkpoint the Translator runs; resume, interrupt and bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from phenotwin import PhenotwinError, Translator
+from phenotwin.checkpoint import read_info
+from phenotwin.train.trainer import TrainConfig, Trainer, train
+
+PHENOTWIN = [sys.executable, "-m", "phenotwin.cli"]
+
+
+def write_condition(folder: Path, images: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        tifffile.imwrite(folder / f"{i:03d}.tif", (np.clip(image, 0, 1) * 65535).astype(np.uint16))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from phenotwin.synthetic import make_pairs
+
+    root = tmp_path_factory.mktemp("data")
+    pairs = make_pairs(8, size=40, channels=2, seed=0)
+    write_condition(root / "control", pairs.control)
+    write_condition(root / "treated", pairs.treated)
+    return root
+
+
+def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(data=str(data), out=str(out), size=32, steps=4, batch_size=2, checkpoint_every=2, width=8,
+                    warmup_steps=1, sample_steps=2)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def translates(path: Path, classes=("control", "treated")) -> np.ndarray:
+    translator = Translator(path, device="cpu")
+    assert translator.classes == list(classes)
+    image = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32) * 1000
+    result = translator.translate(image, classes[0], classes[1], steps=3, channel_axis=0)
+    assert result.image.shape == image.shape and np.isfinite(result.heatmap).all()
+    return result.normalised
+
+
+def test_scratch_training_writes_a_complete_run(data, tmp_path):
+    events = []
+    out = train(tiny(data, tmp_path / "m", command="phenotwin train ..."), progress=events.append)
+    assert [e.step for e in events] == [1, 2, 3, 4]
+    assert [e.saved for e in events] == [False, True, False, True]
+    assert all(np.isfinite(e.loss) for e in events)
+    info = read_info(out)
+    assert info.kind == "pixel" and info.channels == 2 and info.image_size == 32
+    assert info.provenance["steps"] == 4 and info.provenance["data_fingerprint"].startswith("sha256:")
+    assert info.provenance["command"] == "phenotwin train ..."
+    assert info.normalization["mode"] == "fixed" and info.normalization["high"][0] > 1000  # 16-bit units
+    log = (out / "training" / "log.csv").read_text().splitlines()
+    assert log[0] == "step,loss,learning_rate,seconds" and len(log) == 5
+    assert sorted(p.name for p in (out / "training" / "samples").iterdir()) == ["step_000002.png", "step_000004.png"]
+    translates(out)
+
+
+def test_same_data_gives_the_same_fingerprint_and_different_data_another(data, tmp_path):
+    from phenotwin.train.data import load_condition_folders
+
+    first = load_condition_folders(data, 32).fingerprint
+    assert load_condition_folders(data, 32).fingerprint == first
+    copy = tmp_path / "copy"
+    write_condition(copy / "control", np.random.default_rng(1).random((2, 40, 40)))
+    write_condition(copy / "treated", np.random.default_rng(2).random((2, 40, 40)))
+    assert load_condition_folders(copy, 32).fingerprint != first
+
+
+@pytest.fixture(scope="module")
+def pixel_base(tmp_path_factory):
+    from phenotwin.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("base") / "pixel", kind="pixel", classes=("a", "b", "c"))
+
+
+@pytest.fixture(scope="module")
+def sd_base(tmp_path_factory):
+    from phenotwin.testing import make_tiny_sd_base
+
+    return make_tiny_sd_base(tmp_path_factory.mktemp("base") / "sd", channels=3)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "svdiff"])
+def test_fine_tuning_a_phenotwin_checkpoint_with_new_conditions(data, tmp_path, pixel_base, method):
+    out = train(tiny(data, tmp_path / method, method=method, base=str(pixel_base), steps=2))
+    info = read_info(out)
+    assert info.kind == "pixel" and info.classes == ["control", "treated"]
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*.safetensors") if "training" not in p.parts}
+    if method == "full":
+        assert info.adapter is None and "unet/diffusion_pytorch_model.safetensors" in files
+    else:
+        assert info.adapter == method and Path(info.base) == pixel_base.resolve()
+        assert not (out / "unet").exists()
+    translates(out)
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "svdiff"])
+def test_fine_tuning_a_stable_diffusion_folder(data, tmp_path, sd_base, method):
+    out = train(tiny(data, tmp_path / method, method=method, base=str(sd_base), steps=2))
+    info = read_info(out)
+    assert info.kind == "stable-diffusion"
+    assert (out / "class_embeddings.safetensors").is_file()
+    base_size = sum(p.stat().st_size for p in (sd_base / "unet").glob("*.safetensors"))
+    delta_size = sum(p.stat().st_size for p in out.rglob("*.safetensors") if "training" not in p.parts)
+    if method != "full":
+        assert delta_size < base_size / 2  # only the delta is stored
+    translates(out)
+
+
+def test_fine_tuning_changes_the_model(data, tmp_path, sd_base):
+    lora = translates(train(tiny(data, tmp_path / "lora", method="lora", base=str(sd_base), steps=3,
+                                 learning_rate=5e-2, ema_decay=0.0)))
+    svd = translates(train(tiny(data, tmp_path / "svd", method="svdiff", base=str(sd_base), steps=3,
+                                learning_rate=5e-2, ema_decay=0.0)))
+    assert np.abs(lora - svd).mean() > 1e-4
+
+
+def test_existing_output_is_protected(data, tmp_path):
+    out = train(tiny(data, tmp_path / "m", steps=2))
+    with pytest.raises(PhenotwinError, match="already holds a model.*--resume.*--overwrite"):
+        Trainer(tiny(data, out, steps=2))
+    Trainer(tiny(data, out, steps=2, overwrite=True))
+    with pytest.raises(PhenotwinError, match="nothing to resume"):
+        Trainer(tiny(data, tmp_path / "new", resume=True))
+
+
+def run_until_saved(args, out: Path, step: int, sig: int) -> subprocess.CompletedProcess:
+    process = subprocess.Popen([*PHENOTWIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress = out / "training" / "state" / "progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if progress.is_file() and json.loads(progress.read_text())["step"] >= step:
+            break
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_resume_after_kill_reaches_the_same_final_step(data, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(out), "--size", "32", "--steps", "40", "--batch-size", "2",
+            "--checkpoint-every", "4", "--width", "8"]
+    killed = run_until_saved(args, out, 4, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    saved = json.loads((out / "training" / "state" / "progress.json").read_text())["step"]
+    assert 4 <= saved < 40
+    resumed = subprocess.run([*PHENOTWIN, *args, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from step {saved} to 40" in resumed.stdout
+    assert read_info(out).provenance["steps"] == 40
+    steps_logged = [int(line.split(",")[0]) for line in (out / "training" / "log.csv").read_text().splitlines()[1:]]
+    assert steps_logged[-1] == 40 and set(range(1, 41)) <= set(steps_logged)
+    translates(out)
+
+
+def test_interrupt_saves_and_exits_cleanly(data, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(out), "--size", "32", "--steps", "100000", "--batch-size", "2",
+            "--checkpoint-every", "3", "--width", "8"]
+    stopped = run_until_saved(args, out, 3, signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr
+    assert "--resume" in stopped.stderr
+    state_step = json.loads((out / "training" / "state" / "progress.json").read_text())["step"]
+    assert read_info(out).provenance["steps"] == state_step >= 3
+    translates(out)
+
+
+def image_set(root: Path, spec: dict[str, list[np.ndarray]]) -> Path:
+    for name, images in spec.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            tifffile.imwrite(folder / f"{i}.tif", image)
+    return root
+
+
+GOOD = np.random.default_rng(0).integers(0, 4000, (2, 40, 40), dtype=np.uint16)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda root: root, "has no subfolders"),
+        (lambda root: image_set(root, {"control": [GOOD]}), "one condition.*at least two"),
+        (lambda root: image_set(root, {"control": [GOOD], "treated": []}), "treated has no images"),
+        (lambda root: image_set(root, {"control": [GOOD], "treated": [GOOD[:1]]}), "different channel counts"),
+        (lambda root: image_set(root, {"control": [GOOD], "treated": [GOOD[:, :20, :20]]}), "smaller than the 32x32 crop"),
+        (lambda root: (image_set(root, {"control": [GOOD], "treated": [GOOD]}) / "treated" / "x.tif").write_bytes(b"junk")
+         and root, "cannot read"),
+        (lambda root: (image_set(root, {"control": [GOOD], "treated": [GOOD]}) / "treated" / "notes.txt").write_text("x")
+         and root, "non-image file"),
+    ],
+)
+def test_bad_data_is_rejected_before_training(tmp_path, build, message):
+    root = build(tmp_path / "data")
+    root.mkdir(exist_ok=True)
+    with pytest.raises(PhenotwinError, match=message):
+        Trainer(tiny(root, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_settings_are_rejected(data, tmp_path):
+    with pytest.raises(PhenotwinError, match="give --base"):
+        Trainer(tiny(data, tmp_path / "o", method="lora"))
+    with pytest.raises(PhenotwinError, match="unknown method"):
+        Trainer(tiny(data, tmp_path / "o", method="dreambooth"))
+    with pytest.raises(PhenotwinError, match="multiple of 8"):
+        Trainer(tiny(data, tmp_path / "o", size=30))
+    with pytest.raises(PhenotwinError, match="neither a phenotwin checkpoint"):
+        Trainer(tiny(data, tmp_path / "o", method="full", base=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_processes(data, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "phenotwin.cli", "train", "--data", str(data),
+         "--out", str(out), "--size", "32", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2",
+         "--width", "8"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("training scratch") == 1  # only the main process talks
+    assert read_info(out).provenance["steps"] == 4
+    translates(out)
