@@ -85,11 +85,7 @@ def run_translate(args: argparse.Namespace) -> int:
 
     translator = Translator(args.checkpoint, device=args.device)
     # Settings that are wrong for every file are an error (exit 2), not a skip per file.
-    translator.info.class_index(args.source)
-    translator.info.class_index(args.target)
-    translator._steps(args.steps)
-    translator._strength(translator.info.defaults["strength"] if args.strength is None else args.strength)
-    translator._guidance(translator.info.defaults["guidance"] if args.guidance is None else args.guidance)
+    translator.check_settings(args.source, args.target, args.strength, args.steps, args.guidance)
     out = Path(args.output)
     failures = 0
     for file in args.input:

@@ -58,6 +58,9 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str, metadata: 
             array,
             ome=True,
             photometric="minisblack",
+            # channels last (YXC) are stored as interleaved samples; without this tifffile
+            # refuses the OME axes ("shape does not match stored shape")
+            planarconfig="contig" if axes.endswith("C") else None,
             metadata={"axes": axes, "Description": json.dumps(metadata or {}, default=str)},
         )
 

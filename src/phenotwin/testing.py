@@ -120,6 +120,7 @@ def make_tiny_checkpoint(
     lora: bool = False,
     seed: int = 0,
     normalization: dict[str, Any] | None = None,
+    overwrite: bool = False,
     **schedule: Any,
 ) -> Path:
     """Build and save a random checkpoint of `kind`; with `lora` (stable-diffusion only), a
@@ -170,4 +171,4 @@ def make_tiny_checkpoint(
     checkpoint = Checkpoint(
         info=info, unet=unet, scheduler_config=scheduler_config(**schedule), vae=vae, class_embeddings=class_embeddings
     )
-    return save_checkpoint(checkpoint, folder)
+    return save_checkpoint(checkpoint, folder, overwrite=overwrite)

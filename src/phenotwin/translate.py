@@ -161,6 +161,18 @@ class Translator:
             raise PhenotwinError(f"guidance must be a number >= 0 (0 = no guidance), got {guidance!r}.")
         return float(guidance)
 
+    def check_settings(self, source=None, target=None, strength=None, steps=None, guidance=None):
+        """Validate settings (None = the model's default) and return them resolved:
+        (source index, target index, strength, steps, guidance); indices are None when not given."""
+        defaults = self.info.defaults
+        return (
+            None if source is None else self.info.class_index(source),
+            None if target is None else self.info.class_index(target),
+            self._strength(defaults["strength"] if strength is None else strength),
+            self._steps(steps),
+            self._guidance(defaults["guidance"] if guidance is None else guidance),
+        )
+
     # -- inversion ---------------------------------------------------------------------
 
     def invert_steps(
@@ -227,9 +239,7 @@ class Translator:
                 "this inversion was made with another model "
                 f"({inversion.checkpoint_id}, not {self.checkpoint_id}); invert the image again with this model."
             )
-        target_index = self.info.class_index(target)
-        strength = self._strength(self.info.defaults["strength"] if strength is None else strength)
-        guidance = self._guidance(self.info.defaults["guidance"] if guidance is None else guidance)
+        _, target_index, strength, _, guidance = self.check_settings(None, target, strength, None, guidance)
         used_steps = max(1, round(strength * inversion.steps))
         return self._generate(inversion, target_index, used_steps, guidance, seed, reconstruct, signed, sigma)
 
@@ -298,11 +308,9 @@ class Translator:
         sigma: float = 0.0,
     ) -> Steps[Translation]:
         """Generator form of `translate`: inversion then generation, one `Progress` per step."""
-        inverting = self.invert_steps(image, source, steps, channel_axis)
         # Validate the generation settings now, not after a minute of inversion.
-        target_index = self.info.class_index(target)
-        strength = self._strength(self.info.defaults["strength"] if strength is None else strength)
-        guidance = self._guidance(self.info.defaults["guidance"] if guidance is None else guidance)
+        _, target_index, strength, steps, guidance = self.check_settings(source, target, strength, steps, guidance)
+        inverting = self.invert_steps(image, source, steps, channel_axis)
 
         def run():
             inversion = yield from inverting
@@ -320,9 +328,7 @@ class Translator:
         Used for training sample grids and memorisation checks: two models given the same
         seed start from the same noise.
         """
-        target_index = self.info.class_index(target)
-        steps = self._steps(steps)
-        guidance = self._guidance(self.info.defaults["guidance"] if guidance is None else guidance)
+        _, target_index, _, steps, guidance = self.check_settings(None, target, None, steps, guidance)
         return self._sample_from_noise(target_index, count, seed, steps, guidance)
 
     def _sample_from_noise(self, target_index, count, seed, steps, guidance) -> Steps[np.ndarray]:
