@@ -26,12 +26,6 @@ TARGETS = {"flip_rate": (">=", 0.95), "heatmap_auroc": (">=", 0.95), "reconstruc
            "counterfactual_ratio": ("<=", 0.5)}
 
 
-def to_raw(images: np.ndarray) -> np.ndarray:
-    """Synthetic [0, 1] floats in the units the demo model was trained on (16-bit TIFFs, as
-    `phenotwin synthetic` writes them)."""
-    return np.round(np.clip(images, 0, 1) * 65535).astype(np.uint16)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped demo model")
@@ -47,6 +41,7 @@ def main(argv=None) -> int:
     from phenotwin.evaluate.metrics import auroc, counterfactual_ratio
     from phenotwin.imaging import normalise
     from phenotwin.models import demo_model_path
+    from phenotwin.synthetic import as_camera_units as to_raw
     from phenotwin.synthetic import make_pairs
 
     checkpoint = args.checkpoint or demo_model_path()

@@ -121,6 +121,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         ema_decay=args.ema_decay, class_dropout=args.class_dropout, checkpoint_every=args.checkpoint_every,
         seed=args.seed, width=args.width, prediction_type=args.prediction_type, zero_snr=not args.no_zero_snr,
         lora_rank=args.lora_rank, mixed_precision=args.mixed_precision, channel_axis=args.channel_axis,
+        channel_names=args.channel_names,
         max_per_class=args.max_per_class, overwrite=args.overwrite, resume=args.resume, command=command,
     )
     trainer = Trainer(config)
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
     train.add_argument("--channel-axis", type=int, default=None, choices=[0, -1],
                        help="channel axis of 3-D images (default: guessed as the short axis)")
+    train.add_argument("--channel-names", nargs="+", default=None, metavar="NAME",
+                       help="a name per channel, in order (e.g. nucleus golgi); shown in napari")
     train.add_argument("--max-per-class", type=int, default=None, help="use at most N images per condition")
     train.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")

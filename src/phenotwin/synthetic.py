@@ -457,6 +457,19 @@ def make_pairs(
     )
 
 
+def as_camera_units(images: np.ndarray, dtype="uint16") -> np.ndarray:
+    """[0, 1] synthetic intensities as a camera would record them (full range of an integer dtype).
+
+    The demo model is trained on, and its sample data and benchmarks use, exactly these units.
+    """
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32)):
+        raise ValueError(f"dtype must be uint8, uint16 or float32, got dtype={dtype!r}.")
+    if dt.kind == "u":
+        return np.round(np.clip(images, 0, 1) * np.iinfo(dt).max).astype(dt)
+    return np.asarray(images, np.float32)
+
+
 def write_folders(root, pairs: PairedCells, dtype="uint16") -> dict[str, list[Path]]:
     """Write ``root/<condition>/<phenotype>_<seed>_<index:05d>.tif`` (C, Y, X) files.
 
@@ -467,9 +480,7 @@ def write_folders(root, pairs: PairedCells, dtype="uint16") -> dict[str, list[Pa
     """
     import tifffile
 
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32)):
-        raise ValueError(f"dtype must be uint8, uint16 or float32, got dtype={dtype!r}.")
+    as_camera_units(np.zeros(1), dtype)  # validates dtype before anything is written
     root = Path(root)
     start = getattr(pairs, "start", 0)
     out: dict[str, list[Path]] = {}
@@ -478,10 +489,7 @@ def write_folders(root, pairs: PairedCells, dtype="uint16") -> dict[str, list[Pa
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, img in enumerate(images):
-            if dt.kind == "u":
-                data = np.round(np.clip(img, 0, 1) * np.iinfo(dt).max).astype(dt)
-            else:
-                data = np.asarray(img, np.float32)
+            data = as_camera_units(img, dtype)
             path = folder / f"{pairs.phenotype}_{pairs.seed}_{start + i:05d}.tif"
             fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=folder)
             os.close(fd)

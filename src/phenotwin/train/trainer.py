@@ -61,6 +61,7 @@ class TrainConfig:
     context_tokens: int = 4
     mixed_precision: str = "auto"
     channel_axis: int | None = None
+    channel_names: list[str] | None = None
     max_per_class: int | None = None
     sample_steps: int = 25
     overwrite: bool = False
@@ -85,6 +86,8 @@ class TrainConfig:
             raise PhenotwinError(f"size must be a multiple of 8 (the UNet halves it three times), got {self.size}.")
         if not 0 <= self.class_dropout < 1:
             raise PhenotwinError(f"class_dropout must be in [0, 1), got {self.class_dropout}.")
+        if self.channel_names is not None and not all(self.channel_names):
+            raise PhenotwinError("channel names must not be empty, e.g. --channel-names nucleus golgi.")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise PhenotwinError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}.")
 
@@ -271,7 +274,17 @@ class Trainer:
         self.out = Path(config.out)
         self._check_output()
         self.data = load_condition_folders(config.data, config.size, config.channel_axis, config.max_per_class)
+        self.channel_names = self._channel_names()
         self._build()
+
+    def _channel_names(self) -> list[str] | None:
+        names = self.config.channel_names
+        if names is not None and len(names) != self.data.channels:
+            raise PhenotwinError(
+                f"{len(names)} channel name(s) given ({', '.join(names)}) but the images have {self.data.channels} "
+                "channel(s). Give one name per channel, in the images' order."
+            )
+        return list(names) if names else None
 
     def _check_output(self) -> None:
         out, config = self.out, self.config
@@ -392,6 +405,7 @@ class Trainer:
             image_size=config.size,
             channels=data.channels,
             normalization=data.normalization(),
+            channel_names=self.channel_names,
             provenance={
                 "method": config.method,
                 "command": config.command,
