@@ -31,7 +31,7 @@ test: install-test
 	$(XVFB_RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/phenotwin demo --out demo-output
+	$(VENV)/bin/phenotwin demo --viewer --out demo-output
 
 clean:
 	rm -rf $(VENV) build dist demo-output .pytest_cache

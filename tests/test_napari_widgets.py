@@ -201,3 +201,92 @@ def test_plugin_module_does_not_import_torch():
             "print('torch' in sys.modules, 'diffusers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+@pytest.fixture
+def train_viewer(make_napari_viewer):
+    from phenotwin.synthetic import make_pairs
+
+    viewer = make_napari_viewer()
+    pairs = make_pairs(3, size=40, channels=1, seed=1)
+    control = [viewer.add_image((im[0] * 4000).astype(np.uint16), name=f"ctrl {i}") for i, im in enumerate(pairs.control)]
+    treated = [viewer.add_image((im[0] * 4000).astype(np.uint16), name=f"noc {i}") for i, im in enumerate(pairs.treated)]
+    return viewer, control, treated
+
+
+def configure_from_layers(widget, control, treated, out, steps):
+    widget.data_source.value = "image layers"
+    first, second = widget.layer_groups
+    first[0].value, second[0].value = "control", "nocodazole"
+    first[1].value, second[1].value = control, treated
+    widget.size.value = 32
+    widget.steps.value = steps
+    widget.output.value = str(out)
+
+
+@requires_display
+def test_train_widget_trains_from_layers_and_opens_the_model(train_viewer, qtbot, tmp_path):
+    from phenotwin._napari.train_widget import TrainWidget
+    from phenotwin._napari.translate_widget import translate_widget_of
+    from phenotwin.checkpoint import read_info
+
+    viewer, control, treated = train_viewer
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    configure_from_layers(widget, control, treated, tmp_path / "model", steps=4)
+    widget.start()
+    wait_until(qtbot, lambda: widget._worker is None, timeout=120_000)
+    assert widget.plot.steps == [1, 2, 3, 4] and all(np.isfinite(widget.plot.losses))
+    info = read_info(tmp_path / "model")
+    assert info.classes == ["control", "nocodazole"] and info.provenance["steps"] == 4
+    assert widget.open_button.enabled
+    widget.open_in_translate()
+    translate = translate_widget_of(viewer)
+    wait_until(qtbot, lambda: translate.translator is not None and translate.translator.classes == info.classes)
+
+
+@requires_display
+def test_train_widget_stop_saves(train_viewer, qtbot, tmp_path):
+    from phenotwin._napari.train_widget import TrainWidget
+    from phenotwin.checkpoint import read_info
+
+    viewer, control, treated = train_viewer
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    configure_from_layers(widget, control, treated, tmp_path / "model", steps=100_000)
+    widget.start()
+    wait_until(qtbot, lambda: len(widget.plot.steps) >= 2, timeout=120_000)
+    widget.stop()
+    wait_until(qtbot, lambda: "Stopped at step" in widget.status.value, timeout=120_000)
+    saved = read_info(tmp_path / "model").provenance["steps"]
+    assert 2 <= saved < 100_000 and "Stopped at step" in widget.status.value
+
+
+@requires_display
+def test_train_widget_reports_bad_data(train_viewer, qtbot, tmp_path, monkeypatch):
+    from phenotwin._napari import train_widget
+    from phenotwin._napari.train_widget import TrainWidget
+
+    shown = []
+    monkeypatch.setattr(train_widget, "show_error", shown.append)
+    viewer, control, _ = train_viewer
+    widget = TrainWidget(viewer)
+    configure_from_layers(widget, control, [], tmp_path / "model", steps=4)
+    widget.start()
+    assert widget._worker is None and "nocodazole has no images" in shown[-1]
+
+
+@requires_display
+def test_demo_opens_the_scene_with_a_translation(qtbot, monkeypatch, model):
+    from phenotwin._napari import demo
+
+    monkeypatch.setattr(napari, "run", lambda: None)
+    demo.show_demo(model, steps=4)
+    viewer = napari.current_viewer()
+    try:
+        widget = tw.translate_widget_of(viewer)
+        wait_until(qtbot, lambda: widget.last_result is not None and widget._worker is None)
+        assert "control golgi" in viewer.layers
+        assert widget.result_layers("translation") and widget.result_layers("heatmap")
+    finally:
+        viewer.close()

@@ -18,7 +18,7 @@ from phenotwin import PhenotwinError, Translator
 from phenotwin.checkpoint import read_info
 from phenotwin.train.trainer import TrainConfig, Trainer, train
 
-PHENOTWIN = [sys.executable, "-m", "phenotwin.cli"]
+PHENOTWIN = [sys.executable, "-m", "phenotwin"]
 
 
 def write_condition(folder: Path, images: np.ndarray) -> None:
@@ -235,7 +235,7 @@ def test_accelerate_launch_with_two_processes(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "phenotwin.cli", "train", "--data", str(data),
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "phenotwin", "train", "--data", str(data),
          "--out", str(out), "--size", "32", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2",
          "--width", "8"],
         capture_output=True, text=True, timeout=600, env=env,

@@ -148,6 +148,16 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 0
 
 
+def _can_open_window() -> bool:
+    """napari and Qt are installed and there is a screen to open a window on."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("napari") is None or importlib.util.find_spec("qtpy") is None:
+        return False
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phenotwin",
@@ -160,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-n", type=int, default=4, help="how many synthetic cells to translate (default: %(default)s)")
     demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
     demo.add_argument("--strength", type=float, default=1.0, help="inversion strength in (0, 1] (default: %(default)s)")
+    demo.add_argument("--viewer", action="store_true",
+                      help="open napari with the demo scene and the Translate widget (falls back to files without a screen)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
 
     syn = commands.add_parser("synthetic", help="write synthetic paired cells as one TIFF folder per condition")
@@ -174,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train or fine-tune a translation model on DIR/<condition>/*.tif",
         description="Train (scratch) or fine-tune (full, lora, svdiff) a class-conditional diffusion model. "
-        "Works on CPU and GPU; for several GPUs or nodes run it through `accelerate launch phenotwin train ...`.",
+        "Works on CPU and GPU; for several GPUs or nodes run it through `accelerate launch -m phenotwin train ...`.",
     )
     train.add_argument("--data", type=Path, required=True, help="folder with one subfolder of images per condition")
     train.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (and resume from)")
@@ -190,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=500, help="save model, state and samples every N steps")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--width", type=int, default=32, help="scratch: channels of the UNet's first level")
-    train.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon", "sample"])
+    train.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon", "sample"],
+                       help="scratch only; fine-tuning keeps the base model's (default: %(default)s)")
     train.add_argument("--no-zero-snr", action="store_true", help="scratch: keep the plain linear noise schedule")
     train.add_argument("--lora-rank", type=int, default=8)
     train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
@@ -222,6 +235,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.simplefilter("always", PhenotwinWarning)
     try:
+        if args.command == "demo" and args.viewer:
+            if _can_open_window():
+                from phenotwin._napari.demo import show_demo
+
+                checkpoint, _ = demo_checkpoint()
+                if checkpoint is None:
+                    from phenotwin.testing import make_tiny_checkpoint
+
+                    checkpoint = make_tiny_checkpoint(args.out / "untrained-model", kind="pixel", channels=2, size=64,
+                                                      overwrite=True)
+                    print("warning: no demo model is installed; showing an UNTRAINED model", file=sys.stderr)
+                show_demo(checkpoint, steps=args.steps)
+                return 0
+            print("no screen or napari here: writing the demo to files instead", file=sys.stderr)
         if args.command == "demo":
             summary = run_demo(args.out, n=args.n, steps=args.steps, strength=args.strength, device=args.device)
             psnrs = ", ".join(f"{image['reconstruction_psnr']:.1f}" for image in summary["images"])

@@ -53,10 +53,11 @@ def inference_schedulers(scheduler_config: dict[str, Any], steps: int):
     return inverse, sampler
 
 
-def resize_class_embedding(unet: torch.nn.Module, rows: int) -> None:
-    """Give a UNet2DModel `rows` class embeddings (new rows start near the old mean) for new conditions."""
+def resize_class_embedding(unet: torch.nn.Module, rows: int, fresh: bool = False) -> None:
+    """Give a UNet2DModel `rows` class embeddings for other conditions; new (or, with `fresh`,
+    all) rows start near the old mean."""
     old = unet.class_embedding
-    if old.num_embeddings == rows:
+    if old.num_embeddings == rows and not fresh:
         return
     new = torch.nn.Embedding(rows, old.embedding_dim)
     with torch.no_grad():

@@ -197,12 +197,11 @@ class Translator:
             autoencoder_psnr = None
             if den.vae is not None:
                 autoencoder_psnr = psnr(model_input, den.decode(sample)[0].cpu().numpy())
-            trajectory = [sample]
-            for i, t in enumerate(inverse.timesteps):
-                output = den.predict(sample, t, labels)
-                sample = inverse.step(output, int(t), sample).prev_sample
-                trajectory.append(sample)
-                yield Progress("invert", i + 1, steps)
+        trajectory = [sample]
+        for i, t in enumerate(inverse.timesteps):
+            sample = self._step(inverse, sample, t, labels)
+            trajectory.append(sample)
+            yield Progress("invert", i + 1, steps)
         return Inversion(
             source=self.classes[source_index],
             source_index=source_index,
@@ -279,13 +278,11 @@ class Translator:
         with_reconstruction = reconstruct and not is_source and key not in inversion.reconstructions
         labels = torch.tensor([target_index] + [inversion.source_index] * with_reconstruction, device=self.device)
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        with torch.inference_mode():
-            sample = inversion.trajectory[used_steps].repeat(len(labels), 1, 1, 1)
-            for i, t in enumerate(sampler.timesteps[inversion.steps - used_steps :]):
-                output = self.denoiser.predict(sample, t, labels, guidance)
-                sample = sampler.step(output, int(t), sample, generator=generator).prev_sample
-                yield Progress("generate", i + 1, used_steps)
-            images = self.denoiser.decode(sample).clamp(-1, 1).cpu().numpy()
+        sample = inversion.trajectory[used_steps].repeat(len(labels), 1, 1, 1)
+        for i, t in enumerate(sampler.timesteps[inversion.steps - used_steps :]):
+            sample = self._step(sampler, sample, t, labels, guidance, generator)
+            yield Progress("generate", i + 1, used_steps)
+        images = self._decode(sample)
         size = inversion.normalised.shape[1:]
         translated = imaging.resize_chw(images[0], size)
         if is_source:
@@ -339,11 +336,28 @@ class Translator:
         noise = torch.randn((count, *self.denoiser.sample_shape()), generator=generator)
         sample = (noise * sampler.init_noise_sigma).to(self.device)
         labels = torch.full((count,), target_index, device=self.device)
+        for i, t in enumerate(sampler.timesteps):
+            sample = self._step(sampler, sample, t, labels, guidance)
+            yield Progress("sample", i + 1, steps)
+        return self._decode(sample)
+
+    # Grad-mode contexts are thread-local state: one held open across a `yield` would leak
+    # into the caller (a GUI callback, another job on the same worker thread). So each
+    # model call gets its own inference_mode block and the generators yield outside them.
+
+    def _step(self, scheduler, sample, t, labels, guidance: float = 0.0, generator=None):
+        """One DDIM (or inverse DDIM) step of the denoiser."""
+        import torch
+
         with torch.inference_mode():
-            for i, t in enumerate(sampler.timesteps):
-                output = self.denoiser.predict(sample, t, labels, guidance)
-                sample = sampler.step(output, int(t), sample).prev_sample
-                yield Progress("sample", i + 1, steps)
+            output = self.denoiser.predict(sample, t, labels, guidance)
+            extra = {"generator": generator} if generator is not None else {}
+            return scheduler.step(output, int(t), sample, **extra).prev_sample
+
+    def _decode(self, sample) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
             return self.denoiser.decode(sample).clamp(-1, 1).cpu().numpy()
 
     # -- plain calls, with an optional progress callback and cancel flag ------------------

@@ -29,6 +29,7 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
+from psygnal import Signal
 from qtpy.QtCore import QTimer
 
 from phenotwin.errors import PhenotwinError
@@ -44,6 +45,21 @@ SCRUB_DEBOUNCE_MS = 120
 ROLE_KEY = "phenotwin"
 
 _loaded_translators: dict[str, Translator] = {}
+_open_widgets: list[TranslateWidget] = []  # so the Train widget can hand a new model over
+
+
+def forget_translator(path) -> None:
+    """Drop a cached model so the next load reads the folder again (after retraining it)."""
+    _loaded_translators.pop(str(Path(path).resolve()), None)
+
+
+def translate_widget_of(viewer) -> TranslateWidget | None:
+    """The open Translate widget of `viewer`, if any."""
+    # napari hands plugins a proxy of the viewer, so compare what the proxies wrap.
+    def unwrapped(v):
+        return getattr(v, "__wrapped__", v)
+
+    return next((widget for widget in _open_widgets if unwrapped(widget.viewer) is unwrapped(viewer)), None)
 
 
 def _load_translator(path: str) -> Translator:
@@ -81,6 +97,9 @@ class SourcePlanes:
 
 class TranslateWidget(Container):
     """Dock widget: model, layers per channel, conditions, strength slider, Run / Cancel."""
+
+    model_loaded = Signal(object)  # the Translator, once a model is ready
+    translated = Signal(object)  # each Translation shown
 
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__(labels=True)
@@ -141,7 +160,8 @@ class TranslateWidget(Container):
         events.inserted.connect(self._refresh_layer_choices)
         events.removed.connect(self._on_layer_removed)
         events.reordered.connect(self._refresh_layer_choices)
-        self.native.destroyed.connect(self.cancel)
+        self.native.destroyed.connect(self._on_destroyed)
+        _open_widgets.append(self)
         self._build_channel_pickers(["image"])
         if demo:
             self.load_model(str(demo))
@@ -181,6 +201,7 @@ class TranslateWidget(Container):
             + (f", trained {trained} steps" if trained else "") + f". Device: {translator.device.type}."
         )
         self._guess_source_condition()
+        self.model_loaded.emit(translator)
 
     def _conditions(self, _widget=None) -> list[str]:
         return self.translator.classes if self.translator is not None else []
@@ -337,6 +358,13 @@ class TranslateWidget(Container):
         if self._worker is not None:
             self._worker.quit()
 
+    def _on_destroyed(self, *_):
+        """napari is closing or the dock was removed: stop work, touch no (deleted) widget."""
+        if self._worker is not None:
+            self._worker.quit()
+        if self in _open_widgets:
+            _open_widgets.remove(self)
+
     def _on_finished(self) -> None:
         self._worker = None
         if self._pbar is not None:
@@ -400,6 +428,7 @@ class TranslateWidget(Container):
         self.status.value = (f"{result.source} → {result.target} at strength {result.strength:.2f} "
                              f"({result.steps} steps).")
         self.compare_button.enabled = True
+        self.translated.emit(result)
 
     def _put_layer(self, name: str, data: np.ndarray, role: str, meta: dict[str, Any], **style) -> None:
         """Update our result layer in place if it still exists, else add it with the source's geometry."""

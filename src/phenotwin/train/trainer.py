@@ -169,7 +169,8 @@ def _load_base(config: TrainConfig, data: ConditionImages):
         elif not same_classes:
             from phenotwin.engine import resize_class_embedding
 
-            resize_class_embedding(loaded.unet, len(data.classes) + 1)
+            # Other conditions, even as many, must not inherit the old ones' embeddings in order.
+            resize_class_embedding(loaded.unet, len(data.classes) + 1, fresh=True)
         return info.kind, loaded.unet, loaded.vae, class_embeddings, loaded.scheduler_config, str(base)
 
     if (base / "unet").is_dir() and (base / "vae").is_dir():
@@ -311,7 +312,9 @@ class Trainer:
         config, data = self.config, self.data
         mixed = config.mixed_precision
         if mixed == "auto":
-            mixed = "fp16" if torch.cuda.is_available() else "no"
+            # `accelerate launch` passes the user's accelerate config in the environment; respect it.
+            configured = os.environ.get("ACCELERATE_MIXED_PRECISION")
+            mixed = configured or ("fp16" if torch.cuda.is_available() else "no")
         self.accelerator = Accelerator(mixed_precision=mixed)
         torch.manual_seed(config.seed)
 
@@ -451,6 +454,8 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         device = accelerator.device
         log_path = self.out / TRAINING_DIR / "log.csv"
+        if accelerator.is_main_process and self.step == 0 and (self.out / TRAINING_DIR).exists():
+            shutil.rmtree(self.out / TRAINING_DIR)  # --overwrite: the old run's log and samples go too
         if accelerator.is_main_process:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             if not log_path.exists():

@@ -1,0 +1,27 @@
+"""`phenotwin demo --viewer`: napari with the demo scene, the Translate widget and a translation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def show_demo(model: Path | None = None, steps: int = 50) -> None:
+    """Open napari, load held-out synthetic cells, dock the Translate widget and translate them."""
+    import napari
+
+    viewer = napari.Viewer(title="napari-phenotwin demo")
+    viewer.open_sample("napari-phenotwin", "demo-scene")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-phenotwin", "Translate cells")
+    widget.steps.value = steps
+
+    def translate_once(_translator) -> None:
+        widget.model_loaded.disconnect(translate_once)
+        widget.run()
+
+    widget.model_loaded.connect(translate_once)
+    if widget.translator is not None:
+        translate_once(widget.translator)
+    elif model is not None:
+        widget.model_path.value = str(model)
+        widget.load_model(str(model))
+    napari.run()

@@ -1,0 +1,257 @@
+"""The "Train model" dock widget: pick a folder or image layers per condition, train in a worker.
+
+The loss streams into a plot in the dock, progress shows in napari's activity panel, Stop
+saves the model (the trainer saves on interruption), and the finished model can be opened
+in the Translate widget with one click. The same `Trainer` runs `phenotwin train`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FileEdit,
+    Label,
+    LineEdit,
+    PushButton,
+    Select,
+    SpinBox,
+)
+from napari.layers import Image
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+
+from phenotwin.errors import PhenotwinError
+
+if TYPE_CHECKING:
+    import napari
+
+
+class LossPlot:
+    """A small matplotlib canvas (Qt backend) showing the training loss as it arrives."""
+
+    def __init__(self):
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(4, 2.2), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.axes = self.figure.add_subplot(111)
+        self.steps: list[int] = []
+        self.losses: list[float] = []
+        self.clear()
+
+    def clear(self) -> None:
+        self.steps.clear()
+        self.losses.clear()
+        self.axes.clear()
+        self.axes.set_xlabel("step", fontsize=8)
+        self.axes.set_ylabel("loss", fontsize=8)
+        self.axes.tick_params(labelsize=7)
+        (self.line,) = self.axes.plot([], [], lw=0.8, color="tab:blue")
+        (self.smooth,) = self.axes.plot([], [], lw=1.5, color="tab:orange")
+        self.canvas.draw_idle()
+
+    def add(self, step: int, loss: float) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        if len(self.steps) % 5 and len(self.steps) > 5:
+            return  # redraw every few steps: drawing costs more than a CPU training step's GUI budget
+        self.line.set_data(self.steps, self.losses)
+        window = max(1, len(self.losses) // 20)
+        smooth = np.convolve(self.losses, np.ones(window) / window, mode="valid")
+        self.smooth.set_data(self.steps[window - 1 :], smooth)
+        self.axes.relim()
+        self.axes.autoscale_view()
+        self.axes.set_yscale("log" if min(self.losses) > 0 else "linear")
+        self.canvas.draw_idle()
+
+
+class TrainWidget(Container):
+    """Dock widget: data (folder or layers), method, steps, Train / Stop, live loss, open in Translate."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.data_source = ComboBox(label="Data from", choices=["folder", "image layers"], value="folder")
+        self.data_folder = FileEdit(mode="d", label="Data folder",
+                                    tooltip="A folder with one subfolder of images per condition")
+        self.layer_groups = Container(labels=True, label="Conditions", visible=False)
+        self.add_condition = PushButton(text="Add condition", visible=False)
+        self.method = ComboBox(label="Method", choices=["scratch", "full", "lora", "svdiff"], value="scratch")
+        self.base = FileEdit(mode="d", label="Base model", visible=False,
+                             tooltip="phenotwin checkpoint or Stable-Diffusion diffusers folder to fine-tune")
+        self.size = SpinBox(label="Image size", min=16, max=1024, step=8, value=64)
+        self.steps = SpinBox(label="Steps", min=1, max=1_000_000, value=2000)
+        self.output = FileEdit(mode="d", label="Save model to")
+        self.train_button = PushButton(text="Train")
+        self.stop_button = PushButton(text="Stop (saves)", enabled=False)
+        self.status = Label(value="")
+        self.open_button = PushButton(text="Open in Translate widget", enabled=False)
+        self.plot = LossPlot()
+        self.extend([self.data_source, self.data_folder, self.layer_groups, self.add_condition, self.method,
+                     self.base, self.size, self.steps, self.output, self.train_button, self.stop_button,
+                     self.status, self.open_button])
+        self.native.layout().addWidget(self.plot.canvas)
+        self.status.native.setWordWrap(True)
+        self._worker = None
+        self._trainer = None
+        self._pbar = None
+        self.trained: Path | None = None
+
+        self.data_source.changed.connect(self._on_data_source)
+        self.method.changed.connect(lambda value: setattr(self.base, "visible", value != "scratch"))
+        self.add_condition.changed.connect(lambda: self._add_condition_row())
+        self.train_button.changed.connect(self.start)
+        self.stop_button.changed.connect(self.stop)
+        self.open_button.changed.connect(self.open_in_translate)
+        self.native.destroyed.connect(self._on_destroyed)
+        self._add_condition_row("control")
+        self._add_condition_row("treated")
+
+    # -- data from layers ---------------------------------------------------------------------
+
+    def _image_layers(self, _widget=None):
+        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _add_condition_row(self, name: str = "") -> None:
+        row = Container(layout="horizontal", labels=False)
+        row.append(LineEdit(value=name or f"condition {len(self.layer_groups) + 1}"))
+        row.append(Select(choices=self._image_layers))
+        self.layer_groups.append(row)
+
+    def _on_data_source(self, value: str) -> None:
+        from_layers = value == "image layers"
+        self.data_folder.visible = not from_layers
+        self.layer_groups.visible = from_layers
+        self.add_condition.visible = from_layers
+        self.layer_groups.reset_choices()
+
+    def _layers_to_folder(self) -> Path:
+        """Write the chosen layers as TIFFs, one subfolder per condition (the trainer's input)."""
+        import tifffile
+
+        root = Path(tempfile.mkdtemp(prefix="phenotwin-layers-"))
+        for row in self.layer_groups:
+            name, select = row[0].value.strip(), row[1]
+            if not name:
+                raise PhenotwinError("every condition needs a name.")
+            folder = root / name
+            folder.mkdir()
+            for i, layer in enumerate(select.value):
+                tifffile.imwrite(folder / f"{i:04d}.tif", np.asarray(layer.data))
+        return root
+
+    # -- training ------------------------------------------------------------------------------
+
+    def start(self, *_):
+        from phenotwin.train.trainer import TrainConfig, Trainer
+
+        if self._worker is not None:
+            return
+        try:
+            data = self._layers_to_folder() if self.data_source.value == "image layers" else Path(self.data_folder.value)
+            if not str(self.output.value) or str(self.output.value) == ".":
+                raise PhenotwinError("choose a folder to save the model to.")
+            config = TrainConfig(
+                data=str(data), out=str(self.output.value), method=self.method.value,
+                base=str(self.base.value) if self.method.value != "scratch" else None,
+                size=self.size.value, steps=self.steps.value, checkpoint_every=max(1, min(500, self.steps.value)),
+                command=f"napari Train model widget ({self.method.value})",
+            )
+            trainer = Trainer(config)
+        except (PhenotwinError, ValueError) as err:
+            show_error(f"Cannot train: {err}")
+            return
+        self._trainer = trainer
+        self.plot.clear()
+        self._pbar = progress(total=config.steps, desc="phenotwin: training")
+        self._pbar.n = trainer.step
+        self._steps = trainer.steps()
+        worker = create_worker(_run_steps, self._steps)
+        worker.yielded.connect(self._on_step)
+        worker.returned.connect(self._on_done)
+        worker.errored.connect(self._on_error)
+        worker.aborted.connect(self._on_stopped)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.train_button.enabled = False
+        self.stop_button.enabled = True
+        self.status.value = f"Training {config.method} on {', '.join(trainer.data.classes)}..."
+        worker.start()
+
+    def _on_step(self, event) -> None:
+        self.plot.add(event.step, event.loss)
+        self._pbar.n = event.step
+        self._pbar.refresh()
+        self.status.value = f"Step {event.step}/{event.total}, loss {event.loss:.4f}" + (" (saved)" if event.saved else "")
+
+    def stop(self, *_):
+        """Stop at the next step; the trainer saves the model and its state first."""
+        if self._worker is not None:
+            self.status.value = "Stopping and saving..."
+            self._worker.quit()
+
+    def _on_done(self, path) -> None:
+        self.trained = Path(path)
+        self.status.value = f"Done: saved {path}."
+        self.open_button.enabled = True
+
+    def _on_stopped(self) -> None:
+        """The worker stopped iterating; closing the step generator makes the trainer save (off the GUI thread)."""
+        trainer = self._trainer
+        saver = create_worker(self._steps.close)
+        saver.finished.connect(lambda: self._on_saved_after_stop(trainer))
+        saver.errored.connect(self._on_error)
+        self._saver = saver
+        saver.start()
+
+    def _on_saved_after_stop(self, trainer) -> None:
+        self.train_button.enabled = True
+        if trainer.step > 0:
+            self.trained = Path(trainer.out)
+            self.status.value = f"Stopped at step {trainer.step}; saved {self.trained} (continue with phenotwin train --resume)."
+            self.open_button.enabled = True
+
+    def _on_destroyed(self, *_):
+        """napari is closing: stop training; the widgets are already gone, so touch none."""
+        if self._worker is not None:
+            self._worker.quit()
+
+    def _on_error(self, err: Exception) -> None:
+        self.status.value = "Training failed."
+        show_error(f"Training failed: {err}")
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.train_button.enabled = not self.status.value.startswith("Stopping")
+        self.stop_button.enabled = False
+
+    def open_in_translate(self, *_):
+        """Load the trained model into the Translate widget (docking one if needed)."""
+        if self.trained is None:
+            return
+        from phenotwin._napari.translate_widget import forget_translator, translate_widget_of
+
+        forget_translator(self.trained)  # the folder may hold a newer model than a cached one
+        widget = translate_widget_of(self.viewer)
+        if widget is None:
+            _, widget = self.viewer.window.add_plugin_dock_widget("napari-phenotwin", "Translate cells")
+        widget.model_path.value = str(self.trained)
+        widget.load_model(str(self.trained))
+        show_info(f"Loaded {self.trained.name} in the Translate widget.")
+
+
+def _run_steps(steps):
+    """Generator for napari's worker: forwards each step, returns the trainer's result."""
+    return (yield from steps)
+
