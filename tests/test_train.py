@@ -71,6 +71,18 @@ def test_scratch_training_writes_a_complete_run(data, tmp_path):
     translates(out)
 
 
+def test_latent_model_from_scratch_on_a_frozen_vae(data, tmp_path):
+    from phenotwin.testing import make_tiny_checkpoint
+
+    donor = make_tiny_checkpoint(tmp_path / "donor", kind="latent", channels=2, size=32)
+    out = train(tiny(data, tmp_path / "latent", vae=str(donor), steps=2))
+    info = read_info(out)
+    assert info.kind == "latent" and (out / "vae").is_dir()
+    translator = Translator(out, device="cpu")
+    assert translator.denoiser.sample_shape() == (4, 16, 16)
+    translates(out)
+
+
 def test_same_data_gives_the_same_fingerprint_and_different_data_another(data, tmp_path):
     from phenotwin.train.data import load_condition_folders
 

@@ -119,7 +119,7 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         data=str(args.data), out=str(args.out), method=args.method, base=args.base, size=args.size, steps=args.steps,
         batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
         ema_decay=args.ema_decay, class_dropout=args.class_dropout, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, width=args.width, prediction_type=args.prediction_type, zero_snr=not args.no_zero_snr,
+        seed=args.seed, width=args.width, vae=args.vae, prediction_type=args.prediction_type, zero_snr=not args.no_zero_snr,
         lora_rank=args.lora_rank, mixed_precision=args.mixed_precision, channel_axis=args.channel_axis,
         channel_names=args.channel_names,
         max_per_class=args.max_per_class, overwrite=args.overwrite, resume=args.resume, command=command,
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=500, help="save model, state and samples every N steps")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--width", type=int, default=32, help="scratch: channels of the UNet's first level")
+    train.add_argument("--vae", default=None,
+                       help="scratch: train a latent model on this frozen autoencoder (diffusers AutoencoderKL folder, "
+                       "or a model folder with vae/); default: a pixel model")
     train.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon", "sample"],
                        help="scratch only; fine-tuning keeps the base model's (default: %(default)s)")
     train.add_argument("--no-zero-snr", action="store_true", help="scratch: keep the plain linear noise schedule")

@@ -55,6 +55,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     seed: int = 0
     width: int = 32
+    vae: str | None = None
     prediction_type: str = "v_prediction"
     zero_snr: bool = True
     lora_rank: int = 8
@@ -79,6 +80,8 @@ class TrainConfig:
             )
         if self.method == "scratch" and self.base:
             raise PhenotwinError("--base is for fine-tuning; use --method full, lora or svdiff with it.")
+        if self.vae and self.method != "scratch":
+            raise PhenotwinError("--vae is for latent models trained from scratch; fine-tuning uses the base's VAE.")
         for name in ("steps", "batch_size", "checkpoint_every", "size", "width", "lora_rank", "sample_steps"):
             if getattr(self, name) < 1:
                 raise PhenotwinError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -200,6 +203,22 @@ def _load_base(config: TrainConfig, data: ConditionImages):
     )
 
 
+def _load_vae(path: Path, channels: int):
+    """A frozen autoencoder for a latent model trained from scratch: a diffusers AutoencoderKL
+    folder, or the vae/ of a phenotwin or Stable-Diffusion folder."""
+    from diffusers import AutoencoderKL
+
+    from phenotwin.checkpoint import refuse_pickles, require_weights
+
+    folder = path / "vae" if (path / "vae").is_dir() else path
+    refuse_pickles(folder)
+    require_weights(folder, "VAE")
+    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    if vae.config.in_channels < channels:
+        raise PhenotwinError(f"the VAE in {folder} takes {vae.config.in_channels} channels but the data has {channels}.")
+    return vae
+
+
 def _fresh_contexts(classes: int, tokens: int, dim: int, previous=None):
     """One learned cross-attention context per class plus the null context, around the old mean if any."""
     import torch
@@ -319,8 +338,16 @@ class Trainer:
         torch.manual_seed(config.seed)
 
         if config.method == "scratch":
-            kind, vae, contexts, base = "pixel", None, None, None
-            unet = scratch_unet(data.channels, config.size, len(data.classes), config.width)
+            contexts, base = None, None
+            if config.vae:
+                from phenotwin.engine import vae_downsampling
+
+                kind, vae = "latent", _load_vae(Path(config.vae), data.channels)
+                latent_size = config.size // vae_downsampling(vae)
+                unet = scratch_unet(vae.config.latent_channels, latent_size, len(data.classes), config.width)
+            else:
+                kind, vae = "pixel", None
+                unet = scratch_unet(data.channels, config.size, len(data.classes), config.width)
             scheduler_config = scratch_scheduler_config(config)
         else:
             kind, unet, vae, contexts, scheduler_config, base = _load_base(config, data)
