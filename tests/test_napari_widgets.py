@@ -290,3 +290,33 @@ def test_demo_opens_the_scene_with_a_translation(qtbot, monkeypatch, model):
         assert widget.result_layers("translation") and widget.result_layers("heatmap")
     finally:
         viewer.close()
+
+
+@requires_display
+def test_deleting_a_result_layer_mid_run_recreates_it(viewer_and_widget, qtbot):
+    viewer, widget, _ = viewer_and_widget
+    widget.steps.value = 4
+    run_and_wait(qtbot, widget)
+    widget.steps.value = 30
+    widget.run()
+    viewer.layers.remove("ctrl Δ")
+    wait_until(qtbot, lambda: widget._worker is None)
+    assert "ctrl Δ" in viewer.layers and viewer.layers["ctrl Δ"].metadata["phenotwin"]["steps"] == 30
+
+
+@requires_display
+def test_closing_the_viewer_stops_a_running_translation(make_napari_viewer, qtbot, model, cells):
+    viewer = make_napari_viewer()
+    viewer.add_image(cells, channel_axis=0, name=["a nucleus", "a golgi"])
+    widget = TranslateWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.load_model(str(model))
+    wait_until(qtbot, lambda: widget.translator is not None)
+    widget.steps.value = 1000
+    translator = widget.translator
+    widget.run()
+    wait_until(qtbot, lambda: translator.denoiser.calls > 0)
+    worker = widget._worker
+    viewer.window._qt_window.close()
+    wait_until(qtbot, lambda: not worker.is_running)
+    assert translator.denoiser.calls < 1000

@@ -100,7 +100,13 @@ class Translator:
     >>> result.image, result.heatmap, result.reconstruction_psnr    # doctest: +SKIP
     """
 
-    def __init__(self, checkpoint: Checkpoint | str | os.PathLike, device: str = "auto", dtype: Any = None):
+    def __init__(
+        self,
+        checkpoint: Checkpoint | str | os.PathLike,
+        device: str = "auto",
+        dtype: Any = None,
+        inversion_refinements: int | None = None,
+    ):
         import torch
 
         from phenotwin.checkpoint import Checkpoint, load_checkpoint
@@ -117,6 +123,12 @@ class Translator:
         self.scheduler_config = loaded.scheduler_config
         self.denoiser = Denoiser(loaded, self.device, dtype)
         self._schedulers: dict[int, tuple[Any, Any]] = {}
+        if inversion_refinements is None:
+            inversion_refinements = int(self.info.defaults.get("inversion_refinements", 0))
+        if inversion_refinements < 0:
+            raise PhenotwinError(f"inversion_refinements must be 0 or more, got {inversion_refinements}.")
+        # Extra model evaluations per inversion step (fixed-point iterations); 0 = plain DDIM inversion.
+        self.inversion_refinements = inversion_refinements
 
     @property
     def classes(self) -> list[str]:
@@ -199,7 +211,12 @@ class Translator:
                 autoencoder_psnr = psnr(model_input, den.decode(sample)[0].cpu().numpy())
         trajectory = [sample]
         for i, t in enumerate(inverse.timesteps):
-            sample = self._step(inverse, sample, t, labels)
+            previous = sample
+            sample = self._step(inverse, previous, t, labels)
+            # Fixed-point refinement: re-evaluate the model at the new sample, so this step is
+            # the exact inverse of the DDIM step that generation will take (sharper reconstruction).
+            for _ in range(self.inversion_refinements):
+                sample = self._step(inverse, previous, t, labels, model_input=sample)
             trajectory.append(sample)
             yield Progress("invert", i + 1, steps)
         return Inversion(
@@ -345,12 +362,12 @@ class Translator:
     # into the caller (a GUI callback, another job on the same worker thread). So each
     # model call gets its own inference_mode block and the generators yield outside them.
 
-    def _step(self, scheduler, sample, t, labels, guidance: float = 0.0, generator=None):
-        """One DDIM (or inverse DDIM) step of the denoiser."""
+    def _step(self, scheduler, sample, t, labels, guidance: float = 0.0, generator=None, model_input=None):
+        """One DDIM (or inverse DDIM) step from `sample`, the model evaluated at `model_input` (default: `sample`)."""
         import torch
 
         with torch.inference_mode():
-            output = self.denoiser.predict(sample, t, labels, guidance)
+            output = self.denoiser.predict(sample if model_input is None else model_input, t, labels, guidance)
             extra = {"generator": generator} if generator is not None else {}
             return scheduler.step(output, int(t), sample, **extra).prev_sample
 
