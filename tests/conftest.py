@@ -9,6 +9,17 @@ from scipy.ndimage import gaussian_filter
 KINDS = ["pixel", "latent", "stable-diffusion", "stable-diffusion-lora"]
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core machine they only wait on each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     from phenotwin.testing import make_tiny_checkpoint
