@@ -33,7 +33,7 @@ from phenotwin.errors import PhenotwinError
 from phenotwin.train.data import AugmentedCrops, ConditionImages, load_condition_folders
 
 METHODS = ("scratch", "full", "lora", "svdiff")
-DEFAULT_LEARNING_RATES = {"scratch": 2e-3, "full": 1e-4, "lora": 1e-3, "svdiff": 5e-3}
+DEFAULT_LEARNING_RATES = {"scratch": 1e-3, "full": 1e-4, "lora": 1e-3, "svdiff": 5e-3}
 STATE_DIR = "state"
 
 
@@ -227,27 +227,25 @@ def _fresh_contexts(classes: int, tokens: int, dim: int, previous=None):
     return centre.repeat(classes + 1, 1, 1) + torch.randn(classes + 1, tokens, dim)
 
 
-class ConditionalModel:
-    """Holds the trainable parts; `module` is what accelerate wraps and the optimizer sees."""
+def conditional_module(kind: str, unet, class_embeddings):
+    """One torch module holding everything trained (UNet, and for stable-diffusion the per-class
+    contexts), with the call signature of `engine.Denoiser`: what accelerate wraps and the
+    optimizer and EMA see. Defined here because torch is imported lazily."""
+    import torch
 
-    def __init__(self, kind, unet, class_embeddings):
-        import torch
+    class ConditionalUNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+            if class_embeddings is not None:
+                self.contexts = torch.nn.Parameter(class_embeddings.clone())
 
-        self.kind = kind
+        def forward(self, sample, timesteps, labels):
+            if kind == "stable-diffusion":
+                return self.unet(sample, timesteps, encoder_hidden_states=self.contexts[labels]).sample
+            return self.unet(sample, timesteps, class_labels=labels).sample
 
-        class Wrapped(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.unet = unet
-                if class_embeddings is not None:
-                    self.contexts = torch.nn.Parameter(class_embeddings.clone())
-
-            def forward(self, sample, timesteps, labels):
-                if kind == "stable-diffusion":
-                    return self.unet(sample, timesteps, encoder_hidden_states=self.contexts[labels]).sample
-                return self.unet(sample, timesteps, class_labels=labels).sample
-
-        self.module = Wrapped()
+    return ConditionalUNet()
 
 
 def _lora_targets(unet) -> list[str]:
@@ -358,7 +356,7 @@ class Trainer:
             self.scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
 
         self.unet = apply_method(config.method, kind, unet, config.lora_rank)
-        self.model = ConditionalModel(kind, self.unet, contexts).module
+        self.model = conditional_module(kind, self.unet, contexts)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise PhenotwinError(f"method {config.method} left nothing to train in this model.")
