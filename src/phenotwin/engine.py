@@ -9,6 +9,7 @@ Three checkpoint kinds share one interface so DDIM inversion and sampling are wr
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -88,12 +89,39 @@ def vae_downsampling(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Origins of tiles covering `length`: evenly spread, neighbours overlapping by at least
+    `overlap` of a tile, the first and last flush with the ends."""
+    if length <= tile:
+        return [0]
+    stride = max(1, int(tile * (1 - overlap)))
+    count = math.ceil((length - tile) / stride) + 1
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def blend_window(tile: int, device) -> torch.Tensor:
+    """Smooth (Hann) weights for one tile: a tile's prediction fades out towards its edges,
+    where the neighbouring tile's takes over, so no seam can form. Never zero, so border
+    pixels covered by one tile keep its prediction."""
+    ramp = torch.hann_window(tile + 2, periodic=False, device=device)[1:-1]
+    return (ramp[:, None] * ramp[None, :]).clamp_min(1e-3)
+
+
 class Denoiser:
     """Class-conditional noise predictor plus the encode/decode between images and its sample space.
 
     `calls` counts UNet evaluations (a batch counts once) so tests and benchmarks can prove
     that work was or was not repeated.
+
+    A sample larger than the model's native size is denoised tile by tile at every step,
+    the tiles' predictions blended into one prediction for the whole field (as in
+    MultiDiffusion): the field is a single diffusion state, so neighbouring tiles agree in
+    their overlap by construction, and only `tile_batch` tiles' activations exist at once.
     """
+
+    tile_overlap = 0.25
+    tile_batch = 8
+    tiling = True  # False runs the UNet on the whole field at once (for comparisons; memory grows with area)
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype):
         self.info = checkpoint.info
@@ -134,23 +162,65 @@ class Denoiser:
     def predict(self, sample: torch.Tensor, timestep: Any, labels: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
         """Conditional prediction; with guidance w > 0, classifier-free guidance cond + w (cond - uncond)."""
         if guidance <= 0:
-            return self(sample, timestep, labels)
+            return self.predict_field(sample, timestep, labels)
         null = torch.full_like(labels, self.null_label)
-        both = self(torch.cat([sample, sample]), timestep, torch.cat([labels, null]))
+        both = self.predict_field(torch.cat([sample, sample]), timestep, torch.cat([labels, null]))
         cond, uncond = both.chunk(2)
         return cond + guidance * (cond - uncond)
+
+    @property
+    def tile_size(self) -> int:
+        return self.sample_shape()[1]
+
+    def tile_count(self, height: int, width: int) -> int:
+        """Tiles per image of this sample-space size (1 at the native size)."""
+        tile = self.tile_size
+        return len(tile_starts(height, tile, self.tile_overlap)) * len(tile_starts(width, tile, self.tile_overlap))
+
+    def predict_field(self, sample: torch.Tensor, timestep: Any, labels: torch.Tensor) -> torch.Tensor:
+        """The model's prediction for a sample of any size >= the native size, tiled when larger."""
+        tile = self.tile_size
+        height, width = sample.shape[-2:]
+        if (height <= tile and width <= tile) or not self.tiling:
+            return self(sample, timestep, labels)
+        ys = tile_starts(height, tile, self.tile_overlap)
+        xs = tile_starts(width, tile, self.tile_overlap)
+        window = blend_window(tile, sample.device)
+        weight = torch.zeros((height, width), device=sample.device)
+        for y in ys:
+            for x in xs:
+                weight[y : y + tile, x : x + tile] += window
+        out = torch.zeros(sample.shape, dtype=torch.float32, device=sample.device)
+        jobs = [(b, y, x) for b in range(sample.shape[0]) for y in ys for x in xs]
+        for first in range(0, len(jobs), self.tile_batch):
+            chunk = jobs[first : first + self.tile_batch]
+            tiles = torch.stack([sample[b, :, y : y + tile, x : x + tile] for b, y, x in chunk])
+            predictions = self(tiles, timestep, labels[[b for b, _, _ in chunk]])
+            for (b, y, x), prediction in zip(chunk, predictions):
+                out[b, :, y : y + tile, x : x + tile] += prediction * window
+        return out / weight
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Model-range images (B, C, H, W) to the diffusion sample space (identity for pixel models)."""
         if self.vae is None:
             return images.float()
         x = to_vae_channels(images.float(), self.vae_channels)
+        self._tile_vae_for(x.shape[-1], x.shape[-2])
         # The posterior mean, not a sample: inversion must be deterministic.
         return self.vae.encode(x).latent_dist.mean * self.scaling_factor
+
+    def _tile_vae_for(self, width: int, height: int) -> None:
+        """diffusers' own VAE tiling, for fields larger than the model's images (bounded memory)."""
+        if max(width, height) > self.info.image_size:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
             return latents.float()
+        factor = vae_downsampling(self.vae)
+        self._tile_vae_for(latents.shape[-1] * factor, latents.shape[-2] * factor)
         images = self.vae.decode(latents.float() / self.scaling_factor).sample
         return from_vae_channels(images, self.info.channels)
 

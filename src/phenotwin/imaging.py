@@ -150,30 +150,41 @@ def from_channels_first(chw: np.ndarray, channel_axis: int | None) -> np.ndarray
     return chw if channel_axis == 0 else np.moveaxis(chw, 0, -1)
 
 
-def resize_chw(chw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Anti-aliased resize of each channel (scikit-image), keeping float32."""
-    from skimage.transform import resize
-
-    if chw.shape[1:] == tuple(size):
-        return chw
-    return resize(chw, (chw.shape[0], *size), order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
-
-
 def prepare(
-    image: Any, channels: int, normalization: dict[str, Any], model_size: int, channel_axis: int | None = None
+    image: Any,
+    channels: int,
+    normalization: dict[str, Any],
+    model_size: int,
+    channel_axis: int | None = None,
+    multiple: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, ImageLayout]:
-    """Check and normalise an image: returns (model-size input, full-size normalised, layout)."""
+    """Check and normalise an image: returns (model input, normalised image, layout).
+
+    The model input is the normalised image, reflect-padded at the bottom and right to at
+    least the model's size and to a multiple of `multiple` (the autoencoder's downsampling);
+    results are cropped back. Fields larger than the model are translated tile by tile.
+    """
     original = np.asarray(image)
     chw, axis = to_channels_first(original, channels, channel_axis)
     low, high = intensity_range(chw, normalization)
     full = normalise(chw, low, high)
     layout = ImageLayout(shape=original.shape, dtype=original.dtype, channel_axis=axis, low=low, high=high)
-    if full.shape[1:] != (model_size, model_size):
+    height, width = full.shape[1:]
+    if height < model_size or width < model_size:
         warnings.warn(
-            f"image is {full.shape[1]}x{full.shape[2]} but the model works at {model_size}x{model_size}; "
-            "it is resized for translation and the result resized back, which loses detail. "
-            "Crop a region of the model's size for a faithful result.",
+            f"image is {height}x{width}, smaller than the model's {model_size}x{model_size}; it is padded by "
+            "reflection for translation. Cells near the padded edge may be translated less faithfully.",
             PhenotwinWarning,
             stacklevel=3,
         )
-    return resize_chw(full, (model_size, model_size)), full, layout
+    target_h = max(model_size, -(-height // multiple) * multiple)
+    target_w = max(model_size, -(-width // multiple) * multiple)
+    return pad_reflect(full, target_h, target_w), full, layout
+
+
+def pad_reflect(chw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad bottom/right by mirroring (symmetric, so a pad larger than the image still works)."""
+    pad_h, pad_w = height - chw.shape[1], width - chw.shape[2]
+    if pad_h == 0 and pad_w == 0:
+        return chw
+    return np.pad(chw, ((0, 0), (0, pad_h), (0, pad_w)), mode="symmetric")

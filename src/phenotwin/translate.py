@@ -47,7 +47,7 @@ class Inversion:
     source_index: int
     steps: int
     trajectory: list[torch.Tensor]
-    model_input: np.ndarray  # (C, S, S) model range, at the model's size
+    model_input: np.ndarray  # (C, H', W') model range, padded to at least the model size
     normalised: np.ndarray  # (C, H, W) model range, at the image's own size
     layout: imaging.ImageLayout
     checkpoint_id: str
@@ -142,6 +142,11 @@ class Translator:
     def channels(self) -> int:
         return self.info.channels
 
+    def _size_multiple(self) -> int:
+        from phenotwin.engine import vae_downsampling
+
+        return vae_downsampling(self.denoiser.vae) if self.denoiser.vae is not None else 1
+
     def _schedulers_for(self, steps: int):
         from phenotwin.engine import inference_schedulers
 
@@ -194,7 +199,7 @@ class Translator:
         source_index = self.info.class_index(source)
         steps = self._steps(steps)
         model_input, normalised, layout = imaging.prepare(
-            image, self.channels, self.info.normalization, self.image_size, channel_axis
+            image, self.channels, self.info.normalization, self.image_size, channel_axis, self._size_multiple()
         )
         return self._invert(model_input, normalised, layout, source_index, steps)
 
@@ -208,7 +213,7 @@ class Translator:
             sample = den.encode(torch.from_numpy(model_input)[None].to(self.device))
             autoencoder_psnr = None
             if den.vae is not None:
-                autoencoder_psnr = psnr(model_input, den.decode(sample)[0].cpu().numpy())
+                autoencoder_psnr = psnr(model_input, den.decode(sample)[0].clamp(-1, 1).cpu().numpy())
         trajectory = [sample]
         for i, t in enumerate(inverse.timesteps):
             previous = sample
@@ -300,12 +305,12 @@ class Translator:
             sample = self._step(sampler, sample, t, labels, guidance, generator)
             yield Progress("generate", i + 1, used_steps)
         images = self._decode(sample)
-        size = inversion.normalised.shape[1:]
-        translated = imaging.resize_chw(images[0], size)
+        height, width = inversion.normalised.shape[1:]
+        translated = images[0][:, :height, :width]  # drop the padding
         if is_source:
             inversion.reconstructions[key] = translated
         elif with_reconstruction:
-            inversion.reconstructions[key] = imaging.resize_chw(images[1], size)
+            inversion.reconstructions[key] = images[1][:, :height, :width]
         return translated
 
     def translate_steps(
