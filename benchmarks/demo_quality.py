@@ -9,7 +9,8 @@ several strengths (reusing the inversion), and we report:
 - reconstruction PSNR of invert-then-regenerate under the source condition;
 - counterfactual ratio: MSE(translation, true treated image) / MSE(control, true treated image).
 
-    python benchmarks/demo_quality.py [--checkpoint DIR] [-n 64] [--steps 50] [--json out.json]
+    python benchmarks/demo_quality.py [--checkpoint DIR] [-n 64] [--steps 50] [--refinements K]
+                                      [--guidance W] [--sigma S] [--json out.json]
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("-n", type=int, default=64, help="held-out pairs (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    parser.add_argument("--refinements", type=int, default=None, help="inversion refinements (default: the model's)")
+    parser.add_argument("--guidance", type=float, default=0.0)
+    parser.add_argument("--sigma", type=float, default=0.0, help="heatmap smoothing (pixels)")
     parser.add_argument("--classifier-images", type=int, default=1500, help="per condition")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -48,7 +52,7 @@ def main(argv=None) -> int:
     if checkpoint is None:
         print("no checkpoint given and no demo model installed", file=sys.stderr)
         return 2
-    translator = Translator(checkpoint)
+    translator = Translator(checkpoint, inversion_refinements=args.refinements)
     info = translator.info
     source, target = info.classes
     low, high = np.asarray(info.normalization["low"]), np.asarray(info.normalization["high"])
@@ -71,7 +75,7 @@ def main(argv=None) -> int:
     for i in range(args.n):
         inversion = translator.invert(raw_control[i], source, steps=args.steps, channel_axis=0)
         for s in args.strengths:
-            result = translator.generate(inversion, target, strength=s)
+            result = translator.generate(inversion, target, strength=s, guidance=args.guidance, sigma=args.sigma)
             per_strength[s]["translations"].append(result.normalised)
             per_strength[s]["heatmaps"].append(result.heatmap)
             per_strength[s]["psnr"].append(result.reconstruction_psnr)
@@ -92,6 +96,9 @@ def main(argv=None) -> int:
         "checkpoint": translator.checkpoint_id,
         "held_out_pairs": args.n,
         "steps": args.steps,
+        "inversion_refinements": translator.inversion_refinements,
+        "guidance": args.guidance,
+        "heatmap_sigma": args.sigma,
         "classifier_accuracy": classifier.held_out_accuracy,
         "source_flip_rate": float((classifier.predict(control) == 1).mean()),
         "seconds": time.time() - started,

@@ -111,6 +111,7 @@ class TranslateWidget(Container):
         self._worker = None
         self._pbar = None
         self._scrub_pending = False
+        self._requested_model: str | None = None
         self.last_result: Translation | None = None
 
         from phenotwin.models import demo_model_path
@@ -175,6 +176,7 @@ class TranslateWidget(Container):
             return
         self.model_info.value = f"Loading {Path(path).name}..."
         self.load_button.enabled = False
+        self._requested_model = str(Path(path).resolve())
         worker = create_worker(_load_translator, path)
         worker.returned.connect(self._on_model_loaded)
         worker.errored.connect(lambda err: self._on_error(err, "Could not load the model"))
@@ -183,6 +185,8 @@ class TranslateWidget(Container):
         self._loader = worker
 
     def _on_model_loaded(self, translator: Translator) -> None:
+        if str(translator.checkpoint_path.resolve()) != self._requested_model:
+            return  # an earlier request finished after a newer one: keep the newer
         self.translator = translator
         self.inversion, self._inversion_key = None, None
         info = translator.info
