@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from phenotwin.checkpoint import Checkpoint
 
 
+REFERENCES = ("reconstruction", "input")
+
+
 def psnr(reference: np.ndarray, estimate: np.ndarray) -> float:
     """PSNR in dB of model-range ([-1, 1]) images."""
     from skimage.metrics import peak_signal_noise_ratio
@@ -62,7 +65,8 @@ class Translation:
     image: np.ndarray  # in the input's units, dtype and layout
     heatmap: np.ndarray  # (H, W) difference summed over channels, normalised units
     heatmap_channels: np.ndarray  # (C, H, W)
-    normalised: np.ndarray  # (C, H, W) translation in model range, for metrics
+    normalised: np.ndarray  # (C, H, W) the translation shown (`image`) in model range, for metrics
+    generated: np.ndarray  # (C, H, W) the model's raw output under the target condition, model range
     reconstruction_psnr: float  # dB, regenerating the input under its own condition
     source: str
     target: str
@@ -72,6 +76,7 @@ class Translation:
     seed: int | None
     checkpoint_id: str
     autoencoder_psnr: float | None = None
+    reference: str = "reconstruction"
     inversion: Inversion | None = field(default=None, repr=False)  # reuse it to scrub without re-inverting
 
     def metadata(self) -> dict[str, Any]:
@@ -88,6 +93,7 @@ class Translation:
             "seed": self.seed,
             "reconstruction_psnr": self.reconstruction_psnr,
             "autoencoder_psnr": self.autoencoder_psnr,
+            "reference": self.reference,
             "phenotwin_version": __version__,
         }
 
@@ -106,6 +112,7 @@ class Translator:
         device: str = "auto",
         dtype: Any = None,
         inversion_refinements: int | None = None,
+        reference: str | None = None,
     ):
         import torch
 
@@ -129,6 +136,12 @@ class Translator:
             raise PhenotwinError(f"inversion_refinements must be 0 or more, got {inversion_refinements}.")
         # Extra model evaluations per inversion step (fixed-point iterations); 0 = plain DDIM inversion.
         self.inversion_refinements = inversion_refinements
+        reference = reference or self.info.defaults.get("reference", "reconstruction")
+        if reference not in REFERENCES:
+            raise PhenotwinError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}.")
+        # "reconstruction": translation = input + (target rendering - source rendering);
+        # "input": the raw target rendering (PhenDiff), compared with the input.
+        self.reference = reference
 
     @property
     def classes(self) -> list[str]:
@@ -251,9 +264,10 @@ class Translator:
     ) -> Steps[Translation]:
         """Generator form of `generate`: regenerate a cached inversion under `target`.
 
-        Costs round(strength * steps) UNet calls and never re-inverts. With `reconstruct`,
-        the source condition is generated in the same batch (once per strength, then cached)
-        to measure how faithfully the model reproduces the input.
+        Costs round(strength * steps) UNet calls and never re-inverts. The source condition
+        is generated in the same batch (once per strength, then cached): it measures how
+        faithfully the model reproduces the input, and with reference "reconstruction" the
+        translation is taken relative to it. `reconstruct=False` skips it in "input" mode.
         """
         if inversion.checkpoint_id != self.checkpoint_id:
             raise PhenotwinError(
@@ -266,17 +280,29 @@ class Translator:
 
     def _generate(self, inversion, target_index, used_steps, guidance, seed, reconstruct, signed, sigma):
         key = (used_steps, guidance)
+        relative = self.reference == "reconstruction"
         if target_index == inversion.source_index and key in inversion.reconstructions:
-            translated = inversion.reconstructions[key]  # already generated: costs nothing
+            generated = inversion.reconstructions[key]  # already generated: costs nothing
         else:
-            translated = yield from self._sample(inversion, target_index, used_steps, guidance, seed, reconstruct)
+            generated = yield from self._sample(
+                inversion, target_index, used_steps, guidance, seed, reconstruct or relative
+            )
         reconstruction = inversion.reconstructions.get(key)
-        heat = difference_map(inversion.normalised, translated, signed=signed, sigma=sigma)
+        if relative:
+            # The change the model makes between its own rendering of the input under the
+            # source and under the target condition, applied to the input itself: whatever
+            # the model cannot reproduce (camera noise, fine texture, the low-frequency
+            # drift of DDIM inversion) cancels, and where nothing changes the input is kept.
+            shown = np.clip(inversion.normalised + (generated - reconstruction), -1.0, 1.0)
+        else:
+            shown = generated
+        heat = difference_map(inversion.normalised, shown, signed=signed, sigma=sigma)
         return Translation(
-            image=imaging.denormalise(translated, inversion.layout),
+            image=imaging.denormalise(shown, inversion.layout),
             heatmap=heat.total,
             heatmap_channels=heat.per_channel,
-            normalised=translated,
+            normalised=shown,
+            generated=generated,
             reconstruction_psnr=psnr(inversion.normalised, reconstruction) if reconstruction is not None else float("nan"),
             source=inversion.source,
             target=self.classes[target_index],
@@ -286,6 +312,7 @@ class Translator:
             seed=seed,
             checkpoint_id=self.checkpoint_id,
             autoencoder_psnr=inversion.autoencoder_psnr,
+            reference=self.reference,
             inversion=inversion,
         )
 
