@@ -464,6 +464,13 @@ class TranslateWidget(Container):
                 layer.visible = showing_after
 
     def _on_side_by_side(self, value: bool) -> None:
+        """Grid view with input, translation and heatmap each in its own cell: napari's grid
+        groups `stride` consecutive layers, so ours go first in the layer list, in that order."""
+        if value and self._sources is not None:
+            ordered = [layer for layer in self._sources.layers if layer in self.viewer.layers]
+            ordered += self.result_layers("translation") + self.result_layers("heatmap")
+            for position, layer in enumerate(ordered):
+                self.viewer.layers.move(self.viewer.layers.index(layer), position)
         grid = self.viewer.grid
         grid.stride = max(1, len(self.channel_pickers))
         grid.enabled = bool(value)
