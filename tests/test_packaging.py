@@ -66,7 +66,7 @@ def test_manifest_loads_from_the_distribution_with_sample_data():
     manifest = PluginManifest.from_distribution(DIST)
     assert manifest.name == DIST
     samples = {sample.key: sample for sample in manifest.contributions.sample_data}
-    assert set(samples) == {"golgi-pairs", "subtle-pairs"}
+    assert set(samples) == {"demo-scene", "golgi-pairs", "subtle-pairs"}
     commands = {command.id: command for command in manifest.contributions.commands}
     for sample in samples.values():
         assert sample.command in commands, f"sample {sample.key} points at an undeclared command"
@@ -173,12 +173,13 @@ def sample_layers():
     return layers
 
 
-@pytest.mark.parametrize("key", ["golgi-pairs", "subtle-pairs"])
+@pytest.mark.parametrize("key", ["demo-scene", "golgi-pairs", "subtle-pairs"])
 def test_sample_layers_have_the_expected_form(sample_layers, key):
     layers = sample_layers[key]
     assert [layer_type for _, _, layer_type in layers] == ["image", "image", "labels"]
     (control, control_meta, _), (treated, treated_meta, _), (mask, mask_meta, _) = layers
     assert control.shape == treated.shape and control.ndim == 3 and control.shape[0] == 2
+    assert control.dtype == treated.dtype == np.uint16  # camera units, like the demo model's training data
     assert mask.shape == control.shape[1:]
     assert np.issubdtype(mask.dtype, np.integer) and set(np.unique(mask)) == {0, 1}
     for meta in (control_meta, treated_meta):
@@ -189,13 +190,13 @@ def test_sample_layers_have_the_expected_form(sample_layers, key):
     assert all(np.isfinite(image).all() for image in (control, treated))
 
 
-@pytest.mark.parametrize("key", ["golgi-pairs", "subtle-pairs"])
+@pytest.mark.parametrize("key", ["demo-scene", "golgi-pairs", "subtle-pairs"])
 def test_sample_conditions_differ_only_inside_the_change_mask(sample_layers, key):
     from scipy import ndimage as ndi
 
     synthetic = _import_synthetic()
     (control, _, _), (treated, _, _), (mask, _, _) = sample_layers[key]
-    diff = np.abs(control.astype(np.float64) - treated.astype(np.float64)).max(axis=0)
+    diff = np.abs(control.astype(np.float64) - treated.astype(np.float64)).max(axis=0) / 65535
     changed = mask.astype(bool)
     assert 0.001 < changed.mean() < 0.5  # a real, local change
     # inside the mask the treatment shows
