@@ -305,18 +305,20 @@ def test_deleting_a_result_layer_mid_run_recreates_it(viewer_and_widget, qtbot):
 
 
 @requires_display
-def test_closing_the_viewer_stops_a_running_translation(make_napari_viewer, qtbot, model, cells):
+def test_closing_the_widget_stops_a_running_translation(make_napari_viewer, qtbot, model, cells):
+    """What napari does to its docks when it closes: the widget is destroyed mid-run."""
     viewer = make_napari_viewer()
     viewer.add_image(cells, channel_axis=0, name=["a nucleus", "a golgi"])
     widget = TranslateWidget(viewer)
-    viewer.window.add_dock_widget(widget)
+    dock = viewer.window.add_dock_widget(widget)
     widget.load_model(str(model))
-    wait_until(qtbot, lambda: widget.translator is not None)
+    wait_until(qtbot, lambda: widget.translator is not None and widget.translator.checkpoint_path == model)
     widget.steps.value = 1000
     translator = widget.translator
     widget.run()
     wait_until(qtbot, lambda: translator.denoiser.calls > 0)
     worker = widget._worker
-    viewer.window._qt_window.close()
+    viewer.window.remove_dock_widget(dock)
+    widget.native.deleteLater()
     wait_until(qtbot, lambda: not worker.is_running)
-    assert translator.denoiser.calls < 1000
+    assert translator.denoiser.calls < 1000 and widget._closed

@@ -104,6 +104,7 @@ class TrainWidget(Container):
         self._trainer = None
         self._pbar = None
         self.trained: Path | None = None
+        self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
 
         self.data_source.changed.connect(self._on_data_source)
         self.method.changed.connect(lambda value: setattr(self.base, "visible", value != "scratch"))
@@ -187,6 +188,8 @@ class TrainWidget(Container):
         worker.start()
 
     def _on_step(self, event) -> None:
+        if self._closed:
+            return
         self.plot.add(event.step, event.loss)
         self._pbar.n = event.step
         self._pbar.refresh()
@@ -199,12 +202,15 @@ class TrainWidget(Container):
             self._worker.quit()
 
     def _on_done(self, path) -> None:
+        if self._closed:
+            return
         self.trained = Path(path)
         self.status.value = f"Done: saved {path}."
         self.open_button.enabled = True
 
     def _on_stopped(self) -> None:
-        """The worker stopped iterating; closing the step generator makes the trainer save (off the GUI thread)."""
+        """The worker stopped iterating; closing the step generator makes the trainer save (off the GUI thread).
+        This runs even when napari is closing: the model is saved, only the widgets are left alone."""
         trainer = self._trainer
         saver = create_worker(self._steps.close)
         saver.finished.connect(lambda: self._on_saved_after_stop(trainer))
@@ -213,6 +219,8 @@ class TrainWidget(Container):
         saver.start()
 
     def _on_saved_after_stop(self, trainer) -> None:
+        if self._closed:
+            return
         self.train_button.enabled = True
         if trainer.step > 0:
             self.trained = Path(trainer.out)
@@ -221,14 +229,19 @@ class TrainWidget(Container):
 
     def _on_destroyed(self, *_):
         """napari is closing: stop training; the widgets are already gone, so touch none."""
+        self._closed = True
         if self._worker is not None:
             self._worker.quit()
 
     def _on_error(self, err: Exception) -> None:
+        if self._closed:
+            return
         self.status.value = "Training failed."
         show_error(f"Training failed: {err}")
 
     def _on_finished(self) -> None:
+        if self._closed:
+            return
         self._worker = None
         if self._pbar is not None:
             self._pbar.close()

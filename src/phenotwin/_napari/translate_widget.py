@@ -112,6 +112,7 @@ class TranslateWidget(Container):
         self._pbar = None
         self._scrub_pending = False
         self._requested_model: str | None = None
+        self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
         self.last_result: Translation | None = None
 
         from phenotwin.models import demo_model_path
@@ -180,12 +181,12 @@ class TranslateWidget(Container):
         worker = create_worker(_load_translator, path)
         worker.returned.connect(self._on_model_loaded)
         worker.errored.connect(lambda err: self._on_error(err, "Could not load the model"))
-        worker.finished.connect(lambda: setattr(self.load_button, "enabled", True))
+        worker.finished.connect(lambda: self._closed or setattr(self.load_button, "enabled", True))
         worker.start()
         self._loader = worker
 
     def _on_model_loaded(self, translator: Translator) -> None:
-        if str(translator.checkpoint_path.resolve()) != self._requested_model:
+        if self._closed or str(translator.checkpoint_path.resolve()) != self._requested_model:
             return  # an earlier request finished after a newer one: keep the newer
         self.translator = translator
         self.inversion, self._inversion_key = None, None
@@ -334,7 +335,7 @@ class TranslateWidget(Container):
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_result)
         worker.errored.connect(lambda err: self._on_error(err, "Translation failed"))
-        worker.aborted.connect(lambda: setattr(self.status, "value", "Cancelled."))
+        worker.aborted.connect(lambda: self._closed or setattr(self.status, "value", "Cancelled."))
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._stage = None
@@ -345,6 +346,8 @@ class TranslateWidget(Container):
         worker.start()
 
     def _on_progress(self, event) -> None:
+        if self._closed:
+            return
         if event.stage != self._stage or self._pbar is None:
             self._stage = event.stage
             if self._pbar is not None:
@@ -364,12 +367,15 @@ class TranslateWidget(Container):
 
     def _on_destroyed(self, *_):
         """napari is closing or the dock was removed: stop work, touch no (deleted) widget."""
+        self._closed = True
         if self._worker is not None:
             self._worker.quit()
         if self in _open_widgets:
             _open_widgets.remove(self)
 
     def _on_finished(self) -> None:
+        if self._closed:
+            return
         self._worker = None
         if self._pbar is not None:
             self._pbar.close()
@@ -382,6 +388,8 @@ class TranslateWidget(Container):
             self._scrub()
 
     def _on_error(self, err: Exception, what: str) -> None:
+        if self._closed:
+            return
         self.status.value = f"{what}."
         if isinstance(err, PhenotwinError):
             show_error(f"{what}: {err}")
@@ -412,6 +420,8 @@ class TranslateWidget(Container):
     # -- results ---------------------------------------------------------------------------
 
     def _on_result(self, result: Translation) -> None:
+        if self._closed:
+            return
         self.last_result = result
         sources = self._sources
         meta = {**result.metadata(), "source_layers": [layer.name for layer in sources.layers]}
