@@ -165,7 +165,10 @@ def saved_step(out: Path) -> int:
 def run_until(args, reached, sig: int) -> subprocess.CompletedProcess:
     """Start `phenotwin train`, wait until `reached()` holds, then send `sig`."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model; threads would only fight the test process
-    process = subprocess.Popen([*PHENOTWIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A shell that started us in the background may have left SIGINT ignored, and children
+    # inherit that; give the trainer the default disposition, as in a terminal.
+    process = subprocess.Popen([*PHENOTWIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None and not reached():
         time.sleep(0.05)
