@@ -172,11 +172,6 @@ class Denoiser:
     def tile_size(self) -> int:
         return self.sample_shape()[1]
 
-    def tile_count(self, height: int, width: int) -> int:
-        """Tiles per image of this sample-space size (1 at the native size)."""
-        tile = self.tile_size
-        return len(tile_starts(height, tile, self.tile_overlap)) * len(tile_starts(width, tile, self.tile_overlap))
-
     def predict_field(self, sample: torch.Tensor, timestep: Any, labels: torch.Tensor) -> torch.Tensor:
         """The model's prediction for a sample of any size >= the native size, tiled when larger."""
         tile = self.tile_size

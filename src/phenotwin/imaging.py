@@ -30,12 +30,6 @@ class ImageLayout:
     low: np.ndarray  # (C,) raw value mapped to 0
     high: np.ndarray  # (C,) raw value mapped to 1
 
-    @property
-    def height_width(self) -> tuple[int, int]:
-        if self.channel_axis is None:
-            return self.shape[0], self.shape[1]
-        return (self.shape[1], self.shape[2]) if self.channel_axis == 0 else (self.shape[0], self.shape[1])
-
 
 def _normalise_channel_axis(ndim: int, channel_axis: int | None) -> int | None:
     if channel_axis is None:
