@@ -44,6 +44,11 @@ DEFAULT_INFERENCE = {
 # Optimizer state, logs and sample grids of the run that wrote the model. Never loaded as
 # part of the model (accelerate stores its optimizer state pickled), so not shipped either.
 TRAINING_DIR = "training"
+# Safetensors only. And no low_cpu_mem_usage: diffusers then builds the model inside accelerate's
+# init_empty_weights, which patches torch.nn.Module for the whole process while it runs, so
+# a model created meanwhile on another thread (napari loads models in workers) gets empty
+# "meta" weights. Seen as "Cannot copy out of meta tensor" in a clean-clone test run.
+SAFE_LOAD = {"use_safetensors": True, "low_cpu_mem_usage": False}
 
 
 @dataclass
@@ -237,7 +242,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     unet_class = UNet2DConditionModel if info.kind == "stable-diffusion" else UNet2DModel
     require_weights(component_root / "unet", "UNet")
     try:
-        unet = unet_class.from_pretrained(component_root / "unet", use_safetensors=True)
+        unet = unet_class.from_pretrained(component_root / "unet", **SAFE_LOAD)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"cannot load the UNet from {component_root / 'unet'}: {err}") from err
 
@@ -261,7 +266,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         vae_root = folder if (folder / "vae").is_dir() else component_root
         require_weights(vae_root / "vae", "VAE")
         try:
-            vae = AutoencoderKL.from_pretrained(vae_root / "vae", use_safetensors=True)
+            vae = AutoencoderKL.from_pretrained(vae_root / "vae", **SAFE_LOAD)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
             raise CheckpointError(f"cannot load the VAE from {vae_root / 'vae'}: {err}") from err
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from phenotwin.checkpoint import Checkpoint, CheckpointInfo, save_checkpoint
+from phenotwin.checkpoint import SAFE_LOAD, Checkpoint, CheckpointInfo, save_checkpoint
 
 CLASSES = ("control", "treated")
 
@@ -145,7 +145,7 @@ def make_tiny_checkpoint(
             base_folder = make_tiny_sd_base(folder.parent / f"{folder.name}-base", channels, size, seed)
             from diffusers import UNet2DConditionModel
 
-            base_unet = UNet2DConditionModel.from_pretrained(base_folder / "unet", use_safetensors=True)
+            base_unet = UNet2DConditionModel.from_pretrained(base_folder / "unet", **SAFE_LOAD)
             unet = get_peft_model(
                 base_unet, LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
             )

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from phenotwin.checkpoint import INFO_FILE, TRAINING_DIR, Checkpoint, CheckpointInfo, read_info, save_checkpoint
+from phenotwin.checkpoint import INFO_FILE, SAFE_LOAD, TRAINING_DIR, Checkpoint, CheckpointInfo, read_info, save_checkpoint
 from phenotwin.errors import PhenotwinError
 from phenotwin.train.data import AugmentedCrops, ConditionImages, load_condition_folders
 
@@ -184,8 +184,8 @@ def _load_base(config: TrainConfig, data: ConditionImages):
         refuse_pickles(base, ("unet", "vae"))
         require_weights(base / "unet", "UNet")
         require_weights(base / "vae", "VAE")
-        unet = UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(base / "vae", use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(base / "unet", **SAFE_LOAD)
+        vae = AutoencoderKL.from_pretrained(base / "vae", **SAFE_LOAD)
         if vae.config.in_channels < data.channels:
             raise PhenotwinError(
                 f"the base VAE takes {vae.config.in_channels} channels but the data has {data.channels}."
@@ -213,7 +213,7 @@ def _load_vae(path: Path, channels: int):
     folder = path / "vae" if (path / "vae").is_dir() else path
     refuse_pickles(folder)
     require_weights(folder, "VAE")
-    vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(folder, **SAFE_LOAD)
     if vae.config.in_channels < channels:
         raise PhenotwinError(f"the VAE in {folder} takes {vae.config.in_channels} channels but the data has {channels}.")
     return vae
