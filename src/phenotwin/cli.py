@@ -11,23 +11,6 @@ from typing import Sequence
 from phenotwin.errors import Cancelled, PhenotwinError, PhenotwinWarning
 
 
-def _progress_bar(description: str):
-    """A tqdm bar fed by `Progress` events; one bar per stage."""
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def update(event) -> None:
-        bar = bars.get(event.stage)
-        if bar is None:
-            bar = bars[event.stage] = tqdm(total=event.total, desc=f"{description} {event.stage}", unit="step", leave=False)
-        bar.update(event.step - bar.n)
-        if event.step >= event.total:
-            bar.close()
-
-    return update
-
-
 def demo_checkpoint() -> tuple[Path | None, str]:
     """The shipped demo model if this install has one."""
     from phenotwin.models import demo_model_path
@@ -43,6 +26,7 @@ def run_demo(out: Path, n: int = 4, steps: int = 50, strength: float = 1.0, devi
     from phenotwin import Translator, synthetic
     from phenotwin.io import write_json, write_tiff
     from phenotwin.montage import save_montage
+    from phenotwin.progress import tqdm_steps
 
     checkpoint, origin = demo_checkpoint()
     if checkpoint is None:
@@ -60,7 +44,7 @@ def run_demo(out: Path, n: int = 4, steps: int = 50, strength: float = 1.0, devi
     for i in range(n):
         result = translator.translate(
             pairs.control[i], source, target, strength=strength, steps=steps, channel_axis=0,
-            progress=_progress_bar(f"image {i + 1}/{n}"),
+            progress=tqdm_steps(f"image {i + 1}/{n}"),
         )
         name = f"cell_{i:02d}"
         meta = result.metadata()
@@ -80,33 +64,24 @@ def run_demo(out: Path, n: int = 4, steps: int = 50, strength: float = 1.0, devi
 
 
 def run_translate(args: argparse.Namespace) -> int:
-    from phenotwin import Translator
-    from phenotwin.io import read_image, write_tiff
+    from phenotwin.batch import BatchSettings, run_batch
+    from phenotwin.progress import tqdm_steps
 
-    translator = Translator(args.checkpoint, device=args.device)
-    # Settings that are wrong for every file are an error (exit 2), not a skip per file.
-    translator.check_settings(args.source, args.target, args.strength, args.steps, args.guidance)
-    out = Path(args.output)
-    failures = 0
-    for file in args.input:
-        path = Path(file)
-        try:
-            image = read_image(path)
-            result = translator.translate(
-                image, args.source, args.target, strength=args.strength, steps=args.steps, guidance=args.guidance,
-                seed=args.seed, channel_axis=args.channel_axis, progress=_progress_bar(path.name),
-            )
-        except PhenotwinError as err:
-            print(f"skipped {path}: {err}", file=sys.stderr)
-            failures += 1
-            continue
-        axes = "YX" if result.image.ndim == 2 else ("CYX" if args.channel_axis == 0 else "YXC")
-        meta = {**result.metadata(), "input": str(path)}
-        write_tiff(out / f"{path.stem}_{result.target}.tif", result.image, axes, meta)
-        write_tiff(out / f"{path.stem}_{result.target}_heatmap.tif", result.heatmap, "YX", meta)
-        print(f"{path.name}: reconstruction PSNR {result.reconstruction_psnr:.1f} dB, "
-              f"mean change {result.heatmap.mean():.4f} -> {out}")
-    return 1 if failures else 0
+    settings = BatchSettings(
+        source=args.source, target=args.target, strength=args.strength, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, channels=tuple(args.channels) if args.channels is not None else None, axes=args.axes,
+    )
+    try:
+        result = run_batch(args.checkpoint, args.input, args.output, settings, device=args.device,
+                           recursive=args.recursive, overwrite=args.overwrite, step_progress=tqdm_steps)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished images are kept in {args.output}; run the same command again to continue",
+              file=sys.stderr)
+        return 130
+    if result.summary is not None:
+        print(f"translated {result.done}, already done {result.already_done}, failed {result.failed} "
+              f"-> {result.summary}")
+    return 1 if result.failed else 0
 
 
 def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -218,18 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
 
-    tr = commands.add_parser("translate", help="translate image files from one condition to another")
+    tr = commands.add_parser(
+        "translate", help="translate image files, folders or globs from one condition to another",
+        description="Translate every input image (stacks plane by plane) and write, per input, the translation and "
+        "its heatmap as OME-TIFF plus a summary.csv. Finished images are skipped when the same command runs again; "
+        "`accelerate launch -m phenotwin translate ...` shares the inputs between processes. See docs/batch.md.",
+    )
     tr.add_argument("--checkpoint", required=True, help="checkpoint folder (contains phenotwin.json)")
-    tr.add_argument("--input", required=True, nargs="+", help="image file(s): TIFF or PNG")
+    tr.add_argument("--input", required=True, nargs="+", metavar="FILE_DIR_OR_GLOB",
+                    help="image files (TIFF, PNG, JPEG), folders holding them, or quoted glob patterns ('**' recurses)")
+    tr.add_argument("--recursive", action="store_true", help="also read images in the subfolders of folder inputs")
     tr.add_argument("--source", required=True, help="the condition the images were acquired in")
     tr.add_argument("--target", required=True, help="the condition to translate to")
-    tr.add_argument("--output", required=True, help="output folder")
+    tr.add_argument("--output", required=True, help="output folder (mirrors the input folders below their common parent)")
     tr.add_argument("--strength", type=float, default=None, help="inversion strength in (0, 1] (default: the model's)")
     tr.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     tr.add_argument("--guidance", type=float, default=None, help="classifier-free guidance, 0 = none")
     tr.add_argument("--seed", type=int, default=None, help="recorded with the results for reproducibility")
-    tr.add_argument("--channel-axis", type=int, default=None, choices=[0, -1],
-                    help="axis holding the channels in multichannel images (0 = first, -1 = last)")
+    tr.add_argument("--axes", default=None,
+                    help="axes of every input when the file does not record them, one letter per axis: e.g. CYX, YXC, "
+                    "ZYX, TZCYX (T time, Z depth, Q other such as wells, C channels). Default: from the file")
+    tr.add_argument("--channels", type=int, nargs="+", default=None, metavar="INDEX",
+                    help="indices along the channel axis that feed the model, in the model's order (e.g. 0 2); "
+                    "default: all channels")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="redo images that --output holds from a run with other settings (default: refuse)")
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
     return parser
 

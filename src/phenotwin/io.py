@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -70,6 +72,19 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str, metadata: 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     def write(temp: str) -> None:
         Path(temp).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+    return _atomic(Path(path), write)
+
+
+def write_csv(path: str | os.PathLike, header: list[str], rows: list[dict[str, Any]]) -> Path:
+    """Write a CSV atomically: a reader (or a killed run) never sees half a table."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+
+    def write(temp: str) -> None:
+        Path(temp).write_text(buffer.getvalue(), encoding="utf-8")
 
     return _atomic(Path(path), write)
 

@@ -58,3 +58,20 @@ def drive(
         if is_cancelled(cancel):
             steps.close()
             raise Cancelled(f"cancelled after {event.stage} step {event.step} of {event.total}")
+
+
+def tqdm_steps(description: str) -> Callable[[Progress], None]:
+    """A progress callback drawing one tqdm bar per stage ("invert", "generate") of one run."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(event: Progress) -> None:
+        bar = bars.get(event.stage)
+        if bar is None:
+            bar = bars[event.stage] = tqdm(total=event.total, desc=f"{description} {event.stage}", unit="step", leave=False)
+        bar.update(event.step - bar.n)
+        if event.step >= event.total:
+            bar.close()
+
+    return update

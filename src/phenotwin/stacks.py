@@ -1,0 +1,145 @@
+"""Stacks and channel selection: arrays with named axes (e.g. TZCYX, ZYX, YXS) to model planes and back.
+
+A translation takes one 2-D plane with the model's channels. Microscopy files hold more:
+time points, z slices, wells, extra channels, RGB samples. `PlaneStack` names the axes of
+such an array, picks the channels that feed the model, iterates over its planes
+(channels first, as `Translator.translate(..., channel_axis=0)` takes them) and puts
+per-plane results back in the input's axis order. Qt-free and torch-free so the CLI, the
+napari widget and scripts share it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from phenotwin.errors import PhenotwinError
+
+CHANNEL_AXES = "CS"  # C: channels; S: samples, as tifffile names RGB(A) components
+# Letters accepted in --axes: T time, Z depth, Q any other leading axis (wells, positions...).
+AXIS_LETTERS = "TZQCSYX"
+# Leading axes the OME-TIFF writer (tifffile) accepts; others (e.g. tifffile's 'I') are written as Q.
+OME_LEADING = "TZQAPRHEL"
+UNKNOWN_AXES = "QI"  # tifffile's names for axes it could not identify
+
+
+def file_axes(path: str | os.PathLike, array: np.ndarray) -> str | None:
+    """The axes a file declares (OME/ImageJ/tifffile metadata) for `array` as read, or None if unknown.
+
+    tifffile names axes it cannot identify Q or I; those, and PNG/JPEG files, count as
+    unknown except for the unambiguous cases 2-D (YX) and 8-bit 3-D with 3 or 4 last
+    samples (YXS, RGB/RGBA).
+    """
+    axes = None
+    if Path(path).suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if tuple(series.shape) == array.shape:
+                axes = series.axes
+    if axes is not None and not any(letter in UNKNOWN_AXES for letter in axes):
+        return axes
+    if array.ndim == 2:
+        return "YX"
+    if array.ndim == 3 and array.dtype == np.uint8 and array.shape[-1] in (3, 4) and min(array.shape[:2]) > 4:
+        return "YXS"
+    return None
+
+
+def check_axes(axes: str, shape: tuple[int, ...], origin: str = "--axes") -> str:
+    """Validate an axes string for an array of `shape`; return it upper-cased."""
+    axes = axes.upper()
+    problems = []
+    if len(axes) != len(shape):
+        problems.append(f"it has {len(axes)} letter(s) but the image has {len(shape)} axes {tuple(shape)}")
+    if "Y" not in axes or "X" not in axes:
+        problems.append("it needs a Y and an X axis")
+    if len(set(axes)) != len(axes):
+        problems.append("a letter is repeated")
+    if sum(letter in CHANNEL_AXES for letter in axes) > 1:
+        problems.append("it has both C and S; name the channel axis C")
+    if problems:
+        raise PhenotwinError(
+            f"{origin} {axes!r} does not fit the image: {'; '.join(problems)}. Give one letter per axis, e.g. "
+            "YX (grayscale), CYX (channels first), YXC (channels last), ZYX (z stack), TZCYX; "
+            "T = time, Z = depth, Q = any other axis (wells, positions), C = channels."
+        )
+    return axes
+
+
+@dataclass(frozen=True)
+class PlaneStack:
+    """An image array with named axes, seen as a sequence of model-ready (C, Y, X) planes.
+
+    `channels` are the indices along the channel axis that feed the model (None: all).
+    An image without a channel axis gives (Y, X) planes.
+    """
+
+    array: np.ndarray
+    axes: str
+    channels: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axes", check_axes(self.axes, self.array.shape, "axes"))
+        if self.channels is not None:
+            if self.channel_axis is None:
+                raise PhenotwinError(
+                    f"channels {list(self.channels)} were selected but the image has no channel axis "
+                    f"(axes {self.axes}); drop the channel selection, or name the channel axis C with --axes."
+                )
+            count = self.array.shape[self.axes.index(self.channel_axis)]
+            bad = [c for c in self.channels if not 0 <= c < count]
+            if bad or not self.channels:
+                raise PhenotwinError(
+                    f"channel selection {list(self.channels)} does not fit an image with {count} channel(s); "
+                    f"pick indices from 0 to {count - 1}."
+                )
+
+    @property
+    def channel_axis(self) -> str | None:
+        """'C' or 'S' if the image has a channel axis."""
+        return next((letter for letter in self.axes if letter in CHANNEL_AXES), None)
+
+    @property
+    def leading_axes(self) -> str:
+        """Axes over which planes are taken (e.g. 'TZ'), in the input's order."""
+        return "".join(letter for letter in self.axes if letter not in "YX" and letter not in CHANNEL_AXES)
+
+    @property
+    def leading_shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[self.axes.index(letter)] for letter in self.leading_axes)
+
+    @property
+    def plane_count(self) -> int:
+        return int(np.prod(self.leading_shape, dtype=np.int64))
+
+    def _canonical_order(self) -> str:
+        return self.leading_axes + (self.channel_axis or "") + "YX"
+
+    def planes(self) -> Iterator[np.ndarray]:
+        """Each (C, Y, X) plane (or (Y, X) without a channel axis), selected channels only; views, not copies."""
+        order = self._canonical_order()
+        canonical = np.transpose(self.array, [self.axes.index(letter) for letter in order])
+        if self.channels is not None:
+            canonical = np.take(canonical, self.channels, axis=len(self.leading_axes))
+        for index in np.ndindex(*self.leading_shape):
+            yield canonical[index]
+
+    def assemble(self, planes: Sequence[np.ndarray], with_channels: bool = True) -> tuple[np.ndarray, str]:
+        """Stack per-plane results back in the input's axis order; returns (array, OME axes).
+
+        `planes` are (C, Y, X) results in `planes()` order, or (Y, X) results (e.g. heatmaps)
+        with `with_channels=False`, which drops the channel axis. In the axes returned, S is
+        written as C and leading axes the OME writer does not know as Q.
+        """
+        stacked = np.stack(list(planes)).reshape(*self.leading_shape, *planes[0].shape)
+        order = self.leading_axes + ((self.channel_axis or "") if with_channels else "") + "YX"
+        kept = "".join(letter for letter in self.axes if letter in order)
+        result = np.transpose(stacked, [order.index(letter) for letter in kept])
+        ome = "".join("C" if letter == "S" else (letter if letter in OME_LEADING + "CYX" else "Q") for letter in kept)
+        return result, ome
