@@ -1,4 +1,4 @@
-"""The `phenotwin` command: help, translate on real TIFF files, skipped files, exit codes, demo."""
+"""The `phenotwin` command: help, translate setting errors and exit codes, demo (batch runs: test_batch.py)."""
 
 from __future__ import annotations
 
@@ -106,95 +106,11 @@ def test_no_subcommand_is_a_usage_error(capsys):
 # -- translate ----------------------------------------------------------------------------
 
 
-def test_translate_two_channel_uint16_tiff(models, tmp_path, capsys):
-    image = _cells(2)
-    source = tmp_path / "in" / "field 1.tif"
-    source.parent.mkdir()
-    tifffile.imwrite(source, image, photometric="minisblack")
-    before = source.read_bytes()
-    out = tmp_path / "out"
-
-    assert _translate(models[2], [source], out, "--channel-axis", "0", "--seed", "7") == 0
-
-    translated = tifffile.imread(out / "field 1_treated.tif")
-    heatmap = tifffile.imread(out / "field 1_treated_heatmap.tif")
-    assert translated.dtype == np.uint16 and translated.shape == image.shape
-    assert heatmap.dtype == np.float32 and heatmap.shape == image.shape[1:]
-    assert np.isfinite(heatmap).all() and heatmap.min() >= 0 and heatmap.max() > 0
-    assert not np.array_equal(translated, image)  # the untrained model still changes something
-    # translated intensities stay in the input's units, not model range
-    assert translated.max() > 1000
-    assert source.read_bytes() == before  # the input file is never touched
-
-    for file in ("field 1_treated.tif", "field 1_treated_heatmap.tif"):
-        meta = _description(out / file)
-        assert meta["source"] == "control" and meta["target"] == "treated"
-        assert meta["steps"] == 4 and meta["seed"] == 7
-        assert meta["checkpoint"].startswith("two-channel@")
-        assert meta["input"] == str(source)
-    assert sorted(p.name for p in out.iterdir()) == ["field 1_treated.tif", "field 1_treated_heatmap.tif"]
-    assert "reconstruction PSNR" in capsys.readouterr().out
-
-
-def test_translate_channels_last_uint8_tiff(models, tmp_path):
-    image = (np.moveaxis(_cells(2), 0, -1) // 16).astype(np.uint8)  # (32, 32, 2), as many cameras write RGB-like
-    source = tmp_path / "last.tif"
-    tifffile.imwrite(source, image, photometric="minisblack", planarconfig="contig")
-    assert tifffile.imread(source).shape == (32, 32, 2)
-    out = tmp_path / "out"
-    assert _translate(models[2], [source], out, "--channel-axis", "-1") == 0
-    translated = tifffile.imread(out / "last_treated.tif")
-    assert translated.dtype == np.uint8 and translated.shape == image.shape
-    assert tifffile.imread(out / "last_treated_heatmap.tif").shape == (32, 32)
-    assert _description(out / "last_treated.tif")["input"] == str(source)
-
-
-def test_translate_grayscale_with_a_one_channel_model(models, tmp_path):
-    image = _cells(1)
-    source = tmp_path / "gray.tiff"
-    tifffile.imwrite(source, image)
-    out = tmp_path / "out"
-    assert _translate(models[1], [source], out, target="control") == 0
-    translated = tifffile.imread(out / "gray_control.tif")
-    assert translated.dtype == image.dtype and translated.shape == image.shape
-    assert tifffile.imread(out / "gray_control_heatmap.tif").shape == image.shape
-    assert _description(out / "gray_control.tif")["target"] == "control"
-
-
-def test_bad_files_are_reported_and_skipped(models, tmp_path, capsys):
-    good = tmp_path / "good.tif"
-    tifffile.imwrite(good, _cells(2, seed=1), photometric="minisblack")
-    garbage = tmp_path / "garbage.tif"
-    garbage.write_bytes(np.random.default_rng(0).bytes(3000))
-    three = tmp_path / "three-channel.tif"
-    tifffile.imwrite(three, _cells(3), photometric="minisblack")
-    gray = tmp_path / "gray.tif"
-    tifffile.imwrite(gray, _cells(1))
-    missing = tmp_path / "missing.tif"
-    out = tmp_path / "out"
-
-    code = _translate(models[2], [garbage, good, three, gray, missing], out, "--channel-axis", "0")
-
-    assert code == 1
-    reasons = {}
-    for line in capsys.readouterr().err.splitlines():
-        if line.startswith("skipped "):
-            path, _, reason = line[len("skipped "):].partition(": ")
-            reasons[Path(path).name] = reason
-    assert set(reasons) == {"garbage.tif", "three-channel.tif", "gray.tif", "missing.tif"}
-    assert "cannot read" in reasons["garbage.tif"]
-    assert "3 channel" in reasons["three-channel.tif"] and "trained on 2" in reasons["three-channel.tif"]
-    assert "2-D" in reasons["gray.tif"]
-    assert "does not exist" in reasons["missing.tif"]
-    assert sorted(p.name for p in out.iterdir()) == ["good_treated.tif", "good_treated_heatmap.tif"]
-    assert tifffile.imread(out / "good_treated.tif").shape == (2, 32, 32)
-
-
 def test_unknown_class_is_an_error_naming_the_known_ones(models, tmp_path, capsys):
     source = tmp_path / "a.tif"
-    tifffile.imwrite(source, _cells(2), photometric="minisblack")
+    tifffile.imwrite(source, _cells(2), photometric="minisblack", metadata={"axes": "CYX"})
     out = tmp_path / "out"
-    assert _translate(models[2], [source], out, "--channel-axis", "0", target="mutant") == 2
+    assert _translate(models[2], [source], out, target="mutant") == 2
     err = capsys.readouterr().err
     assert "phenotwin: error:" in err and "'mutant'" in err
     assert "'control', 'treated'" in err
@@ -203,8 +119,8 @@ def test_unknown_class_is_an_error_naming_the_known_ones(models, tmp_path, capsy
 
 def test_bad_setting_is_an_error_not_a_skip(models, tmp_path, capsys):
     source = tmp_path / "a.tif"
-    tifffile.imwrite(source, _cells(2), photometric="minisblack")
-    assert _translate(models[2], [source], tmp_path / "out", "--channel-axis", "0", "--strength", "1.5") == 2
+    tifffile.imwrite(source, _cells(2), photometric="minisblack", metadata={"axes": "CYX"})
+    assert _translate(models[2], [source], tmp_path / "out", "--strength", "1.5") == 2
     assert "strength must be in (0, 1]" in capsys.readouterr().err
 
 
