@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -390,17 +391,24 @@ def test_accelerate_two_processes_write_what_one_process_writes(models, tmp_path
 
     single = subprocess.run([*PHENOTWIN, *common, "--output", str(tmp_path / "one")], capture_output=True,
                             text=True, timeout=300, env=env)
+    with socket.socket() as probe:  # a free port: other test runs may be using accelerate's default one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # --multi_gpu is accelerate's torchrun launcher; on a machine without CUDA the two
+    # processes form a CPU (gloo) group. `--cpu --num_processes 2` would start one process.
     sharded = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "phenotwin", *common,
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+         "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "phenotwin", *common,
          "--output", str(tmp_path / "two")],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert single.returncode == 1, single.stderr[-3000:]  # the broken file
-    assert sharded.returncode != 0 and "Traceback" not in sharded.stderr, sharded.stderr[-3000:]
-    # each image is translated once, by one of the two processes
+    assert sharded.returncode != 0, sharded.stderr[-3000:]  # accelerate passes the failure on
+    # each image is translated once, by one of two processes
     assert single.stdout.count("reconstruction PSNR") == sharded.stdout.count("reconstruction PSNR") == 4
     assert sharded.stderr.count("skipped ") == 1
+    assert "images: 100%|██████████| 3/3" in sharded.stderr and "images: 100%|██████████| 2/2" in sharded.stderr
 
     one, two = tmp_path / "one", tmp_path / "two"
     files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())

@@ -280,12 +280,15 @@ def run_batch(
     Settings errors (unknown condition, bad strength, results from other settings in `out`
     without `overwrite`) raise before any work; a bad file is recorded as failed and skipped.
     """
+    import torch
     from accelerate import PartialState
     from tqdm import tqdm
 
     from phenotwin import Translator
 
-    state = PartialState()
+    # cpu=True lets processes started by torchrun (`accelerate launch --multi_gpu`) on a
+    # machine without CUDA join a gloo group (MULTI_CPU); without it each would run alone.
+    state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
     out = Path(out)
     inputs = collect_inputs(items, recursive=recursive, exclude=out)
     if not inputs:
