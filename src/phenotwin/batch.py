@@ -57,9 +57,11 @@ class Job:
 
 @dataclass
 class BatchResult:
-    done: int = 0  # translated in this run
-    already_done: int = 0  # complete from an earlier run, skipped
-    failed: int = 0  # across all processes, after the run
+    """Counts over all processes: translated now, complete from an earlier run (skipped), failed."""
+
+    done: int = 0
+    already_done: int = 0
+    failed: int = 0
     summary: Path | None = None
 
 
@@ -312,7 +314,7 @@ def run_batch(
                     "those images with the new settings."
                 )
     todo = [job for job in jobs if not is_complete(out, job, records[job], fingerprint)]
-    result = BatchResult(already_done=len(jobs) - len(todo) if state.is_main_process else 0)
+    result = BatchResult(already_done=len(jobs) - len(todo))
     state.wait_for_everyone()  # every process has judged completeness before anyone writes
     columns = summary_columns(translator)
     summary = out / SUMMARY
@@ -326,7 +328,6 @@ def run_batch(
                     record = {"status": "failed", "message": str(err)}
                     bar.write(f"skipped {job.input}: {err}", file=sys.stderr)
                 else:
-                    result.done += 1
                     metrics = record["metrics"]
                     bar.write(f"{job.input}: reconstruction PSNR {metrics['reconstruction_psnr']:.1f} dB, "
                               f"mean change {metrics['mean_change']:.4f} -> {out / job.translated}")
@@ -346,7 +347,10 @@ def run_batch(
     if state.is_main_process:
         _write_summary(summary, jobs, final, columns, fingerprint)
         result.summary = summary
-    result.failed = sum(1 for record in final.values() if record is not None and record["status"] == "failed")
+    statuses = [record["status"] for record in final.values()
+                if record is not None and record.get("settings") == fingerprint]
+    result.done = sum(1 for job in todo if final[job] is not None and final[job]["status"] == "done")
+    result.failed = statuses.count("failed")
     return result
 
 
