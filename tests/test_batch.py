@@ -97,6 +97,34 @@ def alone(translator, plane: np.ndarray, channel_axis=0) -> np.ndarray:
     return translator.translate(plane, "control", "treated", steps=int(STEPS), channel_axis=channel_axis).image
 
 
+# -- stacks as planes (phenotwin.stacks) ----------------------------------------------------------
+
+
+def test_plane_stack_selects_channels_and_puts_planes_back_in_the_input_order():
+    from phenotwin import PhenotwinError
+    from phenotwin.stacks import PlaneStack
+
+    array = np.random.default_rng(0).random((2, 20, 24, 3))  # Z, Y, X, RGB samples
+    stack = PlaneStack(array, "zyxs", channels=(2, 0))
+    assert (stack.axes, stack.leading_axes, stack.plane_count) == ("ZYXS", "Z", 2)
+    planes = list(stack.planes())
+    assert [plane.shape for plane in planes] == [(2, 20, 24)] * 2
+    np.testing.assert_array_equal(planes[1], np.moveaxis(array[1][..., [2, 0]], -1, 0))
+    back, axes = stack.assemble(planes)
+    assert axes == "ZYXC"
+    np.testing.assert_array_equal(back, array[..., [2, 0]])
+    heat, heat_axes = stack.assemble([plane.sum(axis=0) for plane in planes], with_channels=False)
+    assert heat_axes == "ZYX" and heat.shape == (2, 20, 24)
+    np.testing.assert_array_equal(heat[1], array[1][..., [2, 0]].sum(axis=-1))
+
+    with pytest.raises(PhenotwinError, match="3 letter.*4 axes"):
+        PlaneStack(array, "ZYX")
+    with pytest.raises(PhenotwinError, match=r"pick indices from 0 to 2"):
+        PlaneStack(array, "ZYXC", channels=(3,))
+    with pytest.raises(PhenotwinError, match="no channel axis"):
+        PlaneStack(array[..., 0], "ZYX", channels=(0,))
+
+
 # -- outputs, provenance, CSV -------------------------------------------------------------------
 
 
@@ -280,6 +308,16 @@ def test_folders_globs_and_same_names_in_different_folders(models, tmp_path):
     out = tmp_path / "glob"
     assert translate(models[2], [f"{root}/**/*01.tif"], out) == 0
     assert sorted(row["input"] for row in summary(out)) == sorted(map(str, (a, b, c)))
+
+    from skimage.io import imsave
+
+    rgb = (np.moveaxis(cells(3, seed=4), 0, -1) // 256).astype(np.uint8)
+    imsave(root / "plate1" / "A01.png", rgb, check_contrast=False)  # same stem, same folder: the suffix is kept
+    out = tmp_path / "suffixes"
+    assert translate(models[2], [root / "plate1"], out, "--channels", "0", "1") == 0
+    assert tifffile.imread(out / "A01_tif_treated.ome.tif").shape == (2, 32, 32)
+    assert tifffile.imread(out / "A01_png_treated.ome.tif").shape == (32, 32, 2)
+    (root / "plate1" / "A01.png").unlink()
 
     inside = root / "plate1" / "results"  # an output folder inside the input folder is not read back
     assert translate(models[2], [root / "plate1"], inside, "--recursive") == 0
