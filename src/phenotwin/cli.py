@@ -69,7 +69,8 @@ def run_translate(args: argparse.Namespace) -> int:
 
     settings = BatchSettings(
         source=args.source, target=args.target, strength=args.strength, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, channels=tuple(args.channels) if args.channels is not None else None, axes=args.axes,
+        seed=args.seed, channels=tuple(args.channels) if args.channels is not None else None,
+        axes=args.axes.upper() if args.axes else None,
     )
     try:
         result = run_batch(args.checkpoint, args.input, args.output, settings, device=args.device,

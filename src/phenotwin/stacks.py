@@ -30,25 +30,19 @@ UNKNOWN_AXES = "QI"  # tifffile's names for axes it could not identify
 def file_axes(path: str | os.PathLike, array: np.ndarray) -> str | None:
     """The axes a file declares (OME/ImageJ/tifffile metadata) for `array` as read, or None if unknown.
 
-    tifffile names axes it cannot identify Q or I; those, and PNG/JPEG files, count as
-    unknown except for the unambiguous cases 2-D (YX) and 8-bit 3-D with 3 or 4 last
-    samples (YXS, RGB/RGBA).
+    tifffile names axes it cannot identify Q or I: a TIFF with such an axis is unknown
+    unless it is 2-D (YX). PNG and JPEG hold YX or YX plus colour samples (YXS).
     """
-    axes = None
-    if Path(path).suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return "YX" if array.ndim == 2 else "YXS" if array.ndim == 3 else None
+    import tifffile
 
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            if tuple(series.shape) == array.shape:
-                axes = series.axes
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        axes = series.axes if tuple(series.shape) == array.shape else None
     if axes is not None and not any(letter in UNKNOWN_AXES for letter in axes):
         return axes
-    if array.ndim == 2:
-        return "YX"
-    if array.ndim == 3 and array.dtype == np.uint8 and array.shape[-1] in (3, 4) and min(array.shape[:2]) > 4:
-        return "YXS"
-    return None
+    return "YX" if array.ndim == 2 else None
 
 
 def check_axes(axes: str, shape: tuple[int, ...], origin: str = "--axes") -> str:
