@@ -20,8 +20,6 @@ import numpy as np
 from phenotwin.errors import PhenotwinError
 
 CHANNEL_AXES = "CS"  # C: channels; S: samples, as tifffile names RGB(A) components
-# Letters accepted in --axes: T time, Z depth, Q any other leading axis (wells, positions...).
-AXIS_LETTERS = "TZQCSYX"
 # Leading axes the OME-TIFF writer (tifffile) accepts; others (e.g. tifffile's 'I') are written as Q.
 OME_LEADING = "TZQAPRHEL"
 UNKNOWN_AXES = "QI"  # tifffile's names for axes it could not identify
