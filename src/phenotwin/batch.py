@@ -103,17 +103,18 @@ def plan_outputs(inputs: Sequence[Path], target: str) -> list[Job]:
     `a.tif` in different folders never collide; `a.tif` and `a.png` in one folder keep their suffix."""
     parents = [p.resolve().parent for p in inputs]
     try:
-        root = Path(os.path.commonpath(parents)) if parents else Path()
-    except ValueError:  # different drives (Windows): mirror the whole path
-        root = Path(parents[0].anchor)
-    bases = [parent.relative_to(root) / _stem(path) for parent, path in zip(parents, inputs)]
+        root = Path(os.path.commonpath(parents))
+        folders = [parent.relative_to(root) for parent in parents]
+    except ValueError:  # different drives (Windows): mirror the whole path, drive letter first
+        folders = [Path(parent.drive.rstrip(":")) / parent.relative_to(parent.anchor) for parent in parents]
+    bases = [folder / _stem(path) for folder, path in zip(folders, inputs)]
     seen: dict[Path, int] = {}
     for base in bases:
         seen[base] = seen.get(base, 0) + 1
     jobs = []
     for path, base in zip(inputs, bases):
         if seen[base] > 1:
-            base = base.with_name(f"{base.name}_{path.suffix.lstrip('.').lower()}")
+            base = base.with_name(path.name.replace(".", "_"))
         name = f"{base.as_posix()}_{target}"
         jobs.append(Job(path, f"{name}.ome.tif", f"{name}_heatmap.ome.tif", f"{name}.json"))
     return jobs
