@@ -15,7 +15,6 @@ reports progress per cell and diffusion step and can be cancelled like any other
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 
 from phenotwin.errors import PhenotwinError
 from phenotwin.io import _atomic
-from phenotwin.progress import CancelFlag, Steps, drive
+from phenotwin.progress import CancelFlag, Steps, drive, tagged
 
 if TYPE_CHECKING:
     from phenotwin.translate import Translator
@@ -151,11 +150,7 @@ def _translate_cells(translator, image, chw, labels, source, target, strength, s
         window = crop_mirrored(chw, y0, x0, height, width)
         run = translator.translate_steps(window, source, target, strength, steps, guidance, seed, channel_axis=0)
         try:
-            while True:
-                event = next(run)
-                yield dataclasses.replace(event, item=k + 1, items=len(cells), unit="cell")
-        except StopIteration as done:
-            result = done.value
+            result = yield from tagged(run, k + 1, len(cells), "cell")
         except PhenotwinError as err:
             raise PhenotwinError(f"cell {cell.label} (window at y={y0}, x={x0}): {err}") from err
         # paste inside the cell's own mask, at the window's position in the image

@@ -8,6 +8,7 @@ calls `drive()` with an optional callback and cancel flag.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -41,6 +42,16 @@ class Progress:
 
 Steps = Generator[Progress, None, T]
 CancelFlag = Union[threading.Event, Callable[[], bool], None]
+
+
+def tagged(steps: Steps[T], item: int, items: int, unit: str) -> Steps[T]:
+    """Run `steps`, tagging each `Progress` as item `item` of `items` (a cell, a plane)."""
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield dataclasses.replace(event, item=item, items=items, unit=unit)
 
 
 def is_cancelled(cancel: CancelFlag) -> bool:
