@@ -301,10 +301,11 @@ class TranslateWidget(Container):
         layers = [layer for _, layer in self._image_layers()]
         if not layers:
             return
+        chosen = [picker.value for picker in pickers]
+        if all(value is not None and value in layers and chosen.count(value) == 1 for value in chosen):
+            return  # a distinct, existing layer per channel: keep the user's choice (e.g. when results are added)
         taken = set()
         for picker in pickers:
-            if picker.value is not None and picker.value in layers and len(pickers) == 1:
-                return
             match = next((layer for layer in layers if picker.label.lower() in layer.name.lower()
                           and id(layer) not in taken), None)
             if match is None:
