@@ -500,6 +500,7 @@ class TranslateWidget(Container):
         self._closed = True
         if self._worker is not None:
             self._worker.quit()
+            self.translator.denoiser.tile_progress = None  # the model is shared: report tiles to no one
         if self in _open_widgets:
             _open_widgets.remove(self)
 
