@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phenotwin.errors import PhenotwinError
+from phenotwin.imaging import from_channels_first
 from phenotwin.io import _atomic
 from phenotwin.progress import CancelFlag, Steps, drive, tagged
 
@@ -173,8 +174,6 @@ def _translate_cells(translator, image, chw, labels, source, target, strength, s
         })
     columns = ["label", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "change",
                *[f"change_{name}" for name in names], "reconstruction_psnr"]
-    from phenotwin.imaging import from_channels_first
-
     axis = None if np.asarray(image).ndim == 2 else (0 if channel_axis == 0 else -1)
     return CellTranslation(
         image=from_channels_first(translated, axis),
