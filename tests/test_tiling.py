@@ -12,6 +12,8 @@ import pytest
 # difference below what the microscope itself adds cannot be seen in a translation.
 INTERIOR_TOLERANCE = 0.012
 # Jumps of the change across tile borders, relative to the jumps across all other lines.
+# Measured 0.94 (rows) and 0.99 (columns) with the Hann blending; averaging the tiles with
+# flat weights instead (engine.blend_window = ones) gives 1.25 and 1.19 and fails.
 SEAM_THRESHOLD = 1.1
 
 
