@@ -67,12 +67,13 @@ def main() -> int:
     viewer.reset_view()
     viewer.screenshot(str(OUT / "translate-strength-0.5.png"), canvas_only=False)
 
-    per_cell(app, viewer, widget)
-
     trainer = TrainWidget(viewer)
-    viewer.window.add_dock_widget(trainer, name="Train model", tabify=True)
+    train_dock = viewer.window.add_dock_widget(trainer, name="Train model", tabify=True)
     wait(app, lambda: True)
     viewer.screenshot(str(OUT / "train-widget.png"), canvas_only=False)
+
+    viewer.window.remove_dock_widget(train_dock)
+    per_cell(app, viewer, widget)
     viewer.close()
     print(f"screenshots in {OUT}")
     return 0
