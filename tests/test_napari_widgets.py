@@ -140,10 +140,6 @@ def test_bad_layers_give_notifications_not_crashes(viewer_and_widget, qtbot, mon
     viewer, widget, _ = viewer_and_widget
     shown = []
     monkeypatch.setattr(tw, "show_error", shown.append)
-    rgb = viewer.add_image(np.zeros((32, 32, 3), dtype=np.uint8), rgb=True, name="photo")
-    widget.channel_pickers[0].value = rgb
-    widget.run()
-    assert widget._worker is None and "RGB" in shown[-1]
     flat = viewer.add_image(np.full((32, 32), 7, dtype=np.uint16), name="flat")
     widget.channel_pickers[0].value = flat
     widget.channel_pickers[1].value = flat
@@ -156,6 +152,15 @@ def test_bad_layers_give_notifications_not_crashes(viewer_and_widget, qtbot, mon
     widget.channel_pickers[1].value = small
     widget.run()
     assert "16x16" in shown[-1]
+    labels.data = np.ones((20, 20), dtype=np.uint8)  # cells of another image
+    widget.cells.value = labels
+    widget.channel_pickers[0].value = viewer.layers["ctrl nucleus"]
+    widget.channel_pickers[1].value = viewer.layers["ctrl golgi"]
+    widget.run()
+    assert widget._worker is None and "labels are (20, 20) but the image plane is (32, 32)" in shown[-1]
+    widget.planes.value = tw.ALL_PLANES
+    widget.run()
+    assert "per-cell mode translates the plane shown" in shown[-1]
 
 
 @requires_display
@@ -322,3 +327,112 @@ def test_closing_the_widget_stops_a_running_translation(make_napari_viewer, qtbo
     widget.native.deleteLater()
     wait_until(qtbot, lambda: not worker.is_running)
     assert translator.denoiser.calls < 1000 and widget._closed
+
+
+def statuses(widget) -> list[str]:
+    """Every status line the widget shows while running (a Label emits no signal when set)."""
+    seen = []
+    on_progress = widget._on_progress
+
+    def record(event):
+        on_progress(event)
+        seen.append(widget.status.value)
+
+    object.__setattr__(widget, "_on_progress", record)  # connected to the worker at each run
+    widget._tiles.progressed.connect(lambda *_: seen.append(widget.status.value))  # after the widget's slot
+    return seen
+
+
+@requires_display
+def test_per_cell_mode_scores_cells_in_a_new_labels_layer(viewer_and_widget, qtbot, tmp_path):
+    import csv
+
+    viewer, widget, _ = viewer_and_widget
+    cells = np.zeros((32, 32), dtype=np.int32)
+    cells[4:14, 4:14] = 3
+    cells[18:30, 16:28] = 5
+    user_labels = viewer.add_labels(cells, name="cells", scale=(0.5, 0.5), translate=(10, 20))
+    widget.cells.value = user_labels
+    widget.steps.value = 4
+    seen = statuses(widget)
+    run_and_wait(qtbot, widget)
+    np.testing.assert_array_equal(user_labels.data, cells)  # the user's labels are untouched
+    assert "phenotwin" not in user_labels.metadata
+    scores = viewer.layers["cells scores"]
+    assert isinstance(scores, napari.layers.Labels) and scores is not user_labels
+    np.testing.assert_allclose(scores.scale, (0.5, 0.5))
+    features = scores.features
+    assert list(features["index"]) == [3, 5] and list(features["area"]) == [100, 144]
+    heat = viewer.layers["ctrl Δ"].data
+    assert not heat[cells == 0].any()
+    assert features["change"][1] == pytest.approx(heat[cells == 5].mean(), rel=1e-5)
+    # coloured by change: the two cells get different colours, the background stays transparent
+    colors = scores.colormap.color_dict
+    assert not np.allclose(colors[3], colors[5]) and colors[0][3] == 0
+    assert any(text.startswith("Cell 2/2: generate step") for text in seen)
+    assert "Most changed cells" in widget.top_cells.value
+    widget.save_scores(tmp_path / "scores.csv")
+    with open(tmp_path / "scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["label"]) for row in rows] == [3, 5]
+    assert float(rows[1]["change"]) == pytest.approx(features["change"][1])
+    assert "change_nucleus" in rows[0] or "change_channel 1" in rows[0]
+
+
+@requires_display
+def test_all_planes_of_a_stack_give_results_of_the_stack_shape(viewer_and_widget, qtbot, cells):
+    viewer, widget, _ = viewer_and_widget
+    rng = np.random.default_rng(1)
+    stack = np.stack([np.clip(cells * (1 + 0.3 * k) + rng.integers(0, 200, cells.shape), 0, 4000)
+                      for k in range(3)]).astype(np.uint16)  # (T, C, Y, X)
+    layers = viewer.add_image(stack, channel_axis=1, name=["t nucleus", "t golgi"])
+    widget.channel_pickers[0].value, widget.channel_pickers[1].value = layers
+    widget.planes.value = tw.ALL_PLANES
+    widget.steps.value = 3
+    seen = statuses(widget)
+    run_and_wait(qtbot, widget)
+    translated = viewer.layers["t golgi → nocodazole"].data
+    assert translated.shape == (3, 32, 32) and translated.dtype == np.uint16
+    assert viewer.layers["t Δ"].data.shape == (3, 32, 32)
+    assert not np.array_equal(translated[0], translated[2])
+    assert any(text.startswith("Plane 3/3: generate step 3/3") for text in seen)
+    assert viewer.layers["t Δ"].metadata["phenotwin"]["planes"] == 3
+    np.testing.assert_array_equal(layers[1].data, stack[:, 1])  # the stack is untouched
+    # the current plane alone still works
+    widget.planes.value = tw.CURRENT_PLANE
+    run_and_wait(qtbot, widget)
+    assert viewer.layers["t golgi → nocodazole"].data.shape == (32, 32)
+
+
+@requires_display
+def test_rgb_layers_feed_the_model_channel_by_channel(make_napari_viewer, qtbot, tmp_path):
+    from phenotwin.testing import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "rgb", kind="pixel", channels=3, size=32, classes=("a", "b"))
+    viewer = make_napari_viewer()
+    photo = np.random.default_rng(0).integers(0, 255, (32, 32, 3)).astype(np.uint8)
+    layer = viewer.add_image(photo, rgb=True, name="photo")
+    widget = TranslateWidget(viewer)
+    widget.load_model(str(model))
+    wait_until(qtbot, lambda: widget.translator is not None and widget.translator.channels == 3)
+    assert [picker.value.name for picker in widget.channel_pickers] == ["photo [R]", "photo [G]", "photo [B]"]
+    widget.steps.value = 3
+    run_and_wait(qtbot, widget)
+    red = viewer.layers["photo [R] → b"]
+    assert red.data.shape == (32, 32) and red.data.dtype == np.uint8 and red.colormap.name == "red"
+    np.testing.assert_array_equal(layer.data, photo)
+
+
+@requires_display
+def test_a_field_larger_than_the_model_shows_tile_progress(viewer_and_widget, qtbot):
+    viewer, widget, _ = viewer_and_widget
+    field = np.random.default_rng(2).integers(0, 4000, (2, 80, 80)).astype(np.uint16)
+    layers = viewer.add_image(field, channel_axis=0, name=["big nucleus", "big golgi"])
+    widget.channel_pickers[0].value, widget.channel_pickers[1].value = layers
+    widget.steps.value = 2
+    seen = statuses(widget)
+    run_and_wait(qtbot, widget)
+    # 80 px in 32 px tiles overlapping by a quarter: 3 x 3 = 9 tiles, batches of 8
+    assert any(text.endswith("tile 8/9") for text in seen) and any(text.endswith("tile 9/9") for text in seen)
+    assert viewer.layers["big Δ"].data.shape == (80, 80)
+    assert widget.translator.denoiser.tile_progress is None  # the hook is removed after the run

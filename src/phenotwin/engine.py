@@ -10,6 +10,7 @@ Three checkpoint kinds share one interface so DDIM inversion and sampling are wr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -122,6 +123,9 @@ class Denoiser:
     tile_overlap = 0.25
     tile_batch = 8
     tiling = True  # False runs the UNet on the whole field at once (for comparisons; memory grows with area)
+    # Called as tile_progress(done, total) after each batch of tiles, from the thread doing the
+    # work: a step over a large field takes long, and a GUI wants to show that it moves.
+    tile_progress: Callable[[int, int], object] | None = None
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype):
         self.info = checkpoint.info
@@ -193,6 +197,8 @@ class Denoiser:
             predictions = self(tiles, timestep, labels[[b for b, _, _ in chunk]])
             for (b, y, x), prediction in zip(chunk, predictions):
                 out[b, :, y : y + tile, x : x + tile] += prediction * window
+            if self.tile_progress is not None:
+                self.tile_progress(first + len(chunk), len(jobs))
         return out / weight
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

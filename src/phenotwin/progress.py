@@ -8,6 +8,7 @@ calls `drive()` with an optional callback and cancel flag.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -20,15 +21,37 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Progress:
-    """`step` of `total` diffusion steps of the named stage ("invert", "generate", ...) are done."""
+    """`step` of `total` diffusion steps of the named stage ("invert", "generate", ...) are done.
+
+    Work over several items (cells, planes of a stack) tags each step with the item it
+    belongs to: `item` of `items`, counted from 1, named by `unit`; `items` is 0 otherwise.
+    """
 
     stage: str
     step: int
     total: int
+    item: int = 0
+    items: int = 0
+    unit: str = ""
+
+    def describe(self) -> str:
+        """'Invert step 3/20', or 'Cell 2/17: invert step 3/20' for work over several items."""
+        steps = f"{self.stage} step {self.step}/{self.total}"
+        return f"{self.unit.capitalize()} {self.item}/{self.items}: {steps}" if self.items else steps.capitalize()
 
 
 Steps = Generator[Progress, None, T]
 CancelFlag = Union[threading.Event, Callable[[], bool], None]
+
+
+def tagged(steps: Steps[T], item: int, items: int, unit: str) -> Steps[T]:
+    """Run `steps`, tagging each `Progress` as item `item` of `items` (a cell, a plane)."""
+    while True:
+        try:
+            event = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield dataclasses.replace(event, item=item, items=items, unit=unit)
 
 
 def is_cancelled(cancel: CancelFlag) -> bool:

@@ -25,24 +25,30 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from napari.layers import Image
+from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QObject, QTimer
+from qtpy.QtCore import Signal as QtSignal
 
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
     import napari
 
+    from phenotwin.percell import CellTranslation
     from phenotwin.translate import Inversion, Translation, Translator
 
 POOR_RECONSTRUCTION_DB = 25.0
 FAIR_RECONSTRUCTION_DB = 32.0
 SCRUB_DEBOUNCE_MS = 120
 ROLE_KEY = "phenotwin"
+CURRENT_PLANE, ALL_PLANES = "current plane", "all planes"
+RGB_NAMES = ("R", "G", "B")
+RGB_COLORMAPS = ("red", "green", "blue")
+TOP_CELLS = 5
 
 _loaded_translators: dict[str, Translator] = {}
 _open_widgets: list[TranslateWidget] = []  # so the Train widget can hand a new model over
@@ -84,15 +90,49 @@ def quality_hint(psnr: float) -> str:
     return f"Reconstruction {psnr:.1f} dB: good. The model reproduces this image faithfully."
 
 
+@dataclass(frozen=True)
+class RGBChannel:
+    """One colour channel of an RGB layer, offered as a channel choice of its own."""
+
+    layer: Image
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer.name} [{RGB_NAMES[self.index]}]"
+
+    @property
+    def metadata(self) -> dict:
+        return self.layer.metadata
+
+
 @dataclass
 class SourcePlanes:
     """What a run translates: a copy of the selected plane(s), and how to place results."""
 
-    layers: list[Image]
-    image: np.ndarray  # (C, H, W) copy
-    scale: tuple[float, float]
-    translate: tuple[float, float]
+    layers: list[Image]  # the layer behind each channel (an RGB layer may feed several)
+    names: list[str]  # one per channel: the layer's name, or 'photo [G]' for an RGB channel
+    rgb_index: list[int | None]  # which RGB channel feeds each model channel, None for grey layers
+    image: np.ndarray  # (C, H, W), or (C, *leading, H, W) for all planes of a stack: a copy
+    scale: tuple[float, ...]  # of the result layers: the last two axes, or all for a stack
+    translate: tuple[float, ...]
     fingerprint: str
+
+
+@dataclass
+class StackTranslation:
+    """Every plane of a stack translated: results with the stack's shape."""
+
+    image: np.ndarray  # (C, *leading, H, W) in the layers' units
+    heatmap: np.ndarray  # (*leading, H, W)
+    metadata: dict[str, Any]
+    reconstruction_psnr: float  # the worst plane's
+
+
+class _TileSignal(QObject):
+    """Carries tile progress from the worker thread to the GUI thread (a queued Qt signal)."""
+
+    progressed = QtSignal(int, int)
 
 
 class TranslateWidget(Container):
@@ -113,7 +153,11 @@ class TranslateWidget(Container):
         self._scrub_pending = False
         self._requested_model: str | None = None
         self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
-        self.last_result: Translation | None = None
+        self.last_result: Translation | CellTranslation | StackTranslation | None = None
+        self.cell_result: CellTranslation | None = None
+        self._step_text = ""
+        self._tiles = _TileSignal()
+        self._tiles.progressed.connect(self._on_tiles)
 
         from phenotwin.models import demo_model_path
 
@@ -122,6 +166,12 @@ class TranslateWidget(Container):
         self.load_button = PushButton(text="Load model")
         self.model_info = Label(value="No model loaded.")
         self.channel_pickers = Container(labels=True, label="Image")
+        # callable choices: static ones are reset when the widget is docked
+        self.planes = ComboBox(label="Stack", choices=lambda _w: [CURRENT_PLANE, ALL_PLANES],
+                               tooltip="For layers with time, z or well axes: the plane shown, or every plane")
+        self.cells = ComboBox(label="Cells (labels)", choices=self._labels_layers, nullable=True,
+                              tooltip="A Labels layer of segmented cells: translate and score cell by cell; "
+                                      "empty = the whole image")
         self.source = ComboBox(label="From condition", choices=self._conditions)
         self.target = ComboBox(label="To condition", choices=self._conditions)
         self.strength = FloatSlider(label="Strength", min=0.02, max=1.0, step=0.01, value=1.0,
@@ -135,14 +185,17 @@ class TranslateWidget(Container):
         self.progress_bar = ProgressBar(label="Progress", min=0, max=1, value=0, visible=False)
         self.status = Label(value="")
         self.quality = Label(value="")
+        self.top_cells = Label(value="", visible=False)
+        self.export_button = PushButton(text="Export CSV…", enabled=False)
         self.compare_button = PushButton(text="Before / after", enabled=False)
         self.side_by_side = CheckBox(text="Side by side (grid)", value=False)
         self.extend([
-            self.model_path, self.load_button, self.model_info, self.channel_pickers, self.source, self.target,
-            self.strength, self.steps, self.guidance, self.seed, self.run_button, self.cancel_button,
-            self.progress_bar, self.status, self.quality, self.compare_button, self.side_by_side,
+            self.model_path, self.load_button, self.model_info, self.channel_pickers, self.planes, self.cells,
+            self.source, self.target, self.strength, self.steps, self.guidance, self.seed, self.run_button,
+            self.cancel_button, self.progress_bar, self.status, self.quality, self.top_cells, self.export_button,
+            self.compare_button, self.side_by_side,
         ])
-        for widget in (self.quality, self.model_info, self.status):
+        for widget in (self.quality, self.model_info, self.status, self.top_cells):
             widget.native.setWordWrap(True)
 
         self._scrub_timer = QTimer()
@@ -157,6 +210,7 @@ class TranslateWidget(Container):
         self.target.changed.connect(self._on_generation_setting)
         self.guidance.changed.connect(self._on_generation_setting)
         self.compare_button.changed.connect(self.toggle_before_after)
+        self.export_button.changed.connect(self._ask_csv_path)
         self.side_by_side.changed.connect(self._on_side_by_side)
         events = self.viewer.layers.events
         events.inserted.connect(self._refresh_layer_choices)
@@ -219,14 +273,27 @@ class TranslateWidget(Container):
             self.channel_pickers.append(picker)
         self._refresh_layer_choices()
 
-    def _image_layers(self, _widget=None) -> list[tuple[str, Image]]:
+    def _image_layers(self, _widget=None) -> list[tuple[str, Image | RGBChannel]]:
+        """Image layers (not our results); an RGB layer is offered as its three channels."""
+        choices = []
+        for layer in self.viewer.layers:
+            if not isinstance(layer, Image) or layer.metadata.get(ROLE_KEY, {}).get("role") is not None:
+                continue
+            if layer.rgb:
+                choices += [(channel.name, channel) for channel in (RGBChannel(layer, i) for i in range(3))]
+            else:
+                choices.append((layer.name, layer))
+        return choices
+
+    def _labels_layers(self, _widget=None) -> list[tuple[str, Labels]]:
         return [(layer.name, layer) for layer in self.viewer.layers
-                if isinstance(layer, Image) and layer.metadata.get(ROLE_KEY, {}).get("role") is None]
+                if isinstance(layer, Labels) and layer.metadata.get(ROLE_KEY, {}).get("role") is None]
 
     def _refresh_layer_choices(self, event=None) -> None:
         pickers = list(self.channel_pickers)
         for picker in pickers:
             picker.reset_choices()
+        self.cells.reset_choices()
         self._default_channel_layers(pickers)
 
     def _default_channel_layers(self, pickers) -> None:
@@ -234,10 +301,11 @@ class TranslateWidget(Container):
         layers = [layer for _, layer in self._image_layers()]
         if not layers:
             return
+        chosen = [picker.value for picker in pickers]
+        if all(value is not None and value in layers and chosen.count(value) == 1 for value in chosen):
+            return  # a distinct, existing layer per channel: keep the user's choice (e.g. when results are added)
         taken = set()
         for picker in pickers:
-            if picker.value is not None and picker.value in layers and len(pickers) == 1:
-                return
             match = next((layer for layer in layers if picker.label.lower() in layer.name.lower()
                           and id(layer) not in taken), None)
             if match is None:
@@ -259,39 +327,43 @@ class TranslateWidget(Container):
 
     # -- reading the selected layers -----------------------------------------------------
 
-    def _read_sources(self) -> SourcePlanes:
-        layers = [picker.value for picker in self.channel_pickers]
-        if any(layer is None for layer in layers):
-            raise PhenotwinError("select an image layer for every channel the model needs.")
-        planes = []
-        for layer in layers:
+    def _read_sources(self, all_planes: bool = False) -> SourcePlanes:
+        layers, names, rgb_index, planes = [], [], [], []
+        for choice in (picker.value for picker in self.channel_pickers):
+            if choice is None:
+                raise PhenotwinError("select an image layer for every channel the model needs.")
+            layer, index = (choice.layer, choice.index) if isinstance(choice, RGBChannel) else (choice, None)
             if not isinstance(layer, Image):
                 raise PhenotwinError(f"layer {layer.name!r} is a {type(layer).__name__} layer; choose an image layer.")
-            if layer.rgb:
-                raise PhenotwinError(
-                    f"layer {layer.name!r} is RGB but the model expects {self.translator.channels} fluorescence "
-                    "channel(s). Split it into channels (right-click the layer > Split RGB) and pick them."
-                )
-            planes.append(self._current_plane(layer))
+            data = self._all_planes(layer) if all_planes else self._current_plane(layer)
+            planes.append(data if index is None else data[..., index])
+            layers.append(layer)
+            names.append(choice.name)
+            rgb_index.append(index)
         shapes = {plane.shape for plane in planes}
         if len(shapes) > 1:
             raise PhenotwinError(f"the selected layers have different sizes {sorted(shapes)}; pick matching channels.")
         image = np.stack(planes)
         digest = hashlib.blake2b(image.tobytes(), digest_size=12).hexdigest()
-        first = layers[0]
-        return SourcePlanes(layers=layers, image=image, scale=tuple(first.scale[-2:]),
-                            translate=tuple(first.translate[-2:]), fingerprint=digest)
+        first, axes = layers[0], image.ndim - 1  # result layers have the planes' axes
+        return SourcePlanes(layers=layers, names=names, rgb_index=rgb_index, image=image,
+                            scale=tuple(first.scale[-axes:]), translate=tuple(first.translate[-axes:]),
+                            fingerprint=digest)
 
-    def _current_plane(self, layer: Image) -> np.ndarray:
-        """The 2-D plane of `layer` shown now (a copy: the layer is never modified)."""
-        data = layer.data
-        if getattr(layer, "multiscale", False):
-            data = data[0]
-        if data.ndim > 2:
+    def _current_plane(self, layer: Image | Labels) -> np.ndarray:
+        """The 2-D plane of `layer` shown now (a copy: the layer is never modified); RGB keeps its colours."""
+        data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+        leading = data.ndim - 2 - int(getattr(layer, "rgb", False))
+        if leading > 0:
             point = layer.world_to_data(self.viewer.dims.point)
-            index = tuple(int(np.clip(round(p), 0, n - 1)) for p, n in zip(point[:-2], data.shape[:-2]))
+            index = tuple(int(np.clip(round(p), 0, n - 1)) for p, n in zip(point[:leading], data.shape[:leading]))
             data = data[index]
         return np.array(data, copy=True)
+
+    @staticmethod
+    def _all_planes(layer: Image) -> np.ndarray:
+        """The whole stack (a copy), leading axes (T, Z, wells) first."""
+        return np.array(layer.data[0] if layer.multiscale else layer.data, copy=True)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -304,19 +376,69 @@ class TranslateWidget(Container):
             show_info("A translation is already running; Cancel it or wait.")
             return
         try:
-            sources = self._read_sources()
-            key = (self.translator.checkpoint_id, sources.fingerprint, self.source.value, self.steps.value)
-            inverting = None
-            if key != self._inversion_key or self.inversion is None:
-                inverting = self.translator.invert_steps(sources.image, self.source.value, self.steps.value,
-                                                         channel_axis=0)
+            cells = self.cells.value
+            all_planes = self.planes.value == ALL_PLANES
+            if cells is not None and all_planes:
+                raise PhenotwinError("per-cell mode translates the plane shown; set Stack to 'current plane', "
+                                     "or empty Cells (labels) to translate every plane.")
+            sources = self._read_sources(all_planes)
             self.translator.check_settings(self.source.value, self.target.value, self.strength.value,
                                            self.steps.value, self.guidance.value)
+            if cells is not None:
+                job = self._cells_job(sources, cells)
+            elif sources.image.ndim > 3:
+                job = self._stack_job(sources.image, self._translation_settings())
+            else:
+                key = (self.translator.checkpoint_id, sources.fingerprint, self.source.value, self.steps.value)
+                inverting = None
+                if key != self._inversion_key or self.inversion is None:
+                    inverting = self.translator.invert_steps(sources.image, self.source.value, self.steps.value,
+                                                             channel_axis=0)
+                job = self._job(inverting, key, self._generation_settings(reconstruct=True))
         except (PhenotwinError, ValueError) as err:
             show_error(f"Cannot translate: {err}")
             return
+        if cells is not None or sources.image.ndim > 3:
+            # results of many inversions: the strength slider cannot scrub them, Translate again instead
+            self.inversion, self._inversion_key = None, None
         self._sources = sources
-        self._start(self._job(inverting, key, self._generation_settings(reconstruct=True)), "Translating")
+        self._start(job, "Translating")
+
+    def _translation_settings(self) -> dict[str, Any]:
+        return {"source": self.source.value, "target": self.target.value, "strength": self.strength.value,
+                "steps": self.steps.value, "guidance": self.guidance.value, "seed": self.seed.value}
+
+    def _cells_job(self, sources: SourcePlanes, cells: Labels):
+        """Per-cell translation of the plane shown; inputs are checked here, before the worker starts."""
+        from phenotwin.percell import translate_cells_steps
+
+        labels = self._current_plane(cells)
+        self._cells_source = (cells.name, labels)
+        return translate_cells_steps(self.translator, sources.image, labels, channel_axis=0,
+                                     **self._translation_settings())
+
+    def _stack_job(self, image: np.ndarray, settings: dict[str, Any]):
+        """Runs in the worker thread: every plane of a (C, *leading, H, W) stack, one after the other."""
+        from phenotwin.progress import tagged
+
+        leading = image.shape[1:-2]
+        count = int(np.prod(leading))
+        translated, heat, worst, result = None, None, float("inf"), None
+        for k, index in enumerate(np.ndindex(*leading)):
+            plane = image[(slice(None), *index)]
+            try:
+                result = yield from tagged(self.translator.translate_steps(plane, channel_axis=0, **settings),
+                                           k + 1, count, "plane")
+            except PhenotwinError as err:
+                raise PhenotwinError(f"plane {index}: {err}") from err
+            if translated is None:
+                translated = np.empty(image.shape, dtype=result.image.dtype)
+                heat = np.empty(image.shape[1:], dtype=np.float32)
+            translated[(slice(None), *index)] = result.image
+            heat[index] = result.heatmap
+            worst = min(worst, result.reconstruction_psnr)
+        meta = {**result.metadata(), "reconstruction_psnr": worst, "planes": count}
+        return StackTranslation(image=translated, heatmap=heat, metadata=meta, reconstruction_psnr=worst)
 
     def _generation_settings(self, reconstruct: bool) -> dict[str, Any]:
         """Read in the GUI thread: widgets must not be touched from the worker."""
@@ -338,6 +460,7 @@ class TranslateWidget(Container):
         worker.aborted.connect(lambda: self._closed or setattr(self.status, "value", "Cancelled."))
         worker.finished.connect(self._on_finished)
         self._worker = worker
+        self.translator.denoiser.tile_progress = self._tiles.progressed.emit
         self._stage = None
         self.run_button.enabled = False
         self.cancel_button.enabled = True
@@ -357,7 +480,14 @@ class TranslateWidget(Container):
         self._pbar.n = event.step
         self._pbar.refresh()
         self.progress_bar.value = event.step
-        self.status.value = f"{event.stage.capitalize()} step {event.step}/{event.total}"
+        self._step_text = event.describe()
+        self.status.value = self._step_text
+
+    def _on_tiles(self, done: int, total: int) -> None:
+        """Tiles of the step under way, for fields larger than the model (queued from the worker)."""
+        if self._closed or self._worker is None:
+            return
+        self.status.value = f"{self._step_text or 'Starting'}, tile {done}/{total}"
 
     def cancel(self, *_):
         """Stop the running translation at its next diffusion step."""
@@ -370,6 +500,7 @@ class TranslateWidget(Container):
         self._closed = True
         if self._worker is not None:
             self._worker.quit()
+            self.translator.denoiser.tile_progress = None  # the model is shared: report tiles to no one
         if self in _open_widgets:
             _open_widgets.remove(self)
 
@@ -377,6 +508,8 @@ class TranslateWidget(Container):
         if self._closed:
             return
         self._worker = None
+        if self.translator is not None:
+            self.translator.denoiser.tile_progress = None
         if self._pbar is not None:
             self._pbar.close()
             self._pbar = None
@@ -419,36 +552,100 @@ class TranslateWidget(Container):
 
     # -- results ---------------------------------------------------------------------------
 
-    def _on_result(self, result: Translation) -> None:
+    def _on_result(self, result: Translation | CellTranslation | StackTranslation) -> None:
+        from phenotwin.percell import CellTranslation
+
         if self._closed:
             return
         self.last_result = result
-        sources = self._sources
-        meta = {**result.metadata(), "source_layers": [layer.name for layer in sources.layers]}
-        translated = result.image  # (C, H, W) in the layers' units
-        for c, layer in enumerate(sources.layers):
-            self._put_layer(
-                f"{layer.name} → {result.target}", translated[c], "translation", meta,
-                colormap=layer.colormap, blending=layer.blending, contrast_limits=layer.contrast_limits,
-                gamma=layer.gamma,
-            )
-        heat = result.heatmap
-        top = float(np.percentile(heat, 99.5)) if heat.size else 0.0
-        base = _common_name([layer.name for layer in sources.layers])
-        self._put_layer(f"{base} Δ", heat, "heatmap", meta, colormap="inferno", blending="additive", opacity=0.8,
-                        contrast_limits=(0.0, max(top, 1e-3)))
-        if np.isfinite(result.reconstruction_psnr):
-            self.quality.value = quality_hint(result.reconstruction_psnr)
-        self.status.value = (f"{result.source} → {result.target} at strength {result.strength:.2f} "
-                             f"({result.steps} steps).")
+        if isinstance(result, CellTranslation):
+            meta = {**result.settings, "cells_layer": self._cells_source[0]}
+            self._show(result.image, result.heatmap, meta)
+            self._show_cells(result, meta)
+            worst = min((row["reconstruction_psnr"] for row in result.scores), default=float("nan"))
+            described = f"{len(result.scores)} cells"
+        else:
+            meta = result.metadata() if callable(result.metadata) else result.metadata
+            self._show(result.image, result.heatmap, meta)
+            worst = result.reconstruction_psnr
+            described = f"{meta['planes']} planes" if isinstance(result, StackTranslation) else "image"
+        if np.isfinite(worst):
+            self.quality.value = quality_hint(worst) + (" (worst of all)" if described != "image" else "")
+        self.status.value = (f"{described.capitalize()}: {meta['source']} → {meta['target']} at strength "
+                             f"{meta['strength']:.2f} ({meta['steps']} steps).")
         self.compare_button.enabled = True
         self.translated.emit(result)
+
+    def _show(self, translated: np.ndarray, heat: np.ndarray, meta: dict[str, Any]) -> None:
+        """Translation layers (one per channel, styled like its source) and the heatmap."""
+        sources = self._sources
+        meta = {**meta, "source_layers": sources.names}
+        for c, (layer, name, rgb) in enumerate(zip(sources.layers, sources.names, sources.rgb_index)):
+            style = {"colormap": layer.colormap, "blending": layer.blending} if rgb is None else \
+                {"colormap": RGB_COLORMAPS[rgb], "blending": "additive"}
+            self._put_layer(f"{name} → {meta['target']}", translated[c], "translation", meta,
+                            contrast_limits=layer.contrast_limits, gamma=layer.gamma, **style)
+        top = float(np.percentile(heat, 99.5)) if heat.size else 0.0
+        self._put_layer(f"{_common_name(sources.names)} Δ", heat, "heatmap", meta, colormap="inferno",
+                        blending="additive", opacity=0.8, contrast_limits=(0.0, max(top, 1e-3)))
+
+    def _show_cells(self, result: CellTranslation, meta: dict[str, Any]) -> None:
+        """A new Labels layer (the user's is never touched) with the scores as features, coloured by change."""
+        from matplotlib import colormaps
+        from napari.utils.colormaps import DirectLabelColormap
+
+        name, labels = self._cells_source
+        features = {"index": [row["label"] for row in result.scores],
+                    **{column: [row[column] for row in result.scores] for column in result.columns}}
+        top = max(max(features["change"]), 1e-6)
+        viridis = colormaps["viridis"]
+        colors = {None: np.zeros(4), 0: np.zeros(4)}
+        colors.update({label: np.asarray(viridis(change / top)) for label, change in
+                       zip(features["index"], features["change"])})
+        layer_name = f"{name} scores"
+        metadata = {ROLE_KEY: {"role": "cell-scores", **meta}}
+        existing = self.viewer.layers[layer_name] if layer_name in self.viewer.layers else None
+        if existing is not None and existing.metadata.get(ROLE_KEY, {}).get("role") == "cell-scores":
+            self.viewer.layers.remove(existing)
+        self.viewer.add_labels(labels, name=layer_name, features=features, metadata=metadata, opacity=0.6,
+                               colormap=DirectLabelColormap(color_dict=colors), scale=self._sources.scale,
+                               translate=self._sources.translate)
+        self.cell_result = result
+        ranked = sorted(result.scores, key=lambda row: row["change"], reverse=True)[:TOP_CELLS]
+        self.top_cells.value = "Most changed cells (label: change):\n" + "\n".join(
+            f"{row['label']}: {row['change']:.3f}" for row in ranked)
+        self.top_cells.visible = True
+        self.export_button.enabled = True
+
+    def _ask_csv_path(self, *_) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(self.native, "Export per-cell scores", "cell-scores.csv", "CSV (*.csv)")
+        if path:
+            self.save_scores(path)
+
+    def save_scores(self, path) -> None:
+        """Write the last per-cell scores as CSV (atomically)."""
+        if self.cell_result is None:
+            show_warning("No per-cell scores yet: choose a Cells (labels) layer and press Translate.")
+            return
+        try:
+            written = self.cell_result.write_csv(path)
+        except OSError as err:
+            show_error(f"Could not write {path}: {err}. Choose a folder you can write to.")
+            return
+        show_info(f"Per-cell scores written to {written}")
 
     def _put_layer(self, name: str, data: np.ndarray, role: str, meta: dict[str, Any], **style) -> None:
         """Update our result layer in place if it still exists, else add it with the source's geometry."""
         metadata = {ROLE_KEY: {"role": role, **meta}}
         existing = self.viewer.layers[name] if name in self.viewer.layers else None
-        if existing is not None and existing.metadata.get(ROLE_KEY, {}).get("role") == role:
+        if existing is not None and existing.metadata.get(ROLE_KEY, {}).get("role") != role:
+            existing = None  # the user's layer of that name: never touched, ours gets a new name
+        if existing is not None and existing.data.shape != data.shape:  # a plane before, a stack now
+            self.viewer.layers.remove(existing)
+            existing = None
+        if existing is not None:
             existing.data = data
             existing.metadata = metadata
             if role == "heatmap":
