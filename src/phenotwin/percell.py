@@ -14,7 +14,6 @@ reports progress per cell and diffusion step and can be cancelled like any other
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 
 from phenotwin.errors import PhenotwinError
 from phenotwin.imaging import from_channels_first
-from phenotwin.io import _atomic
+from phenotwin.io import write_csv
 from phenotwin.progress import CancelFlag, Steps, drive, tagged
 
 if TYPE_CHECKING:
@@ -47,17 +46,7 @@ class CellTranslation:
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """Write the per-cell scores as CSV, atomically (a half-written table never appears)."""
-        return write_scores_csv(path, self.scores, self.columns)
-
-
-def write_scores_csv(path: str | os.PathLike, rows: list[dict[str, Any]], columns: list[str]) -> Path:
-    def write(temp: str) -> None:
-        with open(temp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return _atomic(Path(path), write)
+        return write_csv(path, self.columns, self.scores)
 
 
 def _channels_first(image: Any, channel_axis: int | None) -> np.ndarray:
