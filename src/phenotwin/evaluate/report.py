@@ -42,7 +42,7 @@ def draw_memorization(figure, result: dict) -> None:
     bins = np.asarray(result["a_vs_b"]["histogram"]["edges"])
     series = [("model A vs model B, same noise", "a_vs_b", "tab:blue"),
               ("generation vs nearest training image", "nearest_train", "tab:red"),
-              ("generation vs nearest held-out image", "nearest_held_out", "tab:gray")]
+              ("held-out real image vs nearest training image", "held_out_to_train", "tab:gray")]
     for label, key, colour in series:
         if result.get(key):
             ax.hist(result[key]["values"], bins=bins, alpha=0.6, color=colour, label=f"{label} (median {result[key]['median']:.2f})")

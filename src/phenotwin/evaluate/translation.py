@@ -63,6 +63,16 @@ def _synthetic_masks(stems: list[str], shape: tuple[int, ...], images: np.ndarra
     return np.stack(masks)
 
 
+def from_pairs(pairs) -> EvalSet:
+    """An `EvalSet` of synthetic `make_pairs` cells in camera units, as `phenotwin synthetic` writes them."""
+    from phenotwin.synthetic import as_camera_units
+
+    control, treated = pairs.condition_names
+    images = {control: as_camera_units(pairs.control).astype(np.float32),
+              treated: as_camera_units(pairs.treated).astype(np.float32)}
+    return EvalSet([control, treated], images, True, pairs.change_mask)
+
+
 def load_eval_folder(data, size: int, channels: int, n: int | None = None) -> EvalSet:
     """DIR/<condition>/* as an `EvalSet` (central crops; the first `n` per condition for the synthetic masks)."""
     from phenotwin.train.data import load_condition_folders
@@ -107,7 +117,8 @@ def _directions(classes, source, target):
 
 def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None = None, n: int = 16,
                       steps: int | None = None, strengths=None, source: str | None = None, target: str | None = None,
-                      inception_weights=None, seed: int = 0, classifier_epochs: int = 8) -> Steps[dict]:
+                      inception_weights=None, seed: int = 0, guidance: float | None = None,
+                      classifier_epochs: int = 8) -> Steps[dict]:
     """Evaluate `translator` on `data` (see the module docstring); returns the JSON-ready result.
 
     `classifier_data` (default: `data`) trains the condition classifier. Yields one `Progress`
@@ -121,7 +132,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
                              f"its conditions are {', '.join(translator.classes)}.")
     if n < 1:
         raise PhenotwinError(f"n must be at least 1, got {n}.")
-    _, _, default_strength, steps, _ = translator.check_settings(steps=steps)
+    _, _, default_strength, steps, guidance = translator.check_settings(steps=steps, guidance=guidance)
     strengths = [translator.check_settings(strength=s)[2] for s in (strengths or [default_strength])]
     directions = _directions(translator.classes, source, target)
     weights, fid_message = find_inception_weights(inception_weights)
@@ -146,7 +157,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
                                            done, total)
             done += steps
             for s in strengths:
-                translation = yield from relabel(translator.generate_steps(inversion, tgt, strength=s, seed=seed),
+                translation = yield from relabel(translator.generate_steps(inversion, tgt, strength=s, guidance=guidance, seed=seed),
                                                  "translate", done, total)
                 done += max(1, round(s * steps))
                 reconstruction = inversion.reconstructions[(max(1, round(s * steps)), translation.guidance)]
@@ -197,7 +208,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
     trained_on = (translator.info.provenance or {}).get("data_fingerprint")
     return {
         "kind": "translation", "checkpoint": translator.checkpoint_id, "classes": translator.classes,
-        "steps": steps, "strengths": strengths, "images_per_direction": n, "seed": seed,
+        "steps": steps, "strengths": strengths, "guidance": guidance, "images_per_direction": n, "seed": seed,
         "inversion_refinements": translator.inversion_refinements, "reference": translator.reference,
         "synthetic_ground_truth": data.aligned,
         "data_is_training_data": bool(trained_on and data.fingerprint == trained_on),
