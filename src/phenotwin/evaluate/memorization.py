@@ -122,7 +122,7 @@ def model_range_images(data, translator) -> np.ndarray:
 
 
 def summarise(values: np.ndarray) -> dict:
-    counts, _ = np.histogram(values, bins=BINS)
+    counts, _ = np.histogram(np.clip(values, -1.0, 1.0), bins=BINS)  # rounding can give 1 + 1e-7
     return {"median": float(np.median(values)), "mean": float(np.mean(values)),
             f"fraction_above_{HIGH}": float(np.mean(values > HIGH)), "values": [float(v) for v in values],
             "histogram": {"edges": BINS.tolist(), "counts": counts.tolist()}}
