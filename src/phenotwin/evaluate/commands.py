@@ -60,24 +60,13 @@ def run(args: argparse.Namespace) -> int:
 
     bar = _progress_bar("evaluate")
     if args.check == "memorization":
-        from phenotwin.evaluate.memorization import memorization_steps, train_halves_steps
+        from phenotwin.evaluate.memorization import check_steps
         from phenotwin.evaluate.report import write_memorization
-        from phenotwin.errors import PhenotwinError
 
-        held_out = args.held_out
-        if args.data is not None:
-            if args.model_a or args.model_b:
-                raise PhenotwinError("give either --data (models are trained here) or --model-a/--model-b, not both.")
-            model_a, model_b, train_a, half_b = drive(train_halves_steps(
-                args.data, args.out, steps=args.steps, width=args.width, batch_size=args.batch_size, size=args.size,
-                seed=args.seed, overwrite=args.overwrite), bar)
-            held_out = held_out or half_b
-        elif args.model_a and args.model_b and args.train_data_a:
-            model_a, model_b, train_a = args.model_a, args.model_b, args.train_data_a
-        else:
-            raise PhenotwinError("give --model-a, --model-b and --train-data-a, or --data to train both models here.")
-        result = drive(memorization_steps(model_a, model_b, train_a, held_out, count=args.n, seed=args.seed,
-                                          steps=args.sample_steps, device=args.device), bar)
+        result = drive(check_steps(
+            args.out, args.model_a, args.model_b, args.train_data_a, args.held_out, args.data, train_steps=args.steps,
+            width=args.width, batch_size=args.batch_size, size=args.size, overwrite=args.overwrite, count=args.n,
+            seed=args.seed, sample_steps=args.sample_steps, device=args.device), bar)
         files = write_memorization(result, args.out)
         print(f"verdict: {result['verdict']} - {result['reason']}")
         print(f"median similarity A vs B {result['a_vs_b']['median']:.3f}, nearest training image "
@@ -87,18 +76,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {files['plot']} and {files['json']}")
         return 0
 
-    from phenotwin import Translator
     from phenotwin.evaluate.report import translation_verdicts, write_translation_report
-    from phenotwin.evaluate.translation import load_eval_folder, translation_steps
+    from phenotwin.evaluate.translation import evaluate_folder_steps
 
-    translator = Translator(args.checkpoint, device=args.device)
-    data = load_eval_folder(args.data, translator.image_size, translator.channels, args.n)
-    classifier_data = None
-    if args.classifier_data is not None:
-        classifier_data = load_eval_folder(args.classifier_data, translator.image_size, translator.channels, 0)
-    result = drive(translation_steps(translator, data, classifier_data, n=args.n, steps=args.steps,
-                                     strengths=args.strength, source=args.source, target=args.target,
-                                     inception_weights=args.inception_weights, seed=args.seed), bar)
+    result = drive(evaluate_folder_steps(
+        args.checkpoint, args.data, args.classifier_data, n=args.n, steps=args.steps, strengths=args.strength,
+        source=args.source, target=args.target, inception_weights=args.inception_weights, seed=args.seed,
+        device=args.device), bar)
     files = write_translation_report(result, args.out)
     for line in translation_verdicts(result):
         print(line, file=sys.stderr if line.startswith(("FID/KID skipped", "WARNING")) else sys.stdout)

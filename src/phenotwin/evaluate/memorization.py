@@ -196,3 +196,21 @@ def memorization_steps(model_a, model_b, train_data_a, held_out_data=None, count
     shown = np.argsort(-nearest)[:4]
     result["_examples"] = [(generated_a[i], generated_b[i], reference[nearest_index[i]]) for i in shown]
     return result
+
+
+def check_steps(out, model_a=None, model_b=None, train_data_a=None, held_out=None, data=None, train_steps: int = 300,
+                width: int = 16, batch_size: int = 16, size: int | None = None, overwrite: bool = False,
+                count: int = 32, seed: int = 0, sample_steps: int = 50, device: str = "auto") -> Steps[dict]:
+    """The whole check, for the CLI and napari: two given models, or two trained here on halves of `data`
+    (saved in `out`, model B's half then serving as held-out images)."""
+    if data is not None:
+        if model_a or model_b:
+            raise PhenotwinError("give either a data folder (models are trained on its halves) or models A and B, not both.")
+        model_a, model_b, train_data_a, half_b = yield from train_halves_steps(
+            data, out, steps=train_steps, width=width, batch_size=batch_size, size=size, seed=seed, overwrite=overwrite)
+        held_out = held_out or half_b
+    elif not (model_a and model_b and train_data_a):
+        raise PhenotwinError("give --model-a, --model-b and --train-data-a (model A's training images), "
+                             "or a data folder to train both models here.")
+    return (yield from memorization_steps(model_a, model_b, train_data_a, held_out, count=count, seed=seed,
+                                          steps=sample_steps, device=device))

@@ -100,6 +100,21 @@ def load_eval_folder(data, size: int, channels: int, n: int | None = None) -> Ev
     return EvalSet(list(loaded.classes), images, aligned, masks, loaded.fingerprint, names)
 
 
+def evaluate_folder_steps(checkpoint, data, classifier_data=None, n: int = 16, steps: int | None = None,
+                          strengths=None, source=None, target=None, inception_weights=None, seed: int = 0,
+                          device: str = "auto") -> Steps[dict]:
+    """Load the model and the folders, then `translation_steps`: the whole check, for the CLI and napari."""
+    from phenotwin import Translator
+
+    translator = Translator(checkpoint, device=device)
+    images = load_eval_folder(data, translator.image_size, translator.channels, n)
+    reference = None
+    if classifier_data is not None:
+        reference = load_eval_folder(classifier_data, translator.image_size, translator.channels, 0)
+    return (yield from translation_steps(translator, images, reference, n=n, steps=steps, strengths=strengths,
+                                         source=source, target=target, inception_weights=inception_weights, seed=seed))
+
+
 def model_range(translator, images: np.ndarray) -> np.ndarray:
     """Raw (N, C, H, W) images in the model's [-1, 1] range, with the model's own normalisation."""
     from phenotwin.imaging import intensity_range, normalise
