@@ -88,3 +88,11 @@ def test_missing_settings_give_a_notification_not_a_crash(widget, monkeypatch):
     monkeypatch.setattr(evaluate_widget, "show_error", messages.append)
     widget.start()
     assert widget._worker is None and "choose the model" in messages[0]
+
+
+def test_widget_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, phenotwin._napari.evaluate_widget; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
