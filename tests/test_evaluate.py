@@ -121,6 +121,11 @@ def test_memorization_trains_two_models_from_a_data_folder(tiny):
     assert halves[0] and halves[1] and not set(halves[0]) & set(halves[1])
     result = json.loads((out / "memorization.json").read_text())
     assert result["held_out_data"].endswith("half-b")
+    # evaluating translations on the images a model was trained on is flagged
+    assert main(["evaluate", "translation", "--checkpoint", str(out / "model-a"), "--data", str(out / "half-a"),
+                 "--out", str(out / "tr"), "-n", "1", "--steps", "2", "--source", "control"]) == 0
+    assert json.loads((out / "tr" / "translation.json").read_text())["data_is_training_data"] is True
+    assert "WARNING: these are the model's training images" in (out / "tr" / "report.md").read_text()
 
 
 def test_memorization_without_models_or_data_is_a_clear_error(tiny, capsys):

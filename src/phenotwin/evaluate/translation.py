@@ -14,8 +14,7 @@ Images are evaluated as their central model-size crop.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,7 +37,6 @@ class EvalSet:
     aligned: bool = False
     masks: np.ndarray | None = None
     fingerprint: str | None = None
-    names: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _centre_crop(chw: np.ndarray, size: int) -> np.ndarray:
@@ -97,7 +95,7 @@ def load_eval_folder(data, size: int, channels: int, n: int | None = None) -> Ev
             y, x = (full[0].shape[1] - size) // 2, (full[0].shape[2] - size) // 2
             masks = masks[:, y : y + size, x : x + size]
     aligned = masks is not None
-    return EvalSet(list(loaded.classes), images, aligned, masks, loaded.fingerprint, names)
+    return EvalSet(list(loaded.classes), images, aligned, masks, loaded.fingerprint)
 
 
 def evaluate_folder_steps(checkpoint, data, classifier_data=None, n: int = 16, steps: int | None = None,
