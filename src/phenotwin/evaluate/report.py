@@ -45,9 +45,9 @@ def draw_memorization(figure, result: dict) -> None:
               ("held-out real image vs nearest training image", "held_out_to_train", "tab:gray")]
     for label, key, colour in series:
         if result.get(key):
-            ax.hist(result[key]["values"], bins=bins, alpha=0.6, color=colour, label=f"{label} (median {result[key]['median']:.2f})")
+            ax.hist(result[key]["values"], bins=bins, density=True, alpha=0.6, color=colour, label=f"{label} (median {result[key]['median']:.2f})")
     ax.set_xlabel("cosine similarity (channel means removed)", fontsize=8)
-    ax.set_ylabel("generated images", fontsize=8)
+    ax.set_ylabel("density (series differ in size)", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title(f"verdict: {result['verdict']}", fontsize=9)
