@@ -1,4 +1,4 @@
-"""The `phenotwin` command: `demo`, `synthetic`, `train` and `translate`."""
+"""The `phenotwin` command: `demo`, `synthetic`, `train`, `translate` and `evaluate`."""
 
 from __future__ import annotations
 
@@ -220,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true",
                     help="redo images that --output holds from a run with other settings (default: refuse)")
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
+
+    from phenotwin.evaluate.commands import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(commands)
     return parser
 
 
@@ -251,6 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_translate(args)
         if args.command == "train":
             return run_train(args, argv)
+        if args.command == "evaluate":
+            from phenotwin.evaluate.commands import run as run_evaluate
+
+            return run_evaluate(args)
         if args.command == "synthetic":
             from phenotwin.synthetic import make_pairs, write_folders
 

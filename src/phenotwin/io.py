@@ -69,9 +69,9 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str, metadata: 
     return _atomic(Path(path), write)
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
+def write_text(path: str | os.PathLike, text: str) -> Path:
     def write(temp: str) -> None:
-        Path(temp).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        Path(temp).write_text(text, encoding="utf-8")
 
     return _atomic(Path(path), write)
 
@@ -87,6 +87,9 @@ def write_csv(path: str | os.PathLike, header: list[str], rows: list[dict[str, A
         Path(temp).write_text(buffer.getvalue(), encoding="utf-8")
 
     return _atomic(Path(path), write)
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_png_figure(path: str | os.PathLike, figure) -> Path:

@@ -25,25 +25,22 @@ def composite(image: np.ndarray) -> np.ndarray:
     return np.clip(np.einsum("chw,ck->hwk", unit, colours), 0, 1)
 
 
-def save_montage(
-    path: str | os.PathLike,
+def draw_montage(
+    figure,
     rows: Sequence[Sequence[np.ndarray]],
     titles: Sequence[str],
     row_titles: Sequence[str] | None = None,
 ) -> None:
-    """Save a grid: images as composites, 2-D float maps named 'heatmap' with the inferno colormap."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from phenotwin.io import write_png_figure
-
-    figure, axes = plt.subplots(len(rows), len(titles), figsize=(2.2 * len(titles), 2.2 * len(rows)), squeeze=False)
+    """Draw a grid into a matplotlib `figure`: images as composites, 2-D maps whose title
+    names a heatmap or a mask with the inferno colormap."""
+    axes = figure.subplots(len(rows), len(titles), squeeze=False)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             ax = axes[r, c]
-            if "heatmap" in titles[c]:
+            if image is None:
+                ax.set_visible(False)
+                continue
+            if "heatmap" in titles[c] or "mask" in titles[c]:
                 ax.imshow(image, cmap="inferno", vmin=0)
             else:
                 ax.imshow(composite(image), interpolation="nearest")
@@ -55,6 +52,20 @@ def save_montage(
                 ax.set_title(titles[c], fontsize=9)
             if c == 0 and row_titles is not None:
                 ax.set_ylabel(row_titles[r], fontsize=9)
+
+
+def save_montage(
+    path: str | os.PathLike,
+    rows: Sequence[Sequence[np.ndarray]],
+    titles: Sequence[str],
+    row_titles: Sequence[str] | None = None,
+) -> None:
+    """Save a grid (see `draw_montage`) as a PNG, atomically."""
+    from matplotlib.figure import Figure
+
+    from phenotwin.io import write_png_figure
+
+    figure = Figure(figsize=(2.2 * len(titles), 2.2 * len(rows)))
+    draw_montage(figure, rows, titles, row_titles)
     figure.tight_layout()
     write_png_figure(path, figure)
-    plt.close(figure)

@@ -98,3 +98,16 @@ def tqdm_steps(description: str) -> Callable[[Progress], None]:
             bar.close()
 
     return update
+
+def relabel(steps: Steps[T], stage: str, offset: int = 0, total: int | None = None) -> Steps[T]:
+    """The same steps reported as one part of a longer job: stage renamed, step counted from
+    `offset` out of `total` (default: the steps' own total). Returns the steps' result."""
+    try:
+        while True:
+            try:
+                event = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            yield Progress(stage, offset + event.step, event.total if total is None else total)
+    finally:
+        steps.close()
