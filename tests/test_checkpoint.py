@@ -513,3 +513,20 @@ def test_read_info_does_not_import_torch(built):
     assert result.stdout.strip() == ""
 
 
+
+
+def test_saved_models_and_results_follow_the_umask_not_tempfiles_private_mode(built, tmp_path):
+    """Atomic writes go through tempfile (0600/0700); the lab must still be able to read the results."""
+    import numpy as np
+
+    from phenotwin.io import write_tiff
+
+    old = os.umask(0o022)
+    try:
+        model = save_checkpoint(load_checkpoint(built["pixel"][0]), tmp_path / "shared-model")
+        image = write_tiff(tmp_path / "result.ome.tif", np.zeros((2, 8, 8), np.uint16), axes="CYX")
+    finally:
+        os.umask(old)
+    assert model.stat().st_mode & 0o777 == 0o755
+    assert (model / INFO_FILE).stat().st_mode & 0o777 == 0o644
+    assert image.stat().st_mode & 0o777 == 0o644

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from phenotwin.errors import CheckpointError
+from phenotwin.io import shareable_mode
 
 if TYPE_CHECKING:  # torch and diffusers are imported lazily, when a model is really loaded
     import torch
@@ -340,6 +341,7 @@ def save_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     info = _info_to_write(checkpoint, target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(shareable_mode(directory=True))  # mkdtemp's 0700 would hide the model from the lab
     try:
         (staging / INFO_FILE).write_text(info.to_json(), encoding="utf-8")
         DDIMScheduler.from_config(checkpoint.scheduler_config).save_pretrained(staging / "scheduler")

@@ -37,12 +37,26 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise PhenotwinError(f"cannot read {file}: {err}. The file may be truncated or not really an image.") from err
 
 
-def _atomic(path: Path, write) -> Path:
+def shareable_mode(directory: bool = False) -> int:
+    """The permissions a plain open()/mkdir() would give under the user's umask.
+
+    tempfile creates private (0600/0700) files; results and models written through a
+    temporary name must still be readable by the lab like any other file.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def write_atomically(path: str | os.PathLike, write) -> Path:
+    """Call `write(temporary_path)` then rename it to `path`: readers never see half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         write(temp)
+        os.chmod(temp, shareable_mode())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
@@ -66,14 +80,14 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str, metadata: 
             metadata={"axes": axes, "Description": json.dumps(metadata or {}, default=str)},
         )
 
-    return _atomic(Path(path), write)
+    return write_atomically(path, write)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     def write(temp: str) -> None:
         Path(temp).write_text(text, encoding="utf-8")
 
-    return _atomic(Path(path), write)
+    return write_atomically(path, write)
 
 
 def write_csv(path: str | os.PathLike, header: list[str], rows: list[dict[str, Any]]) -> Path:
@@ -86,7 +100,7 @@ def write_csv(path: str | os.PathLike, header: list[str], rows: list[dict[str, A
     def write(temp: str) -> None:
         Path(temp).write_text(buffer.getvalue(), encoding="utf-8")
 
-    return _atomic(Path(path), write)
+    return write_atomically(path, write)
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
@@ -96,4 +110,4 @@ def write_png_figure(path: str | os.PathLike, figure) -> Path:
     def write(temp: str) -> None:
         figure.savefig(temp, format="png", dpi=110, bbox_inches="tight")
 
-    return _atomic(Path(path), write)
+    return write_atomically(path, write)

@@ -27,13 +27,13 @@ benchmarks and the napari sample-data hook can call it without torch.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from phenotwin.io import write_atomically
 
 __all__ = ["PHENOTYPES", "CHANNEL_NAMES", "PairedCells", "make_pairs", "write_folders"]
 
@@ -491,15 +491,8 @@ def write_folders(root, pairs: PairedCells, dtype="uint16") -> dict[str, list[Pa
         for i, img in enumerate(images):
             data = as_camera_units(img, dtype)
             path = folder / f"{pairs.phenotype}_{pairs.seed}_{start + i:05d}.tif"
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            try:
-                tifffile.imwrite(tmp, data, photometric="minisblack", metadata={"axes": "CYX"})
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            write_atomically(path, lambda temp: tifffile.imwrite(temp, data, photometric="minisblack",
+                                                                 metadata={"axes": "CYX"}))
             paths.append(path)
         out[cond] = paths
     return out
