@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -251,18 +252,42 @@ def test_bad_settings_are_rejected(data, tmp_path):
         Trainer(tiny(data, tmp_path / "o", method="full", base=str(tmp_path)))
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(processes: int, args: list[str]) -> list[str]:
+    # On a machine without CUDA, --multi_gpu is what starts several processes (torchrun);
+    # --cpu would start one. Each run takes its own port so parallel runs do not collide.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "phenotwin", *args]
+
+
 @pytest.mark.slow
 def test_accelerate_launch_with_two_processes(data, tmp_path):
     out = tmp_path / "ddp"
+    def args(steps: int, *more: str) -> list[str]:
+        return ["train", "--data", str(data), "--out", str(out), "--size", "32", "--steps", str(steps),
+                "--batch-size", "2", "--checkpoint-every", "2", "--width", "8", *more]
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "phenotwin", "train", "--data", str(data),
-         "--out", str(out), "--size", "32", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2",
-         "--width", "8"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
+    result = subprocess.run(accelerate_launch(2, args(4)), capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("training scratch") == 1  # only the main process talks
-    assert read_info(out).provenance["steps"] == 4
+    assert "2 process(es)" in result.stdout
+    info = read_info(out)
+    assert info.provenance["steps"] == 4 and info.provenance["processes"] == 2
+    state = out / "training" / "state"
+    # accelerate saved each process's random streams, so a resumed run continues each one.
+    assert {p.name for p in state.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert logged_steps(out) == 4
     translates(out)
+
+    resumed = subprocess.run(accelerate_launch(2, args(6, "--resume")), capture_output=True,
+                             text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from step 4 to 6" in resumed.stdout
+    assert read_info(out).provenance["steps"] == 6 and logged_steps(out) == 6
