@@ -120,6 +120,9 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             print(f"interrupted: saved at step {trainer.step} in {config.out}; continue with the same command and "
                   "--resume", file=sys.stderr)
         return 130
+    finally:
+        # Leave the process group (several processes) before exiting, as torch.distributed asks.
+        trainer.accelerator.end_training()
     bar.close()
     if main_process:
         print(f"saved {config.out} (samples and log in {Path(config.out) / 'training'})")

@@ -616,8 +616,10 @@ def _cosine_with_warmup(optimizer, warmup: int, total: int):
 def train(config: TrainConfig, progress=None) -> Path:
     """Run a whole training; `progress` gets every `TrainProgress`."""
     trainer = Trainer(config)
-    steps = trainer.steps()
-    for event in steps:
-        if progress is not None:
-            progress(event)
+    try:
+        for event in trainer.steps():
+            if progress is not None:
+                progress(event)
+    finally:
+        trainer.accelerator.end_training()  # leaves the process group when there are several processes
     return trainer.out
