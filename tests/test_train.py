@@ -266,6 +266,24 @@ def accelerate_launch(processes: int, target: list[str]) -> list[str]:
             "--dynamo_backend", "no", *target]
 
 
+def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Wait for a launch started in its own session; on timeout (a hang) kill its trainers too."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def launch(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 @pytest.mark.slow
 def test_accelerate_launch_with_two_processes(data, tmp_path):
     out = tmp_path / "ddp"
@@ -274,8 +292,7 @@ def test_accelerate_launch_with_two_processes(data, tmp_path):
         return ["train", "--data", str(data), "--out", str(out), "--size", "32", "--steps", str(steps),
                 "--batch-size", "2", "--checkpoint-every", "2", "--width", "8", *more]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(accelerate_launch(2, ["-m", "phenotwin", *args(4)]), capture_output=True, text=True, timeout=600, env=env)
+    result = finish(launch(accelerate_launch(2, ["-m", "phenotwin", *args(4)])))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("training scratch") == 1  # only the main process talks
     assert "2 process(es)" in result.stdout
@@ -287,12 +304,10 @@ def test_accelerate_launch_with_two_processes(data, tmp_path):
     assert logged_steps(out) == 4
     translates(out)
 
-    resumed = subprocess.run(accelerate_launch(2, ["-m", "phenotwin", *args(6, "--resume")]), capture_output=True,
-                             text=True, timeout=600, env=env)
+    resumed = finish(launch(accelerate_launch(2, ["-m", "phenotwin", *args(6, "--resume")])))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "from step 4 to 6" in resumed.stdout
     assert read_info(out).provenance["steps"] == 6 and logged_steps(out) == 6
-
 
 
 RANKS_AGREE = """
@@ -327,8 +342,7 @@ accelerator.end_training()
 def test_two_processes_draw_different_batches_and_keep_the_same_weights(data, tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_AGREE)
-    result = subprocess.run(accelerate_launch(2, [str(script), str(data), str(tmp_path / "out")]), capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = finish(launch(accelerate_launch(2, [str(script), str(data), str(tmp_path / "out")])))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "processes 2" in result.stdout
     # Gradients are averaged, so weights and their moving average stay identical; the data and the
@@ -337,20 +351,23 @@ def test_two_processes_draw_different_batches_and_keep_the_same_weights(data, tm
 
 
 @pytest.mark.slow
-def test_interrupting_two_processes_saves_once_at_the_same_step(data, tmp_path):
+def test_interrupting_one_of_two_processes_stops_both_at_the_same_step_and_saves(data, tmp_path):
+    import psutil
+
     out = tmp_path / "run"
     args = ["train", "--data", str(data), "--out", str(out), "--size", "32", "--steps", "100000", "--batch-size", "2",
             "--checkpoint-every", "100000", "--width", "8"]
-    # Ctrl-C in a terminal reaches the whole process group: the launcher and both trainers.
-    process = subprocess.Popen(accelerate_launch(2, ["-m", "phenotwin", *args]), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = launch(accelerate_launch(2, ["-m", "phenotwin", *args]))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None and logged_steps(out) < 3:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=300)
-    assert stderr.count("interrupted: saved at step") == 1, stderr[-3000:]
+    # The signal reaches the second process alone, in the middle of any step: the main process
+    # must learn of it and both must stop after the same step, or their collectives would hang.
+    second = next(child for child in psutil.Process(process.pid).children(recursive=True)
+                  if child.environ().get("RANK") == "1")
+    second.send_signal(signal.SIGINT)
+    stopped = finish(process, timeout=120)
+    assert stopped.stderr.count("interrupted: saved at step") == 1, stopped.stderr[-3000:]
     info = read_info(out)
     assert info.provenance["processes"] == 2
     assert info.provenance["steps"] == saved_step(out) >= 3  # saved by the interrupt itself

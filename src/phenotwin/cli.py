@@ -119,6 +119,8 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         if main_process:
             print(f"interrupted: saved at step {trainer.step} in {config.out}; continue with the same command and "
                   "--resume", file=sys.stderr)
+        # The launcher stops all processes once one exits with an error: wait for the main one's report.
+        trainer.accelerator.wait_for_everyone()
         return 130
     finally:
         # Leave the process group (several processes) before exiting, as torch.distributed asks.
