@@ -324,7 +324,7 @@ class Trainer:
     def _build(self) -> None:
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import get_int_from_env, set_seed
         from diffusers import DDIMScheduler
         from diffusers.training_utils import EMAModel
 
@@ -334,10 +334,10 @@ class Trainer:
             # `accelerate launch` passes the user's accelerate config in the environment; respect it.
             configured = os.environ.get("ACCELERATE_MIXED_PRECISION")
             mixed = configured or ("fp16" if torch.cuda.is_available() else "no")
-        # Processes started by torchrun (`accelerate launch --multi_gpu`) on a machine without CUDA
+        # Processes started by torchrun (`accelerate launch --multi_gpu`) or MPI on a machine without CUDA
         # join a gloo group only with cpu=True; without it each would train alone. A single
         # process keeps accelerate's own device choice (MPS on Apple silicon).
-        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        several = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1) > 1
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=several and not torch.cuda.is_available())
         torch.manual_seed(config.seed)  # the same initial weights on every process
 
