@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -251,18 +252,125 @@ def test_bad_settings_are_rejected(data, tmp_path):
         Trainer(tiny(data, tmp_path / "o", method="full", base=str(tmp_path)))
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(processes: int, target: list[str]) -> list[str]:
+    # On a machine without CUDA, --multi_gpu is what starts several processes (torchrun);
+    # --cpu would start one. Each run takes its own port so parallel runs do not collide.
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+            "--dynamo_backend", "no", *target]
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Wait for a launch started in its own session; on timeout (a hang) kill its trainers too."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def launch(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 @pytest.mark.slow
 def test_accelerate_launch_with_two_processes(data, tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "phenotwin", "train", "--data", str(data),
-         "--out", str(out), "--size", "32", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "2",
-         "--width", "8"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
+
+    def args(steps: int, *more: str) -> list[str]:
+        return ["train", "--data", str(data), "--out", str(out), "--size", "32", "--steps", str(steps),
+                "--batch-size", "2", "--checkpoint-every", "2", "--width", "8", *more]
+
+    result = finish(launch(accelerate_launch(2, ["-m", "phenotwin", *args(4)])))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("training scratch") == 1  # only the main process talks
-    assert read_info(out).provenance["steps"] == 4
+    assert "2 process(es)" in result.stdout
+    info = read_info(out)
+    assert info.provenance["steps"] == 4 and info.provenance["processes"] == 2
+    state = out / "training" / "state"
+    # accelerate saved each process's random streams, so a resumed run continues each one.
+    assert {p.name for p in state.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert logged_steps(out) == 4
+    translates(out)
+
+    resumed = finish(launch(accelerate_launch(2, ["-m", "phenotwin", *args(6, "--resume")])))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from step 4 to 6" in resumed.stdout
+    assert read_info(out).provenance["steps"] == 6 and logged_steps(out) == 6
+
+
+RANKS_AGREE = """
+import sys, torch
+from phenotwin.train.trainer import TrainConfig, Trainer
+
+trainer = Trainer(TrainConfig(data=sys.argv[1], out=sys.argv[2], size=32, steps=3, batch_size=2, checkpoint_every=3,
+                              width=8, warmup_steps=1, sample_steps=2))
+accelerator = trainer.accelerator
+noise = torch.randn(4)  # drawn like the training noise, from the process's own generator
+batches = []
+draw = trainer.crops.batch
+trainer.crops.batch = lambda size: batches.append(draw(size)) or batches[-1]
+for _ in trainer.steps():
+    pass
+crops = torch.from_numpy(batches[0][0]).flatten()
+
+def flat(tensors):
+    return torch.cat([t.detach().flatten() for t in tensors])
+
+gathered = {name: accelerator.gather(value[None]) for name, value in
+            [("weights", flat(trainer.trainable)), ("ema", flat(trainer.ema.shadow_params)), ("noise", noise),
+             ("crops", crops)]}
+if accelerator.is_main_process:
+    print("processes", accelerator.num_processes)
+    print({name: torch.equal(value[0], value[1]) for name, value in gathered.items()})
+accelerator.end_training()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_draw_different_batches_and_keep_the_same_weights(data, tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_AGREE)
+    result = finish(launch(accelerate_launch(2, [str(script), str(data), str(tmp_path / "out")])))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "processes 2" in result.stdout
+    # Gradients are averaged, so weights and their moving average stay identical; the data and the
+    # noise must not be, or the second process would only repeat the first one's work.
+    assert "{'weights': True, 'ema': True, 'noise': False, 'crops': False}" in result.stdout
+
+
+@pytest.mark.slow
+def test_interrupting_one_of_two_processes_stops_both_at_the_same_step_and_saves(data, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(out), "--size", "32", "--steps", "100000", "--batch-size", "2",
+            "--checkpoint-every", "100000", "--width", "8"]
+    process = launch(accelerate_launch(2, ["-m", "phenotwin", *args]))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None and logged_steps(out) < 3:
+        time.sleep(0.05)
+    # The signal reaches the second process alone, in the middle of any step: the main process
+    # must learn of it and both must stop after the same step, or their collectives would hang.
+    second = next(child for child in psutil.Process(process.pid).children(recursive=True)
+                  if child.environ().get("RANK") == "1")
+    second.send_signal(signal.SIGINT)
+    stopped = finish(process, timeout=120)
+    assert stopped.stderr.count("interrupted: saved at step") == 1, stopped.stderr[-3000:]
+    info = read_info(out)
+    assert info.provenance["processes"] == 2
+    assert info.provenance["steps"] == saved_step(out) >= 3  # saved by the interrupt itself
+    assert {p.name for p in (out / "training" / "state").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
     translates(out)

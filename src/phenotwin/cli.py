@@ -105,7 +105,8 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     main_process = trainer.accelerator.is_main_process
     if main_process:
         print(f"training {config.method} ({trainer.kind}) on {counts} images, {trainer.data.channels} channel(s), "
-              f"device {trainer.accelerator.device}, from step {trainer.step} to {config.steps}")
+              f"device {trainer.accelerator.device}, {trainer.accelerator.num_processes} process(es), "
+              f"from step {trainer.step} to {config.steps}")
     steps = trainer.steps()
     bar = tqdm(total=config.steps, initial=trainer.step, unit="step", desc="train", disable=not main_process)
     try:
@@ -115,9 +116,15 @@ def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         steps.close()  # the trainer saves the model and its state before stopping
         bar.close()
-        print(f"interrupted: saved at step {trainer.step} in {config.out}; continue with the same command and --resume",
-              file=sys.stderr)
+        if main_process:
+            print(f"interrupted: saved at step {trainer.step} in {config.out}; continue with the same command and "
+                  "--resume", file=sys.stderr)
+        # The launcher stops all processes once one exits with an error: wait for the main one's report.
+        trainer.accelerator.wait_for_everyone()
         return 130
+    finally:
+        # Leave the process group (several processes) before exiting, as torch.distributed asks.
+        trainer.accelerator.end_training()
     bar.close()
     if main_process:
         print(f"saved {config.out} (samples and log in {Path(config.out) / 'training'})")

@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import time
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
@@ -323,6 +324,7 @@ class Trainer:
     def _build(self) -> None:
         import torch
         from accelerate import Accelerator
+        from accelerate.utils import get_int_from_env, set_seed
         from diffusers import DDIMScheduler
         from diffusers.training_utils import EMAModel
 
@@ -332,8 +334,12 @@ class Trainer:
             # `accelerate launch` passes the user's accelerate config in the environment; respect it.
             configured = os.environ.get("ACCELERATE_MIXED_PRECISION")
             mixed = configured or ("fp16" if torch.cuda.is_available() else "no")
-        self.accelerator = Accelerator(mixed_precision=mixed)
-        torch.manual_seed(config.seed)
+        # Processes started by torchrun (`accelerate launch --multi_gpu`) or MPI on a machine without CUDA
+        # join a gloo group only with cpu=True; without it each would train alone. A single
+        # process keeps accelerate's own device choice (MPS on Apple silicon).
+        several = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1) > 1
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=several and not torch.cuda.is_available())
+        torch.manual_seed(config.seed)  # the same initial weights on every process
 
         if config.method == "scratch":
             contexts, base = None, None
@@ -369,6 +375,9 @@ class Trainer:
         self.ema.to(self.accelerator.device)
         self.accelerator.register_for_checkpointing(self.ema)
         self.crops = AugmentedCrops(data, config.size)
+        # Noise, timesteps and class dropout must differ between processes (seed + process index);
+        # accelerate saves and restores each process's generators with the state.
+        set_seed(config.seed, device_specific=True)
         self.step = 0
         if config.resume:
             self._load_state()
@@ -390,14 +399,21 @@ class Trainer:
         self.step = int(progress["step"])
 
     def _save_state(self) -> None:
-        """Optimizer, EMA, RNGs and step, swapped in atomically like the model."""
+        """Optimizer, EMA, RNGs and step, swapped in atomically like the model.
+
+        Every process calls this: accelerate's save_state writes each process's random states."""
+        accelerator = self.accelerator
         state = self._state_dir()
         staging = state.with_name(f".{STATE_DIR}-{self.step}")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.accelerator.save_state(str(staging))
-        if self.accelerator.is_main_process:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()  # nobody writes into a folder being removed
+        accelerator.save_state(str(staging))
+        accelerator.wait_for_everyone()  # every process's files are in before the swap
+        if accelerator.is_main_process:
             (staging / "progress.json").write_text(
-                json.dumps({"step": self.step, "data_fingerprint": self.data.fingerprint})
+                json.dumps({"step": self.step, "data_fingerprint": self.data.fingerprint,
+                            "processes": accelerator.num_processes})
             )
             retired = state.with_name(f".{STATE_DIR}-old")
             if state.exists():
@@ -438,6 +454,7 @@ class Trainer:
                 "method": config.method,
                 "command": config.command,
                 "steps": self.step,
+                "processes": self.accelerator.num_processes,
                 "seed": config.seed,
                 "data": str(Path(config.data)),
                 "data_fingerprint": data.fingerprint,
@@ -491,6 +508,8 @@ class Trainer:
         # a resumed run continues reproducibly without storing the generator.
         self.crops.reseed(config.seed, self.accelerator.process_index, self.step)
         self.model.train()
+        stop_requested = _StopFlag(accelerator)
+        stopped = False
         try:
             while self.step < config.steps:
                 images, labels = self.crops.batch(config.batch_size)
@@ -531,18 +550,49 @@ class Trainer:
                 if accelerator.is_main_process:
                     with log_path.open("a", newline="") as handle:
                         csv.writer(handle).writerow([self.step, f"{value:.6f}", f"{lr:.3e}", f"{time.monotonic() - start:.1f}"])
-                saved = self.step % config.checkpoint_every == 0 or self.step == config.steps
+                stopped = stop_requested()
+                saved = stopped or self.step % config.checkpoint_every == 0 or self.step == config.steps
                 if saved:
                     self.model.eval()
                     self.save()
                     self.model.train()
+                if stopped:
+                    break
                 yield TrainProgress(self.step, config.steps, value, lr, saved)
         except (KeyboardInterrupt, GeneratorExit):
-            # Stop button, Ctrl-C or a closed worker: keep what was learned, then stop.
-            if self.step > 0:
+            # Stop button, Ctrl-C or a closed worker: keep what was learned, then stop. With several
+            # processes a save needs all of them, so only the agreed stop above saves.
+            if self.step > 0 and accelerator.num_processes == 1:
                 self.save()
             raise
+        finally:
+            stop_requested.restore()
+        if stopped:
+            raise KeyboardInterrupt
         return self.out
+
+
+class _StopFlag:
+    """Called after each step: whether any process has been interrupted.
+
+    With several processes, Ctrl-C (sent to all of them by the terminal or the launcher) only
+    raises accelerate's trigger, which every process checks after each step: they stop after
+    the same step and save together. A KeyboardInterrupt in the middle of a step would leave
+    the other processes waiting in a collective. One process keeps Python's KeyboardInterrupt."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.active = accelerator.num_processes > 1
+        if self.active:
+            self.previous = signal.signal(signal.SIGINT, lambda signum, frame: accelerator.set_trigger())
+
+    def __call__(self) -> bool:
+        return self.active and self.accelerator.check_trigger()
+
+    def restore(self) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
+            self.active = False
 
 
 def config_prediction(scheduler_config: dict[str, Any]) -> str:
@@ -566,8 +616,10 @@ def _cosine_with_warmup(optimizer, warmup: int, total: int):
 def train(config: TrainConfig, progress=None) -> Path:
     """Run a whole training; `progress` gets every `TrainProgress`."""
     trainer = Trainer(config)
-    steps = trainer.steps()
-    for event in steps:
-        if progress is not None:
-            progress(event)
+    try:
+        for event in trainer.steps():
+            if progress is not None:
+                progress(event)
+    finally:
+        trainer.accelerator.end_training()  # leaves the process group when there are several processes
     return trainer.out
