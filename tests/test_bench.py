@@ -32,7 +32,7 @@ def test_quick_benchmark_reports_every_section(tmp_path):
         scrub = model["scrub"]
         assert scrub["cached_s"]["median"] < scrub["cold_0.5_s"]["median"]
         assert model["throughput"]["translation_gflop_per_s"] > 0
-        assert set(model["throughput"]["unet_forward"]) == {"1", "2", "8"}
+        assert {"1", "2"} <= set(model["throughput"]["unet_forward"])
     fields = results["fields"]
     assert set(fields["native"]) == {"demo", "sd-width"}
     for field in fields["scaling"].values():
