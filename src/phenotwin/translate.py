@@ -50,7 +50,7 @@ def psnr(reference: np.ndarray, estimate: np.ndarray) -> float:
 
 def kept_states(steps: int, state_bytes: int, budget: int = TRAJECTORY_BUDGET) -> list[int]:
     """Which of the `steps + 1` inversion states to keep within `budget` bytes: evenly spread,
-    always the clean start (0, to recompute from) and the end (1, the default strength)."""
+    always the clean start (state 0, to recompute from) and the last one (strength 1)."""
     count = min(steps + 1, max(2, budget // max(1, state_bytes)))
     return sorted({round(i * steps / (count - 1)) for i in range(count)})
 
@@ -311,7 +311,9 @@ class Translator:
     ) -> Steps[Translation]:
         """Generator form of `generate`: regenerate a cached inversion under `target`.
 
-        Costs round(strength * steps) UNet calls and never re-inverts. The source condition
+        Costs round(strength * steps) UNet calls, nothing for an image already generated,
+        and never re-inverts (on a large field whose state at this strength was not kept, a
+        few inversion steps rebuild it from the kept state below). The source condition
         is generated in the same batch (once per strength, then cached): it measures how
         faithfully the model reproduces the input, and with reference "reconstruction" the
         translation is taken relative to it. `reconstruct=False` skips it in "input" mode.
@@ -383,10 +385,11 @@ class Translator:
             yield Progress("generate", i + 1, used_steps)
         images = self._decode(sample)
         height, width = inversion.normalised.shape[1:]
-        translated = images[0][:, :height, :width]  # drop the padding
+        # Drop the padding; copies, so a cached image does not hold the whole batch alive.
+        translated = images[0][:, :height, :width].copy()
         self._remember(inversion, (target_index, used_steps, guidance), translated)
         if with_reconstruction:  # last, so the budget cannot evict it before `_generate` reads it
-            self._remember(inversion, source_key, images[1][:, :height, :width])
+            self._remember(inversion, source_key, images[1][:, :height, :width].copy())
         return translated
 
     def _remember(self, inversion: Inversion, key, image: np.ndarray) -> None:
