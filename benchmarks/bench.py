@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 SCRIPT = Path(__file__).resolve()
+SECTIONS = ["models", "gui", "fields"]
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -379,6 +380,7 @@ def field_child(args) -> dict:
     import torch
 
     from phenotwin import Translator
+    from phenotwin.translate import kept_states
 
     translator = Translator(load_model(args.model, args.quick), device=args.device)
     device = translator.device
@@ -393,17 +395,26 @@ def field_child(args) -> dict:
     sync(device)
     seconds = time.perf_counter() - start
     states = result.inversion.states
+    one_state = next(iter(states.values()))
+    one_state = one_state.numel() * one_state.element_size()
+    at_50 = kept_states(50, one_state, translator.trajectory_budget)
     return {
         "size": args.size, "steps": args.steps, "seconds": seconds, "unet_calls": translator.denoiser.calls - calls,
         "peak_rss_bytes": peak_rss(), "rss_before_bytes": baseline,
         "gpu_peak_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
         "states_kept": len(states), "state_bytes": sum(s.numel() * s.element_size() for s in states.values()),
         "state_dtype": str(next(iter(states.values())).dtype),
+        "states_kept_at_50_steps": len(at_50), "state_bytes_at_50_steps": len(at_50) * one_state,
     }
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process, in bytes."""
+    """Peak resident set size of this process, in bytes. On Linux from VmHWM: getrusage's
+    ru_maxrss survives exec, so a child would report its parent's peak if that was higher."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -472,17 +483,18 @@ def fmt(stat: dict, scale: float = 1.0, unit: str = "s", digits: int = 2) -> str
 def markdown(results: dict) -> str:
     m = results["machine"]
     peak = results["matmul_peak_gflop_per_s"]
+    models = results.get("models", [])
     lines = [
         f"Device {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}, CPU {m['cpu']} ({m['cpu_count']} cores), "
         f"torch {m['torch']}, {m['threads']} threads, load average at start {m['load_average']}. "
         f"Float32 matmul peak {fmt(peak, unit='GFLOP/s', digits=1)}. Median (min–max, n runs).",
         "",
-        "| # | measure | " + " | ".join(r["model"] for r in results["models"]) + " | target |",
-        "|---|---|" + "---|" * len(results["models"]) + "---|",
+        "| # | measure | " + " | ".join(r["model"] for r in models) + " | target |",
+        "|---|---|" + "---|" * len(models) + "---|",
     ]
 
     def row(number, label, cell, target=""):
-        lines.append(f"| {number} | {label} | " + " | ".join(cell(r) for r in results["models"]) + f" | {target} |")
+        lines.append(f"| {number} | {label} | " + " | ".join(cell(r) for r in models) + f" | {target} |")
 
     row("", "model", lambda r: f"{r['kind']}, {r['unet_parameters'] / 1e6:.1f} M params, "
         f"{r['image_size']} px, sample {'x'.join(map(str, r['sample_shape']))}, {r['steps']} steps")
@@ -507,19 +519,30 @@ def markdown(results: dict) -> str:
         f"({r['throughput']['unet_gflops_batch1']:.2f} GFLOP a forward)"), "≥ 50% of peak")
     row(6, "bare UNet forward GFLOP/s at batch 1 / 2 (/ 8)", lambda r: " / ".join(
         f"{v['gflop_per_s']['median']:.1f}" for v in r["throughput"]["unet_forward"].values()))
-    fields = results["fields"]
-    row(5, "peak RSS, one translation at native size", lambda r: (
-        f"{fields['native'][r['model']]['peak_rss_bytes']['median'] / 2**20:.0f} MiB"))
-    gui = results["gui"]
-    lines += ["", f"4. napari responsiveness (real viewer, Translate widget, demo model, "
+    if not models:
+        del lines[2:]
+    if "gui" in results:
+        lines += gui_markdown(results["gui"])
+    if "fields" in results:
+        lines += fields_markdown(results["fields"])
+    return "\n".join(lines)
+
+
+def gui_markdown(gui: dict) -> list[str]:
+    return ["", f"4. napari responsiveness (real viewer, Translate widget, demo model, "
                   f"{gui.get('image_size', '?')}² field, {gui.get('steps', '?')} steps): "
               + ("skipped: " + gui["skipped"] if "skipped" in gui else
                  f"longest gap between 10 ms heartbeat ticks **{fmt(gui['max_gap_ms'], unit='ms', digits=0)}** "
                  f"(target ≤ 50 ms) during a translation of {fmt(gui['translation_s'])}, showing the result "
-                 f"layers included; while the worker computes: {fmt(gui['max_gap_computing_ms'], unit='ms', digits=0)}."),
-              "", f"5. Tiled fields, demo model, {fields['field_steps']} step(s) (invert + generate + reconstruction):",
-              "", "| field | time | time / area vs smallest | peak RSS | inversion states kept |",
-              "|---|---|---|---|---|"]
+                 f"layers included; while the worker computes: {fmt(gui['max_gap_computing_ms'], unit='ms', digits=0)}.")]
+
+
+def fields_markdown(fields: dict) -> list[str]:
+    lines = ["", "5. Peak RSS of one translation at native size: " + ", ".join(
+        f"{name} {r['peak_rss_bytes']['median'] / 2**20:.0f} MiB" for name, r in fields["native"].items()) + ".",
+              "", f"Tiled fields, demo model, {fields['field_steps']} step(s) (invert + generate + reconstruction):",
+              "", "| field | time | time / area vs smallest | peak RSS | inversion states kept | kept at 50 steps |",
+              "|---|---|---|---|---|---|"]
     scaling = fields["scaling"]
     base = min(scaling, key=int)
     base_rate = scaling[base]["seconds"]["median"] / int(base) ** 2
@@ -527,11 +550,12 @@ def markdown(results: dict) -> str:
         rate = r["seconds"]["median"] / int(size) ** 2
         lines.append(f"| {size}² | {fmt(r['seconds'])} | {rate / base_rate:.2f} | "
                      f"{r['peak_rss_bytes']['median'] / 2**30:.2f} GiB | {r['states_kept']} ({r['state_dtype']}, "
-                     f"{r['state_bytes'] / 2**20:.0f} MiB) |")
+                     f"{r['state_bytes'] / 2**20:.0f} MiB) | {r['states_kept_at_50_steps']} of 51 "
+                     f"({r['state_bytes_at_50_steps'] / 2**20:.0f} MiB) |")
     lines += ["", f"Time per area, largest / smallest ratio: **{fields['time_per_area_ratio']:.2f}** (target ≤ 1.25); "
                   f"peak RSS at the largest field: **{scaling[max(scaling, key=int)]['peak_rss_bytes']['median'] / 2**30:.2f} GiB** "
                   "(target ≤ 3 GB)."]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> int:
@@ -545,6 +569,8 @@ def main(argv=None) -> int:
     parser.add_argument("--field-steps", type=int, default=1, help="steps for the tiled fields (default 1)")
     parser.add_argument("--field-sizes", type=int, nargs="+", default=None)
     parser.add_argument("--field-runs", type=int, nargs="+", default=None, help="runs per field size")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="what to run (default all): models = 1, 2, 3, 6; gui = 4; fields = 5")
     parser.add_argument("--child", choices=("gui", "field"), help=argparse.SUPPRESS)
     parser.add_argument("--model", default="demo", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
@@ -563,9 +589,12 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     results = {"machine": machine(device), "quick": args.quick,
                "matmul_peak_gflop_per_s": matmul_peak(device, 512 if args.quick else 2048, args.runs)}
-    results["models"] = [bench_model(name, args, device) for name in ("demo", "sd-width")]
-    results["gui"] = bench_gui(args)
-    results["fields"] = bench_fields(args)
+    if "models" in args.sections:
+        results["models"] = [bench_model(name, args, device) for name in ("demo", "sd-width")]
+    if "gui" in args.sections:
+        results["gui"] = bench_gui(args)
+    if "fields" in args.sections:
+        results["fields"] = bench_fields(args)
     results["matmul_peak_gflop_per_s_end"] = matmul_peak(device, 512 if args.quick else 2048, args.runs)
     results["markdown"] = markdown(results)
     Path(args.json).write_text(json.dumps(results, indent=2))
