@@ -486,7 +486,8 @@ def markdown(results: dict) -> str:
     models = results.get("models", [])
     lines = [
         f"Device {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}, CPU {m['cpu']} ({m['cpu_count']} cores), "
-        f"torch {m['torch']}, {m['threads']} threads, load average at start {m['load_average']}. "
+        f"torch {m['torch']}, {m['threads']} thread(s), load average at start "
+        f"{' / '.join(f'{x:.1f}' for x in m['load_average']) if m['load_average'] else '?'}. "
         f"Float32 matmul peak {fmt(peak, unit='GFLOP/s', digits=1)}. Median (min–max, n runs).",
         "",
         "| # | measure | " + " | ".join(r["model"] for r in models) + " | target |",
