@@ -33,5 +33,9 @@ test: install-test
 demo: install
 	$(VENV)/bin/phenotwin demo --viewer --out demo-output
 
+# ~15 min on an idle 2-core CPU; prints a Markdown table, writes bench-results.json (docs/benchmarks.md).
+bench: install
+	$(XVFB_RUN) $(PY) benchmarks/bench.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist demo-output .pytest_cache
+	rm -rf $(VENV) build dist demo-output .pytest_cache bench-results.json

@@ -26,7 +26,7 @@ def autoencoder_roundtrip(translator, model_input):
 def test_invert_then_regenerate_reconstructs_the_input(translators, cells, kind):
     translator = translators[kind]
     inversion = translator.invert(cells, "control", steps=50, channel_axis=0)
-    assert len(inversion.trajectory) == 51
+    assert sorted(inversion.states) == list(range(51))  # a small field keeps every state
     again = translator.generate(inversion, "control", strength=1.0)
     # Pixel models must give the image back; latent models the image as their autoencoder sees it.
     reference = inversion.normalised if kind == "pixel" else autoencoder_roundtrip(translator, inversion.model_input)
@@ -69,6 +69,47 @@ def test_scrubbing_reuses_the_inversion(translators, cells):
     same = translator.generate(inversion, "control", strength=0.5)  # cached with the first scrub
     assert translator.denoiser.calls == before
     assert same.reconstruction_psnr == half.reconstruction_psnr
+
+    before = translator.denoiser.calls
+    again = translator.generate(inversion, "treated", strength=0.5)  # scrubbing back to a strength seen
+    assert translator.denoiser.calls == before
+    np.testing.assert_array_equal(again.normalised, half.normalised)
+
+
+def test_a_bounded_trajectory_recomputes_missing_states_exactly(checkpoints, cells):
+    import torch
+
+    from phenotwin import Translator
+    from phenotwin.translate import kept_states
+
+    full = Translator(checkpoints["pixel"], device="cpu")
+    bounded = Translator(checkpoints["pixel"], device="cpu")
+    state_bytes = cells.size * 4
+    bounded.trajectory_budget = 3 * state_bytes
+    assert kept_states(10, state_bytes, bounded.trajectory_budget) == [0, 5, 10]
+    inversion = bounded.invert(cells, "control", steps=10, channel_axis=0)
+    assert sorted(inversion.states) == [0, 5, 10]
+    assert all(s.dtype == torch.float32 for s in inversion.states.values())
+    reference = full.invert(cells, "control", steps=10, channel_axis=0)
+    events = []
+    before = bounded.denoiser.calls
+    result = bounded.generate(inversion, "treated", strength=0.4, progress=events.append)
+    # State 4 is rebuilt from state 0 (4 inversion calls), then 4 generation calls.
+    assert bounded.denoiser.calls - before == 8
+    assert [(e.stage, e.total) for e in events] == [("invert", 4)] * 4 + [("generate", 4)] * 4
+    np.testing.assert_array_equal(result.generated, full.generate(reference, "treated", strength=0.4).generated)
+
+
+def test_the_generation_cache_stays_within_its_budget(checkpoints, cells):
+    from phenotwin import Translator
+
+    translator = Translator(checkpoints["pixel"], device="cpu")
+    translator.cache_budget = 3 * cells.size * 4  # three images
+    inversion = translator.invert(cells, "control", steps=10, channel_axis=0)
+    for strength in (0.2, 0.4, 0.6):
+        translator.generate(inversion, "treated", strength=strength)
+    # (class, inversion steps, guidance): the translation and reconstruction at 0.6 and the reconstruction at 0.4
+    assert list(inversion.generated) == [(0, 4, 0.0), (1, 6, 0.0), (0, 6, 0.0)]
 
 
 def test_lower_strength_keeps_more_of_the_image(translators, cells):
@@ -291,7 +332,7 @@ def test_reference_modes(checkpoints, cells):
     plain = Translator(checkpoints["pixel"], device="cpu", reference="input")
     inversion = relative.invert(cells, "control", steps=8, channel_axis=0)
     shown = relative.generate(inversion, "treated")
-    reconstruction = inversion.reconstructions[(8, 0.0)]
+    reconstruction = inversion.generated[(0, 8, 0.0)]  # the source class (control) at 8 steps
     expected = np.clip(inversion.normalised + shown.generated - reconstruction, -1, 1)
     np.testing.assert_allclose(shown.normalised, expected, atol=1e-6)
     np.testing.assert_allclose(shown.heatmap, np.abs(expected - inversion.normalised).sum(0) / 2, atol=1e-5)

@@ -2,9 +2,12 @@
 
 A translation follows PhenDiff / Phen-LDiff: the image is inverted to noise with
 deterministic DDIM inversion under its own (source) condition, then regenerated with DDIM
-under the target condition. The whole inversion trajectory is kept, so generating again
-with another target or another strength starts from the cached state at the right noise
-level and costs only the generation steps: this is what makes scrubbing strength cheap.
+under the target condition. The inversion trajectory is cached, so generating again with
+another target or another strength starts from the cached state at the right noise level
+and costs only the generation steps: this is what makes scrubbing strength cheap. On large
+fields only an evenly spaced subset of the states is kept (a memory budget); a state in
+between is recomputed exactly from the one below it. Generated images are cached per
+(condition, strength, guidance), so returning to a strength already seen costs nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ if TYPE_CHECKING:
 
 
 REFERENCES = ("reconstruction", "input")
+# Bytes of inversion states an `Inversion` keeps (float32, on the model's device). A 64 px
+# model keeps all 51 states of a 50-step inversion in 1.6 MB; a 2048² two-channel field
+# (32 MiB a state) keeps 8 of them, instead of 1.7 GB for all.
+TRAJECTORY_BUDGET = 256 * 2**20
+# Bytes of generated images (translations and reconstructions) an `Inversion` caches for
+# scrubbing; the oldest go first. 8 images of a 2048² two-channel field.
+CACHE_BUDGET = 256 * 2**20
 
 
 def psnr(reference: np.ndarray, estimate: np.ndarray) -> float:
@@ -38,24 +48,35 @@ def psnr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return float(peak_signal_noise_ratio(reference, estimate, data_range=2.0))
 
 
+def kept_states(steps: int, state_bytes: int, budget: int = TRAJECTORY_BUDGET) -> list[int]:
+    """Which of the `steps + 1` inversion states to keep within `budget` bytes: evenly spread,
+    always the clean start (state 0, to recompute from) and the last one (strength 1)."""
+    count = min(steps + 1, max(2, budget // max(1, state_bytes)))
+    return sorted({round(i * steps / (count - 1)) for i in range(count)})
+
+
 @dataclass
 class Inversion:
-    """A source image inverted under its condition, with its whole DDIM trajectory.
+    """A source image inverted under its condition, with (a bounded subset of) its DDIM trajectory.
 
-    `trajectory[k]` is the sample after k inversion steps (k = 0: the clean image or its
-    latent), so a generation at strength s starts from `trajectory[round(s * steps)]`.
+    `states[k]` is the sample after k inversion steps (k = 0: the clean image or its latent),
+    so a generation at strength s starts from state round(s * steps); `Translator` recomputes
+    a state that was not kept from the nearest kept one below it (see `kept_states`).
     """
 
     source: str
     source_index: int
     steps: int
-    trajectory: list[torch.Tensor]
+    states: dict[int, torch.Tensor]
     model_input: np.ndarray  # (C, H', W') model range, padded to at least the model size
     normalised: np.ndarray  # (C, H, W) model range, at the image's own size
     layout: imaging.ImageLayout
     checkpoint_id: str
     autoencoder_psnr: float | None = None
-    reconstructions: dict[tuple[int, float], np.ndarray] = field(default_factory=dict, repr=False)
+    refinements: int = 0  # fixed-point iterations per inversion step, to recompute states identically
+    # Generated images (model range, cropped) by (class index, inversion steps used, guidance),
+    # oldest first; under the source class they are the reconstructions.
+    generated: dict[tuple[int, int, float], np.ndarray] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -105,6 +126,9 @@ class Translator:
     >>> result = translator.translate(image, "control", "treated")  # doctest: +SKIP
     >>> result.image, result.heatmap, result.reconstruction_psnr    # doctest: +SKIP
     """
+
+    trajectory_budget = TRAJECTORY_BUDGET
+    cache_budget = CACHE_BUDGET
 
     def __init__(
         self,
@@ -219,35 +243,58 @@ class Translator:
     def _invert(self, model_input, normalised, layout, source_index: int, steps: int) -> Steps[Inversion]:
         import torch
 
-        inverse, _ = self._schedulers_for(steps)
         den = self.denoiser
-        labels = torch.tensor([source_index], device=self.device)
         with torch.inference_mode():
             sample = den.encode(torch.from_numpy(model_input)[None].to(self.device))
             autoencoder_psnr = None
             if den.vae is not None:
                 autoencoder_psnr = psnr(model_input, den.decode(sample)[0].clamp(-1, 1).cpu().numpy())
-        trajectory = [sample]
-        for i, t in enumerate(inverse.timesteps):
-            previous = sample
-            sample = self._step(inverse, previous, t, labels)
-            # Fixed-point refinement: re-evaluate the model at the new sample, so this step is
-            # the exact inverse of the DDIM step that generation will take (sharper reconstruction).
-            for _ in range(self.inversion_refinements):
-                sample = self._step(inverse, previous, t, labels, model_input=sample)
-            trajectory.append(sample)
-            yield Progress("invert", i + 1, steps)
+        keep = set(kept_states(steps, sample.numel() * sample.element_size(), self.trajectory_budget))
+        states = {0: sample}
+        for k, sample in enumerate(self._inversion_steps(sample, 0, steps, steps, source_index,
+                                                         self.inversion_refinements), start=1):
+            if k in keep:
+                states[k] = sample
+            yield Progress("invert", k, steps)
         return Inversion(
             source=self.classes[source_index],
             source_index=source_index,
             steps=steps,
-            trajectory=trajectory,
+            states=states,
             model_input=model_input,
             normalised=normalised,
             layout=layout,
             checkpoint_id=self.checkpoint_id,
             autoencoder_psnr=autoencoder_psnr,
+            refinements=self.inversion_refinements,
         )
+
+    def _inversion_steps(self, sample, start: int, stop: int, steps: int, source_index: int, refinements: int):
+        """Inversion states start+1 .. stop of a `steps`-step inversion from state `start`,
+        one at a time; the same computation whether run first or to recompute a state."""
+        import torch
+
+        inverse, _ = self._schedulers_for(steps)
+        labels = torch.tensor([source_index], device=self.device)
+        for t in inverse.timesteps[start:stop]:
+            previous = sample
+            sample = self._step(inverse, previous, t, labels)
+            # Fixed-point refinement: re-evaluate the model at the new sample, so this step is
+            # the exact inverse of the DDIM step that generation will take (sharper reconstruction).
+            for _ in range(refinements):
+                sample = self._step(inverse, previous, t, labels, model_input=sample)
+            yield sample
+
+    def _state(self, inversion: Inversion, k: int) -> Steps[torch.Tensor]:
+        """Inversion state k: kept, or recomputed from the nearest kept state below it."""
+        if k in inversion.states:
+            return inversion.states[k]
+        start = max(j for j in inversion.states if j < k)
+        sample = inversion.states[start]
+        for i, sample in enumerate(self._inversion_steps(sample, start, k, inversion.steps, inversion.source_index,
+                                                         inversion.refinements), start=1):
+            yield Progress("invert", i, k - start)
+        return sample
 
     # -- generation --------------------------------------------------------------------
 
@@ -264,7 +311,9 @@ class Translator:
     ) -> Steps[Translation]:
         """Generator form of `generate`: regenerate a cached inversion under `target`.
 
-        Costs round(strength * steps) UNet calls and never re-inverts. The source condition
+        Costs round(strength * steps) UNet calls, nothing for an image already generated,
+        and never re-inverts (on a large field whose state at this strength was not kept, a
+        few inversion steps rebuild it from the kept state below). The source condition
         is generated in the same batch (once per strength, then cached): it measures how
         faithfully the model reproduces the input, and with reference "reconstruction" the
         translation is taken relative to it. `reconstruct=False` skips it in "input" mode.
@@ -279,15 +328,17 @@ class Translator:
         return self._generate(inversion, target_index, used_steps, guidance, seed, reconstruct, signed, sigma)
 
     def _generate(self, inversion, target_index, used_steps, guidance, seed, reconstruct, signed, sigma):
-        key = (used_steps, guidance)
+        source_key = (inversion.source_index, used_steps, guidance)
         relative = self.reference == "reconstruction"
-        if target_index == inversion.source_index and key in inversion.reconstructions:
-            generated = inversion.reconstructions[key]  # already generated: costs nothing
+        cached = inversion.generated.get((target_index, used_steps, guidance))
+        # DDIM with eta = 0 never draws noise, so the seed cannot change a cached image.
+        if cached is not None and not ((reconstruct or relative) and source_key not in inversion.generated):
+            generated = cached  # already generated: costs nothing
         else:
             generated = yield from self._sample(
                 inversion, target_index, used_steps, guidance, seed, reconstruct or relative
             )
-        reconstruction = inversion.reconstructions.get(key)
+        reconstruction = inversion.generated.get(source_key)
         if relative:
             # The change the model makes between its own rendering of the input under the
             # source and under the target condition, applied to the input itself: whatever
@@ -322,23 +373,31 @@ class Translator:
         import torch
 
         _, sampler = self._schedulers_for(inversion.steps)
-        key = (used_steps, guidance)
+        source_key = (inversion.source_index, used_steps, guidance)
         is_source = target_index == inversion.source_index
-        with_reconstruction = reconstruct and not is_source and key not in inversion.reconstructions
+        with_reconstruction = reconstruct and not is_source and source_key not in inversion.generated
         labels = torch.tensor([target_index] + [inversion.source_index] * with_reconstruction, device=self.device)
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        sample = inversion.trajectory[used_steps].repeat(len(labels), 1, 1, 1)
+        start = yield from self._state(inversion, used_steps)
+        sample = start.repeat(len(labels), 1, 1, 1)
         for i, t in enumerate(sampler.timesteps[inversion.steps - used_steps :]):
             sample = self._step(sampler, sample, t, labels, guidance, generator)
             yield Progress("generate", i + 1, used_steps)
         images = self._decode(sample)
         height, width = inversion.normalised.shape[1:]
-        translated = images[0][:, :height, :width]  # drop the padding
-        if is_source:
-            inversion.reconstructions[key] = translated
-        elif with_reconstruction:
-            inversion.reconstructions[key] = images[1][:, :height, :width]
+        # Drop the padding; copies, so a cached image does not hold the whole batch alive.
+        translated = images[0][:, :height, :width].copy()
+        self._remember(inversion, (target_index, used_steps, guidance), translated)
+        if with_reconstruction:  # last, so the budget cannot evict it before `_generate` reads it
+            self._remember(inversion, source_key, images[1][:, :height, :width].copy())
         return translated
+
+    def _remember(self, inversion: Inversion, key, image: np.ndarray) -> None:
+        """Cache a generated image; beyond `cache_budget`, forget the oldest others."""
+        cache = inversion.generated
+        cache[key] = image
+        while len(cache) > 1 and sum(a.nbytes for a in cache.values()) > self.cache_budget:
+            del cache[next(k for k in cache if k != key)]
 
     def translate_steps(
         self,
