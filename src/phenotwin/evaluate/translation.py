@@ -173,7 +173,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
                 translation = yield from relabel(translator.generate_steps(inversion, tgt, strength=s, guidance=guidance, seed=seed),
                                                  "translate", done, total)
                 done += max(1, round(s * steps))
-                reconstruction = inversion.reconstructions[(max(1, round(s * steps)), translation.guidance)]
+                reconstruction = inversion.generated[(inversion.source_index, max(1, round(s * steps)), translation.guidance)]
                 results[s].append((translation, ssim(inversion.normalised, reconstruction)))
         source_norm = model_range(translator, sources)
         target_index = translator.classes.index(tgt)
