@@ -334,6 +334,7 @@ gathered = {name: accelerator.gather(value[None]) for name, value in
 if accelerator.is_main_process:
     print("processes", accelerator.num_processes)
     print({name: torch.equal(value[0], value[1]) for name, value in gathered.items()})
+accelerator.wait_for_everyone()  # as Trainer.save does: nobody leaves the group while another still works
 accelerator.end_training()
 """
 

@@ -79,10 +79,21 @@ def run_translate(args: argparse.Namespace) -> int:
         print(f"interrupted: finished images are kept in {args.output}; run the same command again to continue",
               file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
     if result.summary is not None:
         print(f"translated {result.done}, already done {result.already_done}, failed {result.failed} "
               f"-> {result.summary}")
     return 1 if result.failed else 0
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, leave the process group before exiting, as torch.distributed asks:
+    exiting with it alive can abort the process (gloo threads outliving the interpreter)."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
