@@ -208,6 +208,41 @@ def test_plugin_module_does_not_import_torch():
     assert out == ["False", "False"]
 
 
+TWO_LOADS_AT_ONCE = """
+import sys, threading
+from phenotwin._napari.workers import load
+from phenotwin.translate import Translator
+
+errors = []
+
+def run():
+    try:
+        load(Translator, sys.argv[1])
+    except Exception as err:
+        errors.append(repr(err))
+
+threads = [threading.Thread(target=run) for _ in range(2)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(errors)
+"""
+
+
+def test_two_workers_loading_models_at_once_both_succeed(model):
+    # The demo model still loading when the user picks another one: two worker threads import
+    # diffusers' lazily resolved classes at once, which failed with "cannot import name
+    # 'AutoencoderKL'". A fresh interpreter, because this process resolved them long ago.
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", TWO_LOADS_AT_ONCE, str(model)], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
 @pytest.fixture
 def train_viewer(make_napari_viewer):
     from phenotwin.synthetic import make_pairs

@@ -16,6 +16,7 @@ from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
+from phenotwin._napari.workers import run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class EvaluateWidget(Container):
         except PhenotwinError as err:
             show_error(f"Cannot evaluate: {err}")
             return
-        worker = create_worker(_run_steps, job)
+        worker = create_worker(run_steps, job)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_done)
         worker.errored.connect(self._on_error)
@@ -200,7 +201,3 @@ class EvaluateWidget(Container):
         files = writer(self.result, folder)
         show_info(f"Wrote {', '.join(p.name for p in files.values())} to {folder}.")
 
-
-def _run_steps(steps):
-    """Generator for napari's worker: forwards each progress event, returns the result."""
-    return (yield from steps)

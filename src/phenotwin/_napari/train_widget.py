@@ -27,6 +27,7 @@ from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
+from phenotwin._napari.workers import resolve_diffusers, run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -166,6 +167,7 @@ class TrainWidget(Container):
                 size=self.size.value, steps=self.steps.value, checkpoint_every=max(1, min(500, self.steps.value)),
                 command=f"napari Train model widget ({self.method.value})",
             )
+            resolve_diffusers()  # builds models here, perhaps while a Translate widget loads one
             trainer = Trainer(config)
         except (PhenotwinError, ValueError) as err:
             show_error(f"Cannot train: {err}")
@@ -175,7 +177,7 @@ class TrainWidget(Container):
         self._pbar = progress(total=config.steps, desc="phenotwin: training")
         self._pbar.n = trainer.step
         self._steps = trainer.steps()
-        worker = create_worker(_run_steps, self._steps)
+        worker = create_worker(run_steps, self._steps)
         worker.yielded.connect(self._on_step)
         worker.returned.connect(self._on_done)
         worker.errored.connect(self._on_error)
@@ -263,8 +265,4 @@ class TrainWidget(Container):
         widget.load_model(str(self.trained))
         show_info(f"Loaded {self.trained.name} in the Translate widget.")
 
-
-def _run_steps(steps):
-    """Generator for napari's worker: forwards each step, returns the trainer's result."""
-    return (yield from steps)
 

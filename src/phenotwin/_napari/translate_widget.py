@@ -33,6 +33,7 @@ from psygnal import Signal
 from qtpy.QtCore import QObject, QTimer
 from qtpy.QtCore import Signal as QtSignal
 
+from phenotwin._napari.workers import load, run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -232,7 +233,7 @@ class TranslateWidget(Container):
         self.model_info.value = f"Loading {Path(path).name}..."
         self.load_button.enabled = False
         self._requested_model = str(Path(path).resolve())
-        worker = create_worker(_load_translator, path)
+        worker = create_worker(load, _load_translator, path)
         worker.returned.connect(self._on_model_loaded)
         worker.errored.connect(lambda err: self._on_error(err, "Could not load the model"))
         worker.finished.connect(lambda: self._closed or setattr(self.load_button, "enabled", True))
@@ -453,7 +454,7 @@ class TranslateWidget(Container):
         return (yield from self.translator.generate_steps(self.inversion, **settings))
 
     def _start(self, job, description: str) -> None:
-        worker = create_worker(_run_steps, job)
+        worker = create_worker(run_steps, job)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_result)
         worker.errored.connect(lambda err: self._on_error(err, "Translation failed"))
@@ -689,10 +690,6 @@ class TranslateWidget(Container):
             self._inversion_key = None
         self._refresh_layer_choices()
 
-
-def _run_steps(steps):
-    """A generator function for napari's worker: forwards every Progress, returns the result."""
-    return (yield from steps)
 
 
 def _common_name(names: list[str]) -> str:
