@@ -48,6 +48,7 @@ def viewer_and_widget(make_napari_viewer, qtbot, model, cells):
     layers = viewer.add_image(cells, channel_axis=0, name=["ctrl nucleus", "ctrl golgi"], scale=(0.5, 0.5),
                               translate=(10, 20), metadata={"phenotwin": {"condition": "control"}})
     widget = TranslateWidget(viewer)
+    widget.prefetch.value = False  # counted UNet calls stay the user's own; the prefetch tests turn it on
     viewer.window.add_dock_widget(widget, name="Translate cells")
     widget.load_model(str(model))
     wait_until(qtbot, lambda: widget.translator is not None)
@@ -99,6 +100,51 @@ def test_scrubbing_regenerates_without_inverting(viewer_and_widget, qtbot):
     # one debounced regeneration at the final strength: 5 of 10 steps, no inversion, no reconstruction
     assert widget.translator.denoiser.calls - calls == 5
     assert not np.array_equal(first, viewer.layers["ctrl golgi → nocodazole"].data)
+
+
+def shown_strength(viewer) -> float:
+    return viewer.layers["ctrl golgi → nocodazole"].metadata["phenotwin"]["strength"]
+
+
+@requires_display
+def test_prefetched_strengths_are_shown_without_any_model_call(viewer_and_widget, qtbot):
+    viewer, widget, _ = viewer_and_widget
+    widget.steps.value = 10
+    widget.prefetch.value = True
+    run_and_wait(qtbot, widget)
+    # Strength 1.0 at 10 steps: the slider's strengths 0.75-0.99 round to 8 and 9 steps.
+    wait_until(qtbot, lambda: widget._prefetcher is None and "ready" in widget.prefetch_info.value)
+    assert widget.prefetch_info.value.startswith("Strengths 0.75–0.99 are ready")
+    calls = widget.translator.denoiser.calls
+    widget.strength.value = 0.8
+    wait_until(qtbot, lambda: shown_strength(viewer) == 0.8)
+    assert widget.translator.denoiser.calls == calls
+    # The prefetch then starts again around 0.8: 0.55-0.99 round to 6-10 steps; 6 and 7 are new.
+    wait_until(qtbot, lambda: widget._prefetcher is None and "0.55–" in widget.prefetch_info.value)
+    widget.strength.value = 0.6
+    wait_until(qtbot, lambda: shown_strength(viewer) == 0.6)
+    assert widget.translator.denoiser.calls - calls == 7 + 6  # the two new strengths, reconstructions in the batch
+
+
+@requires_display
+def test_prefetch_gives_way_to_the_slider_and_to_run(viewer_and_widget, qtbot):
+    viewer, widget, _ = viewer_and_widget
+    widget.steps.value = 200
+    widget.prefetch.value = True
+    run_and_wait(qtbot, widget)
+    wait_until(qtbot, lambda: widget._prefetcher is not None and "Precomputing" in widget.prefetch_info.value)
+    calls = widget.translator.denoiser.calls
+    widget.strength.value = 0.5  # not prefetched yet: the prefetch stops, the scrub runs, then it restarts
+    wait_until(qtbot, lambda: shown_strength(viewer) == 0.5)
+    # Far fewer calls than the 25 strengths of 150-199 steps it was working through (~8700 calls)
+    assert widget.translator.denoiser.calls - calls < 1500
+    wait_until(qtbot, lambda: widget._prefetcher is not None)
+    widget.steps.value = 10
+    widget.run()  # a new inversion: waits for the prefetch to stop, then translates
+    wait_until(qtbot, lambda: viewer.layers["ctrl golgi → nocodazole"].metadata["phenotwin"]["steps"] == 10)
+    widget.prefetch.value = False
+    wait_until(qtbot, lambda: widget._prefetcher is None and widget._worker is None)
+    assert widget.prefetch_info.native.isHidden()  # stopped early: its last word no longer holds
 
 
 @requires_display

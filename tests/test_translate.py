@@ -112,6 +112,47 @@ def test_the_generation_cache_stays_within_its_budget(checkpoints, cells):
     assert list(inversion.generated) == [(0, 4, 0.0), (1, 6, 0.0), (0, 6, 0.0)]
 
 
+def test_prefetched_strengths_cost_nothing_later_and_match_a_fresh_generation(checkpoints, cells):
+    from phenotwin import Translator
+    from phenotwin.progress import drive
+
+    translator = Translator(checkpoints["pixel"], device="cpu")
+    inversion = translator.invert(cells, "control", steps=10, channel_axis=0)
+    translator.generate(inversion, "treated", strength=0.5)  # the first translation: 0.5 is cached already
+    events = []
+    before = translator.denoiser.calls
+    made = drive(translator.prefetch_steps(inversion, "treated", [0.5, 0.6, 0.4, 0.62, 0.3]), events.append)
+    # 0.5 was cached, 0.62 rounds to 0.6's 6 steps: three new strengths, 6 + 4 + 3 batched calls.
+    assert made == 3
+    assert translator.denoiser.calls - before == 13
+    assert [(e.item, e.items, e.unit, e.total) for e in events] == \
+        [(1, 3, "strength", 6)] * 6 + [(2, 3, "strength", 4)] * 4 + [(3, 3, "strength", 3)] * 3
+    before = translator.denoiser.calls
+    scrubbed = translator.generate(inversion, "treated", strength=0.4, reconstruct=False)
+    assert translator.denoiser.calls == before
+    fresh = Translator(checkpoints["pixel"], device="cpu")
+    expected = fresh.generate(fresh.invert(cells, "control", steps=10, channel_axis=0), "treated", strength=0.4)
+    np.testing.assert_array_equal(scrubbed.normalised, expected.normalised)
+    assert scrubbed.reconstruction_psnr == expected.reconstruction_psnr
+
+
+def test_prefetch_stops_before_the_cache_forgets_what_it_made(checkpoints, cells):
+    from phenotwin import Translator
+
+    translator = Translator(checkpoints["pixel"], device="cpu")
+    translator.cache_budget = 5 * cells.size * 4  # five images: two strengths and their reconstructions
+    inversion = translator.invert(cells, "control", steps=10, channel_axis=0)
+    steps = translator.prefetch_steps(inversion, "treated", [0.5, 0.6, 0.4, 0.3])
+    made = None
+    while made is None:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            made = stop.value
+    assert made == 2
+    assert sorted(inversion.generated) == [(0, 5, 0.0), (0, 6, 0.0), (1, 5, 0.0), (1, 6, 0.0)]
+
+
 def test_lower_strength_keeps_more_of_the_image(translators, cells):
     translator = translators["pixel"]
     inversion = translator.invert(cells, "control", steps=20, channel_axis=0)

@@ -392,6 +392,41 @@ class Translator:
             self._remember(inversion, source_key, images[1][:, :height, :width].copy())
         return translated
 
+    def is_generated(self, inversion: Inversion, target: str | int, strength: float, guidance: float | None = None) -> bool:
+        """Whether `generate` at these settings would only read the cache (no UNet call)."""
+        _, target_index, strength, _, guidance = self.check_settings(None, target, strength, None, guidance)
+        used = max(1, round(strength * inversion.steps))
+        keys = [(target_index, used, guidance)] + [(inversion.source_index, used, guidance)] * (
+            self.reference == "reconstruction")
+        return all(key in inversion.generated for key in keys)
+
+    def prefetch_steps(
+        self, inversion: Inversion, target: str | int, strengths: list[float], guidance: float | None = None
+    ) -> Steps[int]:
+        """Generate `strengths`, in the order given, into the inversion's image cache.
+
+        A new strength costs round(strength * steps) UNet calls and cannot reuse another
+        strength's trajectory, so the widget spends idle time here: afterwards a slider move
+        to one of these strengths costs a heatmap. Strengths already cached are skipped; it
+        stops before the cache would have to forget the first ones (`cache_budget`).
+        Returns how many strengths it generated. Cancel it like any other steps."""
+        from phenotwin.progress import tagged
+
+        _, target_index, _, _, guidance = self.check_settings(None, target, None, None, guidance)
+        with_source = self.reference == "reconstruction"  # what `generate` would then also need
+        rungs: list[int] = []
+        for strength in strengths:
+            used = max(1, round(self._strength(strength) * inversion.steps))
+            if used not in rungs and not self.is_generated(inversion, target_index, strength, guidance):
+                rungs.append(used)
+        image_bytes = int(np.prod(inversion.normalised.shape)) * np.dtype(np.float32).itemsize
+        free = self.cache_budget - sum(image.nbytes for image in inversion.generated.values())
+        rungs = rungs[: max(0, free // (image_bytes * (1 + with_source)))]
+        for k, used in enumerate(rungs):
+            yield from tagged(self._sample(inversion, target_index, used, guidance, None, with_source),
+                              k + 1, len(rungs), "strength")
+        return len(rungs)
+
     def _remember(self, inversion: Inversion, key, image: np.ndarray) -> None:
         """Cache a generated image; beyond `cache_budget`, forget the oldest others."""
         cache = inversion.generated

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 POOR_RECONSTRUCTION_DB = 25.0
 FAIR_RECONSTRUCTION_DB = 32.0
 SCRUB_DEBOUNCE_MS = 120
+# After a translation, strengths this far either side of the slider are generated in the
+# background (nearest first), so that scrubbing to them is instant.
+PREFETCH_RADIUS = 0.25
 ROLE_KEY = "phenotwin"
 CURRENT_PLANE, ALL_PLANES = "current plane", "all planes"
 RGB_NAMES = ("R", "G", "B")
@@ -150,6 +153,9 @@ class TranslateWidget(Container):
         self._inversion_key: tuple | None = None
         self._sources: SourcePlanes | None = None
         self._worker = None
+        self._prefetcher = None  # background worker filling the strength cache
+        self._prefetched: list[float] | None = None  # the strengths it finished
+        self._after_prefetch = None  # what runs once it has stopped
         self._pbar = None
         self._scrub_pending = False
         self._requested_model: str | None = None
@@ -177,6 +183,11 @@ class TranslateWidget(Container):
         self.target = ComboBox(label="To condition", choices=self._conditions)
         self.strength = FloatSlider(label="Strength", min=0.02, max=1.0, step=0.01, value=1.0,
                                     tooltip="How far to invert: 1 = all the way to noise (strongest change).")
+        self.prefetch = CheckBox(text="Precompute nearby strengths", value=True,
+                                 tooltip="After a translation, generate the strengths around the slider's in the "
+                                         "background so that moving the slider there is instant. It gives way to "
+                                         "anything you start.")
+        self.prefetch_info = Label(value="", visible=False)
         self.steps = SpinBox(label="Steps", min=2, max=1000, value=50, tooltip="DDIM steps for inversion and generation")
         self.guidance = FloatSpinBox(label="Guidance", min=0.0, max=20.0, step=0.5, value=0.0,
                                      tooltip="Classifier-free guidance; 0 = none")
@@ -192,11 +203,11 @@ class TranslateWidget(Container):
         self.side_by_side = CheckBox(text="Side by side (grid)", value=False)
         self.extend([
             self.model_path, self.load_button, self.model_info, self.channel_pickers, self.planes, self.cells,
-            self.source, self.target, self.strength, self.steps, self.guidance, self.seed, self.run_button,
+            self.source, self.target, self.strength, self.prefetch, self.prefetch_info, self.steps, self.guidance, self.seed, self.run_button,
             self.cancel_button, self.progress_bar, self.status, self.quality, self.top_cells, self.export_button,
             self.compare_button, self.side_by_side,
         ])
-        for widget in (self.quality, self.model_info, self.status, self.top_cells):
+        for widget in (self.quality, self.model_info, self.status, self.top_cells, self.prefetch_info):
             widget.native.setWordWrap(True)
 
         self._scrub_timer = QTimer()
@@ -210,6 +221,7 @@ class TranslateWidget(Container):
         self.strength.changed.connect(self._on_generation_setting)
         self.target.changed.connect(self._on_generation_setting)
         self.guidance.changed.connect(self._on_generation_setting)
+        self.prefetch.changed.connect(lambda on: self._start_prefetch() if on else self._stop_prefetch_then(None))
         self.compare_button.changed.connect(self.toggle_before_after)
         self.export_button.changed.connect(self._ask_csv_path)
         self.side_by_side.changed.connect(self._on_side_by_side)
@@ -243,6 +255,7 @@ class TranslateWidget(Container):
     def _on_model_loaded(self, translator: Translator) -> None:
         if self._closed or str(translator.checkpoint_path.resolve()) != self._requested_model:
             return  # an earlier request finished after a newer one: keep the newer
+        self._stop_prefetch_then(None)
         self.translator = translator
         self.inversion, self._inversion_key = None, None
         info = translator.info
@@ -376,6 +389,8 @@ class TranslateWidget(Container):
         if self._worker is not None:
             show_info("A translation is already running; Cancel it or wait.")
             return
+        if self._stop_prefetch_then(self.run):
+            return
         try:
             cells = self.cells.value
             all_planes = self.planes.value == ALL_PLANES
@@ -466,6 +481,7 @@ class TranslateWidget(Container):
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.progress_bar.visible = True
+        self.prefetch_info.visible = False  # about the previous result
         self.status.value = f"{description}..."
         worker.start()
 
@@ -499,6 +515,8 @@ class TranslateWidget(Container):
     def _on_destroyed(self, *_):
         """napari is closing or the dock was removed: stop work, touch no (deleted) widget."""
         self._closed = True
+        if self._prefetcher is not None:
+            self._prefetcher.quit()
         if self._worker is not None:
             self._worker.quit()
             self.translator.denoiser.tile_progress = None  # the model is shared: report tiles to no one
@@ -520,6 +538,8 @@ class TranslateWidget(Container):
         if self._scrub_pending:
             self._scrub_pending = False
             self._scrub()
+        else:
+            self._start_prefetch()
 
     def _on_error(self, err: Exception, what: str) -> None:
         if self._closed:
@@ -533,12 +553,25 @@ class TranslateWidget(Container):
     # -- scrubbing -----------------------------------------------------------------------------
 
     def _on_generation_setting(self, *_):
-        """Strength, target or guidance changed: regenerate from the cached inversion (debounced)."""
-        if self.inversion is not None and self.last_result is not None:
+        """Strength, target or guidance changed: regenerate from the cached inversion (debounced,
+        unless it is cached: then there is nothing to wait for)."""
+        if self.inversion is None or self.last_result is None:
+            return
+        try:
+            cached = self.translator.is_generated(self.inversion, self.target.value, self.strength.value,
+                                                  self.guidance.value)
+        except PhenotwinError:
+            cached = False  # _scrub reports it
+        if cached:
+            self._scrub_timer.stop()
+            self._scrub()
+        else:
             self._scrub_timer.start()
 
     def _scrub(self) -> None:
         if self.inversion is None or self.translator is None:
+            return
+        if self._stop_prefetch_then(self._scrub):
             return
         if self._worker is not None:
             self._scrub_pending = True  # run once more with the newest value when this one ends
@@ -550,6 +583,62 @@ class TranslateWidget(Container):
             return
         settings = self._generation_settings(reconstruct=False)
         self._start(self.translator.generate_steps(self.inversion, **settings), "Updating")
+
+    # -- precomputing strengths in the background ------------------------------------------
+
+    def _prefetch_ladder(self) -> list[float]:
+        """The slider's strengths within PREFETCH_RADIUS of the current one, nearest first."""
+        step, current = self.strength.step, self.strength.value
+        ladder = [current + sign * k * step for k in range(1, round(PREFETCH_RADIUS / step) + 1) for sign in (1, -1)]
+        return [round(s, 6) for s in ladder if self.strength.min - 1e-9 <= s <= self.strength.max + 1e-9]
+
+    def _start_prefetch(self) -> None:
+        """When idle after a translation of one model-sized image: fill the strength cache."""
+        from phenotwin.translate import Translation
+
+        result = self.last_result
+        if (self._closed or not self.prefetch.value or self._worker is not None or self._prefetcher is not None
+                or self.inversion is None or not isinstance(result, Translation) or result.inversion is not self.inversion):
+            return
+        if max(self.inversion.normalised.shape[1:]) > self.translator.image_size:
+            return  # a tiled field: each step takes seconds, too slow to give way to the user at once
+        ladder = self._prefetch_ladder()
+        job = self.translator.prefetch_steps(self.inversion, self.target.value, ladder, self.guidance.value)
+        worker = create_worker(run_steps, job)
+        worker.yielded.connect(self._on_prefetch_progress)
+        worker.returned.connect(lambda _: setattr(self, "_prefetched", ladder))
+        worker.errored.connect(lambda err: self._on_error(err, "Precomputing strengths failed"))
+        worker.finished.connect(self._on_prefetch_finished)
+        self._prefetcher, self._prefetched = worker, None
+        worker.start()
+
+    def _stop_prefetch_then(self, action) -> bool:
+        """Give way to the user: a running prefetch stops at its next step, then `action` runs.
+        False when none was running (the caller goes on at once)."""
+        if self._prefetcher is None:
+            return False
+        self._after_prefetch = action
+        self._prefetcher.quit()
+        return True
+
+    def _on_prefetch_progress(self, event) -> None:
+        if self._closed or self._prefetcher is None:
+            return
+        self.prefetch_info.visible = True
+        self.prefetch_info.value = f"Precomputing nearby strength {event.item} of {event.items} in the background..."
+
+    def _on_prefetch_finished(self) -> None:
+        if self._closed:
+            return
+        self._prefetcher = None
+        if self._prefetched:  # done, not stopped early
+            low, high = min(self._prefetched), max(self._prefetched)
+            self.prefetch_info.value = f"Strengths {low:.2f}–{high:.2f} are ready: moving the slider there is instant."
+        else:
+            self.prefetch_info.visible = False
+        action, self._after_prefetch = self._after_prefetch, None
+        if action is not None:
+            action()
 
     # -- results ---------------------------------------------------------------------------
 
