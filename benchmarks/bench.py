@@ -343,7 +343,8 @@ def gui_child(args) -> dict:
         ticks.clear()
         steps_seen: list[float] = []
         start = time.perf_counter()
-        widget.run()
+        widget.run()  # after the previous run the prefetch works in the background: it stops first
+        process_events_until(lambda: widget._worker is not None)
         widget._worker.yielded.connect(lambda _: steps_seen.append(time.perf_counter()))
         widget._worker.finished.connect(loop.quit)
         loop.exec()
@@ -352,10 +353,52 @@ def gui_child(args) -> dict:
         gaps.append(1000 * float(np.diff(ticks).max()))
         computing = [t for t in ticks if t <= steps_seen[-1]]
         computing_gaps.append(1000 * float(np.diff(computing).max()))
+    ended = time.perf_counter()
+    scrub = gui_scrub(widget, loop, args.runs)
+    scrub["prefetch_s"] = scrub.pop("prefetch_ended") - ended
+    scrub["fraction_of_translation"] = {key: scrub[key]["median"] / summary(seconds)["median"]
+                                        for key in ("prefetched_s", "new_s")}
     viewer.close()
     return {"max_gap_ms": summary(gaps), "max_gap_computing_ms": summary(computing_gaps),
             "translation_s": summary(seconds), "heartbeat_ms": 10, "image_size": translator.image_size,
-            "steps": args.steps}
+            "steps": args.steps, "scrub": scrub}
+
+
+def process_events_until(condition) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    while not condition():
+        QApplication.processEvents()
+        time.sleep(0.002)
+
+
+def gui_scrub(widget, loop, runs: int) -> dict:
+    """Slider moves in the widget after a translation: to strengths the background prefetch
+    made (from the move to the result layers updated), and to one outside its reach."""
+    from phenotwin._napari.translate_widget import PREFETCH_RADIUS, SCRUB_DEBOUNCE_MS
+
+    def settle() -> None:  # the prefetch (re)started after the last result has finished
+        process_events_until(lambda: widget._prefetcher is None and widget._worker is None)
+
+    def scrub_to(strength: float) -> float:
+        start = time.perf_counter()
+        widget.strength.value = strength
+        loop.exec()  # quits on `translated`, once the layers show the result
+        return time.perf_counter() - start
+
+    widget.translated.connect(lambda _: loop.quit())
+    settle()
+    out = {"prefetch_ended": time.perf_counter(), "prefetch_radius": PREFETCH_RADIUS, "debounce_ms": SCRUB_DEBOUNCE_MS}
+    prefetched = []
+    for k in range(max(runs, 3)):  # 0.9, 0.85, 0.8, ...: within reach of the strengths 1.0, 0.9, ... prefetched
+        prefetched.append(scrub_to(round(0.9 - 0.05 * k, 2)))
+        settle()
+    new = []
+    for k in range(runs):  # 0.3, 0.2, ...: beyond the prefetch radius of where the slider was
+        settle()
+        new.append(scrub_to(round(0.3 - 0.1 * k, 2)))
+    settle()
+    return {**out, "prefetched_s": summary(prefetched), "new_s": summary(new)}
 
 
 def bench_gui(args) -> dict:
@@ -530,12 +573,21 @@ def markdown(results: dict) -> str:
 
 
 def gui_markdown(gui: dict) -> list[str]:
-    return ["", f"4. napari responsiveness (real viewer, Translate widget, demo model, "
-                  f"{gui.get('image_size', '?')}² field, {gui.get('steps', '?')} steps): "
-              + ("skipped: " + gui["skipped"] if "skipped" in gui else
-                 f"longest gap between 10 ms heartbeat ticks **{fmt(gui['max_gap_ms'], unit='ms', digits=0)}** "
-                 f"(target ≤ 50 ms) during a translation of {fmt(gui['translation_s'])}, showing the result "
-                 f"layers included; while the worker computes: {fmt(gui['max_gap_computing_ms'], unit='ms', digits=0)}.")]
+    lines = ["", f"4. napari responsiveness (real viewer, Translate widget, demo model, "
+                 f"{gui.get('image_size', '?')}² field, {gui.get('steps', '?')} steps): "
+             + ("skipped: " + gui["skipped"] if "skipped" in gui else
+                f"longest gap between 10 ms heartbeat ticks **{fmt(gui['max_gap_ms'], unit='ms', digits=0)}** "
+                f"(target ≤ 50 ms) during a translation of {fmt(gui['translation_s'])}, showing the result "
+                f"layers included; while the worker computes: {fmt(gui['max_gap_computing_ms'], unit='ms', digits=0)}.")]
+    if "scrub" in gui:
+        scrub, share = gui["scrub"], gui["scrub"]["fraction_of_translation"]
+        lines += ["", f"3 (in the widget). Scrub from moving the slider to the result layers updated: to a strength "
+                      f"the background prefetch made **{fmt(scrub['prefetched_s'], 1000, 'ms', 0)} = "
+                      f"{100 * share['prefetched_s']:.1f}%** of the translation; to a strength beyond its reach "
+                      f"(±{scrub['prefetch_radius']} around the slider) {fmt(scrub['new_s'])} = "
+                      f"{100 * share['new_s']:.0f}% (the {scrub['debounce_ms']} ms debounce included). The prefetch "
+                      f"after the last translation took {scrub['prefetch_s']:.1f} s in the background."]
+    return lines
 
 
 def fields_markdown(fields: dict) -> list[str]:

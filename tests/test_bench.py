@@ -41,4 +41,7 @@ def test_quick_benchmark_reports_every_section(tmp_path):
     assert fields["time_per_area_ratio"] >= 1
     gui = results["gui"]
     assert "skipped" in gui or gui["max_gap_ms"]["median"] >= 5
+    if "skipped" not in gui:  # a prefetched strength is shown without generating: faster than a new one
+        assert gui["scrub"]["prefetched_s"]["median"] < gui["scrub"]["new_s"]["median"]
+        assert gui["scrub"]["prefetch_s"] >= 0
     assert "| 1 | first translation" in done.stdout and "napari responsiveness" in done.stdout
