@@ -374,7 +374,7 @@ def process_events_until(condition) -> None:
 
 def gui_scrub(widget, loop, runs: int) -> dict:
     """Slider moves in the widget after a translation: to strengths the background prefetch
-    made (from the move to the result layers updated), and to one outside its reach."""
+    made (from the move to the result layers updated), and to one the cache does not hold."""
     from phenotwin._napari.translate_widget import PREFETCH_RADIUS, SCRUB_DEBOUNCE_MS
 
     def settle() -> None:  # the prefetch (re)started after the last result has finished
@@ -394,9 +394,10 @@ def gui_scrub(widget, loop, runs: int) -> dict:
         prefetched.append(scrub_to(round(0.9 - 0.05 * k, 2)))
         settle()
     new = []
-    for k in range(runs):  # 0.3, 0.2, ...: beyond the prefetch radius of where the slider was
+    for k in range(runs):  # 0.3, 0.2, 0.3, ...: strengths the cache does not hold (emptied first)
         settle()
-        new.append(scrub_to(round(0.3 - 0.1 * k, 2)))
+        widget.inversion.generated.clear()
+        new.append(scrub_to(0.3 if k % 2 == 0 else 0.2))
     settle()
     return {**out, "prefetched_s": summary(prefetched), "new_s": summary(new)}
 
@@ -583,8 +584,8 @@ def gui_markdown(gui: dict) -> list[str]:
         scrub, share = gui["scrub"], gui["scrub"]["fraction_of_translation"]
         lines += ["", f"3 (in the widget). Scrub from moving the slider to the result layers updated: to a strength "
                       f"the background prefetch made **{fmt(scrub['prefetched_s'], 1000, 'ms', 0)} = "
-                      f"{100 * share['prefetched_s']:.1f}%** of the translation; to a strength beyond its reach "
-                      f"(±{scrub['prefetch_radius']} around the slider) {fmt(scrub['new_s'])} = "
+                      f"{100 * share['prefetched_s']:.1f}%** of the translation (it prefetches ±{scrub['prefetch_radius']} "
+                      f"around the slider); to a strength not prefetched {fmt(scrub['new_s'])} = "
                       f"{100 * share['new_s']:.0f}% (the {scrub['debounce_ms']} ms debounce included). The prefetch "
                       f"after the last translation took {scrub['prefetch_s']:.1f} s in the background."]
     return lines

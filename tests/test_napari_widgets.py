@@ -114,9 +114,10 @@ def test_prefetched_strengths_are_shown_without_any_model_call(viewer_and_widget
     run_and_wait(qtbot, widget)
     # Strength 1.0 at 10 steps: the slider's strengths 0.75-0.99 round to 8 and 9 steps.
     wait_until(qtbot, lambda: widget._prefetcher is None and "ready" in widget.prefetch_info.value)
-    assert widget.prefetch_info.value.startswith("Strengths 0.75–0.99 are ready")
+    assert widget.prefetch_info.value.startswith("Strengths 0.75–1.00 are ready")
     calls = widget.translator.denoiser.calls
     widget.strength.value = 0.8
+    assert widget._worker is not None  # cached: shown at once, without the debounce a new strength waits for
     wait_until(qtbot, lambda: shown_strength(viewer) == 0.8)
     assert widget.translator.denoiser.calls == calls
     # The prefetch then starts again around 0.8: 0.55-0.99 round to 6-10 steps; 6 and 7 are new.
@@ -142,9 +143,39 @@ def test_prefetch_gives_way_to_the_slider_and_to_run(viewer_and_widget, qtbot):
     widget.steps.value = 10
     widget.run()  # a new inversion: waits for the prefetch to stop, then translates
     wait_until(qtbot, lambda: viewer.layers["ctrl golgi → nocodazole"].metadata["phenotwin"]["steps"] == 10)
+    wait_until(qtbot, lambda: widget._prefetcher is not None)
+    widget.strength.value = 0.3
+    widget.run()  # queued behind the prefetch after the scrub: Translate is not lost to it
+    calls = widget.translator.denoiser.calls
     widget.prefetch.value = False
     wait_until(qtbot, lambda: widget._prefetcher is None and widget._worker is None)
+    assert shown_strength(viewer) == 0.3
     assert widget.prefetch_info.native.isHidden()  # stopped early: its last word no longer holds
+    assert widget.translator.denoiser.calls - calls <= 3 + 1  # the generation at 0.3, no prefetch after it
+    widget.prefetch.value = True  # ticked again: it starts from where the slider is
+    wait_until(qtbot, lambda: "are ready" in widget.prefetch_info.value)
+    assert all(widget.translator.is_generated(widget.inversion, "nocodazole", s) for s in (0.05, 0.3, 0.55))
+
+
+@requires_display
+def test_a_runtime_error_in_the_worker_is_reported_and_the_widget_recovers(viewer_and_widget, qtbot, monkeypatch):
+    # superqt drops a RuntimeError silently (no errored, no finished): the widget would wait forever.
+    from phenotwin.progress import Progress
+
+    viewer, widget, _ = viewer_and_widget
+    shown = []
+    monkeypatch.setattr(tw, "show_error", shown.append)
+
+    def failing(*args, **kwargs):
+        yield Progress("invert", 1, 2)
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(widget.translator, "invert_steps", failing)
+    widget.steps.value = 7
+    run_and_wait(qtbot, widget)
+    assert shown == ["Translation failed: the computation stopped with RuntimeError: DefaultCPUAllocator: "
+                     "not enough memory"]
+    assert widget.run_button.enabled and widget._worker is None
 
 
 @requires_display
@@ -256,14 +287,14 @@ def test_plugin_module_does_not_import_torch():
 
 TWO_LOADS_AT_ONCE = """
 import sys, threading
-from phenotwin._napari.workers import load
+from phenotwin._napari.workers import call
 from phenotwin.translate import Translator
 
 errors = []
 
 def run():
     try:
-        load(Translator, sys.argv[1])
+        call(Translator, sys.argv[1])
     except Exception as err:
         errors.append(repr(err))
 

@@ -113,10 +113,9 @@ class EvaluateWidget(Container):
         except PhenotwinError as err:
             show_error(f"Cannot evaluate: {err}")
             return
-        worker = create_worker(run_steps, job)
+        worker = create_worker(run_steps, job, _connect={"errored": self._on_error}, _start_thread=False)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_done)
-        worker.errored.connect(self._on_error)
         worker.aborted.connect(self._on_cancelled)
         worker.finished.connect(self._on_finished)
         self._worker = worker

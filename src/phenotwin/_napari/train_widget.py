@@ -27,7 +27,7 @@ from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
-from phenotwin._napari.workers import resolve_diffusers, run_steps
+from phenotwin._napari.workers import call, resolve_diffusers, run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -177,10 +177,9 @@ class TrainWidget(Container):
         self._pbar = progress(total=config.steps, desc="phenotwin: training")
         self._pbar.n = trainer.step
         self._steps = trainer.steps()
-        worker = create_worker(run_steps, self._steps)
+        worker = create_worker(run_steps, self._steps, _connect={"errored": self._on_error}, _start_thread=False)
         worker.yielded.connect(self._on_step)
         worker.returned.connect(self._on_done)
-        worker.errored.connect(self._on_error)
         worker.aborted.connect(self._on_stopped)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -214,9 +213,8 @@ class TrainWidget(Container):
         """The worker stopped iterating; closing the step generator makes the trainer save (off the GUI thread).
         This runs even when napari is closing: the model is saved, only the widgets are left alone."""
         trainer = self._trainer
-        saver = create_worker(self._steps.close)
+        saver = create_worker(call, self._steps.close, _connect={"errored": self._on_error}, _start_thread=False)
         saver.finished.connect(lambda: self._on_saved_after_stop(trainer))
-        saver.errored.connect(self._on_error)
         self._saver = saver
         saver.start()
 

@@ -33,7 +33,7 @@ from psygnal import Signal
 from qtpy.QtCore import QObject, QTimer
 from qtpy.QtCore import Signal as QtSignal
 
-from phenotwin._napari.workers import load, run_steps
+from phenotwin._napari.workers import call, run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -154,7 +154,9 @@ class TranslateWidget(Container):
         self._sources: SourcePlanes | None = None
         self._worker = None
         self._prefetcher = None  # background worker filling the strength cache
-        self._prefetched: list[float] | None = None  # the strengths it finished
+        self._prefetched = False  # it finished (was not stopped early)
+        self._prefetch_failed: Inversion | None = None  # no retries for an inversion it failed on
+        self._cancelled = False
         self._after_prefetch = None  # what runs once it has stopped
         self._pbar = None
         self._scrub_pending = False
@@ -203,9 +205,9 @@ class TranslateWidget(Container):
         self.side_by_side = CheckBox(text="Side by side (grid)", value=False)
         self.extend([
             self.model_path, self.load_button, self.model_info, self.channel_pickers, self.planes, self.cells,
-            self.source, self.target, self.strength, self.prefetch, self.prefetch_info, self.steps, self.guidance, self.seed, self.run_button,
-            self.cancel_button, self.progress_bar, self.status, self.quality, self.top_cells, self.export_button,
-            self.compare_button, self.side_by_side,
+            self.source, self.target, self.strength, self.prefetch, self.prefetch_info, self.steps, self.guidance,
+            self.seed, self.run_button, self.cancel_button, self.progress_bar, self.status, self.quality,
+            self.top_cells, self.export_button, self.compare_button, self.side_by_side,
         ])
         for widget in (self.quality, self.model_info, self.status, self.top_cells, self.prefetch_info):
             widget.native.setWordWrap(True)
@@ -245,9 +247,10 @@ class TranslateWidget(Container):
         self.model_info.value = f"Loading {Path(path).name}..."
         self.load_button.enabled = False
         self._requested_model = str(Path(path).resolve())
-        worker = create_worker(load, _load_translator, path)
+        worker = create_worker(call, _load_translator, path,
+                               _connect={"errored": lambda err: self._on_error(err, "Could not load the model")},
+                               _start_thread=False)
         worker.returned.connect(self._on_model_loaded)
-        worker.errored.connect(lambda err: self._on_error(err, "Could not load the model"))
         worker.finished.connect(lambda: self._closed or setattr(self.load_button, "enabled", True))
         worker.start()
         self._loader = worker
@@ -256,6 +259,7 @@ class TranslateWidget(Container):
         if self._closed or str(translator.checkpoint_path.resolve()) != self._requested_model:
             return  # an earlier request finished after a newer one: keep the newer
         self._stop_prefetch_then(None)
+        self.prefetch_info.visible = False
         self.translator = translator
         self.inversion, self._inversion_key = None, None
         info = translator.info
@@ -469,13 +473,14 @@ class TranslateWidget(Container):
         return (yield from self.translator.generate_steps(self.inversion, **settings))
 
     def _start(self, job, description: str) -> None:
-        worker = create_worker(run_steps, job)
+        worker = create_worker(run_steps, job,
+                               _connect={"errored": lambda err: self._on_error(err, "Translation failed")},
+                               _start_thread=False)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_result)
-        worker.errored.connect(lambda err: self._on_error(err, "Translation failed"))
         worker.aborted.connect(lambda: self._closed or setattr(self.status, "value", "Cancelled."))
         worker.finished.connect(self._on_finished)
-        self._worker = worker
+        self._worker, self._cancelled = worker, False
         self.translator.denoiser.tile_progress = self._tiles.progressed.emit
         self._stage = None
         self.run_button.enabled = False
@@ -509,6 +514,7 @@ class TranslateWidget(Container):
     def cancel(self, *_):
         """Stop the running translation at its next diffusion step."""
         self._scrub_pending = False
+        self._cancelled = True  # and leave the machine alone afterwards: no prefetch
         if self._worker is not None:
             self._worker.quit()
 
@@ -538,7 +544,7 @@ class TranslateWidget(Container):
         if self._scrub_pending:
             self._scrub_pending = False
             self._scrub()
-        else:
+        elif not self._cancelled:
             self._start_prefetch()
 
     def _on_error(self, err: Exception, what: str) -> None:
@@ -598,26 +604,28 @@ class TranslateWidget(Container):
 
         result = self.last_result
         if (self._closed or not self.prefetch.value or self._worker is not None or self._prefetcher is not None
-                or self.inversion is None or not isinstance(result, Translation) or result.inversion is not self.inversion):
+                or self.inversion is None or not isinstance(result, Translation) or result.inversion is not self.inversion
+                or self._prefetch_failed is self.inversion):
             return
         if max(self.inversion.normalised.shape[1:]) > self.translator.image_size:
             return  # a tiled field: each step takes seconds, too slow to give way to the user at once
         ladder = self._prefetch_ladder()
         job = self.translator.prefetch_steps(self.inversion, self.target.value, ladder, self.guidance.value)
-        worker = create_worker(run_steps, job)
+        worker = create_worker(run_steps, job, _connect={"errored": self._on_prefetch_error}, _start_thread=False)
         worker.yielded.connect(self._on_prefetch_progress)
-        worker.returned.connect(lambda _: setattr(self, "_prefetched", ladder))
-        worker.errored.connect(lambda err: self._on_error(err, "Precomputing strengths failed"))
+        worker.returned.connect(lambda _: setattr(self, "_prefetched", True))
         worker.finished.connect(self._on_prefetch_finished)
-        self._prefetcher, self._prefetched = worker, None
+        self._prefetcher, self._prefetched = worker, False
         worker.start()
 
     def _stop_prefetch_then(self, action) -> bool:
-        """Give way to the user: a running prefetch stops at its next step, then `action` runs.
-        False when none was running (the caller goes on at once)."""
+        """Give way to the user: a running prefetch stops at its next step, then `action` runs
+        (a queued Translate wins over a queued scrub: it reads the slider too). False when none
+        was running: the caller goes on at once."""
         if self._prefetcher is None:
             return False
-        self._after_prefetch = action
+        if action is not None and self._after_prefetch != self.run:
+            self._after_prefetch = action
         self._prefetcher.quit()
         return True
 
@@ -627,18 +635,41 @@ class TranslateWidget(Container):
         self.prefetch_info.visible = True
         self.prefetch_info.value = f"Precomputing nearby strength {event.item} of {event.items} in the background..."
 
+    def _on_prefetch_error(self, err: Exception) -> None:
+        if self._closed:
+            return
+        self._prefetch_failed = self.inversion
+        self.prefetch_info.visible = True
+        self.prefetch_info.value = f"Precomputing strengths stopped: {err}"
+
     def _on_prefetch_finished(self) -> None:
         if self._closed:
             return
         self._prefetcher = None
-        if self._prefetched:  # done, not stopped early
-            low, high = min(self._prefetched), max(self._prefetched)
-            self.prefetch_info.value = f"Strengths {low:.2f}–{high:.2f} are ready: moving the slider there is instant."
-        else:
-            self.prefetch_info.visible = False
         action, self._after_prefetch = self._after_prefetch, None
+        if self._prefetched and self.inversion is not None:
+            low, high = self._ready_strengths()
+            self.prefetch_info.visible = high > low
+            self.prefetch_info.value = f"Strengths {low:.2f}–{high:.2f} are ready: moving the slider there is instant."
+        elif self._prefetch_failed is None or self._prefetch_failed is not self.inversion:
+            self.prefetch_info.visible = False  # stopped early: what it said no longer holds
         if action is not None:
             action()
+        elif not self._prefetched:
+            self._start_prefetch()  # stopped for nothing queued (the box unticked and ticked again)
+
+    def _ready_strengths(self) -> tuple[float, float]:
+        """The slider's range around its value that the cache holds (the budget may have cut the prefetch)."""
+        def cached(strength: float) -> bool:
+            return self.translator.is_generated(self.inversion, self.target.value, strength, self.guidance.value)
+
+        step, value = self.strength.step, self.strength.value
+        low = high = value
+        while low - step >= self.strength.min - 1e-9 and cached(round(low - step, 6)):
+            low = round(low - step, 6)
+        while high + step <= self.strength.max + 1e-9 and cached(round(high + step, 6)):
+            high = round(high + step, 6)
+        return low, high
 
     # -- results ---------------------------------------------------------------------------
 

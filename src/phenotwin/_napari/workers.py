@@ -1,10 +1,21 @@
-"""What every widget's worker thread runs first, and the generator napari's workers drive."""
+"""What every widget's worker thread runs: diffusers imported safely, and failures that reach the widget.
+
+napari's (superqt's) workers treat a `RuntimeError` from the work as "the worker was deleted":
+they warn and emit neither `errored` nor `finished`, so the widget would wait forever. Most
+torch failures are `RuntimeError` (out of memory among them): `call` and `run_steps` hand them
+on as `PhenotwinError`. Widgets pass their error handler to `create_worker` as
+`_connect={"errored": handler}`: connected afterwards, napari would also re-raise the error
+(a second notification, with a traceback).
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from typing import Any, TypeVar
+
+from phenotwin.errors import PhenotwinError
 
 T = TypeVar("T")
 
@@ -25,13 +36,23 @@ def resolve_diffusers() -> None:
             getattr(diffusers, name)
 
 
-def load(function: Callable[..., T], *args: Any) -> T:
+@contextmanager
+def _reported_runtime_errors():
+    try:
+        yield
+    except RuntimeError as err:
+        raise PhenotwinError(f"the computation stopped with RuntimeError: {err}") from err
+
+
+def call(function: Callable[..., T], *args: Any) -> T:
     """For `create_worker`: `function(*args)` after diffusers is safely imported."""
-    resolve_diffusers()
-    return function(*args)
+    with _reported_runtime_errors():
+        resolve_diffusers()
+        return function(*args)
 
 
 def run_steps(steps: Generator[Any, None, T]) -> Generator[Any, None, T]:
     """For `create_worker`: forwards every progress event of `steps`, returns its result."""
-    resolve_diffusers()
-    return (yield from steps)
+    with _reported_runtime_errors():
+        resolve_diffusers()
+        return (yield from steps)

@@ -434,11 +434,13 @@ class Trainer:
                 self.ema.restore(self.trainable)
         self._save_state()
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            self._sample_grid()
-        # The others wait for the samples: a process that leaves the group (end of training) while
-        # the main one still works can make gloo abort the main one at its exit.
-        accelerator.wait_for_everyone()
+        try:
+            if accelerator.is_main_process:
+                self._sample_grid()
+        finally:
+            # The others wait for the samples: a process that leaves the group (end of training)
+            # while the main one still works can make gloo abort the main one at its exit.
+            accelerator.wait_for_everyone()
         return self.out
 
     def _checkpoint(self) -> Checkpoint:
