@@ -16,7 +16,7 @@ from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
-from phenotwin._napari.workers import run_steps
+from phenotwin._napari.workers import Throttle, run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ class EvaluateWidget(Container):
         self.result: dict | None = None
         self._worker = None
         self._pbar = None
+        self._updates = Throttle()  # progress lines in the dock
         self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
         self.check.changed.connect(self._on_check)
         self.run_button.changed.connect(self.start)
@@ -132,9 +133,10 @@ class EvaluateWidget(Container):
             self._worker.quit()
 
     def _on_progress(self, event) -> None:
-        if self._closed:
+        new_stage = self._pbar is None or self._pbar.desc != f"phenotwin: {event.stage}"
+        if self._closed or not self._updates.ready(last=new_stage or event.step == event.total):
             return
-        if self._pbar is None or self._pbar.desc != f"phenotwin: {event.stage}":
+        if new_stage:
             if self._pbar is not None:
                 self._pbar.close()
             self._pbar = progress(total=event.total, desc=f"phenotwin: {event.stage}")

@@ -33,7 +33,7 @@ from psygnal import Signal
 from qtpy.QtCore import QObject, QTimer
 from qtpy.QtCore import Signal as QtSignal
 
-from phenotwin._napari.workers import call, run_steps
+from phenotwin._napari.workers import Throttle, call, run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -166,6 +166,7 @@ class TranslateWidget(Container):
         self.cell_result: CellTranslation | None = None
         self._step_text = ""
         self._tiles = _TileSignal()
+        self._updates = Throttle()  # progress and tile lines in the dock
         self._tiles.progressed.connect(self._on_tiles)
 
         from phenotwin.models import demo_model_path
@@ -493,7 +494,10 @@ class TranslateWidget(Container):
     def _on_progress(self, event) -> None:
         if self._closed:
             return
-        if event.stage != self._stage or self._pbar is None:
+        new_stage = event.stage != self._stage or self._pbar is None
+        if not self._updates.ready(last=new_stage or event.step == event.total):
+            return
+        if new_stage:
             self._stage = event.stage
             if self._pbar is not None:
                 self._pbar.close()
@@ -507,7 +511,7 @@ class TranslateWidget(Container):
 
     def _on_tiles(self, done: int, total: int) -> None:
         """Tiles of the step under way, for fields larger than the model (queued from the worker)."""
-        if self._closed or self._worker is None:
+        if self._closed or self._worker is None or not self._updates.ready(last=done == total):
             return
         self.status.value = f"{self._step_text or 'Starting'}, tile {done}/{total}"
 
@@ -630,7 +634,7 @@ class TranslateWidget(Container):
         return True
 
     def _on_prefetch_progress(self, event) -> None:
-        if self._closed or self._prefetcher is None:
+        if self._closed or self._prefetcher is None or not self._updates.ready(last=event.item == event.step == 1):
             return
         self.prefetch_info.visible = True
         self.prefetch_info.value = f"Precomputing nearby strength {event.item} of {event.items} in the background..."
