@@ -123,6 +123,19 @@ def test_fine_tuning_a_phenotwin_checkpoint_with_new_conditions(data, tmp_path, 
     translates(out)
 
 
+def test_fine_tuning_keeps_the_inference_defaults_tuned_for_the_base(data, tmp_path, pixel_base):
+    import shutil
+
+    base = tmp_path / "tuned-base"
+    shutil.copytree(pixel_base, base)
+    info = json.loads((base / "phenotwin.json").read_text())
+    info["defaults"].update(steps=100, strength=0.5)  # as the demo model's were set after training
+    (base / "phenotwin.json").write_text(json.dumps(info))
+    out = train(tiny(data, tmp_path / "full", method="full", base=str(base), steps=2))
+    defaults = read_info(out).defaults
+    assert defaults["steps"] == 100 and defaults["strength"] == 0.5
+
+
 @pytest.mark.parametrize("method", ["full", "lora", "svdiff"])
 def test_fine_tuning_a_stable_diffusion_folder(data, tmp_path, sd_base, method):
     out = train(tiny(data, tmp_path / method, method=method, base=str(sd_base), steps=2))

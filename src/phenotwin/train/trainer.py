@@ -146,7 +146,8 @@ def _is_phenotwin_checkpoint(path: Path) -> bool:
 
 
 def _load_base(config: TrainConfig, data: ConditionImages):
-    """Base model for fine-tuning: (kind, unet, vae, class_embeddings, scheduler_config, base_info)."""
+    """Base model for fine-tuning: (kind, unet, vae, class_embeddings, scheduler_config, base path,
+    inference defaults of a phenotwin base, which its fine-tunings keep)."""
     import torch
 
     base = Path(config.base).expanduser().resolve()
@@ -175,7 +176,7 @@ def _load_base(config: TrainConfig, data: ConditionImages):
 
             # Other conditions, even as many, must not inherit the old ones' embeddings in order.
             resize_class_embedding(loaded.unet, len(data.classes) + 1, fresh=True)
-        return info.kind, loaded.unet, loaded.vae, class_embeddings, loaded.scheduler_config, str(base)
+        return info.kind, loaded.unet, loaded.vae, class_embeddings, loaded.scheduler_config, str(base), info.defaults
 
     if (base / "unet").is_dir() and (base / "vae").is_dir():
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -197,7 +198,7 @@ def _load_base(config: TrainConfig, data: ConditionImages):
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
             class_embeddings = _fresh_contexts(len(data.classes), config.context_tokens, dim)
-        return "stable-diffusion", unet, vae, class_embeddings, scheduler_config, str(base)
+        return "stable-diffusion", unet, vae, class_embeddings, scheduler_config, str(base), None
     raise PhenotwinError(
         f"--base {base} is neither a phenotwin checkpoint (no {INFO_FILE}) nor a Stable-Diffusion diffusers folder "
         "(with unet/ and vae/ subfolders)."
@@ -342,7 +343,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights on every process
 
         if config.method == "scratch":
-            contexts, base = None, None
+            contexts, base, defaults = None, None, None
             if config.vae:
                 from phenotwin.engine import vae_downsampling
 
@@ -354,8 +355,10 @@ class Trainer:
                 unet = scratch_unet(data.channels, config.size, len(data.classes), config.width)
             scheduler_config = scratch_scheduler_config(config)
         else:
-            kind, unet, vae, contexts, scheduler_config, base = _load_base(config, data)
+            kind, unet, vae, contexts, scheduler_config, base, defaults = _load_base(config, data)
         self.kind, self.base, self.scheduler_config = kind, base, scheduler_config
+        # Steps, strength, reference... tuned for the base (by hand, in its phenotwin.json) still fit it.
+        self.base_defaults = defaults
         self.noise_schedule = DDIMScheduler.from_config(scheduler_config)
         self.vae = vae.to(self.accelerator.device).eval().requires_grad_(False) if vae is not None else None
         if vae is not None:
@@ -468,6 +471,7 @@ class Trainer:
             },
             base=self.base if adapter else None,
             adapter=adapter,
+            **({"defaults": dict(self.base_defaults)} if self.base_defaults else {}),
         )
         return Checkpoint(
             info=info,
