@@ -123,7 +123,7 @@ def test_fine_tuning_a_phenotwin_checkpoint_with_new_conditions(data, tmp_path, 
     translates(out)
 
 
-def test_fine_tuning_keeps_the_inference_defaults_tuned_for_the_base(data, tmp_path, pixel_base):
+def test_fine_tuning_keeps_the_base_defaults_and_records_its_provenance(data, tmp_path, pixel_base):
     import shutil
 
     base = tmp_path / "tuned-base"
@@ -132,8 +132,10 @@ def test_fine_tuning_keeps_the_inference_defaults_tuned_for_the_base(data, tmp_p
     info["defaults"].update(steps=100, strength=0.5)  # as the demo model's were set after training
     (base / "phenotwin.json").write_text(json.dumps(info))
     out = train(tiny(data, tmp_path / "full", method="full", base=str(base), steps=2))
-    defaults = read_info(out).defaults
-    assert defaults["steps"] == 100 and defaults["strength"] == 0.5
+    tuned = read_info(out)
+    assert tuned.defaults["steps"] == 100 and tuned.defaults["strength"] == 0.5
+    # and says how its base was made: the whole chain of commands
+    assert tuned.provenance["base"] == {"path": str(base.resolve()), "provenance": info["provenance"]}
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "svdiff"])

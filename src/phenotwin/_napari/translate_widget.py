@@ -499,9 +499,13 @@ class TranslateWidget(Container):
             return
         if new_stage:
             self._stage = event.stage
-            if self._pbar is not None:
-                self._pbar.close()
-            self._pbar = progress(total=event.total, desc=f"phenotwin: {event.stage}")
+            # One napari progress bar a run, reset for each stage: creating one costs the viewer
+            # tens of milliseconds (a widget in the activity dock).
+            if self._pbar is None:
+                self._pbar = progress(total=event.total, desc=f"phenotwin: {event.stage}")
+            else:
+                self._pbar.reset(total=event.total)
+                self._pbar.set_description(f"phenotwin: {event.stage}")
             self.progress_bar.max = event.total
         self._pbar.n = event.step
         self._pbar.refresh()

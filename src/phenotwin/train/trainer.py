@@ -147,7 +147,7 @@ def _is_phenotwin_checkpoint(path: Path) -> bool:
 
 def _load_base(config: TrainConfig, data: ConditionImages):
     """Base model for fine-tuning: (kind, unet, vae, class_embeddings, scheduler_config, base path,
-    inference defaults of a phenotwin base, which its fine-tunings keep)."""
+    and for a phenotwin base its `CheckpointInfo`: its defaults and provenance carry over)."""
     import torch
 
     base = Path(config.base).expanduser().resolve()
@@ -176,7 +176,7 @@ def _load_base(config: TrainConfig, data: ConditionImages):
 
             # Other conditions, even as many, must not inherit the old ones' embeddings in order.
             resize_class_embedding(loaded.unet, len(data.classes) + 1, fresh=True)
-        return info.kind, loaded.unet, loaded.vae, class_embeddings, loaded.scheduler_config, str(base), info.defaults
+        return info.kind, loaded.unet, loaded.vae, class_embeddings, loaded.scheduler_config, str(base), info
 
     if (base / "unet").is_dir() and (base / "vae").is_dir():
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -343,7 +343,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights on every process
 
         if config.method == "scratch":
-            contexts, base, defaults = None, None, None
+            contexts, base, base_info = None, None, None
             if config.vae:
                 from phenotwin.engine import vae_downsampling
 
@@ -355,10 +355,9 @@ class Trainer:
                 unet = scratch_unet(data.channels, config.size, len(data.classes), config.width)
             scheduler_config = scratch_scheduler_config(config)
         else:
-            kind, unet, vae, contexts, scheduler_config, base, defaults = _load_base(config, data)
+            kind, unet, vae, contexts, scheduler_config, base, base_info = _load_base(config, data)
         self.kind, self.base, self.scheduler_config = kind, base, scheduler_config
-        # Steps, strength, reference... tuned for the base (by hand, in its phenotwin.json) still fit it.
-        self.base_defaults = defaults
+        self.base_info = base_info
         self.noise_schedule = DDIMScheduler.from_config(scheduler_config)
         self.vae = vae.to(self.accelerator.device).eval().requires_grad_(False) if vae is not None else None
         if vae is not None:
@@ -468,10 +467,13 @@ class Trainer:
                 "data_fingerprint": data.fingerprint,
                 "images_per_class": data.counts(),
                 "config": {k: v for k, v in asdict(self.config).items() if k not in ("overwrite", "resume")},
+                # How the base was made, so that the whole chain can be re-run from the docs.
+                **({"base": {"path": self.base, "provenance": self.base_info.provenance}} if self.base_info else {}),
             },
             base=self.base if adapter else None,
             adapter=adapter,
-            **({"defaults": dict(self.base_defaults)} if self.base_defaults else {}),
+            # Steps, strength, reference... tuned for the base (by hand, in its phenotwin.json) still fit it.
+            **({"defaults": dict(self.base_info.defaults)} if self.base_info else {}),
         )
         return Checkpoint(
             info=info,
