@@ -23,9 +23,15 @@ def test_demo_model_is_small_safe_and_says_how_it_was_made(demo):
     assert not list(demo.rglob("*.bin")) and not (demo / "training").exists()
     info = read_info(demo)
     assert info.classes == ["control", "nocodazole"] and info.channel_names == ["nucleus", "golgi"]
+    # Trained from scratch for 3000 steps, then fine-tuned ("full") for 2000 on the same data:
+    # both commands, seeds and data fingerprints are recorded, the base's inside.
     provenance = info.provenance
-    assert provenance["command"].startswith("phenotwin train ") and "--seed 0" in provenance["command"]
-    assert provenance["data_fingerprint"].startswith("sha256:") and provenance["steps"] == 3000
+    assert provenance["command"].startswith("phenotwin train ") and "--method full" in provenance["command"]
+    assert provenance["data_fingerprint"].startswith("sha256:") and provenance["steps"] == 2000
+    base = provenance["base"]["provenance"]
+    assert "--method scratch" in base["command"] and "--seed 0" in base["command"] and base["steps"] == 3000
+    assert base["data_fingerprint"] == provenance["data_fingerprint"]
+    assert info.defaults["steps"] == 100 and info.defaults["strength"] == 0.5
 
 
 def test_demo_model_translates_held_out_cells(demo, torch_one_thread):
