@@ -201,4 +201,3 @@ class EvaluateWidget(Container):
         writer = write_translation_report if self.result["kind"] == "translation" else write_memorization
         files = writer(self.result, folder)
         show_info(f"Wrote {', '.join(p.name for p in files.values())} to {folder}.")
-

@@ -262,5 +262,3 @@ class TrainWidget(Container):
         widget.model_path.value = str(self.trained)
         widget.load_model(str(self.trained))
         show_info(f"Loaded {self.trained.name} in the Translate widget.")
-
-

@@ -659,7 +659,7 @@ class TranslateWidget(Container):
             low, high = self._ready_strengths()
             self.prefetch_info.visible = high > low
             self.prefetch_info.value = f"Strengths {low:.2f}–{high:.2f} are ready: moving the slider there is instant."
-        elif self._prefetch_failed is None or self._prefetch_failed is not self.inversion:
+        elif self._prefetch_failed is not self.inversion:  # (a failure keeps its message)
             self.prefetch_info.visible = False  # stopped early: what it said no longer holds
         if action is not None:
             action()
@@ -817,7 +817,6 @@ class TranslateWidget(Container):
             # The cached inversion belongs to a layer that is gone: the next Run inverts afresh.
             self._inversion_key = None
         self._refresh_layer_choices()
-
 
 
 def _common_name(names: list[str]) -> str:
