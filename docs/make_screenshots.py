@@ -62,6 +62,7 @@ def main() -> int:
 
     widget.strength.value = 0.5
     wait(app, lambda: widget.last_result.strength == 0.5 and widget._worker is None)
+    wait(app, lambda: widget._prefetcher is None)  # the dock then says which strengths are ready
     for layer in viewer.layers:
         layer.visible = "→" in layer.name
     viewer.reset_view()

@@ -158,6 +158,22 @@ def test_prefetch_gives_way_to_the_slider_and_to_run(viewer_and_widget, qtbot):
 
 
 @requires_display
+def test_translate_interrupts_a_slider_update(viewer_and_widget, qtbot):
+    viewer, widget, _ = viewer_and_widget
+    widget.steps.value = 200
+    run_and_wait(qtbot, widget)
+    widget.strength.value = 0.9
+    wait_until(qtbot, lambda: widget._worker is not None)  # the slider update (180 steps) is under way
+    calls = widget.translator.denoiser.calls
+    widget.steps.value = 10
+    widget.run()  # not refused: the update stops at its next step and the translation follows
+    wait_until(qtbot, lambda: widget._worker is None
+               and viewer.layers["ctrl golgi → nocodazole"].metadata["phenotwin"]["steps"] == 10)
+    assert shown_strength(viewer) == 0.9
+    assert widget.translator.denoiser.calls - calls < 60  # not the whole 180-step update first
+
+
+@requires_display
 def test_a_runtime_error_in_the_worker_is_reported_and_the_widget_recovers(viewer_and_widget, qtbot, monkeypatch):
     # superqt drops a RuntimeError silently (no errored, no finished): the widget would wait forever.
     from phenotwin.progress import Progress
@@ -548,3 +564,10 @@ def test_a_field_larger_than_the_model_shows_tile_progress(viewer_and_widget, qt
     assert any(text.endswith("tile 8/9") for text in seen) and any(text.endswith("tile 9/9") for text in seen)
     assert viewer.layers["big Δ"].data.shape == (80, 80)
     assert widget.translator.denoiser.tile_progress is None  # the hook is removed after the run
+
+
+def test_model_info_says_how_the_model_was_trained():
+    assert tw._training_summary({"steps": 3000}) == ", trained 3000 steps"
+    fine_tuned = {"steps": 2000, "base": {"path": "base", "provenance": {"steps": 3000}}}
+    assert tw._training_summary(fine_tuned) == ", fine-tuned 2000 steps from a 3000-step base"
+    assert tw._training_summary({}) == ""

@@ -160,6 +160,8 @@ class TranslateWidget(Container):
         self._after_prefetch = None  # what runs once it has stopped
         self._pbar = None
         self._scrub_pending = False
+        self._scrubbing = False  # the running worker is a scrub, which Translate may interrupt
+        self._run_pending = False
         self._requested_model: str | None = None
         self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
         self.last_result: Translation | CellTranslation | StackTranslation | None = None
@@ -272,11 +274,10 @@ class TranslateWidget(Container):
         self.strength.value = float(info.defaults.get("strength", 1.0))
         self.steps.value = int(info.defaults.get("steps", 50))
         self.guidance.value = float(info.defaults.get("guidance", 0.0))
-        trained = info.provenance.get("steps")
         self.model_info.value = (
             f"{translator.checkpoint_id}: {info.kind} model, {info.image_size}x{info.image_size} px, "
             f"{info.channels} channel(s) ({', '.join(names)}), conditions: {', '.join(info.classes)}"
-            + (f", trained {trained} steps" if trained else "") + f". Device: {translator.device.type}."
+            f"{_training_summary(info.provenance)}. Device: {translator.device.type}."
         )
         self._guess_source_condition()
         self.model_loaded.emit(translator)
@@ -391,6 +392,11 @@ class TranslateWidget(Container):
         if self.translator is None:
             show_warning("Load a model first (Model folder, then Load model).")
             return
+        if self._worker is not None and self._scrubbing:
+            # a slider update under way: Translate wins, it reads the slider too
+            self._scrub_pending, self._run_pending = False, True
+            self._worker.quit()
+            return
         if self._worker is not None:
             show_info("A translation is already running; Cancel it or wait.")
             return
@@ -473,7 +479,7 @@ class TranslateWidget(Container):
             self._inversion_key = key
         return (yield from self.translator.generate_steps(self.inversion, **settings))
 
-    def _start(self, job, description: str) -> None:
+    def _start(self, job, description: str, scrub: bool = False) -> None:
         worker = create_worker(run_steps, job,
                                _connect={"errored": lambda err: self._on_error(err, "Translation failed")},
                                _start_thread=False)
@@ -481,7 +487,7 @@ class TranslateWidget(Container):
         worker.returned.connect(self._on_result)
         worker.aborted.connect(lambda: self._closed or setattr(self.status, "value", "Cancelled."))
         worker.finished.connect(self._on_finished)
-        self._worker, self._cancelled = worker, False
+        self._worker, self._cancelled, self._scrubbing = worker, False, scrub
         self.translator.denoiser.tile_progress = self._tiles.progressed.emit
         self._stage = None
         self.run_button.enabled = False
@@ -521,7 +527,7 @@ class TranslateWidget(Container):
 
     def cancel(self, *_):
         """Stop the running translation at its next diffusion step."""
-        self._scrub_pending = False
+        self._scrub_pending = self._run_pending = False
         self._cancelled = True  # and leave the machine alone afterwards: no prefetch
         if self._worker is not None:
             self._worker.quit()
@@ -549,7 +555,10 @@ class TranslateWidget(Container):
         self.run_button.enabled = True
         self.cancel_button.enabled = False
         self.progress_bar.visible = False
-        if self._scrub_pending:
+        if self._run_pending:
+            self._run_pending = False
+            self.run()
+        elif self._scrub_pending:
             self._scrub_pending = False
             self._scrub()
         elif not self._cancelled:
@@ -596,7 +605,7 @@ class TranslateWidget(Container):
             show_error(str(err))
             return
         settings = self._generation_settings(reconstruct=False)
-        self._start(self.translator.generate_steps(self.inversion, **settings), "Updating")
+        self._start(self.translator.generate_steps(self.inversion, **settings), "Updating", scrub=True)
 
     # -- precomputing strengths in the background ------------------------------------------
 
@@ -817,6 +826,15 @@ class TranslateWidget(Container):
             # The cached inversion belongs to a layer that is gone: the next Run inverts afresh.
             self._inversion_key = None
         self._refresh_layer_choices()
+
+
+def _training_summary(provenance: dict[str, Any]) -> str:
+    """', trained 3000 steps', or for a fine-tuning ', fine-tuned 2000 steps from a 3000-step base'."""
+    steps = provenance.get("steps")
+    if not steps:
+        return ""
+    base_steps = provenance.get("base", {}).get("provenance", {}).get("steps")
+    return f", fine-tuned {steps} steps from a {base_steps}-step base" if base_steps else f", trained {steps} steps"
 
 
 def _common_name(names: list[str]) -> str:
