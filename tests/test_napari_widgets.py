@@ -267,6 +267,21 @@ def test_deleting_the_source_layer_mid_run_is_handled(viewer_and_widget, qtbot):
 
 
 @requires_display
+def test_the_slider_no_longer_updates_results_of_a_deleted_layer(viewer_and_widget, qtbot):
+    viewer, widget, layers = viewer_and_widget
+    widget.steps.value = 10
+    widget.prefetch.value = True
+    run_and_wait(qtbot, widget)
+    wait_until(qtbot, lambda: widget._prefetcher is None)  # 0.8 is cached now: it would show at once
+    viewer.layers.remove(layers[0])
+    count = len(viewer.layers)
+    widget.target.value = "control"
+    widget.strength.value = 0.8
+    qtbot.wait(2 * tw.SCRUB_DEBOUNCE_MS)
+    assert widget._worker is None and widget._prefetcher is None and len(viewer.layers) == count
+
+
+@requires_display
 def test_before_after_toggle_and_grid(viewer_and_widget, qtbot):
     viewer, widget, layers = viewer_and_widget
     widget.steps.value = 4

@@ -823,8 +823,10 @@ class TranslateWidget(Container):
     def _on_layer_removed(self, event) -> None:
         removed = event.value
         if self._sources is not None and removed in self._sources.layers:
-            # The cached inversion belongs to a layer that is gone: the next Run inverts afresh.
-            self._inversion_key = None
+            # The cached inversion belongs to a layer that is gone: no more slider updates or
+            # prefetch from it, and the next Run inverts afresh.
+            self.inversion, self._inversion_key = None, None
+            self._stop_prefetch_then(None)
         self._refresh_layer_choices()
 
 
