@@ -102,6 +102,13 @@ def test_scrubbing_regenerates_without_inverting(viewer_and_widget, qtbot):
     assert not np.array_equal(first, viewer.layers["ctrl golgi → nocodazole"].data)
 
 
+def translate_with_prefetch(qtbot, widget, steps: int) -> None:
+    """A translation with the background prefetch on (the fixture turns it off)."""
+    widget.steps.value = steps
+    widget.prefetch.value = True
+    run_and_wait(qtbot, widget)
+
+
 def shown_strength(viewer) -> float:
     return viewer.layers["ctrl golgi → nocodazole"].metadata["phenotwin"]["strength"]
 
@@ -109,9 +116,7 @@ def shown_strength(viewer) -> float:
 @requires_display
 def test_prefetched_strengths_are_shown_without_any_model_call(viewer_and_widget, qtbot):
     viewer, widget, _ = viewer_and_widget
-    widget.steps.value = 10
-    widget.prefetch.value = True
-    run_and_wait(qtbot, widget)
+    translate_with_prefetch(qtbot, widget, steps=10)
     # Strength 1.0 at 10 steps: the slider's strengths 0.75-0.99 round to 8 and 9 steps.
     wait_until(qtbot, lambda: widget._prefetcher is None and "ready" in widget.prefetch_info.value)
     assert widget.prefetch_info.value.startswith("Strengths 0.75–1.00 are ready")
@@ -130,9 +135,7 @@ def test_prefetched_strengths_are_shown_without_any_model_call(viewer_and_widget
 @requires_display
 def test_prefetch_gives_way_to_the_slider_and_to_run(viewer_and_widget, qtbot):
     viewer, widget, _ = viewer_and_widget
-    widget.steps.value = 200
-    widget.prefetch.value = True
-    run_and_wait(qtbot, widget)
+    translate_with_prefetch(qtbot, widget, steps=200)
     wait_until(qtbot, lambda: widget._prefetcher is not None and "Precomputing" in widget.prefetch_info.value)
     calls = widget.translator.denoiser.calls
     widget.strength.value = 0.5  # not prefetched yet: the prefetch stops, the scrub runs, then it restarts
@@ -269,9 +272,7 @@ def test_deleting_the_source_layer_mid_run_is_handled(viewer_and_widget, qtbot):
 @requires_display
 def test_the_slider_no_longer_updates_results_of_a_deleted_layer(viewer_and_widget, qtbot):
     viewer, widget, layers = viewer_and_widget
-    widget.steps.value = 10
-    widget.prefetch.value = True
-    run_and_wait(qtbot, widget)
+    translate_with_prefetch(qtbot, widget, steps=10)
     wait_until(qtbot, lambda: widget._prefetcher is None)  # 0.8 is cached now: it would show at once
     viewer.layers.remove(layers[0])
     count = len(viewer.layers)

@@ -138,18 +138,12 @@ def test_prefetched_strengths_cost_nothing_later_and_match_a_fresh_generation(ch
 
 def test_prefetch_stops_before_the_cache_forgets_what_it_made(checkpoints, cells):
     from phenotwin import Translator
+    from phenotwin.progress import drive
 
     translator = Translator(checkpoints["pixel"], device="cpu")
     translator.cache_budget = 5 * cells.size * 4  # five images: two strengths and their reconstructions
     inversion = translator.invert(cells, "control", steps=10, channel_axis=0)
-    steps = translator.prefetch_steps(inversion, "treated", [0.5, 0.6, 0.4, 0.3])
-    made = None
-    while made is None:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            made = stop.value
-    assert made == 2
+    assert drive(translator.prefetch_steps(inversion, "treated", [0.5, 0.6, 0.4, 0.3])) == 2
     assert sorted(inversion.generated) == [(0, 5, 0.0), (0, 6, 0.0), (1, 5, 0.0), (1, 6, 0.0)]
 
 

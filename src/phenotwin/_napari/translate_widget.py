@@ -505,8 +505,8 @@ class TranslateWidget(Container):
             return
         if new_stage:
             self._stage = event.stage
-            # One napari progress bar a run, reset for each stage: creating one costs the viewer
-            # tens of milliseconds (a widget in the activity dock).
+            # One napari progress bar a run, reset for each stage: the stage changes, where one
+            # was created (a widget in the activity dock), were the slowest updates measured.
             if self._pbar is None:
                 self._pbar = progress(total=event.total, desc=f"phenotwin: {event.stage}")
             else:

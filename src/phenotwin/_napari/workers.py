@@ -85,7 +85,7 @@ def run_steps(steps: Generator[Any, None, T]) -> Generator[Any, None, T]:
 class Throttle:
     """At most one widget update per `interval` seconds, and always the last one.
 
-    Setting a label or a progress bar makes Qt lay the dock out and repaint it: 5-15 ms on a
+    Setting a label or a progress bar makes Qt lay the dock out and repaint it: 6-7 ms (up to 20) on a
     busy 2-core CPU (measured), which a 35 ms diffusion step per update would take from the
     viewer's event loop. Ten updates a second read as smooth."""
 
