@@ -473,6 +473,33 @@ def test_closing_the_widget_stops_a_running_translation(make_napari_viewer, qtbo
     assert translator.denoiser.calls < 1000 and widget._closed
 
 
+@requires_display
+def test_a_progress_event_queued_before_the_dock_closes_touches_no_deleted_control(make_napari_viewer, qtbot):
+    """napari's activity bar processes Qt events while it updates: the dock's deletion can run
+    inside the progress slot (seen in CI as "QProgressBar has been deleted")."""
+    from napari.utils import progress
+    from qtpy.QtCore import QObject, Qt, Signal
+
+    from phenotwin.progress import Progress
+
+    class Worker(QObject):
+        yielded = Signal(object)
+
+    viewer = make_napari_viewer()
+    widget = TranslateWidget(viewer)
+    dock = viewer.window.add_dock_widget(widget)
+    wait_until(qtbot, lambda: widget.translator is not None)  # the demo model, loaded by default
+    worker = Worker()
+    worker.yielded.connect(widget._on_progress, Qt.ConnectionType.QueuedConnection)
+    worker.yielded.emit(Progress("invert", 1, 10))  # queued, as from the worker thread...
+    viewer.window.remove_dock_widget(dock)
+    widget.native.deleteLater()  # ...then the dock is closed
+    qtbot.wait(200)  # the progress event runs first; the deletion inside it
+    assert widget._closed
+    widget._on_finished()  # the worker's end, after the widget is gone
+    assert not any(bar.desc.startswith("phenotwin") for bar in progress._all_instances)
+
+
 def statuses(widget) -> list[str]:
     """Every status line the widget shows while running (a Label emits no signal when set)."""
     seen = []

@@ -1,4 +1,4 @@
-"""What every widget worker runs (no Qt needed): torch threads, RuntimeErrors handed on."""
+"""What every widget worker runs (no Qt needed): torch threads, RuntimeErrors handed on, the activity bar."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from phenotwin._napari.workers import Throttle, call, run_steps
+from phenotwin._napari.workers import ActivityBar, Throttle, call, run_steps
 from phenotwin.errors import PhenotwinError
 
 
@@ -50,3 +50,23 @@ def test_throttle_lets_the_last_update_through():
     assert throttle.ready()
     assert not throttle.ready()
     assert throttle.ready(last=True)
+
+
+def test_activity_bar_is_one_bar_a_run_and_a_close_during_an_update_is_not_lost():
+    """napari's bars run other slots while they update; one of them may close the run."""
+    from napari.utils import progress
+
+    before = set(progress._all_instances)
+    bar = ActivityBar()
+    bar.show("phenotwin: invert", 1, 10)
+    bar.show("phenotwin: generate", 1, 5)
+    (created,) = set(progress._all_instances) - before
+    assert (created.total, created.n, created.desc.rstrip(": ")) == (5, 1, "phenotwin: generate")
+
+    shown = []
+    created.events.value.connect(lambda event: shown.append(event.value))  # what the dock's bar draws
+    created.events.value.connect(lambda _: bar.close())  # the run ends inside an update...
+    bar.show("phenotwin: generate", 3, 5)
+    assert shown == [3]
+    assert set(progress._all_instances) == before  # ...and the bar is closed once the update returns
+    bar.close()  # closing twice is harmless

@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 from napari.qt.threading import create_worker
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
-from phenotwin._napari.workers import Throttle, run_steps
+from phenotwin._napari.workers import ActivityBar, Throttle, run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -71,7 +70,8 @@ class EvaluateWidget(Container):
 
         self.result: dict | None = None
         self._worker = None
-        self._pbar = None
+        self._activity = ActivityBar()
+        self._stage = None
         self._updates = Throttle()  # progress lines in the dock
         self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
         self.check.changed.connect(self._on_check)
@@ -115,6 +115,7 @@ class EvaluateWidget(Container):
             show_error(f"Cannot evaluate: {err}")
             return
         worker = create_worker(run_steps, job, _connect={"errored": self._on_error}, _start_thread=False)
+        self._stage = None
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_done)
         worker.aborted.connect(self._on_cancelled)
@@ -133,16 +134,12 @@ class EvaluateWidget(Container):
             self._worker.quit()
 
     def _on_progress(self, event) -> None:
-        new_stage = self._pbar is None or self._pbar.desc != f"phenotwin: {event.stage}"
+        new_stage = event.stage != self._stage
         if self._closed or not self._updates.ready(last=new_stage or event.step == event.total):
             return
-        if new_stage:
-            if self._pbar is not None:
-                self._pbar.close()
-            self._pbar = progress(total=event.total, desc=f"phenotwin: {event.stage}")
-        self._pbar.n = event.step
-        self._pbar.refresh()
+        self._stage = event.stage
         self.status.value = f"{event.stage}: {event.step}/{event.total}"
+        self._activity.show(f"phenotwin: {event.stage}", event.step, event.total)  # last: it runs other slots
 
     def _on_done(self, result: dict) -> None:
         if self._closed:
@@ -174,9 +171,7 @@ class EvaluateWidget(Container):
 
     def _on_finished(self) -> None:
         self._worker = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
+        self._activity.close()  # before the check: no bar stays in the dock; it runs other slots
         if self._closed:
             return
         self.run_button.enabled = True

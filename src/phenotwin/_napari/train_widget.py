@@ -24,10 +24,9 @@ from magicgui.widgets import (
 )
 from napari.layers import Image
 from napari.qt.threading import create_worker
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
-from phenotwin._napari.workers import call, resolve_diffusers, run_steps
+from phenotwin._napari.workers import ActivityBar, call, resolve_diffusers, run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -103,7 +102,7 @@ class TrainWidget(Container):
         self.status.native.setWordWrap(True)
         self._worker = None
         self._trainer = None
-        self._pbar = None
+        self._activity = ActivityBar()
         self.trained: Path | None = None
         self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
 
@@ -174,8 +173,6 @@ class TrainWidget(Container):
             return
         self._trainer = trainer
         self.plot.clear()
-        self._pbar = progress(total=config.steps, desc="phenotwin: training")
-        self._pbar.n = trainer.step
         self._steps = trainer.steps()
         worker = create_worker(run_steps, self._steps, _connect={"errored": self._on_error}, _start_thread=False)
         worker.yielded.connect(self._on_step)
@@ -192,9 +189,8 @@ class TrainWidget(Container):
         if self._closed:
             return
         self.plot.add(event.step, event.loss)
-        self._pbar.n = event.step
-        self._pbar.refresh()
         self.status.value = f"Step {event.step}/{event.total}, loss {event.loss:.4f}" + (" (saved)" if event.saved else "")
+        self._activity.show("phenotwin: training", event.step, event.total)  # last: it runs other slots
 
     def stop(self, *_):
         """Stop at the next step; the trainer saves the model and its state first."""
@@ -240,12 +236,10 @@ class TrainWidget(Container):
         show_error(f"Training failed: {err}")
 
     def _on_finished(self) -> None:
+        self._activity.close()  # first, even when closed, so no bar stays in the dock; it runs other slots
         if self._closed:
             return
         self._worker = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
         self.train_button.enabled = not self.status.value.startswith("Stopping")
         self.stop_button.enabled = False
 

@@ -27,13 +27,12 @@ from magicgui.widgets import (
 )
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
 from qtpy.QtCore import QObject, QTimer
 from qtpy.QtCore import Signal as QtSignal
 
-from phenotwin._napari.workers import Throttle, call, run_steps
+from phenotwin._napari.workers import ActivityBar, Throttle, call, run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -158,7 +157,7 @@ class TranslateWidget(Container):
         self._prefetch_failed: Inversion | None = None  # no retries for an inversion it failed on
         self._cancelled = False
         self._after_prefetch = None  # what runs once it has stopped
-        self._pbar = None
+        self._activity = ActivityBar()
         self._scrub_pending = False
         self._scrubbing = False  # the running worker is a scrub, which Translate may interrupt
         self._run_pending = False
@@ -167,6 +166,7 @@ class TranslateWidget(Container):
         self.last_result: Translation | CellTranslation | StackTranslation | None = None
         self.cell_result: CellTranslation | None = None
         self._step_text = ""
+        self._stage = None  # of the running job, for its progress lines
         self._tiles = _TileSignal()
         self._updates = Throttle()  # progress and tile lines in the dock
         self._tiles.progressed.connect(self._on_tiles)
@@ -500,24 +500,16 @@ class TranslateWidget(Container):
     def _on_progress(self, event) -> None:
         if self._closed:
             return
-        new_stage = event.stage != self._stage or self._pbar is None
+        new_stage = event.stage != self._stage
         if not self._updates.ready(last=new_stage or event.step == event.total):
             return
         if new_stage:
             self._stage = event.stage
-            # One napari progress bar a run, reset for each stage: the stage changes, where one
-            # was created (a widget in the activity dock), were the slowest updates measured.
-            if self._pbar is None:
-                self._pbar = progress(total=event.total, desc=f"phenotwin: {event.stage}")
-            else:
-                self._pbar.reset(total=event.total)
-                self._pbar.set_description(f"phenotwin: {event.stage}")
             self.progress_bar.max = event.total
-        self._pbar.n = event.step
-        self._pbar.refresh()
         self.progress_bar.value = event.step
         self._step_text = event.describe()
         self.status.value = self._step_text
+        self._activity.show(f"phenotwin: {event.stage}", event.step, event.total)  # last: it runs other slots
 
     def _on_tiles(self, done: int, total: int) -> None:
         """Tiles of the step under way, for fields larger than the model (queued from the worker)."""
@@ -544,14 +536,12 @@ class TranslateWidget(Container):
             _open_widgets.remove(self)
 
     def _on_finished(self) -> None:
+        self._activity.close()  # first, even when closed, so no bar stays in the dock; it runs other slots
         if self._closed:
             return
         self._worker = None
         if self.translator is not None:
             self.translator.denoiser.tile_progress = None
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
         self.run_button.enabled = True
         self.cancel_button.enabled = False
         self.progress_bar.visible = False

@@ -18,6 +18,8 @@ from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from napari.utils import progress
+
 from phenotwin.errors import PhenotwinError
 
 T = TypeVar("T")
@@ -99,3 +101,47 @@ class Throttle:
             self._last = now
             return True
         return False
+
+
+class ActivityBar:
+    """A run's progress bar in napari's activity dock: one bar, reset at each stage.
+
+    napari's progress bars call `QApplication.processEvents()` when created, updated and
+    closed, so any slot can run inside them: the worker's next event, its end, or the deletion
+    of the widget (a dock closed mid-run, seen in CI as "QProgressBar has been deleted"). A
+    widget therefore updates its own controls first and this bar last, and re-checks that it is
+    open after `close`. Nested calls are dropped; a close asked for during an update happens
+    when the update returns, so no bar is left behind in the dock.
+    One bar a run, not one a stage: creating a bar was the slowest progress update measured."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._description = ""
+        self._busy = False
+        self._close_pending = False
+
+    def show(self, description: str, step: int, total: int) -> None:
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            if self._bar is None:
+                self._bar = progress(total=total, desc=description)
+            elif description != self._description:
+                self._bar.reset(total=total)
+                self._bar.set_description(description)
+            self._description = description
+            self._bar.update(step - self._bar.n)  # emits the value the dock shows; setting `n` does not
+        finally:
+            self._busy = False
+        if self._close_pending:
+            self.close()
+
+    def close(self) -> None:
+        if self._busy:
+            self._close_pending = True
+            return
+        self._close_pending = False
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()
