@@ -136,6 +136,8 @@ def test_fine_tuning_keeps_the_base_defaults_and_records_its_provenance(data, tm
     assert tuned.defaults["steps"] == 100 and tuned.defaults["strength"] == 0.5
     # and says how its base was made: the whole chain of commands
     assert tuned.provenance["base"] == {"path": str(base.resolve()), "provenance": info["provenance"]}
+    # the weights' config does not carry the base's absolute path along (diffusers' _name_or_path)
+    assert "_name_or_path" not in json.loads((out / "unet" / "config.json").read_text())
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "svdiff"])

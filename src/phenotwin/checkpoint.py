@@ -352,9 +352,9 @@ def save_checkpoint(
 
             save_svdiff(checkpoint.unet, staging / "unet_svdiff.safetensors")
         else:
-            checkpoint.unet.save_pretrained(staging / "unet", safe_serialization=True)
+            _save_model(checkpoint.unet, staging / "unet")
         if checkpoint.vae is not None and info.adapter is None:
-            checkpoint.vae.save_pretrained(staging / "vae", safe_serialization=True)
+            _save_model(checkpoint.vae, staging / "vae")
         if checkpoint.class_embeddings is not None:
             save_file(
                 {"class_embeddings": checkpoint.class_embeddings.detach().float().cpu().contiguous()},
@@ -371,6 +371,17 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _save_model(model, folder: Path) -> None:
+    """`save_pretrained`, without the `_name_or_path` diffusers copies from the folder the model
+    was loaded from: an absolute path of the machine that trained it, which says nothing to
+    the next reader (the base is named in phenotwin.json's provenance)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _info_to_write(checkpoint: Checkpoint, target: Path) -> CheckpointInfo:
