@@ -39,6 +39,15 @@ def test_start_offset_gives_the_same_images():
     assert tail.start == 5 and len(tail) == 3
 
 
+def test_redraw_changes_only_where_the_phenotype_falls():
+    drawn, redrawn = make_pairs(6, 64, 2, seed=2), make_pairs(6, 64, 2, seed=2, redraw=1)
+    np.testing.assert_array_equal(drawn.control, redrawn.control)  # the same cells and camera noise
+    np.testing.assert_array_equal(drawn.treated[:, 0], redrawn.treated[:, 0])  # nucleus untouched
+    for i in range(6):
+        assert not np.array_equal(drawn.treated[i, 1], redrawn.treated[i, 1])  # the puncta moved
+        assert abs(drawn.treated[i, 1].sum() - redrawn.treated[i, 1].sum()) < 0.02 * drawn.treated[i, 1].sum()
+
+
 def test_different_seeds_and_indices_differ():
     a, b = make_pairs(3, 64, 2, seed=0), make_pairs(3, 64, 2, seed=1)
     for i in range(3):

@@ -275,10 +275,12 @@ def _ribbon(c, scale, widen=1.0, sig_factor=1.0, fragment=None):
     return xs, ys, sig
 
 
-def _render_one(seed, index, size, phenotype, cells_per_image, changed_fraction):
+def _render_one(seed, index, size, phenotype, cells_per_image, changed_fraction, redraw=0):
     """Render one pair; returns clean (2, 3, H, W) base channels, labels, changed ids, noise rng."""
     ss = np.random.SeedSequence([seed, index])
     geo_rng, phen_rng, noise_rng = (np.random.default_rng(s) for s in ss.spawn(3))
+    if redraw:
+        phen_rng = np.random.default_rng([seed, index, redraw])
     # lengths shrink for small crops, but not below half size (a 16 px image is a close-up)
     scale = min(1.0, max(0.5, size / 64.0))
     lo, hi = cells_per_image
@@ -409,6 +411,7 @@ def make_pairs(
     start: int = 0,
     cells_per_image: tuple[int, int] | None = None,
     changed_fraction: float = 1.0,
+    redraw: int = 0,
 ) -> PairedCells:
     """Render `n` control/treated pairs of the same cells with exact change masks.
 
@@ -416,6 +419,9 @@ def make_pairs(
     so items 5..9 of ``make_pairs(10)`` equal ``make_pairs(5, start=5)`` and
     disjoint ``start`` ranges give disjoint data sets.  ``changed_fraction`` is the
     probability that each cell changes phenotype; the others stay identical.
+    ``redraw`` > 0 draws the phenotype again (puncta elsewhere, another widening) for the same
+    cells, camera and noise: what a perfect model, which cannot know where the puncta of the
+    true counterfactual fell, could produce (benchmarks/demo_quality.py's floor of the ratio).
     """
     n, size, channels, seed, start, cells_per_image, changed_fraction = _validate(
         n, size, channels, phenotype, seed, start, cells_per_image, changed_fraction
@@ -427,7 +433,7 @@ def make_pairs(
     changed_all = []
     for i in range(n):
         clean, lab, changed, noise_rng = _render_one(
-            seed, start + i, size, phenotype, cells_per_image, changed_fraction
+            seed, start + i, size, phenotype, cells_per_image, changed_fraction, _as_int(redraw, "redraw")
         )
         clean = ndi.gaussian_filter(
             _compose(clean, channels), (0, 0, _PSF_SIGMA, _PSF_SIGMA), mode="nearest", truncate=3.0
