@@ -53,7 +53,7 @@ def test_throttle_lets_the_last_update_through():
 
 
 def test_activity_bar_is_one_bar_a_run_and_a_close_during_an_update_is_not_lost():
-    """napari's bars run other slots while they update; one of them may close the run."""
+    """napari's bars run other slots while they update; one of them may end the run."""
     from napari.utils import progress
 
     before = set(progress._all_instances)
@@ -62,11 +62,21 @@ def test_activity_bar_is_one_bar_a_run_and_a_close_during_an_update_is_not_lost(
     bar.show("phenotwin: generate", 1, 5)
     (created,) = set(progress._all_instances) - before
     assert (created.total, created.n, created.desc.rstrip(": ")) == (5, 1, "phenotwin: generate")
-
     shown = []
     created.events.value.connect(lambda event: shown.append(event.value))  # what the dock's bar draws
-    created.events.value.connect(lambda _: bar.close())  # the run ends inside an update...
     bar.show("phenotwin: generate", 3, 5)
     assert shown == [3]
-    assert set(progress._all_instances) == before  # ...and the bar is closed once the update returns
+    bar.close()
+    assert set(progress._all_instances) == before
+
+    def end_the_run(event):  # while the next run's bar is being created, before `show` has it
+        if event.added:
+            bar.close()
+
+    progress._all_instances.events.changed.connect(end_the_run)
+    try:
+        bar.show("phenotwin: invert", 1, 10)
+    finally:
+        progress._all_instances.events.changed.disconnect(end_the_run)
+    assert set(progress._all_instances) == before  # closed once `show` returned, not left in the dock
     bar.close()  # closing twice is harmless

@@ -171,7 +171,7 @@ class EvaluateWidget(Container):
 
     def _on_finished(self) -> None:
         self._worker = None
-        self._activity.close()  # before the check: no bar stays in the dock; it runs other slots
+        self._activity.close()  # before the check: no bar stays in the dock
         if self._closed:
             return
         self.run_button.enabled = True

@@ -26,7 +26,7 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 
-from phenotwin._napari.workers import ActivityBar, call, resolve_diffusers, run_steps
+from phenotwin._napari.workers import ActivityBar, Throttle, call, resolve_diffusers, run_steps
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ class TrainWidget(Container):
         self._worker = None
         self._trainer = None
         self._activity = ActivityBar()
+        self._updates = Throttle()  # status line and activity bar
         self.trained: Path | None = None
         self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
 
@@ -184,11 +185,14 @@ class TrainWidget(Container):
         self.stop_button.enabled = True
         self.status.value = f"Training {config.method} on {', '.join(trainer.data.classes)}..."
         worker.start()
+        self._activity.show("phenotwin: training", trainer.step, config.steps)  # from the first moment, and last
 
     def _on_step(self, event) -> None:
         if self._closed:
             return
         self.plot.add(event.step, event.loss)
+        if not self._updates.ready(last=event.saved or event.step == event.total):
+            return
         self.status.value = f"Step {event.step}/{event.total}, loss {event.loss:.4f}" + (" (saved)" if event.saved else "")
         self._activity.show("phenotwin: training", event.step, event.total)  # last: it runs other slots
 
@@ -236,7 +240,7 @@ class TrainWidget(Container):
         show_error(f"Training failed: {err}")
 
     def _on_finished(self) -> None:
-        self._activity.close()  # first, even when closed, so no bar stays in the dock; it runs other slots
+        self._activity.close()  # first, even when closed, so no bar stays in the dock
         if self._closed:
             return
         self._worker = None

@@ -536,7 +536,7 @@ class TranslateWidget(Container):
             _open_widgets.remove(self)
 
     def _on_finished(self) -> None:
-        self._activity.close()  # first, even when closed, so no bar stays in the dock; it runs other slots
+        self._activity.close()  # first, even when closed, so no bar stays in the dock
         if self._closed:
             return
         self._worker = None

@@ -106,12 +106,12 @@ class Throttle:
 class ActivityBar:
     """A run's progress bar in napari's activity dock: one bar, reset at each stage.
 
-    napari's progress bars call `QApplication.processEvents()` when created, updated and
-    closed, so any slot can run inside them: the worker's next event, its end, or the deletion
-    of the widget (a dock closed mid-run, seen in CI as "QProgressBar has been deleted"). A
-    widget therefore updates its own controls first and this bar last, and re-checks that it is
-    open after `close`. Nested calls are dropped; a close asked for during an update happens
-    when the update returns, so no bar is left behind in the dock.
+    napari's progress bars call `QApplication.processEvents()` when created and updated, so
+    any slot can run inside `show`: the worker's next event, its end, or the deletion of the
+    widget (a dock closed mid-run, seen in CI as "QProgressBar has been deleted"). A widget
+    therefore updates its own controls first and this bar last. Nested calls are dropped; a
+    close asked for during an update happens when the update returns, so no bar is left
+    behind in the dock.
     One bar a run, not one a stage: creating a bar was the slowest progress update measured."""
 
     def __init__(self) -> None:
@@ -134,8 +134,8 @@ class ActivityBar:
             self._bar.update(step - self._bar.n)  # emits the value the dock shows; setting `n` does not
         finally:
             self._busy = False
-        if self._close_pending:
-            self.close()
+            if self._close_pending:
+                self.close()
 
     def close(self) -> None:
         if self._busy:
