@@ -198,6 +198,7 @@ def test_labels_do_not_depend_on_channels():
         ({"changed_fraction": 1.5}, "changed_fraction"),
         ({"changed_fraction": -0.1}, "changed_fraction"),
         ({"cells_per_image": (3, 1)}, "cells_per_image"),
+        ({"redraw": -1}, "redraw"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, word):

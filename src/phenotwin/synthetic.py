@@ -426,6 +426,9 @@ def make_pairs(
     n, size, channels, seed, start, cells_per_image, changed_fraction = _validate(
         n, size, channels, phenotype, seed, start, cells_per_image, changed_fraction
     )
+    redraw = _as_int(redraw, "redraw")
+    if redraw < 0:
+        raise ValueError(f"redraw must be >= 0 (0: the phenotype as first drawn), got redraw={redraw}.")
     ctrl = np.empty((n, channels, size, size), np.float32)
     trt = np.empty((n, channels, size, size), np.float32)
     mask = np.empty((n, size, size), bool)
@@ -433,7 +436,7 @@ def make_pairs(
     changed_all = []
     for i in range(n):
         clean, lab, changed, noise_rng = _render_one(
-            seed, start + i, size, phenotype, cells_per_image, changed_fraction, _as_int(redraw, "redraw")
+            seed, start + i, size, phenotype, cells_per_image, changed_fraction, redraw
         )
         clean = ndi.gaussian_filter(
             _compose(clean, channels), (0, 0, _PSF_SIGMA, _PSF_SIGMA), mode="nearest", truncate=3.0
