@@ -294,7 +294,7 @@ def test_before_after_toggle_and_grid(viewer_and_widget, qtbot):
     assert all(layer.visible for layer in widget.result_layers("translation"))
     assert not any(layer.visible for layer in layers)
     widget.side_by_side.value = True
-    assert viewer.grid.enabled and viewer.grid.stride == 2
+    assert viewer.canvas.grid.enabled and viewer.canvas.grid.stride == 2
 
 
 @requires_display

@@ -806,7 +806,7 @@ class TranslateWidget(Container):
             ordered += self.result_layers("translation") + self.result_layers("heatmap")
             for position, layer in enumerate(ordered):
                 self.viewer.layers.move(self.viewer.layers.index(layer), position)
-        grid = self.viewer.grid
+        grid = _grid(self.viewer)
         grid.stride = max(1, len(self.channel_pickers))
         grid.enabled = bool(value)
 
@@ -818,6 +818,12 @@ class TranslateWidget(Container):
             self.inversion, self._inversion_key = None, None
             self._stop_prefetch_then(None)
         self._refresh_layer_choices()
+
+
+def _grid(viewer):
+    """The viewer's grid settings: `viewer.canvas.grid` since napari 0.9 (`viewer.grid` is deprecated there)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
 
 
 def _training_summary(provenance: dict[str, Any]) -> str:
