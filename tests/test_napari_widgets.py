@@ -504,15 +504,19 @@ def test_a_progress_event_queued_before_the_dock_closes_touches_no_deleted_contr
 
 
 def statuses(widget) -> list[str]:
-    """Every status line the widget shows while running (a Label emits no signal when set)."""
+    """Every status line the widget shows while running (a Label emits no signal when set).
+
+    Read when the progress slot hands over to the activity bar, its last call: the bar
+    processes Qt events, so by the time the slot returns the run may have ended and the
+    status line moved on."""
     seen = []
-    on_progress = widget._on_progress
+    show = widget._activity.show
 
-    def record(event):
-        on_progress(event)
+    def record(*args):
         seen.append(widget.status.value)
+        show(*args)
 
-    object.__setattr__(widget, "_on_progress", record)  # connected to the worker at each run
+    widget._activity.show = record
     widget._tiles.progressed.connect(lambda *_: seen.append(widget.status.value))  # after the widget's slot
     return seen
 
