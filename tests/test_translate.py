@@ -173,6 +173,38 @@ def test_progress_is_reported_per_step(translators, cells):
     ]
 
 
+def test_trailing_timesteps_have_as_many_levels_as_steps_and_none_below_zero():
+    """diffusers' "trailing" spacing (zero-SNR models, the demo model) adds a level t = -1 for
+    some step counts; the schedulers phenotwin uses must not."""
+    import json
+
+    from phenotwin.engine import inference_schedulers
+    from phenotwin.models import demo_model_path
+
+    config = json.loads((demo_model_path() / "scheduler" / "scheduler_config.json").read_text())
+    assert config["timestep_spacing"] == "trailing"
+    for steps in [61, 103, 121, 201, *range(1, 60, 7), 100]:
+        inverse, sampler = inference_schedulers(config, steps)
+        levels = sampler.timesteps.tolist()
+        assert len(levels) == steps and min(levels) >= 0 and levels == sorted(set(levels), reverse=True), steps
+        assert inverse.timesteps.flip(0).tolist() == levels
+
+
+def test_an_odd_step_count_on_the_demo_model_reports_and_runs_the_steps_it_says():
+    from phenotwin import Translator
+    from phenotwin.models import demo_model_path
+    from phenotwin.synthetic import make_pairs
+
+    translator = Translator(demo_model_path(), device="cpu")
+    image = make_pairs(1, size=64, channels=2, seed=0).control[0]
+    events = []
+    translator.translate(image, "control", "nocodazole", steps=61, strength=0.5, channel_axis=0,
+                         progress=events.append)
+    assert all(e.step <= e.total for e in events)  # a widget's progress bar refuses anything else
+    assert [e.step for e in events if e.stage == "invert"] == list(range(1, 62))
+    assert [e.step for e in events if e.stage == "generate"] == list(range(1, round(0.5 * 61) + 1))
+
+
 def test_cancel_stops_within_one_step(translators, cells):
     translator = translators["pixel"]
     cancel = threading.Event()

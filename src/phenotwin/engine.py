@@ -47,6 +47,12 @@ def inference_schedulers(scheduler_config: dict[str, Any], steps: int):
     inverse = DDIMInverseScheduler.from_config(config)
     sampler.set_timesteps(steps)
     inverse.set_timesteps(steps)
+    if len(sampler.timesteps) > steps:
+        # diffusers builds "trailing" timesteps with np.arange over a float stride: for some
+        # step counts (61, 103, 121, ... of 1000) a rounding error adds a last level at t = -1,
+        # which indexes the noisiest alpha and makes one step more than asked. Drop it.
+        sampler.timesteps = sampler.timesteps[:steps]
+        inverse.timesteps = inverse.timesteps[-steps:]
     if not torch.equal(sampler.timesteps.flip(0), inverse.timesteps):
         raise RuntimeError(
             f"DDIM and inverse DDIM timesteps disagree for {steps} steps "
