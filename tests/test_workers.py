@@ -64,8 +64,9 @@ def test_activity_bar_is_one_bar_a_run_and_a_close_during_an_update_is_not_lost(
     assert (created.total, created.n, created.desc.rstrip(": ")) == (5, 1, "phenotwin: generate")
     shown = []
     created.events.value.connect(lambda event: shown.append(event.value))  # what the dock's bar draws
-    bar.show("phenotwin: generate", 3, 5)
-    assert shown == [3]
+    bar.show("phenotwin: generate", 3, 5)  # within a second of the last update: dropped
+    bar.show("phenotwin: generate", 5, 5)  # a stage's last step always shows
+    assert shown == [5]
     bar.close()
     assert set(progress._all_instances) == before
 

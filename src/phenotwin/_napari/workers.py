@@ -112,16 +112,23 @@ class ActivityBar:
     therefore updates its own controls first and this bar last. Nested calls are dropped; a
     close asked for during an update happens when the update returns, so no bar is left
     behind in the dock.
-    One bar a run, not one a stage: creating a bar was the slowest progress update measured."""
+    One bar a run, not one a stage: creating a bar was the slowest progress update measured.
+    At most one update a second (and every stage's first and last step): napari repaints
+    inside each, and a demo translation in the Translate widget took 11.8 s with ten
+    updates a second against 8.2 s with none (measured on the 2-core VM, Xvfb)."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 1.0) -> None:
         self._bar = None
         self._description = ""
         self._busy = False
         self._close_pending = False
+        self._updates = Throttle(interval)
 
     def show(self, description: str, step: int, total: int) -> None:
         if self._busy:
+            return
+        new_stage = self._bar is None or description != self._description
+        if not self._updates.ready(last=new_stage or step == total):
             return
         self._busy = True
         try:
