@@ -115,7 +115,8 @@ class ActivityBar:
     One bar a run, not one a stage: creating a bar was the slowest progress update measured.
     At most one update a second (and every stage's first and last step): napari repaints
     inside each, and a demo translation in the Translate widget took 11.8 s with ten
-    updates a second against 8.2 s with none (measured on the 2-core VM, Xvfb)."""
+    updates a second, 10.3 s with one, 8.2 s with no bar (2-core VM, Xvfb; most of the
+    last gap is napari's animated activity indicator, see docs/benchmarks.md)."""
 
     def __init__(self, interval: float = 1.0) -> None:
         self._bar = None
