@@ -8,7 +8,7 @@ reuse one inversion per image. Reports flip rate, heatmap AUROC against the true
 the ratio a perfect model would reach (the true puncta drawn again elsewhere).
 
     python benchmarks/demo_quality.py [--checkpoint DIR] [-n 64] [--steps 50] [--refinements K]
-                                      [--guidance W] [--json out.json]
+                                      [--guidance W] [--confine | --no-confine] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     parser.add_argument("--refinements", type=int, default=None, help="inversion refinements (default: the model's)")
-    parser.add_argument("--guidance", type=float, default=0.0)
+    parser.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    parser.add_argument("--confine", action=argparse.BooleanOptionalAction, default=None,
+                        help="confine the change to the edit mask (default: the model's)")
     parser.add_argument("--classifier-images", type=int, default=1500, help="per condition")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
 
     result = public(drive(translation_steps(translator, held_out, reference, n=args.n, steps=args.steps,
                                             strengths=args.strengths, source=source, target=target,
-                                            guidance=args.guidance), report))
+                                            guidance=args.guidance, confine=args.confine), report))
     result["seconds"] = time.time() - started
     # The ratio's floor: a perfect model cannot know where the true counterfactual's puncta fell;
     # the same cells with the phenotype drawn again score this against the truth.

@@ -409,3 +409,66 @@ def test_reference_modes(checkpoints, cells):
     assert raw.metadata()["reference"] == "input" and shown.metadata()["reference"] == "reconstruction"
     with pytest.raises(PhenotwinError, match="reference must be one of"):
         Translator(checkpoints["pixel"], device="cpu", reference="source")
+
+
+def test_confine_keeps_what_the_condition_leaves_alone_on_the_demo_model(torch_one_thread):
+    """The edit mask of the demo model: high where the Golgi changes, low elsewhere and in the
+    nucleus channel, which the condition does not touch; the confined translation changes the
+    nucleus far less than an unconfined one and keeps most of the Golgi's change."""
+    from phenotwin import Translator
+    from phenotwin.models import demo_model_path
+    from phenotwin.synthetic import as_camera_units, make_pairs
+    from phenotwin.translate import CONFINE_CALLS
+
+    translator = Translator(demo_model_path(), device="cpu")
+    pairs = make_pairs(2, size=64, channels=2, seed=0, start=100_000)
+    for i in range(2):
+        inversion = translator.invert(as_camera_units(pairs.control[i]), "control", steps=50, channel_axis=0)
+        free = translator.generate(inversion, "nocodazole", strength=0.5, confine=False)
+        before = translator.denoiser.calls
+        assert not translator.is_generated(inversion, "nocodazole", 0.5, confine=True)
+        confined = translator.generate(inversion, "nocodazole", strength=0.5, confine=True)
+        assert translator.denoiser.calls - before == CONFINE_CALLS  # the mask; the generations were cached
+        assert translator.is_generated(inversion, "nocodazole", 0.5, confine=True)
+        mask, changed = confined.edit_mask, pairs.change_mask[i]
+        assert mask.shape == inversion.normalised.shape and mask.min() >= 0 and mask.max() == 1
+        assert mask[1][changed].mean() > 5 * mask[1][~changed].mean()
+        assert mask[0].mean() < 0.2 * mask[1][changed].mean()  # the nucleus channel
+        change = np.abs(confined.normalised - inversion.normalised)
+        free_change = np.abs(free.normalised - inversion.normalised)
+        assert change[0].mean() < 0.5 * free_change[0].mean()  # the nucleus channel
+        assert change[1][changed].mean() > 0.5 * free_change[1][changed].mean()  # the phenotype stays
+        assert confined.metadata()["confine"] and not free.metadata()["confine"]
+
+
+@pytest.mark.parametrize("kind", ["pixel", "latent"])
+def test_confine_works_for_pixel_latent_and_tiled_inputs(translators, kind):
+    from scipy.ndimage import gaussian_filter
+
+    from phenotwin.translate import CONFINE_CALLS
+
+    translator = translators[kind]
+    rng = np.random.default_rng(2)
+    field = np.stack([gaussian_filter(rng.random((40, 48)), 2) for _ in range(2)]).astype(np.float32)
+    inversion = translator.invert(field, "control", steps=6, channel_axis=0)
+    events = []
+    result = translator.generate(inversion, "treated", confine=True, progress=events.append)
+    assert [e.step for e in events if e.stage == "edit mask"] == list(range(1, CONFINE_CALLS + 1))
+    mask = result.edit_mask
+    assert mask.shape == (2, 40, 48) and 0 <= mask.min() < mask.max() == 1
+    reconstruction = inversion.generated[(inversion.source_index, 6, 0.0)]  # strength 1: all 6 steps
+    expected = np.clip(inversion.normalised + mask * (result.generated - reconstruction), -1, 1)
+    np.testing.assert_allclose(result.normalised, expected, atol=1e-6)
+
+
+def test_confine_to_the_source_condition_changes_nothing_and_costs_nothing(translators, cells):
+    translator = translators["pixel"]
+    inversion = translator.invert(cells, "control", steps=6, channel_axis=0)
+    translator.generate(inversion, "control")
+    before = translator.denoiser.calls
+    same = translator.generate(inversion, "control", confine=True)
+    assert translator.denoiser.calls == before
+    np.testing.assert_array_equal(same.normalised, inversion.normalised)
+    assert not same.edit_mask.any()
+    with pytest.raises(PhenotwinError, match="confine must be true or false"):
+        translator.generate(inversion, "treated", confine="yes")

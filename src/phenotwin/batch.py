@@ -43,6 +43,7 @@ class BatchSettings:
     seed: int | None = None
     channels: tuple[int, ...] | None = None  # channel indices of the input that feed the model
     axes: str | None = None  # axes of every input, overriding file metadata
+    confine: bool | None = None  # keep the change where the conditions differ (Translator.generate_steps)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def translate_file(translator, job: Job, out: Path, settings: BatchSettings, fin
         results.append(translator.translate(
             plane, settings.source, settings.target, strength=settings.strength, steps=settings.steps,
             guidance=settings.guidance, seed=settings.seed, channel_axis=0 if has_channels else None,
-            progress=step_progress(description) if step_progress else None,
+            confine=settings.confine, progress=step_progress(description) if step_progress else None,
         ))
     translated, axes = stack.assemble([r.image for r in results], with_channels=True)
     heatmap, heatmap_axes = stack.assemble([r.heatmap for r in results], with_channels=False)
@@ -265,6 +266,7 @@ def fingerprint_of(translator, settings: BatchSettings) -> dict[str, Any]:
         "axes": settings.axes,
         "reference": translator.reference,
         "inversion_refinements": translator.inversion_refinements,
+        "confine": translator.confine_setting(settings.confine),
     }
 
 

@@ -41,6 +41,7 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 DEFAULT_INFERENCE = {
     "steps": 50, "strength": 1.0, "guidance": 0.0, "inversion_refinements": 0, "reference": "reconstruction",
+    "confine": False,
 }
 # Optimizer state, logs and sample grids of the run that wrote the model. Never loaded as
 # part of the model (accelerate stores its optimizer state pickled), so not shipped either.

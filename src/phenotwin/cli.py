@@ -70,7 +70,7 @@ def run_translate(args: argparse.Namespace) -> int:
     settings = BatchSettings(
         source=args.source, target=args.target, strength=args.strength, steps=args.steps, guidance=args.guidance,
         seed=args.seed, channels=tuple(args.channels) if args.channels is not None else None,
-        axes=args.axes.upper() if args.axes else None,
+        axes=args.axes.upper() if args.axes else None, confine=args.confine,
     )
     try:
         result = run_batch(args.checkpoint, args.input, args.output, settings, device=args.device,
@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--strength", type=float, default=None, help="inversion strength in (0, 1] (default: the model's)")
     tr.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     tr.add_argument("--guidance", type=float, default=None, help="classifier-free guidance, 0 = none")
+    tr.add_argument("--confine", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep the change only where the model's predictions under the two conditions differ "
+                    "(a DiffEdit mask per channel; default: the model's)")
     tr.add_argument("--seed", type=int, default=None, help="recorded with the results for reproducibility")
     tr.add_argument("--axes", default=None,
                     help="axes of every input when the file does not record them, one letter per axis: e.g. CYX, YXC, "

@@ -114,20 +114,22 @@ def translate_cells_steps(
     seed: int | None = None,
     channel_axis: int | None = None,
     margin: int = DEFAULT_MARGIN,
+    confine: bool | None = None,
 ) -> Steps[CellTranslation]:
     """Generator form of `translate_cells`: yields a `Progress` per diffusion step, tagged with
     the cell (item k of N), and returns the `CellTranslation`. Inputs are checked before any work."""
     chw = _channels_first(image, channel_axis)
     labels = _check_labels(labels, chw.shape[1:])
     _, _, strength, steps, guidance = translator.check_settings(source, target, strength, steps, guidance)
+    confine = translator.confine_setting(confine)
     if margin < 0:
         raise PhenotwinError(f"margin must be 0 or more pixels, got {margin}.")
     return _translate_cells(translator, image, chw, labels, source, target, strength, steps, guidance, seed,
-                            channel_axis, margin)
+                            channel_axis, margin, confine)
 
 
 def _translate_cells(translator, image, chw, labels, source, target, strength, steps, guidance, seed,
-                     channel_axis, margin):
+                     channel_axis, margin, confine):
     from skimage.measure import regionprops
 
     cells = regionprops(labels)
@@ -138,7 +140,8 @@ def _translate_cells(translator, image, chw, labels, source, target, strength, s
     for k, cell in enumerate(cells):
         y0, x0, height, width = cell_window(cell.bbox, translator.image_size, margin)
         window = crop_mirrored(chw, y0, x0, height, width)
-        run = translator.translate_steps(window, source, target, strength, steps, guidance, seed, channel_axis=0)
+        run = translator.translate_steps(window, source, target, strength, steps, guidance, seed, channel_axis=0,
+                                         confine=confine)
         try:
             result = yield from tagged(run, k + 1, len(cells), "cell")
         except PhenotwinError as err:
@@ -178,12 +181,13 @@ def _translate_cells(translator, image, chw, labels, source, target, strength, s
 
 
 def translate_cells(translator, image, labels, source, target, strength=None, steps=None, guidance=None, seed=None,
-                    channel_axis=None, margin=DEFAULT_MARGIN, progress=None, cancel: CancelFlag = None) -> CellTranslation:
+                    channel_axis=None, margin=DEFAULT_MARGIN, confine=None, progress=None,
+                    cancel: CancelFlag = None) -> CellTranslation:
     """Translate every labelled cell of `image` from `source` to `target` and score its change
     (see `translate_cells_steps`)."""
     return drive(
         translate_cells_steps(translator, image, labels, source, target, strength, steps, guidance, seed,
-                              channel_axis, margin),
+                              channel_axis, margin, confine),
         progress,
         cancel,
     )

@@ -8,6 +8,10 @@ and costs only the generation steps: this is what makes scrubbing strength cheap
 fields only an evenly spaced subset of the states is kept (a memory budget); a state in
 between is recomputed exactly from the one below it. Generated images are cached per
 (condition, strength, guidance), so returning to a strength already seen costs nothing.
+
+With `confine`, the change is kept only where the model's own predictions under the two
+conditions disagree (a soft DiffEdit mask, computed once per image and target): what the
+condition does not touch (another channel, the rest of the cell) stays as it was.
 """
 
 from __future__ import annotations
@@ -37,6 +41,16 @@ TRAJECTORY_BUDGET = 256 * 2**20
 # Bytes of generated images (translations and reconstructions) an `Inversion` caches for
 # scrubbing; the oldest go first. 8 images of a 2048² two-channel field.
 CACHE_BUDGET = 256 * 2**20
+# The edit mask (DiffEdit, Couairon et al. 2022): the input noised to these levels (fractions
+# of the training timesteps), CONFINE_DRAWS noise draws each, the clean images predicted under
+# both conditions compared; the mean absolute difference, smoothed (Gaussian sigma in
+# pixels), weights the change from 0 to 1, reaching 1 at CONFINE_RAMP of its maximum.
+# Chosen on 12 held-out demo pairs (docs/training.md, The demo model).
+CONFINE_LEVELS = (0.3, 0.5, 0.7)
+CONFINE_DRAWS = 4
+CONFINE_SMOOTHING = 1.0
+CONFINE_RAMP = 0.5
+CONFINE_CALLS = len(CONFINE_LEVELS) * CONFINE_DRAWS  # model calls (of two images) per edit mask
 
 
 def psnr(reference: np.ndarray, estimate: np.ndarray) -> float:
@@ -77,6 +91,8 @@ class Inversion:
     # Generated images (model range, cropped) by (class index, inversion steps used, guidance),
     # oldest first; under the source class they are the reconstructions.
     generated: dict[tuple[int, int, float], np.ndarray] = field(default_factory=dict, repr=False)
+    # Edit masks (C, H, W) in [0, 1] by target class index (see `Translator.edit_mask_steps`).
+    edit_masks: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -98,6 +114,7 @@ class Translation:
     checkpoint_id: str
     autoencoder_psnr: float | None = None
     reference: str = "reconstruction"
+    edit_mask: np.ndarray | None = None  # (C, H, W) weights the change was confined to, or None
     inversion: Inversion | None = field(default=None, repr=False)  # reuse it to scrub without re-inverting
 
     def metadata(self) -> dict[str, Any]:
@@ -115,6 +132,7 @@ class Translation:
             "reconstruction_psnr": self.reconstruction_psnr,
             "autoencoder_psnr": self.autoencoder_psnr,
             "reference": self.reference,
+            "confine": self.edit_mask is not None,
             "phenotwin_version": __version__,
         }
 
@@ -215,6 +233,13 @@ class Translator:
             raise PhenotwinError(f"guidance must be a number >= 0 (0 = no guidance), got {guidance!r}.")
         return float(guidance)
 
+    def confine_setting(self, confine: bool | None = None) -> bool:
+        """`confine` as given, or the model's default when None; validated."""
+        confine = self.info.defaults["confine"] if confine is None else confine
+        if not isinstance(confine, (bool, np.bool_)):
+            raise PhenotwinError(f"confine must be true or false, got {confine!r}.")
+        return bool(confine)
+
     def check_settings(self, source=None, target=None, strength=None, steps=None, guidance=None):
         """Validate settings (None = the model's default) and return them resolved:
         (source index, target index, strength, steps, guidance); indices are None when not given."""
@@ -308,6 +333,7 @@ class Translator:
         reconstruct: bool = True,
         signed: bool = False,
         sigma: float = 0.0,
+        confine: bool | None = None,
     ) -> Steps[Translation]:
         """Generator form of `generate`: regenerate a cached inversion under `target`.
 
@@ -317,6 +343,8 @@ class Translator:
         is generated in the same batch (once per strength, then cached): it measures how
         faithfully the model reproduces the input, and with reference "reconstruction" the
         translation is taken relative to it. `reconstruct=False` skips it in "input" mode.
+        `confine` (default: the model's) keeps the change only where the condition matters
+        (`edit_mask_steps`); it reuses the cached generations, so switching it costs no step.
         """
         if inversion.checkpoint_id != self.checkpoint_id:
             raise PhenotwinError(
@@ -325,9 +353,11 @@ class Translator:
             )
         _, target_index, strength, _, guidance = self.check_settings(None, target, strength, None, guidance)
         used_steps = max(1, round(strength * inversion.steps))
-        return self._generate(inversion, target_index, used_steps, guidance, seed, reconstruct, signed, sigma)
+        confine = self.confine_setting(confine)
+        return self._generate(inversion, target_index, used_steps, guidance, seed, reconstruct, signed, sigma, confine)
 
-    def _generate(self, inversion, target_index, used_steps, guidance, seed, reconstruct, signed, sigma):
+    def _generate(self, inversion, target_index, used_steps, guidance, seed, reconstruct, signed, sigma, confine):
+        mask = (yield from self._edit_mask(inversion, target_index)) if confine else None
         source_key = (inversion.source_index, used_steps, guidance)
         relative = self.reference == "reconstruction"
         cached = inversion.generated.get((target_index, used_steps, guidance))
@@ -339,12 +369,15 @@ class Translator:
                 inversion, target_index, used_steps, guidance, seed, reconstruct or relative
             )
         reconstruction = inversion.generated.get(source_key)
-        if relative:
-            # The change the model makes between its own rendering of the input under the
-            # source and under the target condition, applied to the input itself: whatever
-            # the model cannot reproduce (camera noise, fine texture, the low-frequency
-            # drift of DDIM inversion) cancels, and where nothing changes the input is kept.
-            shown = np.clip(inversion.normalised + (generated - reconstruction), -1.0, 1.0)
+        if relative or mask is not None:
+            # Relative: the change the model makes between its own rendering of the input under
+            # the source and under the target condition, applied to the input itself: whatever
+            # the model cannot reproduce (camera noise, fine texture, the low-frequency drift of
+            # DDIM inversion) cancels, and where nothing changes the input is kept.
+            change = generated - (reconstruction if relative else inversion.normalised)
+            if mask is not None:
+                change = change * mask
+            shown = np.clip(inversion.normalised + change, -1.0, 1.0)
         else:
             shown = generated
         heat = difference_map(inversion.normalised, shown, signed=signed, sigma=sigma)
@@ -364,6 +397,7 @@ class Translator:
             checkpoint_id=self.checkpoint_id,
             autoencoder_psnr=inversion.autoencoder_psnr,
             reference=self.reference,
+            edit_mask=mask,
             inversion=inversion,
         )
 
@@ -392,13 +426,15 @@ class Translator:
             self._remember(inversion, source_key, images[1][:, :height, :width].copy())
         return translated
 
-    def is_generated(self, inversion: Inversion, target: str | int, strength: float, guidance: float | None = None) -> bool:
+    def is_generated(self, inversion: Inversion, target: str | int, strength: float, guidance: float | None = None,
+                     confine: bool | None = None) -> bool:
         """Whether `generate` at these settings would only read the cache (no UNet call)."""
         _, target_index, strength, _, guidance = self.check_settings(None, target, strength, None, guidance)
         used = max(1, round(strength * inversion.steps))
         keys = [(target_index, used, guidance)] + [(inversion.source_index, used, guidance)] * (
             self.reference == "reconstruction")
-        return all(key in inversion.generated for key in keys)
+        masked = not self.confine_setting(confine) or target_index == inversion.source_index or target_index in inversion.edit_masks
+        return masked and all(key in inversion.generated for key in keys)
 
     def prefetch_steps(
         self, inversion: Inversion, target: str | int, strengths: list[float], guidance: float | None = None
@@ -427,6 +463,52 @@ class Translator:
                               k + 1, len(rungs), "strength")
         return len(rungs)
 
+    def edit_mask_steps(self, inversion: Inversion, target: str | int) -> Steps[np.ndarray]:
+        """Where the condition matters for this image: weights (C, H, W) in [0, 1], cached.
+
+        DiffEdit's mask (Couairon et al. 2022): the input is noised, the model predicts the
+        clean image under the source and under the target condition, and the two disagree
+        where the condition changes something. diffusers' DiffEdit pipeline is bound to text
+        prompts and one binary mask over SD latents; this one serves pixel and latent models,
+        keeps one mask per image channel (a channel the condition leaves alone stays as it
+        is) and stays soft: a binary mask would tie most pixels of the heatmap at zero.
+        Costs CONFINE_CALLS model calls of two images, seeded; a stage of its own ("edit mask").
+        """
+        return self._edit_mask(inversion, self.info.class_index(target))
+
+    def _edit_mask(self, inversion: Inversion, target_index: int) -> Steps[np.ndarray]:
+        import torch
+        from skimage.filters import gaussian
+
+        cached = inversion.edit_masks.get(target_index)
+        if cached is not None:
+            return cached
+        height, width = inversion.normalised.shape[1:]
+        difference = np.zeros(inversion.normalised.shape, np.float32)
+        if target_index != inversion.source_index:
+            _, sampler = self._schedulers_for(inversion.steps)
+            clean = inversion.states[0]
+            labels = torch.tensor([target_index, inversion.source_index], device=self.device)
+            generator = torch.Generator(device="cpu").manual_seed(0)
+            last = int(sampler.config.num_train_timesteps) - 1
+            levels = [round(level * last) for level in CONFINE_LEVELS for _ in range(CONFINE_DRAWS)]
+            for i, t in enumerate(levels):
+                noise = torch.randn(clean.shape, generator=generator).to(self.device)
+                with torch.inference_mode():
+                    noisy = sampler.add_noise(clean, noise, torch.tensor([t], device=self.device)).repeat(2, 1, 1, 1)
+                    output = self.denoiser.predict(noisy, t, labels)
+                    # DDIM's step converts any prediction type to its clean-image estimate.
+                    predicted = sampler.step(output, t, noisy).pred_original_sample
+                    images = self.denoiser.decode(predicted).cpu().numpy()
+                difference += np.abs(images[0] - images[1])[:, :height, :width]
+                yield Progress("edit mask", i + 1, len(levels))
+        # A sum, not a mean: only the ratio to its own maximum counts.
+        smooth = gaussian(difference, sigma=CONFINE_SMOOTHING, channel_axis=0, preserve_range=True)
+        peak = float(smooth.max())
+        mask = np.clip(smooth / (CONFINE_RAMP * peak), 0.0, 1.0) if peak > 0 else np.zeros_like(smooth)
+        inversion.edit_masks[target_index] = mask.astype(np.float32)
+        return inversion.edit_masks[target_index]
+
     def _remember(self, inversion: Inversion, key, image: np.ndarray) -> None:
         """Cache a generated image; beyond `cache_budget`, forget the oldest others."""
         cache = inversion.generated
@@ -446,15 +528,18 @@ class Translator:
         channel_axis: int | None = None,
         signed: bool = False,
         sigma: float = 0.0,
+        confine: bool | None = None,
     ) -> Steps[Translation]:
         """Generator form of `translate`: inversion then generation, one `Progress` per step."""
         # Validate the generation settings now, not after a minute of inversion.
         _, target_index, strength, steps, guidance = self.check_settings(source, target, strength, steps, guidance)
+        confine = self.confine_setting(confine)
         inverting = self.invert_steps(image, source, steps, channel_axis)
 
         def run():
             inversion = yield from inverting
-            return (yield from self.generate_steps(inversion, target_index, strength, guidance, seed, True, signed, sigma))
+            return (yield from self.generate_steps(inversion, target_index, strength, guidance, seed, True, signed, sigma,
+                                                   confine))
 
         return run()
 
@@ -514,14 +599,16 @@ class Translator:
         return drive(self.invert_steps(image, source, steps, channel_axis), progress, cancel)
 
     def generate(self, inversion, target, strength=None, guidance=None, seed=None, reconstruct=True,
-                 signed=False, sigma=0.0, progress=None, cancel: CancelFlag = None) -> Translation:
+                 signed=False, sigma=0.0, confine=None, progress=None, cancel: CancelFlag = None) -> Translation:
         """Regenerate a cached `Inversion` under `target` at `strength` (see `generate_steps`)."""
         return drive(
-            self.generate_steps(inversion, target, strength, guidance, seed, reconstruct, signed, sigma), progress, cancel
+            self.generate_steps(inversion, target, strength, guidance, seed, reconstruct, signed, sigma, confine),
+            progress, cancel,
         )
 
     def translate(self, image, source, target, strength=None, steps=None, guidance=None, seed=None,
-                  channel_axis=None, signed=False, sigma=0.0, progress=None, cancel: CancelFlag = None) -> Translation:
+                  channel_axis=None, signed=False, sigma=0.0, confine=None, progress=None,
+                  cancel: CancelFlag = None) -> Translation:
         """Translate `image` from condition `source` to `target`.
 
         Returns a `Translation` with the translated image (input units, dtype and layout),
@@ -529,7 +616,8 @@ class Translator:
         condition; `.inversion` holds the cached inversion for `generate()`.
         """
         return drive(
-            self.translate_steps(image, source, target, strength, steps, guidance, seed, channel_axis, signed, sigma),
+            self.translate_steps(image, source, target, strength, steps, guidance, seed, channel_axis, signed, sigma,
+                                 confine),
             progress,
             cancel,
         )

@@ -196,6 +196,10 @@ class TranslateWidget(Container):
         self.steps = SpinBox(label="Steps", min=2, max=1000, value=50, tooltip="DDIM steps for inversion and generation")
         self.guidance = FloatSpinBox(label="Guidance", min=0.0, max=20.0, step=0.5, value=0.0,
                                      tooltip="Classifier-free guidance; 0 = none")
+        self.confine = CheckBox(text="Confine changes to where the conditions differ", value=False,
+                                tooltip="Keep the change only where the model's predictions under the two conditions "
+                                        "disagree (a mask per channel): what the condition does not touch stays "
+                                        "exactly as it is. Switching it costs no new diffusion steps.")
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
         self.run_button = PushButton(text="Translate")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -209,7 +213,7 @@ class TranslateWidget(Container):
         self.extend([
             self.model_path, self.load_button, self.model_info, self.channel_pickers, self.planes, self.cells,
             self.source, self.target, self.strength, self.prefetch, self.prefetch_info, self.steps, self.guidance,
-            self.seed, self.run_button, self.cancel_button, self.progress_bar, self.status, self.quality,
+            self.confine, self.seed, self.run_button, self.cancel_button, self.progress_bar, self.status, self.quality,
             self.top_cells, self.export_button, self.compare_button, self.side_by_side,
         ])
         for widget in (self.quality, self.model_info, self.status, self.top_cells, self.prefetch_info):
@@ -226,6 +230,7 @@ class TranslateWidget(Container):
         self.strength.changed.connect(self._on_generation_setting)
         self.target.changed.connect(self._on_generation_setting)
         self.guidance.changed.connect(self._on_generation_setting)
+        self.confine.changed.connect(self._on_generation_setting)
         self.prefetch.changed.connect(lambda on: self._start_prefetch() if on else self._stop_prefetch_then(None))
         self.compare_button.changed.connect(self.toggle_before_after)
         self.export_button.changed.connect(self._ask_csv_path)
@@ -274,6 +279,7 @@ class TranslateWidget(Container):
         self.strength.value = float(info.defaults.get("strength", 1.0))
         self.steps.value = int(info.defaults.get("steps", 50))
         self.guidance.value = float(info.defaults.get("guidance", 0.0))
+        self.confine.value = bool(info.defaults.get("confine", False))
         self.model_info.value = (
             f"{translator.checkpoint_id}: {info.kind} model, {info.image_size}x{info.image_size} px, "
             f"{info.channels} channel(s) ({', '.join(names)}), conditions: {', '.join(info.classes)}"
@@ -433,7 +439,8 @@ class TranslateWidget(Container):
 
     def _translation_settings(self) -> dict[str, Any]:
         return {"source": self.source.value, "target": self.target.value, "strength": self.strength.value,
-                "steps": self.steps.value, "guidance": self.guidance.value, "seed": self.seed.value}
+                "steps": self.steps.value, "guidance": self.guidance.value, "seed": self.seed.value,
+                "confine": self.confine.value}
 
     def _cells_job(self, sources: SourcePlanes, cells: Labels):
         """Per-cell translation of the plane shown; inputs are checked here, before the worker starts."""
@@ -470,7 +477,7 @@ class TranslateWidget(Container):
     def _generation_settings(self, reconstruct: bool) -> dict[str, Any]:
         """Read in the GUI thread: widgets must not be touched from the worker."""
         return {"target": self.target.value, "strength": self.strength.value, "guidance": self.guidance.value,
-                "seed": self.seed.value, "reconstruct": reconstruct}
+                "seed": self.seed.value, "reconstruct": reconstruct, "confine": self.confine.value}
 
     def _job(self, inverting, key, settings):
         """Runs in the worker thread: invert if needed, then generate."""
@@ -566,13 +573,13 @@ class TranslateWidget(Container):
     # -- scrubbing -----------------------------------------------------------------------------
 
     def _on_generation_setting(self, *_):
-        """Strength, target or guidance changed: regenerate from the cached inversion (debounced,
+        """Strength, target, guidance or confine changed: regenerate from the cached inversion (debounced,
         unless it is cached: then there is nothing to wait for)."""
         if self.inversion is None or self.last_result is None:
             return
         try:
             cached = self.translator.is_generated(self.inversion, self.target.value, self.strength.value,
-                                                  self.guidance.value)
+                                                  self.guidance.value, self.confine.value)
         except PhenotwinError:
             cached = False  # _scrub reports it
         if cached:
@@ -668,7 +675,8 @@ class TranslateWidget(Container):
     def _ready_strengths(self) -> tuple[float, float]:
         """The slider's range around its value that the cache holds (the budget may have cut the prefetch)."""
         def cached(strength: float) -> bool:
-            return self.translator.is_generated(self.inversion, self.target.value, strength, self.guidance.value)
+            return self.translator.is_generated(self.inversion, self.target.value, strength, self.guidance.value,
+                                                self.confine.value)
 
         step, value = self.strength.step, self.strength.value
         low = high = value

@@ -22,6 +22,7 @@ from phenotwin.errors import PhenotwinError
 from phenotwin.evaluate.metrics import (auroc, counterfactual_ratio, fid_kid, find_inception_weights, roc_curve,
                                         smooth, ssim)
 from phenotwin.progress import Progress, Steps, relabel
+from phenotwin.translate import CONFINE_CALLS
 
 SYNTHETIC_NAME = re.compile(r"^(obvious|subtle)_(\d+)_(\d+)$")
 SIGMAS = (0, 1, 2)
@@ -131,7 +132,7 @@ def _directions(classes, source, target):
 def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None = None, n: int = 16,
                       steps: int | None = None, strengths=None, source: str | None = None, target: str | None = None,
                       inception_weights=None, seed: int = 0, guidance: float | None = None,
-                      classifier_epochs: int = 8) -> Steps[dict]:
+                      classifier_epochs: int = 8, confine: bool | None = None) -> Steps[dict]:
     """Evaluate `translator` on `data` (see the module docstring); returns the JSON-ready result.
 
     `classifier_data` (default: `data`) trains the condition classifier. Yields one `Progress`
@@ -146,6 +147,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
     if n < 1:
         raise PhenotwinError(f"n must be at least 1, got {n}.")
     _, _, default_strength, steps, guidance = translator.check_settings(steps=steps, guidance=guidance)
+    confine = translator.confine_setting(confine)
     strengths = [translator.check_settings(strength=s)[2] for s in (strengths or [default_strength])]
     directions = _directions(translator.classes, source, target)
     weights, fid_message = find_inception_weights(inception_weights)
@@ -158,7 +160,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
                                   translator.classes, epochs=classifier_epochs, seed=seed)
     yield Progress("classifier", 1, 1)
 
-    per_image = steps + sum(max(1, round(s * steps)) for s in strengths)
+    per_image = steps + sum(max(1, round(s * steps)) for s in strengths) + CONFINE_CALLS * confine
     total = per_image * sum(min(n, len(data.images[s])) for s, _ in directions)
     done, rows, examples, collected = 0, [], [], {}
     for src, tgt in directions:
@@ -169,8 +171,12 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
             inversion = yield from relabel(translator.invert_steps(sources[i], src, steps, channel_axis=0), "translate",
                                            done, total)
             done += steps
+            if confine:  # once per image, before the strengths that share it
+                yield from relabel(translator.edit_mask_steps(inversion, tgt), "translate", done, total)
+                done += CONFINE_CALLS
             for s in strengths:
-                translation = yield from relabel(translator.generate_steps(inversion, tgt, strength=s, guidance=guidance, seed=seed),
+                translation = yield from relabel(translator.generate_steps(inversion, tgt, strength=s, guidance=guidance,
+                                                                           seed=seed, confine=confine),
                                                  "translate", done, total)
                 done += max(1, round(s * steps))
                 reconstruction = inversion.generated[(inversion.source_index, max(1, round(s * steps)), translation.guidance)]
@@ -223,6 +229,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
         "kind": "translation", "checkpoint": translator.checkpoint_id, "classes": translator.classes,
         "steps": steps, "strengths": strengths, "guidance": guidance, "images_per_direction": n, "seed": seed,
         "inversion_refinements": translator.inversion_refinements, "reference": translator.reference,
+        "confine": confine,
         "synthetic_ground_truth": data.aligned,
         "data_is_training_data": bool(trained_on and data.fingerprint == trained_on),
         "classifier": {"held_out_accuracy": classifier.held_out_accuracy, "images": int(sum(len(v) for v in real.values())),
