@@ -370,6 +370,21 @@ def test_a_second_run_computes_only_what_is_missing(models, tmp_path, monkeypatc
     assert all(ome(out / f"{i}_treated.ome.tif")[2]["strength"] == 0.5 for i in range(3))
 
 
+def test_confine_is_a_setting_of_the_run(models, tmp_path, capsys):
+    source = write(tmp_path / "in" / "f.tif", cells(2), "CYX")
+    out = tmp_path / "out"
+    assert translate(models[2], [source], out) == 0
+    free, _, meta = ome(out / "f_treated.ome.tif")
+    assert meta["confine"] is False  # the model's default
+    assert translate(models[2], [source], out, "--confine") == 2
+    assert "confine: False then, True now" in capsys.readouterr().err
+    assert translate(models[2], [source], out, "--confine", "--overwrite") == 0
+    confined, _, meta = ome(out / "f_treated.ome.tif")
+    assert meta["confine"] is True
+    original = tifffile.imread(source).astype(float)
+    assert np.abs(confined - original).sum() < np.abs(free.astype(float) - original).sum()
+
+
 def _run_until(args, reached, sig):
     """Start `phenotwin translate` in a child, send `sig` once `reached()` holds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the child gets PYTHONPATH and everything else too

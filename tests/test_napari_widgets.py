@@ -102,6 +102,36 @@ def test_scrubbing_regenerates_without_inverting(viewer_and_widget, qtbot):
     assert not np.array_equal(first, viewer.layers["ctrl golgi → nocodazole"].data)
 
 
+@requires_display
+def test_confine_checkbox_masks_the_shown_result_without_new_diffusion_steps(viewer_and_widget, qtbot):
+    from phenotwin.translate import CONFINE_CALLS
+
+    viewer, widget, layers = viewer_and_widget
+    assert not widget.confine.value  # the tiny model's default
+    widget.steps.value = 6
+    run_and_wait(qtbot, widget)
+    name = "ctrl golgi → nocodazole"
+    free = viewer.layers[name].data.astype(float)
+    calls = widget.translator.denoiser.calls
+    widget.confine.value = True
+    wait_until(qtbot, lambda: viewer.layers[name].metadata["phenotwin"]["confine"])
+    wait_until(qtbot, lambda: widget._worker is None)
+    assert widget.translator.denoiser.calls - calls == CONFINE_CALLS  # the mask only: generations are cached
+    mask = widget.last_result.edit_mask[1]
+    source = layers[1].data.astype(float)
+    confined = viewer.layers[name].data.astype(float)
+    # the shown change is the free one weighted by the mask (up to uint16 rounding and clipping)
+    change, free_change = np.abs(confined - source), np.abs(free - source)
+    assert np.abs(change - mask * free_change).mean() < 0.05 * free_change.mean() + 1.0
+    low = mask < 0.9
+    assert low.sum() >= 10 and change[low].sum() < 0.95 * free_change[low].sum()
+    widget.confine.value = False  # back: from the cache, no model call at all
+    wait_until(qtbot, lambda: not viewer.layers[name].metadata["phenotwin"]["confine"])
+    wait_until(qtbot, lambda: widget._worker is None)
+    assert widget.translator.denoiser.calls - calls == CONFINE_CALLS
+    np.testing.assert_array_equal(viewer.layers[name].data, free)
+
+
 def translate_with_prefetch(qtbot, widget, steps: int) -> None:
     """A translation with the background prefetch on (the fixture turns it off)."""
     widget.steps.value = steps

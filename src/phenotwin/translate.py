@@ -433,7 +433,8 @@ class Translator:
         used = max(1, round(strength * inversion.steps))
         keys = [(target_index, used, guidance)] + [(inversion.source_index, used, guidance)] * (
             self.reference == "reconstruction")
-        masked = not self.confine_setting(confine) or target_index == inversion.source_index or target_index in inversion.edit_masks
+        masked = (not self.confine_setting(confine) or target_index == inversion.source_index
+                  or target_index in inversion.edit_masks)
         return masked and all(key in inversion.generated for key in keys)
 
     def prefetch_steps(
