@@ -31,7 +31,8 @@ def test_demo_model_is_small_safe_and_says_how_it_was_made(demo):
     base = provenance["base"]["provenance"]
     assert "--method scratch" in base["command"] and "--seed 0" in base["command"] and base["steps"] == 3000
     assert base["data_fingerprint"] == provenance["data_fingerprint"]
-    assert info.defaults["steps"] == 100 and info.defaults["strength"] == 0.5
+    assert info.defaults["steps"] == 100 and info.defaults["strength"] == 0.4
+    assert info.defaults["guidance"] == 1.0 and info.defaults["confine"] is True  # docs/training.md
 
 
 def test_demo_model_translates_held_out_cells(demo, torch_one_thread):

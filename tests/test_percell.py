@@ -128,12 +128,16 @@ def test_cells_that_really_changed_score_higher():
     changed = set(pairs.changed_cells[0])
     assert changed and len(changed) < len(np.unique(pairs.cell_labels[0])) - 1  # both kinds present
     translator = Translator(demo_model_path(), device="cpu")
-    started = time.perf_counter()
-    result = translate_cells(translator, as_camera_units(pairs.treated[0]), pairs.cell_labels[0], "nocodazole",
-                             "control", strength=0.7, steps=20, seed=0, channel_axis=0)
-    elapsed = time.perf_counter() - started
-    for column in ("change", "change_golgi"):
-        moved = [row[column] for row in result.scores if row["label"] in changed]
-        kept = [row[column] for row in result.scores if row["label"] not in changed]
-        assert min(moved) > max(kept), (column, moved, kept)
-    print(f"per-cell demo run: {len(result.scores)} cells in {elapsed:.1f} s")
+    # Guidance 0: the model's guidance 1 is tuned for control -> nocodazole and blurs this
+    # direction's per-cell ranking (docs/user-guide.md, per-cell mode).
+    for confine in (False, True):
+        started = time.perf_counter()
+        result = translate_cells(translator, as_camera_units(pairs.treated[0]), pairs.cell_labels[0], "nocodazole",
+                                 "control", strength=0.7, steps=20, guidance=0.0, seed=0, channel_axis=0,
+                                 confine=confine)
+        elapsed = time.perf_counter() - started
+        for column in ("change", "change_golgi"):
+            moved = [row[column] for row in result.scores if row["label"] in changed]
+            kept = [row[column] for row in result.scores if row["label"] not in changed]
+            assert min(moved) > max(kept), (confine, column, moved, kept)
+        print(f"per-cell demo run (confine {confine}): {len(result.scores)} cells in {elapsed:.1f} s")

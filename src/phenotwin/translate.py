@@ -43,9 +43,9 @@ TRAJECTORY_BUDGET = 256 * 2**20
 CACHE_BUDGET = 256 * 2**20
 # The edit mask (DiffEdit, Couairon et al. 2022): the input noised to these levels (fractions
 # of the training timesteps), CONFINE_DRAWS noise draws each, the clean images predicted under
-# both conditions compared; the mean absolute difference, smoothed (Gaussian sigma in
+# both conditions compared; their absolute difference, summed and smoothed (Gaussian sigma in
 # pixels), weights the change from 0 to 1, reaching 1 at CONFINE_RAMP of its maximum.
-# Chosen on 12 held-out demo pairs (docs/training.md, The demo model).
+# Chosen on 16 held-out demo pairs from index 300 000 (docs/training.md, The demo model).
 CONFINE_LEVELS = (0.3, 0.5, 0.7)
 CONFINE_DRAWS = 4
 CONFINE_SMOOTHING = 1.0
