@@ -11,7 +11,7 @@ between is recomputed exactly from the one below it. Generated images are cached
 
 With `confine`, the change is kept only where the model's own predictions under the two
 conditions disagree (a soft DiffEdit mask, computed once per image and target): what the
-condition does not touch (another channel, the rest of the cell) stays as it was.
+condition does not touch (another channel, the rest of the cell) stays (almost) as it was.
 """
 
 from __future__ import annotations
@@ -471,8 +471,8 @@ class Translator:
         clean image under the source and under the target condition, and the two disagree
         where the condition changes something. diffusers' DiffEdit pipeline is bound to text
         prompts and one binary mask over SD latents; this one serves pixel and latent models,
-        keeps one mask per image channel (a channel the condition leaves alone stays as it
-        is) and stays soft: a binary mask would tie most pixels of the heatmap at zero.
+        keeps one mask per image channel (a channel the condition leaves alone changes
+        little) and stays soft: a binary mask would tie most pixels of the heatmap at zero.
         Costs CONFINE_CALLS model calls of two images, seeded; a stage of its own ("edit mask").
         """
         return self._edit_mask(inversion, self.info.class_index(target))

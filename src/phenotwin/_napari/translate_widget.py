@@ -198,8 +198,8 @@ class TranslateWidget(Container):
                                      tooltip="Classifier-free guidance; 0 = none")
         self.confine = CheckBox(text="Confine changes to where the conditions differ", value=False,
                                 tooltip="Keep the change only where the model's predictions under the two conditions "
-                                        "disagree (a mask per channel): what the condition does not touch stays "
-                                        "exactly as it is. Switching it costs no new diffusion steps.")
+                                        "disagree (a soft mask per channel): what the condition does not touch stays "
+                                        "(almost) as it was. Switching it costs no new diffusion steps.")
         self.seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=0)
         self.run_button = PushButton(text="Translate")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
