@@ -95,7 +95,7 @@ def per_cell(app, viewer, widget) -> None:
     cells = viewer.add_labels(pairs.cell_labels[0], name="cells", visible=False)
     widget.source.value, widget.target.value = "nocodazole", "control"
     widget.cells.value = cells
-    widget.strength.value, widget.steps.value = 0.7, 20
+    widget.strength.value, widget.steps.value, widget.guidance.value = 0.7, 20, 0.0  # guidance 0: user guide
     widget.run()
     wait(app, lambda: widget.cell_result is not None and widget._worker is None)
     for layer in viewer.layers:
