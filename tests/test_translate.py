@@ -441,8 +441,8 @@ def test_confine_keeps_what_the_condition_leaves_alone_on_the_demo_model(torch_o
         assert confined.metadata()["confine"] and not free.metadata()["confine"]
 
 
-@pytest.mark.parametrize("kind", ["pixel", "latent"])
-def test_confine_works_for_pixel_latent_and_tiled_inputs(translators, kind):
+@pytest.mark.parametrize("kind", ["pixel", "latent", "stable-diffusion"])
+def test_confine_works_for_every_kind_and_tiled_inputs(translators, kind):
     from scipy.ndimage import gaussian_filter
 
     from phenotwin.translate import CONFINE_CALLS
