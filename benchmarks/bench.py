@@ -73,7 +73,7 @@ def load_model(name: str, quick: bool):
         from phenotwin.testing import make_tiny_checkpoint
 
         return make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny", size=32)
-    from phenotwin.models import demo_model_path
+    from phenotwin.assets import demo_model_path
 
     return demo_model_path()
 

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from phenotwin.evaluate.report import public
     from phenotwin.evaluate.translation import from_pairs, model_range, translation_steps
     from phenotwin.io import write_json
-    from phenotwin.models import demo_model_path
+    from phenotwin.assets import demo_model_path
     from phenotwin.progress import drive
     from phenotwin.synthetic import make_pairs
 

@@ -31,7 +31,7 @@ def main() -> int:
     from qtpy.QtWidgets import QApplication
 
     from phenotwin._napari.train_widget import TrainWidget
-    from phenotwin.models import demo_model_path
+    from phenotwin.assets import demo_model_path
 
     if demo_model_path() is None:
         print("no demo model installed", file=sys.stderr)

@@ -136,9 +136,9 @@ def test_missing_checkpoint_is_an_error(tmp_path, capsys):
 
 
 def test_demo_without_a_shipped_model(tmp_path, monkeypatch, capsys):
-    import phenotwin.models
+    import phenotwin.assets
 
-    monkeypatch.setattr(phenotwin.models, "demo_model_path", lambda: None)
+    monkeypatch.setattr(phenotwin.assets, "demo_model_path", lambda: None)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "-n", "1", "--steps", "3", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
@@ -168,9 +168,9 @@ def test_demo_without_a_shipped_model(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_can_run_twice_into_the_same_folder(tmp_path, monkeypatch, capsys):
-    import phenotwin.models
+    import phenotwin.assets
 
-    monkeypatch.setattr(phenotwin.models, "demo_model_path", lambda: None)
+    monkeypatch.setattr(phenotwin.assets, "demo_model_path", lambda: None)
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "-n", "1", "--steps", "2", "--device", "cpu"]
     assert main(args) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from phenotwin.models import demo_model_path
+from phenotwin.assets import demo_model_path
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def compute(tmp: Path) -> dict[str, np.ndarray]:
 
     from phenotwin import Translator
     from phenotwin.batch import BatchSettings, run_batch
-    from phenotwin.models import demo_model_path
+    from phenotwin.assets import demo_model_path
     from phenotwin.percell import translate_cells
 
     torch.set_num_threads(1)  # the same reduction order on every run

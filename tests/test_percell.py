@@ -119,7 +119,7 @@ def test_cells_that_really_changed_score_higher():
     nocodazole phenotype and the others stayed as in control (ground truth from `make_pairs`).
     Translated back to control, the changed cells must change more than the unchanged ones."""
     from phenotwin import Translator
-    from phenotwin.models import demo_model_path
+    from phenotwin.assets import demo_model_path
     from phenotwin.synthetic import as_camera_units, make_pairs
 
     if demo_model_path() is None:

@@ -179,7 +179,7 @@ def test_trailing_timesteps_have_as_many_levels_as_steps_and_none_below_zero():
     import json
 
     from phenotwin.engine import inference_schedulers
-    from phenotwin.models import demo_model_path
+    from phenotwin.assets import demo_model_path
 
     config = json.loads((demo_model_path() / "scheduler" / "scheduler_config.json").read_text())
     assert config["timestep_spacing"] == "trailing"
@@ -192,7 +192,7 @@ def test_trailing_timesteps_have_as_many_levels_as_steps_and_none_below_zero():
 
 def test_an_odd_step_count_on_the_demo_model_reports_and_runs_the_steps_it_says():
     from phenotwin import Translator
-    from phenotwin.models import demo_model_path
+    from phenotwin.assets import demo_model_path
     from phenotwin.synthetic import make_pairs
 
     translator = Translator(demo_model_path(), device="cpu")
@@ -416,7 +416,7 @@ def test_confine_keeps_what_the_condition_leaves_alone_on_the_demo_model(torch_o
     nucleus channel, which the condition does not touch; the confined translation changes the
     nucleus far less than an unconfined one and keeps most of the Golgi's change."""
     from phenotwin import Translator
-    from phenotwin.models import demo_model_path
+    from phenotwin.assets import demo_model_path
     from phenotwin.synthetic import as_camera_units, make_pairs
     from phenotwin.translate import CONFINE_CALLS
 

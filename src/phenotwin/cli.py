@@ -13,7 +13,7 @@ from phenotwin.errors import Cancelled, PhenotwinError, PhenotwinWarning
 
 def demo_checkpoint() -> tuple[Path | None, str]:
     """The shipped demo model if this install has one."""
-    from phenotwin.models import demo_model_path
+    from phenotwin.assets import demo_model_path
 
     path = demo_model_path()
     return (path, "shipped demo model") if path is not None else (None, "none shipped")

@@ -171,7 +171,7 @@ class TranslateWidget(Container):
         self._updates = Throttle()  # progress and tile lines in the dock
         self._tiles.progressed.connect(self._on_tiles)
 
-        from phenotwin.models import demo_model_path
+        from phenotwin.assets import demo_model_path
 
         demo = demo_model_path()
         self.model_path = FileEdit(mode="d", label="Model folder", value=str(demo) if demo else "")

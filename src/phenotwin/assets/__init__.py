@@ -1,4 +1,4 @@
-"""Models shipped inside the package (the demo model trained on synthetic cells)."""
+"""Assets shipped inside the package: the demo model trained on synthetic cells (weights, not network code)."""
 
 from __future__ import annotations
 
