@@ -28,6 +28,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 test: install-test
+	$(PY) -m ruff check src tests benchmarks docs
 	$(XVFB_RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install

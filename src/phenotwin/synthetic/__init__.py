@@ -250,8 +250,8 @@ def write_folders(root, pairs: PairedCells, dtype="uint16") -> dict[str, list[Pa
         for i, img in enumerate(images):
             data = as_camera_units(img, dtype)
             path = folder / f"{pairs.phenotype}_{pairs.seed}_{start + i:05d}.tif"
-            write_atomically(path, lambda temp: tifffile.imwrite(temp, data, photometric="minisblack",
-                                                                 metadata={"axes": "CYX"}))
+            write_atomically(path, lambda temp, data=data: tifffile.imwrite(temp, data, photometric="minisblack",
+                                                                            metadata={"axes": "CYX"}))
             paths.append(path)
         out[cond] = paths
     return out
