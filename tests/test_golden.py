@@ -31,7 +31,8 @@ def compute(tmp: Path) -> dict[str, np.ndarray]:
     import torch
 
     from phenotwin import Translator
-    from phenotwin.batch import BatchSettings, run_batch
+    from phenotwin.batch import run_batch
+    from phenotwin.pipeline import TranslationSettings
     from phenotwin.assets import demo_model_path
     from phenotwin.percell import translate_cells
 
@@ -67,7 +68,7 @@ def compute(tmp: Path) -> dict[str, np.ndarray]:
     inputs.mkdir()
     for k, cell in enumerate(_camera_cells(2, 64, 700_020)):
         tifffile.imwrite(inputs / f"well_{k}.tif", cell, metadata={"axes": "CYX"})
-    run_batch(demo, [str(inputs)], tmp / "batch", BatchSettings("control", "nocodazole", strength=0.4, steps=6),
+    run_batch(demo, [str(inputs)], tmp / "batch", TranslationSettings("control", "nocodazole", strength=0.4, steps=6),
               device="cpu")
     for k in range(2):
         out[f"batch_{k}_image"] = tifffile.imread(tmp / "batch" / f"well_{k}_nocodazole.ome.tif")

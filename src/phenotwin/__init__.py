@@ -18,17 +18,18 @@ __all__ = [
     "PhenotwinError",
     "PhenotwinWarning",
     "Translation",
+    "TranslationSettings",
     "Translator",
     "__version__",
 ]
 
 if TYPE_CHECKING:
-    from phenotwin.translate import Translation, Translator
+    from phenotwin.pipeline import Inversion, Translation, TranslationSettings, Translator
 
 
 def __getattr__(name: str):
-    if name in ("Translator", "Translation", "Inversion"):
-        from phenotwin import translate
+    if name in ("Translator", "Translation", "TranslationSettings", "Inversion"):
+        from phenotwin import pipeline
 
-        return getattr(translate, name)
+        return getattr(pipeline, name)
     raise AttributeError(f"module 'phenotwin' has no attribute {name!r}")

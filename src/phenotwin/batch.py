@@ -24,26 +24,20 @@ import numpy as np
 
 from phenotwin.errors import PhenotwinError
 from phenotwin.io import IMAGE_SUFFIXES, read_image, write_csv, write_json, write_tiff
-from phenotwin.progress import Progress
-from phenotwin.stacks import PlaneStack, check_axes, file_axes
+from phenotwin.pipeline.settings import TranslationSettings
+from phenotwin.progress import Progress, drive
+from phenotwin.stacks import PlaneStack, check_axes, file_axes, translate_planes_steps
 
 SUMMARY = "summary.csv"
 RECORD_VERSION = 1
 
 
 @dataclass(frozen=True)
-class BatchSettings:
-    """What the user asked for; None means the model's default (resolved before any work)."""
+class InputSelection:
+    """Which part of each input file feeds the model (the translation itself is a `TranslationSettings`)."""
 
-    source: str
-    target: str
-    strength: float | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    seed: int | None = None
     channels: tuple[int, ...] | None = None  # channel indices of the input that feed the model
     axes: str | None = None  # axes of every input, overriding file metadata
-    confine: bool | None = None  # keep the change where the conditions differ (Translator.generate_steps)
 
 
 @dataclass(frozen=True)
@@ -157,11 +151,11 @@ def _settings_conflict(record: dict[str, Any] | None, fingerprint: dict[str, Any
             if earlier.get(key) != value]
 
 
-def read_stack(path: Path, settings: BatchSettings) -> PlaneStack:
-    """Read a file as a `PlaneStack`, axes from `settings.axes`, else from its metadata, or say how to name them."""
+def read_stack(path: Path, selection: InputSelection) -> PlaneStack:
+    """Read a file as a `PlaneStack`, axes from `selection.axes`, else from its metadata, or say how to name them."""
     array = read_image(path)
-    if settings.axes is not None:
-        axes = check_axes(settings.axes, array.shape)
+    if selection.axes is not None:
+        axes = check_axes(selection.axes, array.shape)
     else:
         try:
             axes = file_axes(path, array)
@@ -172,7 +166,7 @@ def read_stack(path: Path, settings: BatchSettings) -> PlaneStack:
                 f"the axes of this {array.ndim}-D image {array.shape} are not recorded in the file; name them with "
                 "--axes, e.g. CYX (channels first), YXC (channels last), ZYX (a z stack), TCYX."
             )
-    return PlaneStack(array, axes, settings.channels)
+    return PlaneStack(array, axes, selection.channels)
 
 
 def _channel_names(translator) -> list[str]:
@@ -180,10 +174,11 @@ def _channel_names(translator) -> list[str]:
     return [str(name) for name in names]
 
 
-def translate_file(translator, job: Job, out: Path, settings: BatchSettings, fingerprint: dict[str, Any],
+def translate_file(translator, job: Job, out: Path, settings: TranslationSettings, selection: InputSelection,
+                   fingerprint: dict[str, Any],
                    step_progress: Callable[[str], Callable[[Progress], None]] | None = None) -> dict[str, Any]:
     """Translate one file plane by plane, write its images and return its record (not yet written)."""
-    stack = read_stack(job.input, settings)
+    stack = read_stack(job.input, selection)
     has_channels = stack.channel_axis is not None
     count = len(stack.channels) if stack.channels is not None else (
         stack.array.shape[stack.axes.index(stack.channel_axis)] if has_channels else 1)
@@ -193,14 +188,17 @@ def translate_file(translator, job: Job, out: Path, settings: BatchSettings, fin
             f"{translator.channels}. Pick {translator.channels} with --channels (indices along the channel axis), "
             "or check the axes (--axes)."
         )
-    results = []
-    for index, plane in enumerate(stack.planes()):
-        description = job.input.name if stack.plane_count == 1 else f"{job.input.name} plane {index + 1}/{stack.plane_count}"
-        results.append(translator.translate(
-            plane, settings.source, settings.target, strength=settings.strength, steps=settings.steps,
-            guidance=settings.guidance, seed=settings.seed, channel_axis=0 if has_channels else None,
-            confine=settings.confine, progress=step_progress(description) if step_progress else None,
-        ))
+    bars: dict[int, Callable[[Progress], None]] = {}  # one progress bar per plane
+
+    def progress(event: Progress) -> None:
+        if event.item not in bars:
+            bars[event.item] = step_progress(job.input.name if event.items == 1 else
+                                             f"{job.input.name} plane {event.item}/{event.items}")
+        bars[event.item](event)
+
+    planes = translate_planes_steps(translator, stack.planes(), stack.plane_count, settings,
+                                    channel_axis=0 if has_channels else None)
+    results = drive(planes, progress if step_progress else None)
     translated, axes = stack.assemble([r.image for r in results], with_channels=True)
     heatmap, heatmap_axes = stack.assemble([r.heatmap for r in results], with_channels=False)
     per_channel = np.stack([r.heatmap_channels for r in results])  # (planes, C, Y, X)
@@ -250,31 +248,19 @@ def summary_columns(translator) -> list[str]:
             "translated", "heatmap"]
 
 
-def fingerprint_of(translator, settings: BatchSettings) -> dict[str, Any]:
-    """Every setting that changes the pixels written: a result made with another fingerprint is not this run's."""
-    _, _, strength, steps, guidance = translator.check_settings(
-        settings.source, settings.target, settings.strength, settings.steps, settings.guidance)
-    return {
-        "checkpoint": translator.checkpoint_id,
-        "source": settings.source,
-        "target": settings.target,
-        "strength": strength,
-        "steps": steps,
-        "guidance": guidance,
-        "seed": settings.seed,
-        "channels": None if settings.channels is None else list(settings.channels),
-        "axes": settings.axes,
-        "reference": translator.reference,
-        "inversion_refinements": translator.inversion_refinements,
-        "confine": translator.confine_setting(settings.confine),
-    }
+def fingerprint_of(translator, settings: TranslationSettings, selection: InputSelection) -> dict[str, Any]:
+    """Every setting that changes the pixels written (resolved `settings`, the model, the input
+    selection): a result made with another fingerprint is not this run's."""
+    return {"checkpoint": translator.checkpoint_id, **settings.to_dict(),
+            "channels": None if selection.channels is None else list(selection.channels), "axes": selection.axes}
 
 
 def run_batch(
     checkpoint: str | os.PathLike,
     items: Sequence[str],
     out: str | os.PathLike,
-    settings: BatchSettings,
+    settings: TranslationSettings,
+    selection: InputSelection = InputSelection(),
     device: str = "auto",
     recursive: bool = False,
     overwrite: bool = False,
@@ -304,7 +290,11 @@ def run_batch(
     if state.num_processes > 1 and device == "auto":
         device = str(state.device)  # one GPU per process, not all on the first
     translator = Translator(checkpoint, device=device)
-    fingerprint = fingerprint_of(translator, settings)
+    settings = translator.resolve(settings)
+    if settings.source is None or settings.target is None:
+        raise PhenotwinError(f"give the condition the images were acquired in and the one to translate to "
+                             f"(--source, --target); this model knows {', '.join(translator.classes)}.")
+    fingerprint = fingerprint_of(translator, settings, selection)
     jobs = plan_outputs(inputs, settings.target)
     records = {job: _read_record(out, job) for job in jobs}
     if not overwrite:
@@ -326,7 +316,7 @@ def run_batch(
             bar = tqdm(mine, desc="images", unit="image", position=state.process_index, file=sys.stderr)
             for job in bar:
                 try:
-                    record = translate_file(translator, job, out, settings, fingerprint, step_progress)
+                    record = translate_file(translator, job, out, settings, selection, fingerprint, step_progress)
                 except PhenotwinError as err:
                     record = {"status": "failed", "message": str(err)}
                     bar.write(f"skipped {job.input}: {err}", file=sys.stderr)

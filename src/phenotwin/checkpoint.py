@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from phenotwin.errors import CheckpointError
 from phenotwin.io import shareable_mode
+from phenotwin.pipeline.settings import MODEL_DEFAULTS
 
 if TYPE_CHECKING:  # torch and diffusers are imported lazily, when a model is really loaded
     import torch
@@ -39,10 +40,6 @@ ADAPTERS = (None, "lora", "svdiff")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
-DEFAULT_INFERENCE = {
-    "steps": 50, "strength": 1.0, "guidance": 0.0, "inversion_refinements": 0, "reference": "reconstruction",
-    "confine": False,
-}
 # Optimizer state, logs and sample grids of the run that wrote the model. Never loaded as
 # part of the model (accelerate stores its optimizer state pickled), so not shipped either.
 TRAINING_DIR = "training"
@@ -63,7 +60,7 @@ class CheckpointInfo:
     channels: int
     normalization: dict[str, Any] = field(default_factory=lambda: {"mode": "percentile", "low": 0.1, "high": 99.9})
     channel_names: list[str] | None = None
-    defaults: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_INFERENCE))
+    defaults: dict[str, Any] = field(default_factory=lambda: dict(MODEL_DEFAULTS))
     provenance: dict[str, Any] = field(default_factory=dict)
     base: str | None = None
     adapter: str | None = None
@@ -108,7 +105,7 @@ class CheckpointInfo:
             problems.append(f"{len(self.channel_names)} channel names for {self.channels} channels")
         if problems:
             raise CheckpointError("invalid phenotwin.json: " + "; ".join(problems) + ".")
-        self.defaults = {**DEFAULT_INFERENCE, **self.defaults}
+        self.defaults = {**MODEL_DEFAULTS, **self.defaults}
 
     @property
     def null_class(self) -> int:
@@ -253,13 +250,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
         require_weights(folder / "unet_lora", "LoRA adapter")
         if info.kind != "stable-diffusion":
-            from phenotwin.engine import resize_class_embedding
+            from phenotwin.modeling.conditioning import resize_class_embedding
 
             resize_class_embedding(unet, len(info.classes) + 1)  # the adapter carries the trained rows
         # Merged once at load time: inference then costs exactly what the base model costs.
         unet = PeftModel.from_pretrained(unet, folder / "unet_lora").merge_and_unload()
     elif info.adapter == "svdiff":
-        from phenotwin.svdiff import load_svdiff_into
+        from phenotwin.modeling.svdiff import load_svdiff_into
 
         load_svdiff_into(unet, folder / "unet_svdiff.safetensors")
 
@@ -349,7 +346,7 @@ def save_checkpoint(
         if info.adapter == "lora":
             checkpoint.unet.save_pretrained(staging / "unet_lora", safe_serialization=True)
         elif info.adapter == "svdiff":
-            from phenotwin.svdiff import save_svdiff
+            from phenotwin.modeling.svdiff import save_svdiff
 
             save_svdiff(checkpoint.unet, staging / "unet_svdiff.safetensors")
         else:

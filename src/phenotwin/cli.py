@@ -64,16 +64,16 @@ def run_demo(out: Path, n: int = 4, steps: int = 50, strength: float = 1.0, devi
 
 
 def run_translate(args: argparse.Namespace) -> int:
-    from phenotwin.batch import BatchSettings, run_batch
+    from phenotwin.batch import InputSelection, run_batch
+    from phenotwin.pipeline.settings import TranslationSettings
     from phenotwin.progress import tqdm_steps
 
-    settings = BatchSettings(
-        source=args.source, target=args.target, strength=args.strength, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, channels=tuple(args.channels) if args.channels is not None else None,
-        axes=args.axes.upper() if args.axes else None, confine=args.confine,
-    )
+    settings = TranslationSettings(source=args.source, target=args.target, strength=args.strength, steps=args.steps,
+                                   guidance=args.guidance, seed=args.seed, confine=args.confine)
+    selection = InputSelection(channels=tuple(args.channels) if args.channels is not None else None,
+                               axes=args.axes.upper() if args.axes else None)
     try:
-        result = run_batch(args.checkpoint, args.input, args.output, settings, device=args.device,
+        result = run_batch(args.checkpoint, args.input, args.output, settings, selection, device=args.device,
                            recursive=args.recursive, overwrite=args.overwrite, step_progress=tqdm_steps)
     except KeyboardInterrupt:
         print(f"interrupted: finished images are kept in {args.output}; run the same command again to continue",
@@ -94,52 +94,6 @@ def _leave_process_group() -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def run_train(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    from tqdm import tqdm
-
-    from phenotwin.train.trainer import TrainConfig, Trainer
-
-    command = "phenotwin " + " ".join(argv if argv is not None else sys.argv[1:])
-    config = TrainConfig(
-        data=str(args.data), out=str(args.out), method=args.method, base=args.base, size=args.size, steps=args.steps,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay, class_dropout=args.class_dropout, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, width=args.width, vae=args.vae, prediction_type=args.prediction_type, zero_snr=not args.no_zero_snr,
-        lora_rank=args.lora_rank, mixed_precision=args.mixed_precision, channel_axis=args.channel_axis,
-        channel_names=args.channel_names,
-        max_per_class=args.max_per_class, overwrite=args.overwrite, resume=args.resume, command=command,
-    )
-    trainer = Trainer(config)
-    counts = ", ".join(f"{name}: {n}" for name, n in trainer.data.counts().items())
-    main_process = trainer.accelerator.is_main_process
-    if main_process:
-        print(f"training {config.method} ({trainer.kind}) on {counts} images, {trainer.data.channels} channel(s), "
-              f"device {trainer.accelerator.device}, {trainer.accelerator.num_processes} process(es), "
-              f"from step {trainer.step} to {config.steps}")
-    steps = trainer.steps()
-    bar = tqdm(total=config.steps, initial=trainer.step, unit="step", desc="train", disable=not main_process)
-    try:
-        for event in steps:
-            bar.update(1)
-            bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.learning_rate:.1e}", refresh=False)
-    except KeyboardInterrupt:
-        steps.close()  # the trainer saves the model and its state before stopping
-        bar.close()
-        if main_process:
-            print(f"interrupted: saved at step {trainer.step} in {config.out}; continue with the same command and "
-                  "--resume", file=sys.stderr)
-        # The launcher stops all processes once one exits with an error: wait for the main one's report.
-        trainer.accelerator.wait_for_everyone()
-        return 130
-    finally:
-        # Leave the process group (several processes) before exiting, as torch.distributed asks.
-        trainer.accelerator.end_training()
-    bar.close()
-    if main_process:
-        print(f"saved {config.out} (samples and log in {Path(config.out) / 'training'})")
-    return 0
 
 
 def _can_open_window() -> bool:
@@ -177,40 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--start", type=int, default=0, help="index of the first cell (disjoint sets: different starts)")
 
-    train = commands.add_parser(
-        "train", help="train or fine-tune a translation model on DIR/<condition>/*.tif",
-        description="Train (scratch) or fine-tune (full, lora, svdiff) a class-conditional diffusion model. "
-        "Works on CPU and GPU; for several GPUs or nodes run it through `accelerate launch -m phenotwin train ...`.",
-    )
-    train.add_argument("--data", type=Path, required=True, help="folder with one subfolder of images per condition")
-    train.add_argument("--out", type=Path, required=True, help="checkpoint folder to write (and resume from)")
-    train.add_argument("--method", default="scratch", choices=["scratch", "full", "lora", "svdiff"])
-    train.add_argument("--base", help="model to fine-tune: a phenotwin checkpoint or a Stable-Diffusion diffusers folder")
-    train.add_argument("--size", type=int, default=64, help="crop size = model image size (default: %(default)s)")
-    train.add_argument("--steps", type=int, default=3000, help="optimizer steps in total (default: %(default)s)")
-    train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--learning-rate", type=float, default=None, help="default depends on the method")
-    train.add_argument("--warmup-steps", type=int, default=100)
-    train.add_argument("--ema-decay", type=float, default=0.999)
-    train.add_argument("--class-dropout", type=float, default=0.1, help="fraction of unconditional steps, for guidance")
-    train.add_argument("--checkpoint-every", type=int, default=500, help="save model, state and samples every N steps")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--width", type=int, default=32, help="scratch: channels of the UNet's first level")
-    train.add_argument("--vae", default=None,
-                       help="scratch: train a latent model on this frozen autoencoder (diffusers AutoencoderKL folder, "
-                       "or a model folder with vae/); default: a pixel model")
-    train.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon", "sample"],
-                       help="scratch only; fine-tuning keeps the base model's (default: %(default)s)")
-    train.add_argument("--no-zero-snr", action="store_true", help="scratch: keep the plain linear noise schedule")
-    train.add_argument("--lora-rank", type=int, default=8)
-    train.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"])
-    train.add_argument("--channel-axis", type=int, default=None, choices=[0, -1],
-                       help="channel axis of 3-D images (default: guessed as the short axis)")
-    train.add_argument("--channel-names", nargs="+", default=None, metavar="NAME",
-                       help="a name per channel, in order (e.g. nucleus golgi); shown in napari")
-    train.add_argument("--max-per-class", type=int, default=None, help="use at most N images per condition")
-    train.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
-    train.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    from phenotwin.train.commands import add_parser as add_train_parser
+
+    add_train_parser(commands)
 
     tr = commands.add_parser(
         "translate", help="translate image files, folders or globs from one condition to another",
@@ -275,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "translate":
             return run_translate(args)
         if args.command == "train":
+            from phenotwin.train.commands import run as run_train
+
             return run_train(args, argv)
         if args.command == "evaluate":
             from phenotwin.evaluate.commands import run as run_evaluate

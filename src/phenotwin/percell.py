@@ -4,7 +4,7 @@ Given an image and a labels array of segmented cells, every cell is translated i
 around its bounding box at the model's own scale (never resized): the window is the model's
 native size, or larger for a cell bigger than that, in which case the `Translator` tiles it
 like any large field. Windows that reach past the image edge are mirrored there (as
-`imaging.prepare` pads). Each cell's translation and heatmap are pasted back inside that
+`ImageProcessor.preprocess` pads). Each cell's translation and heatmap are pasted back inside that
 cell's own mask only, so overlapping windows never conflict and pixels outside cells keep
 the input (heatmap 0). Each cell is scored by its mean heatmap inside its mask.
 
@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phenotwin.errors import PhenotwinError
-from phenotwin.imaging import from_channels_first
 from phenotwin.io import write_csv
+from phenotwin.pipeline.settings import TranslationSettings
+from phenotwin.preprocessing import channels_first, from_channels_first
 from phenotwin.progress import CancelFlag, Steps, drive, tagged
 
 if TYPE_CHECKING:
-    from phenotwin.translate import Translator
+    from phenotwin.pipeline.translator import Translator
 
 DEFAULT_MARGIN = 8  # px of context around a cell's bounding box
 
@@ -42,24 +43,20 @@ class CellTranslation:
     heatmap_channels: np.ndarray  # (C, H, W)
     scores: list[dict[str, Any]]  # one dict per cell, the columns of `columns`
     columns: list[str]
-    settings: dict[str, Any]  # source, target, strength, steps, guidance, seed, checkpoint
+    settings: TranslationSettings  # resolved
+    checkpoint_id: str
+    margin: int
+
+    def metadata(self) -> dict[str, Any]:
+        """Provenance of the run (napari layer metadata)."""
+        s = self.settings
+        return {"source": s.source, "target": s.target, "strength": s.strength, "steps": s.steps,
+                "guidance": s.guidance, "confine": s.confine, "seed": s.seed, "checkpoint": self.checkpoint_id,
+                "margin": self.margin, "cells": len(self.scores)}
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """Write the per-cell scores as CSV, atomically (a half-written table never appears)."""
         return write_csv(path, self.columns, self.scores)
-
-
-def _channels_first(image: Any, channel_axis: int | None) -> np.ndarray:
-    """A view of the image as (C, H, W); the Translator validates values and channel count per crop."""
-    array = np.asarray(image)
-    if array.ndim == 2 and channel_axis is None:
-        return array[None]
-    if array.ndim == 3 and channel_axis in (0, -1, 2):
-        return array if channel_axis == 0 else np.moveaxis(array, -1, 0)
-    raise PhenotwinError(
-        f"image is {array.ndim}-D {array.shape} with channel_axis={channel_axis}; per-cell translation takes one "
-        "2-D plane, grayscale (no channel_axis) or with channels first (0) or last (-1)."
-    )
 
 
 def _check_labels(labels: Any, shape: tuple[int, int]) -> np.ndarray:
@@ -102,34 +99,23 @@ def crop_mirrored(chw: np.ndarray, y0: int, x0: int, height: int, width: int) ->
     return np.pad(inside, pads, mode="symmetric") if any(p for pair in pads for p in pair) else inside.copy()
 
 
-def translate_cells_steps(
-    translator: Translator,
-    image: Any,
-    labels: Any,
-    source: str | int,
-    target: str | int,
-    strength: float | None = None,
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int | None = None,
-    channel_axis: int | None = None,
-    margin: int = DEFAULT_MARGIN,
-    confine: bool | None = None,
-) -> Steps[CellTranslation]:
+def translate_cells_steps(translator: Translator, image: Any, labels: Any, source: str | int | None = None,
+                          target: str | int | None = None, strength: float | None = None, steps: int | None = None,
+                          guidance: float | None = None, seed: int | None = None, channel_axis: int | None = None,
+                          margin: int = DEFAULT_MARGIN, confine: bool | None = None, *,
+                          settings: TranslationSettings | None = None) -> Steps[CellTranslation]:
     """Generator form of `translate_cells`: yields a `Progress` per diffusion step, tagged with
     the cell (item k of N), and returns the `CellTranslation`. Inputs are checked before any work."""
-    chw = _channels_first(image, channel_axis)
+    chw, axis = channels_first(image, channel_axis)
     labels = _check_labels(labels, chw.shape[1:])
-    _, _, strength, steps, guidance = translator.check_settings(source, target, strength, steps, guidance)
-    confine = translator.confine_setting(confine)
+    resolved = translator.resolve(settings, source=source, target=target, strength=strength, steps=steps,
+                                  guidance=guidance, seed=seed, confine=confine)
     if margin < 0:
         raise PhenotwinError(f"margin must be 0 or more pixels, got {margin}.")
-    return _translate_cells(translator, image, chw, labels, source, target, strength, steps, guidance, seed,
-                            channel_axis, margin, confine)
+    return _translate_cells(translator, chw, axis, labels, resolved, margin)
 
 
-def _translate_cells(translator, image, chw, labels, source, target, strength, steps, guidance, seed,
-                     channel_axis, margin, confine):
+def _translate_cells(translator, chw, axis, labels, settings, margin):
     from skimage.measure import regionprops
 
     cells = regionprops(labels)
@@ -140,8 +126,7 @@ def _translate_cells(translator, image, chw, labels, source, target, strength, s
     for k, cell in enumerate(cells):
         y0, x0, height, width = cell_window(cell.bbox, translator.image_size, margin)
         window = crop_mirrored(chw, y0, x0, height, width)
-        run = translator.translate_steps(window, source, target, strength, steps, guidance, seed, channel_axis=0,
-                                         confine=confine)
+        run = translator.translate_steps(window, channel_axis=0, settings=settings)
         try:
             result = yield from tagged(run, k + 1, len(cells), "cell")
         except PhenotwinError as err:
@@ -166,28 +151,15 @@ def _translate_cells(translator, image, chw, labels, source, target, strength, s
         })
     columns = ["label", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "change",
                *[f"change_{name}" for name in names], "reconstruction_psnr"]
-    axis = None if np.asarray(image).ndim == 2 else (0 if channel_axis == 0 else -1)
-    return CellTranslation(
-        image=from_channels_first(translated, axis),
-        heatmap=heat.sum(axis=0),
-        heatmap_channels=heat,
-        scores=rows,
-        columns=columns,
-        settings={"source": translator.classes[translator.info.class_index(source)],
-                  "target": translator.classes[translator.info.class_index(target)],
-                  "strength": strength, "steps": steps, "guidance": guidance, "seed": seed,
-                  "checkpoint": translator.checkpoint_id, "margin": margin, "cells": len(cells)},
-    )
+    return CellTranslation(image=from_channels_first(translated, axis), heatmap=heat.sum(axis=0), heatmap_channels=heat,
+                           scores=rows, columns=columns, settings=settings, checkpoint_id=translator.checkpoint_id,
+                           margin=margin)
 
 
-def translate_cells(translator, image, labels, source, target, strength=None, steps=None, guidance=None, seed=None,
-                    channel_axis=None, margin=DEFAULT_MARGIN, confine=None, progress=None,
-                    cancel: CancelFlag = None) -> CellTranslation:
+def translate_cells(translator, image, labels, source=None, target=None, strength=None, steps=None, guidance=None,
+                    seed=None, channel_axis=None, margin=DEFAULT_MARGIN, confine=None, progress=None,
+                    cancel: CancelFlag = None, *, settings=None) -> CellTranslation:
     """Translate every labelled cell of `image` from `source` to `target` and score its change
     (see `translate_cells_steps`)."""
-    return drive(
-        translate_cells_steps(translator, image, labels, source, target, strength, steps, guidance, seed,
-                              channel_axis, margin, confine),
-        progress,
-        cancel,
-    )
+    return drive(translate_cells_steps(translator, image, labels, source, target, strength, steps, guidance, seed,
+                                       channel_axis, margin, confine, settings=settings), progress, cancel)

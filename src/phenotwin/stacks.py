@@ -4,20 +4,26 @@ A translation takes one 2-D plane with the model's channels. Microscopy files ho
 time points, z slices, wells, extra channels, RGB samples. `PlaneStack` names the axes of
 such an array, picks the channels that feed the model, iterates over its planes
 (channels first, as `Translator.translate(..., channel_axis=0)` takes them) and puts
-per-plane results back in the input's axis order. Qt-free and torch-free so the CLI, the
-napari widget and scripts share it.
+per-plane results back in the input's axis order. `translate_planes_steps` translates
+planes one after the other; batch and the napari widget both run stacks through it.
+Qt-free and torch-free so the CLI, the napari widget and scripts share it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from phenotwin.errors import PhenotwinError
+from phenotwin.progress import Steps, tagged
+
+if TYPE_CHECKING:
+    from phenotwin.pipeline import Translation, TranslationSettings, Translator
 
 CHANNEL_AXES = "CS"  # C: channels; S: samples, as tifffile names RGB(A) components
 # Leading axes the OME-TIFF writer (tifffile) accepts; others (e.g. tifffile's 'I') are written as Q.
@@ -135,3 +141,42 @@ class PlaneStack:
         result = np.transpose(stacked, [order.index(letter) for letter in kept])
         ome = "".join("C" if letter == "S" else (letter if letter in OME_LEADING + "CYX" else "Q") for letter in kept)
         return result, ome
+
+
+def translate_planes_steps(translator: Translator, planes: Iterable[np.ndarray], count: int,
+                           settings: TranslationSettings, channel_axis: int | None = 0) -> Steps[list[Translation]]:
+    """Translate `count` planes in turn, each `Progress` tagged "plane k of count"; an error names its plane."""
+    results = []
+    for k, plane in enumerate(planes):
+        try:
+            run = translator.translate_steps(plane, channel_axis=channel_axis, settings=settings)
+            results.append((yield from tagged(run, k + 1, count, "plane")))
+        except PhenotwinError as err:
+            if count == 1:
+                raise
+            raise PhenotwinError(f"plane {k + 1} of {count}: {err}") from err
+    return results
+
+
+@dataclass
+class StackTranslation:
+    """Every plane of a stack translated: results with the stack's shape."""
+
+    image: np.ndarray  # (C, *leading, H, W) in the input's units
+    heatmap: np.ndarray  # (*leading, H, W)
+    metadata: dict[str, Any]
+    reconstruction_psnr: float  # the worst plane's
+
+
+def translate_stack_steps(translator: Translator, image: np.ndarray,
+                          settings: TranslationSettings) -> Steps[StackTranslation]:
+    """Every plane of a (C, *leading, H, W) array (a napari stack, channels first), one after the other."""
+    leading = image.shape[1:-2]
+    indices = list(np.ndindex(*leading))
+    results = yield from translate_planes_steps(translator, (image[(slice(None), *i)] for i in indices), len(indices),
+                                                settings)
+    translated = np.stack([r.image for r in results], axis=1).reshape(image.shape)
+    heatmap = np.stack([r.heatmap for r in results]).reshape(*leading, *image.shape[-2:])
+    worst = min(r.reconstruction_psnr for r in results)
+    meta = {**results[0].metadata(), "reconstruction_psnr": worst, "planes": len(results)}
+    return StackTranslation(image=translated, heatmap=heatmap, metadata=meta, reconstruction_psnr=worst)

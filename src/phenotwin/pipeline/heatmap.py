@@ -1,4 +1,4 @@
-"""Difference maps between an image and its translation.
+"""Differences between an image and its translation: the heatmap, and PSNR.
 
 Differences are taken in normalised units (0 = the normalisation's low value, 1 = its
 high value), so a heatmap value of 0.1 means "a tenth of the channel's dynamic range",
@@ -35,5 +35,14 @@ def difference_map(source: np.ndarray, translated: np.ndarray, signed: bool = Fa
     if sigma > 0:
         from skimage.filters import gaussian
 
-        diff = np.stack([gaussian(channel, sigma=sigma, preserve_range=True) for channel in diff]).astype(np.float32)
+        diff = gaussian(diff, sigma=sigma, channel_axis=0, preserve_range=True).astype(np.float32)
     return Heatmap(per_channel=diff.astype(np.float32), total=diff.sum(axis=0).astype(np.float32), signed=signed)
+
+
+def psnr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """PSNR in dB of model-range ([-1, 1]) images; infinite when they are equal."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    if np.array_equal(reference, estimate):
+        return float("inf")
+    return float(peak_signal_noise_ratio(reference, estimate, data_range=2.0))

@@ -1,4 +1,4 @@
-"""The model behind a translation: a class-conditional denoiser, its codec and its schedulers.
+"""The model behind a translation: a class-conditional denoiser and the codec to its sample space.
 
 Three checkpoint kinds share one interface so DDIM inversion and sampling are written once:
 - `pixel`: a `UNet2DModel` on the image, the class added to the timestep embedding (PhenDiff);
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from phenotwin.checkpoint import Checkpoint
+from phenotwin.modeling.conditioning import conditioned_forward, from_vae_channels, to_vae_channels, vae_downsampling
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -27,73 +27,6 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def inference_schedulers(scheduler_config: dict[str, Any], steps: int):
-    """A matched pair (DDIM inverse, DDIM) whose step levels mirror each other exactly.
-
-    Inversion step i moves the sample up to level inverse.timesteps[i]; generation step j
-    moves it down from sampler.timesteps[j]; they visit the same levels in reverse order,
-    which is what lets generation start from any point of a cached inversion trajectory.
-    """
-    from diffusers import DDIMInverseScheduler, DDIMScheduler
-
-    config = dict(scheduler_config)
-    # Clipping x0 breaks the invertibility of DDIM, and 'linspace' has no inverse in diffusers.
-    config["clip_sample"] = False
-    if config.get("timestep_spacing") not in ("leading", "trailing"):
-        config["timestep_spacing"] = "leading"
-    sampler = DDIMScheduler.from_config(config)
-    inverse = DDIMInverseScheduler.from_config(config)
-    sampler.set_timesteps(steps)
-    inverse.set_timesteps(steps)
-    if len(sampler.timesteps) > steps:
-        # diffusers builds "trailing" timesteps with np.arange over a float stride: for some
-        # step counts (61, 103, 121, ... of 1000) a rounding error adds a last level at t = -1,
-        # which indexes the noisiest alpha and makes one step more than asked. Drop it.
-        sampler.timesteps = sampler.timesteps[:steps]
-        inverse.timesteps = inverse.timesteps[-steps:]
-    if not torch.equal(sampler.timesteps.flip(0), inverse.timesteps):
-        raise RuntimeError(
-            f"DDIM and inverse DDIM timesteps disagree for {steps} steps "
-            f"({sampler.timesteps.tolist()[:3]}... vs {inverse.timesteps.tolist()[-3:]})"
-        )
-    return inverse, sampler
-
-
-def resize_class_embedding(unet: torch.nn.Module, rows: int, fresh: bool = False) -> None:
-    """Give a UNet2DModel `rows` class embeddings for other conditions; new (or, with `fresh`,
-    all) rows start near the old mean."""
-    old = unet.class_embedding
-    if old.num_embeddings == rows and not fresh:
-        return
-    new = torch.nn.Embedding(rows, old.embedding_dim)
-    with torch.no_grad():
-        new.weight.copy_(old.weight.mean(dim=0, keepdim=True).expand(rows, -1))
-        new.weight.add_(torch.randn_like(new.weight) * old.weight.std() * 0.1)
-    unet.class_embedding = new
-    unet.register_to_config(num_class_embeds=rows)
-
-
-def to_vae_channels(images: torch.Tensor, vae_channels: int) -> torch.Tensor:
-    """Feed 1- or 2-channel microscopy to a (pretrained, RGB) VAE: grey is repeated, missing
-    channels are black (model range -1). `from_vae_channels` undoes it."""
-    channels = images.shape[1]
-    if vae_channels == channels:
-        return images
-    if channels == 1:
-        return images.repeat(1, vae_channels, 1, 1)
-    return torch.cat([images, torch.full_like(images[:, :1], -1.0).repeat(1, vae_channels - channels, 1, 1)], dim=1)
-
-
-def from_vae_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
-    if images.shape[1] == channels:
-        return images
-    return images.mean(dim=1, keepdim=True) if channels == 1 else images[:, :channels]
-
-
-def vae_downsampling(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -133,7 +66,8 @@ class Denoiser:
     # work: a step over a large field takes long, and a GUI wants to show that it moves.
     tile_progress: Callable[[int, int], object] | None = None
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype):
+    def __init__(self, checkpoint: Any, device: torch.device, dtype: torch.dtype):
+        """`checkpoint`: a loaded `phenotwin.checkpoint.Checkpoint` (not imported: this package is a leaf)."""
         self.info = checkpoint.info
         self.device = device
         self.dtype = dtype
@@ -162,12 +96,7 @@ class Denoiser:
         self.calls += 1
         sample = sample.to(self.dtype)
         t = torch.as_tensor(timestep, device=self.device).reshape(-1).expand(sample.shape[0])
-        if self.info.kind == "stable-diffusion":
-            context = self.class_embeddings[labels]
-            out = self.unet(sample, t, encoder_hidden_states=context).sample
-        else:
-            out = self.unet(sample, t, class_labels=labels).sample
-        return out.float()
+        return conditioned_forward(self.info.kind, self.unet, sample, t, labels, self.class_embeddings).float()
 
     def predict(self, sample: torch.Tensor, timestep: Any, labels: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
         """Conditional prediction; with guidance w > 0, classifier-free guidance cond + w (cond - uncond)."""

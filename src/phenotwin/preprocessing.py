@@ -1,10 +1,11 @@
-"""Microscopy intensities in and out: layout, dtype, channels and normalisation.
+"""Microscopy intensities in and out: one `ImageProcessor` for layout, dtype, channels and normalisation.
 
 Models work on channel-first float images in [-1, 1]. Users have 2-D grayscale or
 multichannel arrays, channel axis first or last, in uint8, uint16 or float, in their
-microscope's units. This module checks an image, maps it to model range with the
-checkpoint's normalisation, and maps results back to the input's layout, units and dtype.
-The input array is never modified.
+microscope's units. An `ImageProcessor` (like diffusers' `VaeImageProcessor`, one class for
+both directions) checks an image, maps it to model range with the checkpoint's
+normalisation, pads it for the model, and maps results back to the input's layout, units
+and dtype. The input array is never modified. Torch-free.
 """
 
 from __future__ import annotations
@@ -42,6 +43,30 @@ def _normalise_channel_axis(ndim: int, channel_axis: int | None) -> int | None:
     return 0 if channel_axis == 0 else -1
 
 
+def channels_first(image: Any, channel_axis: int | None = None) -> tuple[np.ndarray, int | None]:
+    """A (C, H, W) view of one 2-D plane, grayscale (no `channel_axis`) or with channels first (0)
+    or last (-1), plus the channel axis as 0, -1 or None; the one place the axis is interpreted."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        if channel_axis is not None:
+            raise PhenotwinError(
+                f"channel_axis={channel_axis} was given but the image is 2-D {array.shape}; omit channel_axis for grayscale."
+            )
+        return array[np.newaxis], None
+    if array.ndim == 3:
+        if channel_axis is None:
+            raise PhenotwinError(
+                f"image is 3-D {array.shape} but no channel_axis was given. If it holds channels, pass "
+                "channel_axis=0 (first) or -1 (last); if it is a stack (time, z, wells), translate one 2-D plane at a time."
+            )
+        axis = _normalise_channel_axis(3, channel_axis)
+        return (array if axis == 0 else np.moveaxis(array, -1, 0)), axis
+    raise PhenotwinError(
+        f"image is {array.ndim}-D {array.shape}; a translation takes one 2-D plane, grayscale or with a channel "
+        "axis. Select a single plane of the stack (e.g. image[t, z]) and translate planes one at a time."
+    )
+
+
 def to_channels_first(image: Any, channels: int, channel_axis: int | None = None) -> tuple[np.ndarray, int | None]:
     """Validate a user image and return a float64 (C, H, W) copy plus the normalised channel axis."""
     array = np.asarray(image)
@@ -50,26 +75,7 @@ def to_channels_first(image: Any, channels: int, channel_axis: int | None = None
             f"image has dtype {array.dtype}; expected uint8, uint16 or float intensities. "
             "Labels, masks and complex data cannot be translated."
         )
-    if array.ndim == 2:
-        if channel_axis is not None:
-            raise PhenotwinError(
-                f"channel_axis={channel_axis} was given but the image is 2-D {array.shape}; omit channel_axis for grayscale."
-            )
-        chw = array[np.newaxis]
-    elif array.ndim == 3:
-        if channel_axis is None:
-            raise PhenotwinError(
-                f"image is 3-D {array.shape} but no channel_axis was given. If it holds channels, pass "
-                "channel_axis=0 (first) or -1 (last); if it is a stack (time, z, wells), translate one 2-D plane at a time."
-            )
-        axis = _normalise_channel_axis(3, channel_axis)
-        chw = array if axis == 0 else np.moveaxis(array, -1, 0)
-    else:
-        raise PhenotwinError(
-            f"image is {array.ndim}-D {array.shape}; a translation takes one 2-D plane, grayscale or with a channel "
-            "axis. Select a single plane of the stack (e.g. image[t, z]) and translate planes one at a time."
-        )
-    axis = _normalise_channel_axis(array.ndim, channel_axis)
+    chw, axis = channels_first(array, channel_axis)
     if chw.shape[0] != channels:
         raise PhenotwinError(
             f"image has {chw.shape[0]} channel(s) but the model was trained on {channels}. "
@@ -144,36 +150,58 @@ def from_channels_first(chw: np.ndarray, channel_axis: int | None) -> np.ndarray
     return chw if channel_axis == 0 else np.moveaxis(chw, 0, -1)
 
 
-def prepare(
-    image: Any,
-    channels: int,
-    normalization: dict[str, Any],
-    model_size: int,
-    channel_axis: int | None = None,
-    multiple: int = 1,
-) -> tuple[np.ndarray, np.ndarray, ImageLayout]:
-    """Check and normalise an image: returns (model input, normalised image, layout).
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for the model, and what it takes to put results back."""
 
-    The model input is the normalised image, reflect-padded at the bottom and right to at
-    least the model's size and to a multiple of `multiple` (the autoencoder's downsampling);
-    results are cropped back. Fields larger than the model are translated tile by tile.
-    """
-    original = np.asarray(image)
-    chw, axis = to_channels_first(original, channels, channel_axis)
-    low, high = intensity_range(chw, normalization)
-    full = normalise(chw, low, high)
-    layout = ImageLayout(shape=original.shape, dtype=original.dtype, channel_axis=axis, low=low, high=high)
-    height, width = full.shape[1:]
-    if height < model_size or width < model_size:
-        warnings.warn(
-            f"image is {height}x{width}, smaller than the model's {model_size}x{model_size}; it is padded by "
-            "reflection for translation. Cells near the padded edge may be translated less faithfully.",
-            PhenotwinWarning,
-            stacklevel=3,
-        )
-    target_h = max(model_size, -(-height // multiple) * multiple)
-    target_w = max(model_size, -(-width // multiple) * multiple)
-    return pad_reflect(full, target_h, target_w), full, layout
+    model_input: np.ndarray  # (C, H', W') model range, padded to at least the model size
+    normalised: np.ndarray  # (C, H, W) model range, at the image's own size
+    layout: ImageLayout
+
+
+class ImageProcessor:
+    """A model's view of images: its channel count, its normalisation, its size and the
+    multiple its autoencoder needs; `preprocess` goes to model range, `postprocess` back."""
+
+    def __init__(self, channels: int, normalization: dict[str, Any], model_size: int, multiple: int = 1):
+        self.channels = channels
+        self.normalization = normalization
+        self.model_size = model_size
+        self.multiple = multiple
+
+    def preprocess(self, image: Any, channel_axis: int | None = None) -> PreparedImage:
+        """Check and normalise an image.
+
+        The model input is the normalised image, reflect-padded at the bottom and right to at
+        least the model's size and to a multiple of `multiple` (the autoencoder's downsampling);
+        results are cropped back. Fields larger than the model are translated tile by tile.
+        """
+        original = np.asarray(image)
+        chw, axis = to_channels_first(original, self.channels, channel_axis)
+        low, high = intensity_range(chw, self.normalization)
+        full = normalise(chw, low, high)
+        layout = ImageLayout(shape=original.shape, dtype=original.dtype, channel_axis=axis, low=low, high=high)
+        height, width = full.shape[1:]
+        size = self.model_size
+        if height < size or width < size:
+            warnings.warn(
+                f"image is {height}x{width}, smaller than the model's {size}x{size}; it is padded by "
+                "reflection for translation. Cells near the padded edge may be translated less faithfully.",
+                PhenotwinWarning,
+                stacklevel=3,
+            )
+        target_h = max(size, -(-height // self.multiple) * self.multiple)
+        target_w = max(size, -(-width // self.multiple) * self.multiple)
+        return PreparedImage(pad_reflect(full, target_h, target_w), full, layout)
+
+    @staticmethod
+    def postprocess(model_range: np.ndarray, layout: ImageLayout) -> np.ndarray:
+        """Model range (C, H, W) back to the caller's units, dtype and channel layout."""
+        return denormalise(model_range, layout)
+
+    def to_model_range(self, images: np.ndarray) -> np.ndarray:
+        """Raw (N, C, H, W) images in model range with this model's normalisation (evaluation, metrics)."""
+        return np.stack([normalise(im.astype(np.float64), *intensity_range(im, self.normalization)) for im in images])
 
 
 def pad_reflect(chw: np.ndarray, height: int, width: int) -> np.ndarray:

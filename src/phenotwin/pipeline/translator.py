@@ -1,0 +1,282 @@
+"""`Translator`: the one entry point for inference, shared by the CLI, napari and tests.
+
+A translation follows PhenDiff / Phen-LDiff: the image is inverted to noise with
+deterministic DDIM inversion under its own (source) condition, then regenerated with DDIM
+under the target condition. Three public steps, as in diffusers' DiffEdit pipeline:
+`invert_steps` (image -> `Inversion`), `edit_mask_steps` (where the conditions differ) and
+`generate_steps` (`Inversion` -> `Translation`); `translate_steps` chains them. Generating
+again with another target or strength starts from the cached trajectory at the right noise
+level and costs only the generation steps: this is what makes scrubbing strength cheap, and
+an image already generated costs nothing.
+
+Every method takes one `TranslationSettings` (or the same fields as keywords); `resolve`
+validates them before any work starts. Each long method has a generator form (`*_steps`,
+one `Progress` per model step) and a plain form with a progress callback and cancel flag.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from phenotwin.errors import PhenotwinError
+from phenotwin.pipeline.cache import CACHE_BUDGET, GenerationCache
+from phenotwin.pipeline.edit_mask import edit_mask_steps
+from phenotwin.pipeline.heatmap import difference_map, psnr
+from phenotwin.pipeline.outputs import Inversion, Translation
+from phenotwin.pipeline.settings import TranslationSettings, model_defaults
+from phenotwin.pipeline.trajectory import TRAJECTORY_BUDGET, Diffusion
+from phenotwin.preprocessing import ImageProcessor, PreparedImage
+from phenotwin.progress import CancelFlag, Steps, drive, tagged
+
+if TYPE_CHECKING:
+    from phenotwin.checkpoint import Checkpoint
+
+
+class Translator:
+    """Loads a checkpoint once and translates images between its conditions.
+
+    >>> translator = Translator("my-model")                      # doctest: +SKIP
+    >>> result = translator.translate(image, "control", "treated")  # doctest: +SKIP
+    >>> result.image, result.heatmap, result.reconstruction_psnr    # doctest: +SKIP
+    """
+
+    trajectory_budget = TRAJECTORY_BUDGET
+    cache_budget = CACHE_BUDGET
+
+    def __init__(self, checkpoint: Checkpoint | str | os.PathLike, device: str = "auto", dtype: Any = None,
+                 inversion_refinements: int | None = None, reference: str | None = None):
+        import torch
+
+        from phenotwin.checkpoint import Checkpoint, load_checkpoint
+        from phenotwin.modeling.conditioning import vae_downsampling
+        from phenotwin.modeling.denoiser import Denoiser, pick_device
+
+        loaded = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        self.device = pick_device(device)
+        if dtype is None:
+            # float16 halves time and memory on CUDA; CPU and MPS stay exact in float32.
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.info = loaded.info
+        self.checkpoint_id = loaded.id
+        self.checkpoint_path = loaded.path
+        self.scheduler_config = loaded.scheduler_config
+        self.max_steps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        # The model's defaults with this translator's overrides, checked now, not at the first click.
+        stored = model_defaults(self.info.defaults, inversion_refinements=inversion_refinements, reference=reference)
+        self.defaults = TranslationSettings().resolve(self.info, self.max_steps, stored)
+        self.denoiser = Denoiser(loaded, self.device, dtype)
+        self.diffusion = Diffusion(self.denoiser, self.scheduler_config)
+        multiple = vae_downsampling(self.denoiser.vae) if self.denoiser.vae is not None else 1
+        self.processor = ImageProcessor(self.info.channels, self.info.normalization, self.info.image_size, multiple)
+
+    classes = property(lambda self: list(self.info.classes))
+    image_size = property(lambda self: self.info.image_size)
+    channels = property(lambda self: self.info.channels)
+    reference = property(lambda self: self.defaults.reference)
+    inversion_refinements = property(lambda self: self.defaults.inversion_refinements)
+
+    def resolve(self, settings: TranslationSettings | None = None, **overrides: Any) -> TranslationSettings:
+        """`settings` with `overrides` (None keeps a value), unset fields from this model's defaults, checked."""
+        return (settings or TranslationSettings()).replace(**overrides).resolve(self.info, self.max_steps, self.defaults)
+
+    def _for(self, inversion: Inversion, settings: TranslationSettings | None, **overrides: Any) -> TranslationSettings:
+        """Settings to generate from `inversion`: its condition, steps and refinements are fixed."""
+        if inversion.checkpoint_id != self.checkpoint_id:
+            raise PhenotwinError(
+                "this inversion was made with another model "
+                f"({inversion.checkpoint_id}, not {self.checkpoint_id}); invert the image again with this model."
+            )
+        return self.resolve(settings, **overrides, source=inversion.source, steps=inversion.steps,
+                            inversion_refinements=inversion.refinements)
+
+    # -- inversion ---------------------------------------------------------------------
+
+    def invert_steps(self, image: Any, source: str | int, steps: int | None = None,
+                     channel_axis: int | None = None) -> Steps[Inversion]:
+        """Generator form of `invert`: yields a `Progress` per step, returns the `Inversion`."""
+        settings = self.resolve(source=source, steps=steps)
+        return self._invert(self.processor.preprocess(image, channel_axis), settings)
+
+    def _invert(self, prepared: PreparedImage, settings: TranslationSettings) -> Steps[Inversion]:
+        source_index = self.classes.index(settings.source)
+        sample, autoencoder_psnr = self.diffusion.encode(prepared.model_input)
+        states = yield from self.diffusion.invert(sample, settings.steps, source_index, settings.inversion_refinements,
+                                                  self.trajectory_budget)
+        return Inversion(
+            source=settings.source, source_index=source_index, classes=tuple(self.classes), steps=settings.steps,
+            states=states, model_input=prepared.model_input, normalised=prepared.normalised, layout=prepared.layout,
+            checkpoint_id=self.checkpoint_id, autoencoder_psnr=autoencoder_psnr,
+            refinements=settings.inversion_refinements, generated=GenerationCache(self.cache_budget),
+        )
+
+    # -- generation --------------------------------------------------------------------
+
+    def generate_steps(self, inversion: Inversion, target: str | int | None = None, strength: float | None = None,
+                       guidance: float | None = None, seed: int | None = None, reconstruct: bool = True,
+                       signed: bool | None = None, sigma: float | None = None, confine: bool | None = None, *,
+                       settings: TranslationSettings | None = None) -> Steps[Translation]:
+        """Generator form of `generate`: regenerate a cached inversion under the target condition.
+
+        Costs round(strength * steps) UNet calls, nothing for an image already generated,
+        and never re-inverts (on a large field whose state at this strength was not kept, a
+        few inversion steps rebuild it from the kept state below). The source condition is
+        generated in the same batch (once per strength, then cached): it measures how
+        faithfully the model reproduces the input, and with reference "reconstruction" the
+        translation is taken relative to it. `reconstruct=False` skips it in "input" mode.
+        `confine` keeps the change only where the condition matters (`edit_mask_steps`); it
+        reuses the cached generations, so switching it costs no step.
+        """
+        resolved = self._for(inversion, settings, target=target, strength=strength, guidance=guidance, seed=seed,
+                             signed=signed, sigma=sigma, confine=confine)
+        return self._generate(inversion, resolved, reconstruct)
+
+    def _generate(self, inversion: Inversion, s: TranslationSettings, reconstruct: bool) -> Steps[Translation]:
+        target_index, used = self.classes.index(s.target), s.used_steps
+        mask = (yield from edit_mask_steps(self.diffusion, inversion, target_index)) if s.confine else None
+        relative = s.reference == "reconstruction"
+        source_key = (inversion.source_index, used, s.guidance)
+        generated = inversion.generated.get((target_index, used, s.guidance))
+        reconstruction = inversion.generated.get(source_key)
+        # DDIM with eta = 0 never draws noise, so the seed cannot change a cached image.
+        if generated is None or ((reconstruct or relative) and reconstruction is None):
+            generated, made = yield from self._sample(inversion, target_index, used, s.guidance, s.seed,
+                                                      reconstruct or relative)
+            if target_index == inversion.source_index:
+                reconstruction = generated
+            elif made is not None:
+                reconstruction = made
+        if relative or mask is not None:
+            # Relative: the change the model makes between its own rendering of the input under
+            # the source and under the target condition, applied to the input itself: whatever
+            # the model cannot reproduce (camera noise, fine texture, the low-frequency drift of
+            # DDIM inversion) cancels, and where nothing changes the input is kept.
+            change = generated - (reconstruction if relative else inversion.normalised)
+            if mask is not None:
+                change = change * mask
+            shown = np.clip(inversion.normalised + change, -1.0, 1.0)
+        else:
+            shown = generated
+        heat = difference_map(inversion.normalised, shown, signed=s.signed, sigma=s.sigma)
+        return Translation(
+            image=self.processor.postprocess(shown, inversion.layout), heatmap=heat.total,
+            heatmap_channels=heat.per_channel, normalised=shown, generated=generated, reconstruction=reconstruction,
+            reconstruction_psnr=psnr(inversion.normalised, reconstruction) if reconstruction is not None else float("nan"),
+            settings=s.replace(strength=used / inversion.steps), checkpoint_id=self.checkpoint_id,
+            autoencoder_psnr=inversion.autoencoder_psnr, edit_mask=mask, inversion=inversion,
+        )
+
+    def _sample(self, inversion: Inversion, target_index: int, used: int, guidance: float, seed: int | None,
+                reconstruct: bool) -> Steps[tuple[np.ndarray, np.ndarray | None]]:
+        """DDIM from the cached trajectory: (translation, reconstruction or None); the source class
+        rides along in the batch when a reconstruction at this strength is still missing."""
+        source_key = (inversion.source_index, used, guidance)
+        with_reconstruction = (reconstruct and target_index != inversion.source_index
+                               and source_key not in inversion.generated)
+        start = yield from self.diffusion.state(inversion, used)
+        images = yield from self.diffusion.generate(start, [target_index] + [inversion.source_index] * with_reconstruction,
+                                                    inversion.steps, used, guidance, seed)
+        height, width = inversion.normalised.shape[1:]
+        # Drop the padding; copies, so a cached image does not hold the whole batch alive.
+        translated = images[0][:, :height, :width].copy()
+        inversion.generated.remember((target_index, used, guidance), translated)
+        reconstruction = images[1][:, :height, :width].copy() if with_reconstruction else None
+        if reconstruction is not None:
+            inversion.generated.remember(source_key, reconstruction)
+        return translated, reconstruction
+
+    def is_generated(self, inversion: Inversion, target: str | int | None = None, strength: float | None = None,
+                     guidance: float | None = None, confine: bool | None = None, *,
+                     settings: TranslationSettings | None = None) -> bool:
+        """Whether `generate` at these settings would only read the cache (no UNet call)."""
+        s = self._for(inversion, settings, target=target, strength=strength, guidance=guidance, confine=confine)
+        target_index = self.classes.index(s.target)
+        needed = [s.target] + [s.source] * (s.reference == "reconstruction")
+        masked = not s.confine or target_index == inversion.source_index or target_index in inversion.edit_masks
+        return masked and all(inversion.is_cached(c, s.strength, s.guidance) for c in needed)
+
+    def prefetch_steps(self, inversion: Inversion, strengths: Sequence[float], settings: TranslationSettings | None = None,
+                       **overrides: Any) -> Steps[int]:
+        """Generate `strengths`, in the order given, into the inversion's image cache.
+
+        A new strength costs round(strength * steps) UNet calls and cannot reuse another
+        strength's trajectory, so the widget spends idle time here: afterwards a slider move
+        to one of these strengths costs a heatmap. Strengths already cached are skipped; it
+        stops before the cache would have to forget the first ones (`cache_budget`).
+        Returns how many strengths it generated. Cancel it like any other steps."""
+        s = self._for(inversion, settings, **overrides)
+        with_source = s.reference == "reconstruction"  # what `generate` would then also need
+        rungs: list[int] = []
+        for strength in strengths:
+            rung = self._for(inversion, s, strength=strength).replace(confine=False)  # images only, not masks
+            if rung.used_steps not in rungs and not self.is_generated(inversion, settings=rung):
+                rungs.append(rung.used_steps)
+        image_bytes = int(np.prod(inversion.normalised.shape)) * np.dtype(np.float32).itemsize
+        rungs = rungs[: max(0, inversion.generated.free_bytes() // (image_bytes * (1 + with_source)))]
+        target_index = self.classes.index(s.target)
+        for k, used in enumerate(rungs):
+            yield from tagged(self._sample(inversion, target_index, used, s.guidance, None, with_source),
+                              k + 1, len(rungs), "strength")
+        return len(rungs)
+
+    def edit_mask_steps(self, inversion: Inversion, target: str | int) -> Steps[np.ndarray]:
+        """Where the condition matters for this image: weights (C, H, W) in [0, 1], cached (`edit_mask`)."""
+        return edit_mask_steps(self.diffusion, inversion, self.info.class_index(target))
+
+    def translate_steps(self, image: Any, source: str | int | None = None, target: str | int | None = None,
+                        strength: float | None = None, steps: int | None = None, guidance: float | None = None,
+                        seed: int | None = None, channel_axis: int | None = None, signed: bool | None = None,
+                        sigma: float | None = None, confine: bool | None = None, *,
+                        settings: TranslationSettings | None = None) -> Steps[Translation]:
+        """Generator form of `translate`: inversion then generation, one `Progress` per step.
+        Settings and the image are checked now, not after a minute of inversion."""
+        s = self.resolve(settings, source=source, target=target, strength=strength, steps=steps, guidance=guidance,
+                         seed=seed, signed=signed, sigma=sigma, confine=confine)
+        if s.source is None or s.target is None:
+            raise PhenotwinError(f"a translation needs a source and a target condition; this model knows "
+                                 f"{', '.join(map(repr, self.classes))}.")
+        prepared = self.processor.preprocess(image, channel_axis)
+
+        def run():
+            inversion = yield from self._invert(prepared, s)
+            return (yield from self._generate(inversion, s, True))
+
+        return run()
+
+    def sample_steps(self, target: str | int, count: int = 1, seed: int = 0, steps: int | None = None,
+                     guidance: float | None = None) -> Steps[np.ndarray]:
+        """Generator form of `sample`: new images of a condition drawn from seeded noise (training
+        sample grids, memorisation checks: two models given the same seed start from the same noise)."""
+        s = self.resolve(target=target, steps=steps, guidance=guidance)
+        return self.diffusion.sample_from_noise(self.classes.index(s.target), count, seed, s.steps, s.guidance)
+
+    # -- plain calls, with an optional progress callback and cancel flag ------------------
+
+    def sample(self, target, count=1, seed=0, steps=None, guidance=None, progress=None, cancel: CancelFlag = None):
+        """`count` images of condition `target` from seeded noise, (count, C, S, S) in model range [-1, 1]."""
+        return drive(self.sample_steps(target, count, seed, steps, guidance), progress, cancel)
+
+    def invert(self, image, source, steps=None, channel_axis=None, progress=None, cancel: CancelFlag = None) -> Inversion:
+        """Invert `image` under its `source` condition (see `invert_steps`)."""
+        return drive(self.invert_steps(image, source, steps, channel_axis), progress, cancel)
+
+    def generate(self, inversion, target=None, strength=None, guidance=None, seed=None, reconstruct=True, signed=None,
+                 sigma=None, confine=None, progress=None, cancel: CancelFlag = None, *, settings=None) -> Translation:
+        """Regenerate a cached `Inversion` under `target` at `strength` (see `generate_steps`)."""
+        return drive(self.generate_steps(inversion, target, strength, guidance, seed, reconstruct, signed, sigma,
+                                         confine, settings=settings), progress, cancel)
+
+    def translate(self, image, source=None, target=None, strength=None, steps=None, guidance=None, seed=None,
+                  channel_axis=None, signed=None, sigma=None, confine=None, progress=None, cancel: CancelFlag = None,
+                  *, settings=None) -> Translation:
+        """Translate `image` from condition `source` to `target`.
+
+        Returns a `Translation` with the translated image (input units, dtype and layout),
+        the difference heatmap and the reconstruction PSNR of the input under its own
+        condition; `.inversion` holds the cached inversion for `generate()`.
+        """
+        return drive(self.translate_steps(image, source, target, strength, steps, guidance, seed, channel_axis, signed,
+                                          sigma, confine, settings=settings), progress, cancel)
