@@ -1,0 +1,113 @@
+"""What the pipeline hands back: an `Inversion` to generate from, and a `Translation`.
+
+An `Inversion` owns its caches (the trajectory, generated images, edit masks) and answers
+questions about them through methods, so callers never need to know how they are keyed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from phenotwin.pipeline.cache import GenerationCache, Key
+from phenotwin.pipeline.schedulers import inversion_steps
+from phenotwin.pipeline.settings import TranslationSettings
+from phenotwin.preprocessing import ImageLayout
+
+if TYPE_CHECKING:  # torch loads lazily
+    import torch
+
+
+@dataclass
+class Inversion:
+    """A source image inverted under its condition, with (a bounded subset of) its DDIM trajectory.
+
+    `states[k]` is the sample after k inversion steps (k = 0: the clean image or its latent),
+    so a generation at strength s starts from state round(s * steps); a state that was not
+    kept is recomputed from the nearest kept one below it (`trajectory.kept_states`).
+    """
+
+    source: str
+    source_index: int
+    classes: tuple[str, ...]
+    steps: int
+    states: dict[int, torch.Tensor]
+    model_input: np.ndarray  # (C, H', W') model range, padded to at least the model size
+    normalised: np.ndarray  # (C, H, W) model range, at the image's own size
+    layout: ImageLayout
+    checkpoint_id: str
+    autoencoder_psnr: float | None = None
+    refinements: int = 0  # fixed-point iterations per inversion step, to recompute states identically
+    # Generated images (model range, cropped); under the source class they are the reconstructions.
+    generated: GenerationCache = field(default_factory=GenerationCache, repr=False)
+    # Edit masks (C, H, W) in [0, 1] by target class index (see `edit_mask.edit_mask_steps`).
+    edit_masks: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def kept_states(self) -> list[int]:
+        """Which inversion states are held (the others are recomputed when needed)."""
+        return sorted(self.states)
+
+    def key(self, condition: str | int, strength: float, guidance: float = 0.0) -> Key:
+        index = condition if isinstance(condition, int) else self.classes.index(condition)
+        return index, inversion_steps(strength, self.steps), float(guidance)
+
+    def is_cached(self, condition: str | int, strength: float, guidance: float = 0.0) -> bool:
+        """Whether the rendering under `condition` at this strength and guidance is held (no UNet call)."""
+        return self.key(condition, strength, guidance) in self.generated
+
+    def rendering(self, condition: str | int, strength: float, guidance: float = 0.0) -> np.ndarray | None:
+        """The model's cached rendering (model range) under `condition`, or None."""
+        return self.generated.get(self.key(condition, strength, guidance))
+
+    def forget_generations(self) -> None:
+        """Drop the generated images (benchmarks: measure a strength as if never seen)."""
+        self.generated.clear()
+
+
+@dataclass
+class Translation:
+    """A translated image, its difference heatmap and how well the model reconstructs the input."""
+
+    image: np.ndarray  # in the input's units, dtype and layout
+    heatmap: np.ndarray  # (H, W) difference summed over channels, normalised units
+    heatmap_channels: np.ndarray  # (C, H, W)
+    normalised: np.ndarray  # (C, H, W) the translation shown (`image`) in model range, for metrics
+    generated: np.ndarray  # (C, H, W) the model's raw output under the target condition, model range
+    reconstruction: np.ndarray | None  # (C, H, W) the model's rendering under the source condition, or None
+    reconstruction_psnr: float  # dB, regenerating the input under its own condition
+    settings: TranslationSettings  # resolved; `strength` is the one used (inversion steps used / steps)
+    checkpoint_id: str
+    autoencoder_psnr: float | None = None
+    edit_mask: np.ndarray | None = None  # (C, H, W) weights the change was confined to, or None
+    inversion: Inversion | None = field(default=None, repr=False)  # reuse it to scrub without re-inverting
+
+    source = property(lambda self: self.settings.source)
+    target = property(lambda self: self.settings.target)
+    strength = property(lambda self: self.settings.strength)
+    steps = property(lambda self: self.settings.steps)
+    guidance = property(lambda self: self.settings.guidance)
+    seed = property(lambda self: self.settings.seed)
+    reference = property(lambda self: self.settings.reference)
+
+    def metadata(self) -> dict[str, Any]:
+        """Provenance to store next to the result (napari layer metadata, OME-TIFF)."""
+        from phenotwin import __version__
+
+        s = self.settings
+        return {
+            "checkpoint": self.checkpoint_id,
+            "source": s.source,
+            "target": s.target,
+            "strength": s.strength,
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "seed": s.seed,
+            "reconstruction_psnr": self.reconstruction_psnr,
+            "autoencoder_psnr": self.autoencoder_psnr,
+            "reference": s.reference,
+            "confine": self.edit_mask is not None,
+            "inversion_refinements": s.inversion_refinements,
+            "phenotwin_version": __version__,
+        }
