@@ -11,27 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from phenotwin.checkpoint import SAFE_LOAD, Checkpoint, CheckpointInfo, save_checkpoint
+from phenotwin.train.models import scheduler_config
 
 CLASSES = ("control", "treated")
-
-
-def scheduler_config(**overrides: Any) -> dict[str, Any]:
-    """The DDIM noise schedule phenotwin trains and samples with unless told otherwise."""
-    from diffusers import DDIMScheduler
-
-    config = dict(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        timestep_spacing="leading",
-        steps_offset=0,
-    )
-    config.update(overrides)
-    return dict(DDIMScheduler(**config).config)
 
 
 def _tame(unet):

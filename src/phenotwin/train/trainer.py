@@ -1,14 +1,7 @@
-"""Training and fine-tuning of class-conditional diffusion models, driven by accelerate.
+"""The training loop, driven by accelerate: one loop for every method and model kind.
 
-One loop serves every method:
-- `scratch`: a compact class-conditional pixel UNet sized for CPU training (PhenDiff);
-- `full`: every weight of an existing model is trained;
-- `lora`: low-rank adapters (peft) on attention and convolution layers;
-- `svdiff`: shifts of the singular values of the weights (`phenotwin.svdiff`).
-Fine-tuning starts from a phenotwin checkpoint (any kind) or from a Stable-Diffusion
-architecture diffusers folder, whose text conditioning is replaced by one learned context
-per condition (Phen-LDiff).
-
+What is trained comes from `phenotwin.train.models`, the settings from
+`phenotwin.train.config` (`TrainConfig` and `TrainProgress` are importable from here too).
 Long runs behave: a `TrainProgress` per step (loss, learning rate), the model saved
 atomically every N steps with a sample grid, the full training state (optimizer, EMA, RNGs)
 saved beside it so `resume=True` continues after a kill, and an interrupt saves first.
@@ -23,266 +16,19 @@ import shutil
 import signal
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from phenotwin.checkpoint import INFO_FILE, SAFE_LOAD, TRAINING_DIR, Checkpoint, CheckpointInfo, read_info, save_checkpoint
+from phenotwin.checkpoint import INFO_FILE, TRAINING_DIR, Checkpoint, CheckpointInfo, save_checkpoint
 from phenotwin.errors import PhenotwinError
-from phenotwin.train.data import AugmentedCrops, ConditionImages, load_condition_folders
+from phenotwin.train.config import DEFAULT_LEARNING_RATES, TrainConfig, TrainProgress
+from phenotwin.train.data import AugmentedCrops, load_condition_folders
+from phenotwin.train.models import apply_method, conditional_module, encode, starting_model
 
-METHODS = ("scratch", "full", "lora", "svdiff")
-DEFAULT_LEARNING_RATES = {"scratch": 1e-3, "full": 1e-4, "lora": 1e-3, "svdiff": 5e-3}
+__all__ = ["STATE_DIR", "TrainConfig", "TrainProgress", "Trainer", "train"]
+
 STATE_DIR = "state"
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run; stored in the checkpoint's provenance."""
-
-    data: str
-    out: str
-    method: str = "scratch"
-    base: str | None = None
-    size: int = 64
-    steps: int = 3000
-    batch_size: int = 16
-    learning_rate: float | None = None
-    warmup_steps: int = 100
-    ema_decay: float = 0.999
-    class_dropout: float = 0.1
-    checkpoint_every: int = 500
-    seed: int = 0
-    width: int = 32
-    vae: str | None = None
-    prediction_type: str = "v_prediction"
-    zero_snr: bool = True
-    lora_rank: int = 8
-    context_tokens: int = 4
-    mixed_precision: str = "auto"
-    channel_axis: int | None = None
-    channel_names: list[str] | None = None
-    max_per_class: int | None = None
-    sample_steps: int = 25
-    overwrite: bool = False
-    resume: bool = False
-    command: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise PhenotwinError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        if self.method != "scratch" and not self.base:
-            raise PhenotwinError(
-                f"method {self.method!r} fine-tunes an existing model: give --base (a phenotwin checkpoint or a "
-                "Stable-Diffusion diffusers folder), or use --method scratch."
-            )
-        if self.method == "scratch" and self.base:
-            raise PhenotwinError("--base is for fine-tuning; use --method full, lora or svdiff with it.")
-        if self.vae and self.method != "scratch":
-            raise PhenotwinError("--vae is for latent models trained from scratch; fine-tuning uses the base's VAE.")
-        for name in ("steps", "batch_size", "checkpoint_every", "size", "width", "lora_rank", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise PhenotwinError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.size % 8:
-            raise PhenotwinError(f"size must be a multiple of 8 (the UNet halves it three times), got {self.size}.")
-        if not 0 <= self.class_dropout < 1:
-            raise PhenotwinError(f"class_dropout must be in [0, 1), got {self.class_dropout}.")
-        if self.channel_names is not None and not all(self.channel_names):
-            raise PhenotwinError("channel names must not be empty, e.g. --channel-names nucleus golgi.")
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise PhenotwinError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}.")
-
-
-@dataclass(frozen=True)
-class TrainProgress:
-    step: int
-    total: int
-    loss: float
-    learning_rate: float
-    saved: bool = False
-
-
-# -- model construction ---------------------------------------------------------------
-
-
-def scratch_scheduler_config(config: TrainConfig) -> dict[str, Any]:
-    """PhenDiff's measured choices by default: v-prediction, zero-terminal-SNR, trailing steps."""
-    from phenotwin.testing import scheduler_config
-
-    return scheduler_config(
-        beta_schedule="linear",
-        beta_start=0.0001,
-        beta_end=0.02,
-        prediction_type=config.prediction_type,
-        rescale_betas_zero_snr=config.zero_snr,
-        timestep_spacing="trailing",
-    )
-
-
-def scratch_unet(channels: int, size: int, classes: int, width: int):
-    """A compact class-conditional UNet: four levels, attention only at the coarsest two."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(width, width * 2, width * 2, width * 4),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-        num_class_embeds=classes + 1,
-        resnet_time_scale_shift="scale_shift",
-    )
-
-
-def _is_phenotwin_checkpoint(path: Path) -> bool:
-    return (path / INFO_FILE).is_file()
-
-
-def _load_base(config: TrainConfig, data: ConditionImages):
-    """Base model for fine-tuning: (kind, unet, vae, class_embeddings, scheduler_config, base path,
-    and for a phenotwin base its `CheckpointInfo`: its defaults and provenance carry over)."""
-    import torch
-
-    base = Path(config.base).expanduser().resolve()
-    if _is_phenotwin_checkpoint(base):
-        from phenotwin.checkpoint import load_checkpoint
-
-        loaded = load_checkpoint(base)
-        info = loaded.info
-        if info.adapter is not None:
-            raise PhenotwinError(
-                f"{base} is itself a {info.adapter} delta; fine-tune its base model or a full checkpoint instead."
-            )
-        if info.channels != data.channels:
-            raise PhenotwinError(
-                f"the base model takes {info.channels} channel(s) but the data has {data.channels}. "
-                "Use a base trained on the same channels."
-            )
-        class_embeddings = loaded.class_embeddings
-        same_classes = info.classes == data.classes
-        if info.kind == "stable-diffusion":
-            if not same_classes:
-                class_embeddings = _fresh_contexts(len(data.classes), class_embeddings.shape[1], class_embeddings.shape[2],
-                                                   class_embeddings)
-        elif not same_classes:
-            from phenotwin.engine import resize_class_embedding
-
-            # Other conditions, even as many, must not inherit the old ones' embeddings in order.
-            resize_class_embedding(loaded.unet, len(data.classes) + 1, fresh=True)
-        return info.kind, loaded.unet, loaded.vae, class_embeddings, loaded.scheduler_config, str(base), info
-
-    if (base / "unet").is_dir() and (base / "vae").is_dir():
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-        from phenotwin.checkpoint import refuse_pickles, require_weights
-
-        refuse_pickles(base, ("unet", "vae"))
-        require_weights(base / "unet", "UNet")
-        require_weights(base / "vae", "VAE")
-        unet = UNet2DConditionModel.from_pretrained(base / "unet", **SAFE_LOAD)
-        vae = AutoencoderKL.from_pretrained(base / "vae", **SAFE_LOAD)
-        if vae.config.in_channels < data.channels:
-            raise PhenotwinError(
-                f"the base VAE takes {vae.config.in_channels} channels but the data has {data.channels}."
-            )
-        scheduler_config = dict(DDIMScheduler.from_config(DDIMScheduler.load_config(base / "scheduler")).config)
-        dim = unet.config.cross_attention_dim
-        dim = dim[0] if isinstance(dim, (list, tuple)) else dim
-        with torch.random.fork_rng():
-            torch.manual_seed(config.seed)
-            class_embeddings = _fresh_contexts(len(data.classes), config.context_tokens, dim)
-        return "stable-diffusion", unet, vae, class_embeddings, scheduler_config, str(base), None
-    raise PhenotwinError(
-        f"--base {base} is neither a phenotwin checkpoint (no {INFO_FILE}) nor a Stable-Diffusion diffusers folder "
-        "(with unet/ and vae/ subfolders)."
-    )
-
-
-def _load_vae(path: Path, channels: int):
-    """A frozen autoencoder for a latent model trained from scratch: a diffusers AutoencoderKL
-    folder, or the vae/ of a phenotwin or Stable-Diffusion folder."""
-    from diffusers import AutoencoderKL
-
-    from phenotwin.checkpoint import refuse_pickles, require_weights
-
-    folder = path / "vae" if (path / "vae").is_dir() else path
-    refuse_pickles(folder)
-    require_weights(folder, "VAE")
-    vae = AutoencoderKL.from_pretrained(folder, **SAFE_LOAD)
-    if vae.config.in_channels < channels:
-        raise PhenotwinError(f"the VAE in {folder} takes {vae.config.in_channels} channels but the data has {channels}.")
-    return vae
-
-
-def _fresh_contexts(classes: int, tokens: int, dim: int, previous=None):
-    """One learned cross-attention context per class plus the null context, around the old mean if any."""
-    import torch
-
-    centre = previous.mean(dim=0, keepdim=True) if previous is not None else torch.zeros(1, tokens, dim)
-    return centre.repeat(classes + 1, 1, 1) + torch.randn(classes + 1, tokens, dim)
-
-
-def conditional_module(kind: str, unet, class_embeddings):
-    """One torch module holding everything trained (UNet, and for stable-diffusion the per-class
-    contexts), with the call signature of `engine.Denoiser`: what accelerate wraps and the
-    optimizer and EMA see. Defined here because torch is imported lazily."""
-    import torch
-
-    class ConditionalUNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.unet = unet
-            if class_embeddings is not None:
-                self.contexts = torch.nn.Parameter(class_embeddings.clone())
-
-        def forward(self, sample, timesteps, labels):
-            if kind == "stable-diffusion":
-                return self.unet(sample, timesteps, encoder_hidden_states=self.contexts[labels]).sample
-            return self.unet(sample, timesteps, class_labels=labels).sample
-
-    return ConditionalUNet()
-
-
-def _lora_targets(unet) -> list[str]:
-    import torch
-
-    wanted = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
-    return sorted({
-        name for name, module in unet.named_modules()
-        if name.endswith(wanted) and isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
-    })
-
-
-def apply_method(method: str, kind: str, unet, rank: int):
-    """Wrap or freeze `unet` for the method; returns the (possibly wrapped) UNet."""
-    if method in ("scratch", "full"):
-        unet.requires_grad_(True)
-        return unet
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        modules_to_save = ["class_embedding"] if kind != "stable-diffusion" else None
-        lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=_lora_targets(unet), modules_to_save=modules_to_save)
-        return get_peft_model(unet, lora)
-    if method == "svdiff":
-        from phenotwin.svdiff import add_spectral_shifts
-
-        unet.requires_grad_(False)
-        add_spectral_shifts(unet)
-        if kind != "stable-diffusion":
-            unet.class_embedding.requires_grad_(True)
-        return unet
-    raise PhenotwinError(f"unknown method {method!r}")
-
-
-# -- the run --------------------------------------------------------------------------
 
 
 class Trainer:
@@ -342,29 +88,17 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=mixed, cpu=several and not torch.cuda.is_available())
         torch.manual_seed(config.seed)  # the same initial weights on every process
 
-        if config.method == "scratch":
-            contexts, base, base_info = None, None, None
-            if config.vae:
-                from phenotwin.engine import vae_downsampling
-
-                kind, vae = "latent", _load_vae(Path(config.vae), data.channels)
-                latent_size = config.size // vae_downsampling(vae)
-                unet = scratch_unet(vae.config.latent_channels, latent_size, len(data.classes), config.width)
-            else:
-                kind, vae = "pixel", None
-                unet = scratch_unet(data.channels, config.size, len(data.classes), config.width)
-            scheduler_config = scratch_scheduler_config(config)
-        else:
-            kind, unet, vae, contexts, scheduler_config, base, base_info = _load_base(config, data)
-        self.kind, self.base, self.scheduler_config = kind, base, scheduler_config
-        self.base_info = base_info
-        self.noise_schedule = DDIMScheduler.from_config(scheduler_config)
+        initial = starting_model(config, data)
+        self.kind, self.base, self.scheduler_config = initial.kind, initial.base, initial.scheduler_config
+        self.base_info = initial.base_info
+        self.noise_schedule = DDIMScheduler.from_config(initial.scheduler_config)
+        vae = initial.vae
         self.vae = vae.to(self.accelerator.device).eval().requires_grad_(False) if vae is not None else None
         if vae is not None:
             self.scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
 
-        self.unet = apply_method(config.method, kind, unet, config.lora_rank)
-        self.model = conditional_module(kind, self.unet, contexts)
+        self.unet = apply_method(config.method, initial.kind, initial.unet, config.lora_rank)
+        self.model = conditional_module(initial.kind, self.unet, initial.class_embeddings)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise PhenotwinError(f"method {config.method} left nothing to train in this model.")
@@ -486,7 +220,7 @@ class Trainer:
     def _sample_grid(self) -> None:
         """Samples from fixed noise for every condition, drawn by the saved checkpoint itself."""
         from phenotwin.montage import save_montage
-        from phenotwin.translate import Translator
+        from phenotwin import Translator
 
         translator = Translator(self.out, device=str(self.accelerator.device))
         rows = []
@@ -531,7 +265,7 @@ class Trainer:
                 labels = torch.where(drop, torch.full_like(labels, null), labels)
                 with torch.no_grad():
                     if self.vae is not None:
-                        x0 = _encode(self.vae, x0, self.data.channels) * self.scaling_factor
+                        x0 = encode(self.vae, x0) * self.scaling_factor
                 noise = torch.randn_like(x0)
                 t = torch.randint(0, self.noise_schedule.config.num_train_timesteps, (x0.shape[0],), device=device)
                 noisy = self.noise_schedule.add_noise(x0, noise, t)
@@ -608,13 +342,6 @@ class _StopFlag:
 
 def config_prediction(scheduler_config: dict[str, Any]) -> str:
     return scheduler_config.get("prediction_type", "epsilon")
-
-
-def _encode(vae, images, channels: int):
-    from phenotwin.engine import to_vae_channels
-
-    # A posterior sample, not the mean: the usual latent-diffusion training noise.
-    return vae.encode(to_vae_channels(images, vae.config.in_channels)).latent_dist.sample()
 
 
 def _cosine_with_warmup(optimizer, warmup: int, total: int):
