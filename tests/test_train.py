@@ -258,6 +258,23 @@ def test_bad_data_is_rejected_before_training(tmp_path, build, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_train_flags_are_the_config_fields():
+    from phenotwin.cli import build_parser
+    from phenotwin.train.commands import config_from
+
+    def parsed(*flags: str) -> TrainConfig:
+        return config_from(build_parser().parse_args(["train", "--data", "d/", "--out", "m", *flags]), command="c")
+
+    # No flag: every default is the dataclass's own; the paths as pathlib writes them.
+    assert parsed() == TrainConfig(data="d", out="m", command="c")
+    assert parsed("--no-zero-snr", "--channel-names", "a", "b", "--learning-rate", "0.01", "--channel-axis", "-1",
+                  "--method", "lora", "--base", "x", "--resume") == TrainConfig(
+        data="d", out="m", zero_snr=False, channel_names=["a", "b"], learning_rate=0.01, channel_axis=-1,
+        method="lora", base="x", resume=True, command="c")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d", "--out", "m", "--channel-axis", "1"])
+
+
 def test_bad_settings_are_rejected(data, tmp_path):
     with pytest.raises(PhenotwinError, match="give --base"):
         Trainer(tiny(data, tmp_path / "o", method="lora"))

@@ -219,8 +219,8 @@ class Trainer:
 
     def _sample_grid(self) -> None:
         """Samples from fixed noise for every condition, drawn by the saved checkpoint itself."""
-        from phenotwin.montage import save_montage
         from phenotwin import Translator
+        from phenotwin.montage import save_montage
 
         translator = Translator(self.out, device=str(self.accelerator.device))
         rows = []
