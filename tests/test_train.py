@@ -258,6 +258,19 @@ def test_bad_data_is_rejected_before_training(tmp_path, build, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_channels_last_images_are_read_like_channels_first(tmp_path):
+    from phenotwin.train.data import load_condition_folders
+
+    first = image_set(tmp_path / "first", {"control": [GOOD], "treated": [GOOD[::-1]]})
+    last = image_set(tmp_path / "last", {"control": [np.moveaxis(GOOD, 0, -1)], "treated": [np.moveaxis(GOOD[::-1], 0, -1)]})
+    expected = load_condition_folders(first, 32).images
+    for channel_axis in (None, -1):  # guessed, then given
+        loaded = load_condition_folders(last, 32, channel_axis=channel_axis).images
+        assert all(np.array_equal(a, b) for a, b in zip(loaded, expected, strict=True))
+    with pytest.raises(PhenotwinError, match="first \\(0\\) or last \\(-1\\)"):
+        load_condition_folders(last, 32, channel_axis=1)
+
+
 def test_the_train_flags_are_the_config_fields():
     from phenotwin.cli import build_parser
     from phenotwin.train.commands import config_from

@@ -18,6 +18,7 @@ import numpy as np
 
 from phenotwin.errors import PhenotwinError
 from phenotwin.io import IMAGE_SUFFIXES, read_image
+from phenotwin.preprocessing import channels_first
 
 NORMALIZATION_PERCENTILES = (0.1, 99.9)
 
@@ -47,16 +48,19 @@ class ConditionImages:
 
 
 def _channel_first(array: np.ndarray, file: Path, channel_axis: int | None) -> np.ndarray:
+    """(C, H, W) of a training image. Unlike translation, training guesses the channel axis of a
+    3-D image when not told; preprocessing moves it."""
     if array.ndim == 2:
         return array[None]
     if array.ndim == 3:
+        if channel_axis is None:
+            # Guess the smaller axis: microscopy images have far fewer channels than pixels.
+            if array.shape[-1] <= 5 and array.shape[0] > 5:
+                channel_axis = -1
+            elif array.shape[0] <= 5:
+                channel_axis = 0
         if channel_axis is not None:
-            return np.moveaxis(array, channel_axis, 0)
-        # Guess the smaller axis: microscopy images have far fewer channels than pixels.
-        if array.shape[-1] <= 5 and array.shape[0] > 5:
-            return np.moveaxis(array, -1, 0)
-        if array.shape[0] <= 5:
-            return array
+            return channels_first(array, channel_axis)[0]
     raise PhenotwinError(
         f"{file} has shape {array.shape}; training takes 2-D images, grayscale or with up to 5 channels. "
         "Split stacks into one file per plane."
@@ -190,5 +194,7 @@ class AugmentedCrops:
             if self.rng.random() < 0.5:
                 crop = crop[:, :, ::-1]
             crops[i] = crop
+        # preprocessing.normalise's map, in float32 over the batch: half the values would differ in
+        # the last bit in its float64, and with them every trained weight.
         crops = np.clip((crops - self.low) / self.span, 0.0, 1.0) * 2.0 - 1.0
         return crops, labels
