@@ -131,11 +131,8 @@ def plain_translation(translator, image: np.ndarray, source: int, target: int, s
     import torch
     from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-    from phenotwin import imaging
-
     den = translator.denoiser
-    model_input, _, _ = imaging.prepare(image, translator.channels, translator.info.normalization,
-                                        translator.image_size, 0, translator._size_multiple())
+    model_input = translator.processor.preprocess(image, 0).model_input
     config = dict(translator.scheduler_config, clip_sample=False)
     inverse, sampler = DDIMInverseScheduler.from_config(config), DDIMScheduler.from_config(config)
     inverse.set_timesteps(steps)
@@ -169,16 +166,12 @@ def ours(translator, image, source: int, target: int, steps: int, reconstruct: b
     """The Translator on the same computation: the raw generation, with the source
     reconstruction batched in when asked (reference 'input', so that it can be left out).
     Returns model-range arrays like `plain_translation`."""
-    reference, translator.reference = translator.reference, "input"
-    try:
-        inversion = translator.invert(image, source, steps=steps, channel_axis=0)
-        result = translator.generate(inversion, target, strength=1.0, reconstruct=reconstruct, **ENGINE)
-    finally:
-        translator.reference = reference
-    outputs = [result.generated]
-    if reconstruct:
-        outputs.append(inversion.generated[(source, steps, 0.0)])
-    return outputs
+    from phenotwin import TranslationSettings
+
+    inversion = translator.invert(image, source, steps=steps, channel_axis=0)
+    result = translator.generate(inversion, target, strength=1.0, reconstruct=reconstruct,
+                                 settings=TranslationSettings(reference="input"), **ENGINE)
+    return [result.generated] + [result.reconstruction] * reconstruct
 
 
 # -- 6. FLOPs -------------------------------------------------------------------------------
@@ -279,7 +272,7 @@ def bench_model(name: str, args, device) -> dict:
     for strength in (0.5, 0.1):
         cold = []
         for _ in range(runs):
-            inversion.generated.clear()  # a strength never generated before
+            inversion.forget_generations()  # a strength never generated before
             start = time.perf_counter()
             translator.generate(inversion, target, strength=strength, reconstruct=False, **ENGINE)
             cold.append(time.perf_counter() - start)
@@ -288,7 +281,7 @@ def bench_model(name: str, args, device) -> dict:
     scrub["cached_s"] = warm
     if name == "demo":  # what a background prefetch after the first translation would cost (5.5 generations)
         ladder = [round(0.1 * k, 1) for k in range(1, 11)]
-        inversion.generated.clear()
+        inversion.forget_generations()
         start = time.perf_counter()
         for strength in ladder:
             translator.generate(inversion, target, strength=strength, reconstruct=False, **ENGINE)
@@ -402,7 +395,7 @@ def gui_scrub(widget, loop, runs: int) -> dict:
     new = []
     for k in range(runs):  # 0.3, 0.2, 0.3, ...: strengths the cache does not hold (emptied first)
         settle()
-        widget.inversion.generated.clear()
+        widget.inversion.forget_generations()
         new.append(scrub_to(0.3 if k % 2 == 0 else 0.2))
     settle()
     return {**out, "prefetched_s": summary(prefetched), "new_s": summary(new)}
@@ -430,7 +423,7 @@ def field_child(args) -> dict:
     import torch
 
     from phenotwin import Translator
-    from phenotwin.translate import kept_states
+    from phenotwin.pipeline.trajectory import kept_states
 
     translator = Translator(load_model(args.model, args.quick), device=args.device)
     device = translator.device
@@ -645,7 +638,7 @@ def main(argv=None) -> int:
         print(json.dumps((gui_child if args.child == "gui" else field_child)(args)))
         return 0
 
-    from phenotwin.engine import pick_device
+    from phenotwin.modeling.denoiser import pick_device
 
     device = pick_device(args.device)
     results = {"machine": machine(device), "quick": args.quick,

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from phenotwin import Translator
     from phenotwin.evaluate.metrics import counterfactual_ratio
     from phenotwin.evaluate.report import public
-    from phenotwin.evaluate.translation import from_pairs, model_range, translation_steps
+    from phenotwin.evaluate.translation import from_pairs, translation_steps
     from phenotwin.io import write_json
     from phenotwin.assets import demo_model_path
     from phenotwin.progress import drive
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     # The ratio's floor: a perfect model cannot know where the true counterfactual's puncta fell;
     # the same cells with the phenotype drawn again score this against the truth.
     redrawn = from_pairs(make_pairs(args.n, size=size, channels=channels, seed=0, start=100_000, redraw=1))
-    result["perfect_model_ratio"] = counterfactual_ratio(*(model_range(translator, images) for images in (
+    result["perfect_model_ratio"] = counterfactual_ratio(*(translator.processor.to_model_range(images) for images in (
         redrawn.images[target], held_out.images[source], held_out.images[target])))
     result["targets"] = TARGETS
     print(f"classifier held-out accuracy {result['classifier']['held_out_accuracy']:.3f}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from phenotwin.heatmap import difference_map
+from phenotwin.pipeline.heatmap import difference_map
 
 
 @pytest.fixture

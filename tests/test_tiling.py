@@ -43,7 +43,7 @@ def test_a_1024_field_by_tiles_matches_the_untiled_result_without_seams(torch_on
     from scipy.ndimage import gaussian_filter
 
     from phenotwin import Translator
-    from phenotwin.engine import tile_starts
+    from phenotwin.modeling.denoiser import tile_starts
 
     size, tile = 1024, 64
     rng = np.random.default_rng(2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from phenotwin import Cancelled, PhenotwinError, PhenotwinWarning
-from phenotwin.translate import psnr
+from phenotwin.pipeline.heatmap import psnr
 
 from .conftest import KINDS
 
@@ -26,7 +26,7 @@ def autoencoder_roundtrip(translator, model_input):
 def test_invert_then_regenerate_reconstructs_the_input(translators, cells, kind):
     translator = translators[kind]
     inversion = translator.invert(cells, "control", steps=50, channel_axis=0)
-    assert sorted(inversion.states) == list(range(51))  # a small field keeps every state
+    assert inversion.kept_states() == list(range(51))  # a small field keeps every state
     again = translator.generate(inversion, "control", strength=1.0)
     # Pixel models must give the image back; latent models the image as their autoencoder sees it.
     reference = inversion.normalised if kind == "pixel" else autoencoder_roundtrip(translator, inversion.model_input)
@@ -80,7 +80,7 @@ def test_a_bounded_trajectory_recomputes_missing_states_exactly(checkpoints, cel
     import torch
 
     from phenotwin import Translator
-    from phenotwin.translate import kept_states
+    from phenotwin.pipeline.trajectory import kept_states
 
     full = Translator(checkpoints["pixel"], device="cpu")
     bounded = Translator(checkpoints["pixel"], device="cpu")
@@ -88,7 +88,7 @@ def test_a_bounded_trajectory_recomputes_missing_states_exactly(checkpoints, cel
     bounded.trajectory_budget = 3 * state_bytes
     assert kept_states(10, state_bytes, bounded.trajectory_budget) == [0, 5, 10]
     inversion = bounded.invert(cells, "control", steps=10, channel_axis=0)
-    assert sorted(inversion.states) == [0, 5, 10]
+    assert inversion.kept_states() == [0, 5, 10]
     assert all(s.dtype == torch.float32 for s in inversion.states.values())
     reference = full.invert(cells, "control", steps=10, channel_axis=0)
     events = []
@@ -108,8 +108,9 @@ def test_the_generation_cache_stays_within_its_budget(checkpoints, cells):
     inversion = translator.invert(cells, "control", steps=10, channel_axis=0)
     for strength in (0.2, 0.4, 0.6):
         translator.generate(inversion, "treated", strength=strength)
-    # (class, inversion steps, guidance): the translation and reconstruction at 0.6 and the reconstruction at 0.4
-    assert list(inversion.generated) == [(0, 4, 0.0), (1, 6, 0.0), (0, 6, 0.0)]
+    # the translation and reconstruction at 0.6 and the reconstruction at 0.4
+    held = [(c, s) for c in ("control", "treated") for s in (0.2, 0.4, 0.6) if inversion.is_cached(c, s)]
+    assert held == [("control", 0.4), ("control", 0.6), ("treated", 0.6)]
 
 
 def test_prefetched_strengths_cost_nothing_later_and_match_a_fresh_generation(checkpoints, cells):
@@ -121,7 +122,7 @@ def test_prefetched_strengths_cost_nothing_later_and_match_a_fresh_generation(ch
     translator.generate(inversion, "treated", strength=0.5)  # the first translation: 0.5 is cached already
     events = []
     before = translator.denoiser.calls
-    made = drive(translator.prefetch_steps(inversion, "treated", [0.5, 0.6, 0.4, 0.62, 0.3]), events.append)
+    made = drive(translator.prefetch_steps(inversion, [0.5, 0.6, 0.4, 0.62, 0.3], target="treated"), events.append)
     # 0.5 was cached, 0.62 rounds to 0.6's 6 steps: three new strengths, 6 + 4 + 3 batched calls.
     assert made == 3
     assert translator.denoiser.calls - before == 13
@@ -143,8 +144,9 @@ def test_prefetch_stops_before_the_cache_forgets_what_it_made(checkpoints, cells
     translator = Translator(checkpoints["pixel"], device="cpu")
     translator.cache_budget = 5 * cells.size * 4  # five images: two strengths and their reconstructions
     inversion = translator.invert(cells, "control", steps=10, channel_axis=0)
-    assert drive(translator.prefetch_steps(inversion, "treated", [0.5, 0.6, 0.4, 0.3])) == 2
-    assert sorted(inversion.generated) == [(0, 5, 0.0), (0, 6, 0.0), (1, 5, 0.0), (1, 6, 0.0)]
+    assert drive(translator.prefetch_steps(inversion, [0.5, 0.6, 0.4, 0.3], target="treated")) == 2
+    held = [(c, s) for c in ("control", "treated") for s in (0.3, 0.4, 0.5, 0.6) if inversion.is_cached(c, s)]
+    assert held == [("control", 0.5), ("control", 0.6), ("treated", 0.5), ("treated", 0.6)]
 
 
 def test_lower_strength_keeps_more_of_the_image(translators, cells):
@@ -178,7 +180,7 @@ def test_trailing_timesteps_have_as_many_levels_as_steps_and_none_below_zero():
     some step counts; the schedulers phenotwin uses must not."""
     import json
 
-    from phenotwin.engine import inference_schedulers
+    from phenotwin.pipeline.schedulers import inference_schedulers
     from phenotwin.assets import demo_model_path
 
     config = json.loads((demo_model_path() / "scheduler" / "scheduler_config.json").read_text())
@@ -297,7 +299,7 @@ def test_tiles_agree_with_an_untiled_translation_and_leave_no_seams(checkpoints)
     from scipy.ndimage import gaussian_filter
 
     from phenotwin import Translator
-    from phenotwin.engine import tile_starts
+    from phenotwin.modeling.denoiser import tile_starts
 
     tiled_translator = Translator(checkpoints["pixel"], device="cpu")
     whole_translator = Translator(checkpoints["pixel"], device="cpu")
@@ -374,7 +376,7 @@ def test_inversion_from_another_model_is_refused(translators, cells):
 def test_device_auto_prefers_cuda_then_mps(monkeypatch):
     import torch
 
-    from phenotwin.engine import pick_device
+    from phenotwin.modeling.denoiser import pick_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert pick_device("auto").type == "cuda"
@@ -399,7 +401,8 @@ def test_reference_modes(checkpoints, cells):
     plain = Translator(checkpoints["pixel"], device="cpu", reference="input")
     inversion = relative.invert(cells, "control", steps=8, channel_axis=0)
     shown = relative.generate(inversion, "treated")
-    reconstruction = inversion.generated[(0, 8, 0.0)]  # the source class (control) at 8 steps
+    reconstruction = shown.reconstruction  # the source class (control) at 8 steps
+    np.testing.assert_array_equal(reconstruction, inversion.rendering("control", 1.0))
     expected = np.clip(inversion.normalised + shown.generated - reconstruction, -1, 1)
     np.testing.assert_allclose(shown.normalised, expected, atol=1e-6)
     np.testing.assert_allclose(shown.heatmap, np.abs(expected - inversion.normalised).sum(0) / 2, atol=1e-5)
@@ -418,7 +421,7 @@ def test_confine_keeps_what_the_condition_leaves_alone_on_the_demo_model(torch_o
     from phenotwin import Translator
     from phenotwin.assets import demo_model_path
     from phenotwin.synthetic import as_camera_units, make_pairs
-    from phenotwin.translate import CONFINE_CALLS
+    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 
     translator = Translator(demo_model_path(), device="cpu")
     pairs = make_pairs(2, size=64, channels=2, seed=0, start=100_000)
@@ -445,7 +448,7 @@ def test_confine_keeps_what_the_condition_leaves_alone_on_the_demo_model(torch_o
 def test_confine_works_for_every_kind_and_tiled_inputs(translators, kind):
     from scipy.ndimage import gaussian_filter
 
-    from phenotwin.translate import CONFINE_CALLS
+    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 
     translator = translators[kind]
     rng = np.random.default_rng(2)
@@ -456,8 +459,7 @@ def test_confine_works_for_every_kind_and_tiled_inputs(translators, kind):
     assert [e.step for e in events if e.stage == "edit mask"] == list(range(1, CONFINE_CALLS + 1))
     mask = result.edit_mask
     assert mask.shape == (2, 40, 48) and 0 <= mask.min() < mask.max() == 1
-    reconstruction = inversion.generated[(inversion.source_index, 6, 0.0)]  # strength 1: all 6 steps
-    expected = np.clip(inversion.normalised + mask * (result.generated - reconstruction), -1, 1)
+    expected = np.clip(inversion.normalised + mask * (result.generated - result.reconstruction), -1, 1)
     np.testing.assert_allclose(result.normalised, expected, atol=1e-6)
 
 

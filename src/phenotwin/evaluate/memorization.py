@@ -104,7 +104,6 @@ def train_halves_steps(data, out, steps: int = 300, width: int = 16, batch_size:
 
 def model_range_images(data, translator) -> np.ndarray:
     """All images of a condition folder in the model's range, as model-size tiles (stride half a tile)."""
-    from phenotwin.imaging import intensity_range, normalise
     from phenotwin.train.data import load_condition_folders
 
     size = translator.image_size
@@ -113,7 +112,7 @@ def model_range_images(data, translator) -> np.ndarray:
         raise PhenotwinError(f"{data} has {loaded.channels}-channel images but the model takes {translator.channels}.")
     tiles = []
     for chw in loaded.images:
-        image = normalise(chw, *intensity_range(chw, translator.info.normalization))
+        image = translator.processor.to_model_range(chw[None])[0]
         stride = max(size // 2, 1)
         for y in range(0, image.shape[1] - size + 1, stride):
             for x in range(0, image.shape[2] - size + 1, stride):

@@ -45,7 +45,7 @@ def smooth(heatmaps: np.ndarray, sigma: float) -> np.ndarray:
         return heatmaps
     from skimage.filters import gaussian
 
-    return np.stack([gaussian(h, sigma=sigma, preserve_range=True) for h in heatmaps])
+    return gaussian(heatmaps, sigma=sigma, channel_axis=0, preserve_range=True)
 
 
 def ssim(reference: np.ndarray, estimate: np.ndarray) -> float:

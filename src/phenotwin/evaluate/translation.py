@@ -21,8 +21,8 @@ import numpy as np
 from phenotwin.errors import PhenotwinError
 from phenotwin.evaluate.metrics import (auroc, counterfactual_ratio, fid_kid, find_inception_weights, roc_curve,
                                         smooth, ssim)
+from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 from phenotwin.progress import Progress, Steps, relabel
-from phenotwin.translate import CONFINE_CALLS
 
 SYNTHETIC_NAME = re.compile(r"^(obvious|subtle)_(\d+)_(\d+)$")
 SIGMAS = (0, 1, 2)
@@ -114,13 +114,6 @@ def evaluate_folder_steps(checkpoint, data, classifier_data=None, n: int = 16, s
                                          source=source, target=target, inception_weights=inception_weights, seed=seed))
 
 
-def model_range(translator, images: np.ndarray) -> np.ndarray:
-    """Raw (N, C, H, W) images in the model's [-1, 1] range, with the model's own normalisation."""
-    from phenotwin.imaging import intensity_range, normalise
-
-    return np.stack([normalise(im.astype(np.float64), *intensity_range(im, translator.info.normalization)) for im in images])
-
-
 def _directions(classes, source, target):
     pairs = [(s, t) for s in classes for t in classes if s != t]
     chosen = [(s, t) for s, t in pairs if source in (None, s) and target in (None, t)]
@@ -146,21 +139,22 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
                              f"its conditions are {', '.join(translator.classes)}.")
     if n < 1:
         raise PhenotwinError(f"n must be at least 1, got {n}.")
-    _, _, default_strength, steps, guidance = translator.check_settings(steps=steps, guidance=guidance)
-    confine = translator.confine_setting(confine)
-    strengths = [translator.check_settings(strength=s)[2] for s in (strengths or [default_strength])]
+    settings = translator.resolve(steps=steps, guidance=guidance, seed=seed, confine=confine)
+    steps, guidance, confine = settings.steps, settings.guidance, settings.confine
+    rungs = [translator.resolve(settings, strength=s) for s in (strengths or [settings.strength])]
+    strengths = [rung.strength for rung in rungs]
     directions = _directions(translator.classes, source, target)
     weights, fid_message = find_inception_weights(inception_weights)
 
     yield Progress("classifier", 0, 1)
     reference = classifier_data or data
-    real = {c: model_range(translator, reference.images[c]) for c in translator.classes}
+    real = {c: translator.processor.to_model_range(reference.images[c]) for c in translator.classes}
     classifier = train_classifier(np.concatenate(list(real.values())),
                                   np.concatenate([np.full(len(real[c]), i) for i, c in enumerate(translator.classes)]),
                                   translator.classes, epochs=classifier_epochs, seed=seed)
     yield Progress("classifier", 1, 1)
 
-    per_image = steps + sum(max(1, round(s * steps)) for s in strengths) + CONFINE_CALLS * confine
+    per_image = steps + sum(rung.used_steps for rung in rungs) + CONFINE_CALLS * confine
     total = per_image * sum(min(n, len(data.images[s])) for s, _ in directions)
     done, rows, examples, collected = 0, [], [], {}
     for src, tgt in directions:
@@ -174,18 +168,16 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
             if confine:  # once per image, before the strengths that share it
                 yield from relabel(translator.edit_mask_steps(inversion, tgt), "translate", done, total)
                 done += CONFINE_CALLS
-            for s in strengths:
-                translation = yield from relabel(translator.generate_steps(inversion, tgt, strength=s, guidance=guidance,
-                                                                           seed=seed, confine=confine),
+            for rung in rungs:
+                translation = yield from relabel(translator.generate_steps(inversion, tgt, settings=rung),
                                                  "translate", done, total)
-                done += max(1, round(s * steps))
-                reconstruction = inversion.generated[(inversion.source_index, max(1, round(s * steps)), translation.guidance)]
-                results[s].append((translation, ssim(inversion.normalised, reconstruction)))
-        source_norm = model_range(translator, sources)
+                done += rung.used_steps
+                results[rung.strength].append((translation, ssim(inversion.normalised, translation.reconstruction)))
+        source_norm = translator.processor.to_model_range(sources)
         target_index = translator.classes.index(tgt)
         truth = None
         if data.aligned:
-            truth = model_range(translator, data.images[tgt][:count])
+            truth = translator.processor.to_model_range(data.images[tgt][:count])
             masks = data.masks[:count]
         for s in strengths:
             translations = np.stack([t.normalised for t, _ in results[s]])
@@ -216,7 +208,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
     fid = {"available": weights is not None, "message": fid_message, "by_strength": {}}
     if weights is not None:
         yield Progress("FID/KID", 0, len(strengths))
-        real = {c: model_range(translator, data.images[c]) for c in translator.classes}
+        real = {c: translator.processor.to_model_range(data.images[c]) for c in translator.classes}
         for k, s in enumerate(strengths):
             by_target = {t: fid_kid(np.concatenate(v), real[t], weights) for t, v in collected[s].items()}
             overall = fid_kid(np.concatenate([np.concatenate(v) for v in collected[s].values()]),
