@@ -31,10 +31,10 @@ def compute(tmp: Path) -> dict[str, np.ndarray]:
     import torch
 
     from phenotwin import Translator
-    from phenotwin.batch import run_batch
-    from phenotwin.pipeline import TranslationSettings
     from phenotwin.assets import demo_model_path
+    from phenotwin.batch import run_batch
     from phenotwin.percell import translate_cells
+    from phenotwin.pipeline import TranslationSettings
 
     torch.set_num_threads(1)  # the same reduction order on every run
     demo = demo_model_path()

@@ -180,8 +180,8 @@ def test_trailing_timesteps_have_as_many_levels_as_steps_and_none_below_zero():
     some step counts; the schedulers phenotwin uses must not."""
     import json
 
-    from phenotwin.pipeline.schedulers import inference_schedulers
     from phenotwin.assets import demo_model_path
+    from phenotwin.pipeline.schedulers import inference_schedulers
 
     config = json.loads((demo_model_path() / "scheduler" / "scheduler_config.json").read_text())
     assert config["timestep_spacing"] == "trailing"
@@ -420,8 +420,8 @@ def test_confine_keeps_what_the_condition_leaves_alone_on_the_demo_model(torch_o
     nucleus far less than an unconfined one and keeps most of the Golgi's change."""
     from phenotwin import Translator
     from phenotwin.assets import demo_model_path
-    from phenotwin.synthetic import as_camera_units, make_pairs
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+    from phenotwin.synthetic import as_camera_units, make_pairs
 
     translator = Translator(demo_model_path(), device="cpu")
     pairs = make_pairs(2, size=64, channels=2, seed=0, start=100_000)

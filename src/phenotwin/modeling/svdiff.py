@@ -71,8 +71,8 @@ def load_svdiff_into(unet: torch.nn.Module, path: str | os.PathLike) -> None:
     """Apply saved shifts to a base UNet in place (merged: inference costs what the base costs)."""
     from safetensors.torch import load_file
 
-    from phenotwin.modeling.conditioning import resize_class_embedding
     from phenotwin.errors import CheckpointError
+    from phenotwin.modeling.conditioning import resize_class_embedding
 
     if not os.path.isfile(path):
         raise CheckpointError(f"missing SVDiff weights {path}. The checkpoint is incomplete: copy it again.")

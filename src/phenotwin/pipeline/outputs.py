@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phenotwin.pipeline.cache import GenerationCache, Key
+from phenotwin.pipeline.heatmap import difference_map, psnr
 from phenotwin.pipeline.schedulers import inversion_steps
 from phenotwin.pipeline.settings import TranslationSettings
-from phenotwin.preprocessing import ImageLayout
+from phenotwin.preprocessing import ImageLayout, ImageProcessor
 
 if TYPE_CHECKING:  # torch loads lazily
     import torch
@@ -111,3 +112,29 @@ class Translation:
             "inversion_refinements": s.inversion_refinements,
             "phenotwin_version": __version__,
         }
+
+
+def compose(inversion: Inversion, generated: np.ndarray, reconstruction: np.ndarray | None, mask: np.ndarray | None,
+            settings: TranslationSettings, processor: ImageProcessor, checkpoint_id: str) -> Translation:
+    """The translation shown, from the model's renderings (model range, cropped) and the edit mask.
+
+    With reference "reconstruction", the change the model makes between its own rendering of
+    the input under the source and under the target condition is applied to the input itself:
+    whatever the model cannot reproduce (camera noise, fine texture, the low-frequency drift of
+    DDIM inversion) cancels, and where nothing changes the input is kept. An edit mask weighs
+    that change (or, with reference "input", the raw rendering's difference to the input)."""
+    if settings.reference == "reconstruction" or mask is not None:
+        change = generated - (reconstruction if settings.reference == "reconstruction" else inversion.normalised)
+        if mask is not None:
+            change = change * mask
+        shown = np.clip(inversion.normalised + change, -1.0, 1.0)
+    else:
+        shown = generated
+    heat = difference_map(inversion.normalised, shown, signed=settings.signed, sigma=settings.sigma)
+    return Translation(
+        image=processor.postprocess(shown, inversion.layout), heatmap=heat.total, heatmap_channels=heat.per_channel,
+        normalised=shown, generated=generated, reconstruction=reconstruction,
+        reconstruction_psnr=psnr(inversion.normalised, reconstruction) if reconstruction is not None else float("nan"),
+        settings=settings.replace(strength=settings.used_steps / inversion.steps), checkpoint_id=checkpoint_id,
+        autoencoder_psnr=inversion.autoencoder_psnr, edit_mask=mask, inversion=inversion,
+    )

@@ -75,9 +75,9 @@ class Diffusion:
         """A full inversion from the clean `sample`; returns the kept states by step."""
         keep = set(kept_states(steps, sample.numel() * sample.element_size(), budget))
         states = {0: sample}
-        for k, sample in enumerate(self.inversion_states(sample, 0, steps, steps, source_index, refinements), start=1):
+        for k, state in enumerate(self.inversion_states(sample, 0, steps, steps, source_index, refinements), start=1):
             if k in keep:
-                states[k] = sample
+                states[k] = state
             yield Progress("invert", k, steps)
         return states
 
@@ -100,11 +100,12 @@ class Diffusion:
         if k in inversion.states:
             return inversion.states[k]
         start = max(j for j in inversion.states if j < k)
-        sample = inversion.states[start]
-        for i, sample in enumerate(self.inversion_states(sample, start, k, inversion.steps, inversion.source_index,
-                                                         inversion.refinements), start=1):
+        rebuilt = self.inversion_states(inversion.states[start], start, k, inversion.steps, inversion.source_index,
+                                        inversion.refinements)
+        for i, sample in enumerate(rebuilt, start=1):
+            state = sample  # the last one is state k
             yield Progress("invert", i, k - start)
-        return sample
+        return state
 
     def generate(self, start, label_indices: list[int], steps: int, used_steps: int, guidance: float,
                  seed: int | None) -> Steps[np.ndarray]:

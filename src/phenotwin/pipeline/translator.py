@@ -1,17 +1,13 @@
 """`Translator`: the one entry point for inference, shared by the CLI, napari and tests.
 
-A translation follows PhenDiff / Phen-LDiff: the image is inverted to noise with
-deterministic DDIM inversion under its own (source) condition, then regenerated with DDIM
-under the target condition. Three public steps, as in diffusers' DiffEdit pipeline:
-`invert_steps` (image -> `Inversion`), `edit_mask_steps` (where the conditions differ) and
-`generate_steps` (`Inversion` -> `Translation`); `translate_steps` chains them. Generating
-again with another target or strength starts from the cached trajectory at the right noise
-level and costs only the generation steps: this is what makes scrubbing strength cheap, and
-an image already generated costs nothing.
-
-Every method takes one `TranslationSettings` (or the same fields as keywords); `resolve`
-validates them before any work starts. Each long method has a generator form (`*_steps`,
-one `Progress` per model step) and a plain form with a progress callback and cancel flag.
+PhenDiff / Phen-LDiff: the image is inverted to noise with deterministic DDIM inversion under
+its own (source) condition, then regenerated under the target condition. Three public steps,
+as in diffusers' DiffEdit pipeline: `invert_steps` (image -> `Inversion`), `edit_mask_steps`
+and `generate_steps` (`Inversion` -> `Translation`); `translate_steps` chains them. Another
+target or strength starts from the cached trajectory and costs only its generation steps
+(cheap scrubbing); an image already generated costs nothing. Every method takes one
+`TranslationSettings` (or its fields as keywords), checked by `resolve` before any work; each
+long method has a generator form (`*_steps`) and a plain one with progress and cancel.
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ import numpy as np
 from phenotwin.errors import PhenotwinError
 from phenotwin.pipeline.cache import CACHE_BUDGET, GenerationCache
 from phenotwin.pipeline.edit_mask import edit_mask_steps
-from phenotwin.pipeline.heatmap import difference_map, psnr
-from phenotwin.pipeline.outputs import Inversion, Translation
+from phenotwin.pipeline.outputs import Inversion, Translation, compose
 from phenotwin.pipeline.settings import TranslationSettings, model_defaults
 from phenotwin.pipeline.trajectory import TRAJECTORY_BUDGET, Diffusion
 from phenotwin.preprocessing import ImageProcessor, PreparedImage
@@ -37,12 +32,7 @@ if TYPE_CHECKING:
 
 
 class Translator:
-    """Loads a checkpoint once and translates images between its conditions.
-
-    >>> translator = Translator("my-model")                      # doctest: +SKIP
-    >>> result = translator.translate(image, "control", "treated")  # doctest: +SKIP
-    >>> result.image, result.heatmap, result.reconstruction_psnr    # doctest: +SKIP
-    """
+    """Loads a checkpoint once and translates images between its conditions."""
 
     trajectory_budget = TRAJECTORY_BUDGET
     cache_budget = CACHE_BUDGET
@@ -121,13 +111,11 @@ class Translator:
                        settings: TranslationSettings | None = None) -> Steps[Translation]:
         """Generator form of `generate`: regenerate a cached inversion under the target condition.
 
-        Costs round(strength * steps) UNet calls, nothing for an image already generated,
-        and never re-inverts (on a large field whose state at this strength was not kept, a
-        few inversion steps rebuild it from the kept state below). The source condition is
-        generated in the same batch (once per strength, then cached): it measures how
+        Costs round(strength * steps) UNet calls, nothing for an image already generated, and
+        never re-inverts (a state not kept is rebuilt from the kept one below). The source
+        condition rides in the same batch (once per strength, then cached): it measures how
         faithfully the model reproduces the input, and with reference "reconstruction" the
-        translation is taken relative to it. `reconstruct=False` skips it in "input" mode.
-        `confine` keeps the change only where the condition matters (`edit_mask_steps`); it
+        translation is relative to it; `reconstruct=False` skips it in "input" mode. `confine`
         reuses the cached generations, so switching it costs no step.
         """
         resolved = self._for(inversion, settings, target=target, strength=strength, guidance=guidance, seed=seed,
@@ -149,25 +137,7 @@ class Translator:
                 reconstruction = generated
             elif made is not None:
                 reconstruction = made
-        if relative or mask is not None:
-            # Relative: the change the model makes between its own rendering of the input under
-            # the source and under the target condition, applied to the input itself: whatever
-            # the model cannot reproduce (camera noise, fine texture, the low-frequency drift of
-            # DDIM inversion) cancels, and where nothing changes the input is kept.
-            change = generated - (reconstruction if relative else inversion.normalised)
-            if mask is not None:
-                change = change * mask
-            shown = np.clip(inversion.normalised + change, -1.0, 1.0)
-        else:
-            shown = generated
-        heat = difference_map(inversion.normalised, shown, signed=s.signed, sigma=s.sigma)
-        return Translation(
-            image=self.processor.postprocess(shown, inversion.layout), heatmap=heat.total,
-            heatmap_channels=heat.per_channel, normalised=shown, generated=generated, reconstruction=reconstruction,
-            reconstruction_psnr=psnr(inversion.normalised, reconstruction) if reconstruction is not None else float("nan"),
-            settings=s.replace(strength=used / inversion.steps), checkpoint_id=self.checkpoint_id,
-            autoencoder_psnr=inversion.autoencoder_psnr, edit_mask=mask, inversion=inversion,
-        )
+        return compose(inversion, generated, reconstruction, mask, s, self.processor, self.checkpoint_id)
 
     def _sample(self, inversion: Inversion, target_index: int, used: int, guidance: float, seed: int | None,
                 reconstruct: bool) -> Steps[tuple[np.ndarray, np.ndarray | None]]:
@@ -200,13 +170,11 @@ class Translator:
 
     def prefetch_steps(self, inversion: Inversion, strengths: Sequence[float], settings: TranslationSettings | None = None,
                        **overrides: Any) -> Steps[int]:
-        """Generate `strengths`, in the order given, into the inversion's image cache.
+        """Generate `strengths`, in the order given, into the inversion's image cache; returns how many.
 
-        A new strength costs round(strength * steps) UNet calls and cannot reuse another
-        strength's trajectory, so the widget spends idle time here: afterwards a slider move
-        to one of these strengths costs a heatmap. Strengths already cached are skipped; it
-        stops before the cache would have to forget the first ones (`cache_budget`).
-        Returns how many strengths it generated. Cancel it like any other steps."""
+        The widget spends idle time here: afterwards a slider move to one of them costs a
+        heatmap. Strengths already cached are skipped; it stops before the cache would have to
+        forget the first ones (`cache_budget`)."""
         s = self._for(inversion, settings, **overrides)
         with_source = s.reference == "reconstruction"  # what `generate` would then also need
         rungs: list[int] = []
