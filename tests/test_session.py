@@ -1,0 +1,248 @@
+"""The Translate widget's session without Qt or napari: job priorities, the latest value, a deleted source.
+
+A hand-driven runner stands in for napari's workers: each `step()` does what napari's
+generator worker does once (abort if quit was asked, else advance the steps one yield),
+and the handlers run on the test's thread, as napari runs them on the GUI thread. So the
+tests decide exactly when a job makes progress, with a real tiny model underneath.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from phenotwin._napari.session import RunRequest, TranslationSession
+from phenotwin.pipeline import TranslationSettings
+
+STEPS = 6
+
+
+class Worker:
+    """One job, advanced by hand like napari's GeneratorWorker."""
+
+    def __init__(self, steps, yielded=None, returned=None, errored=None, aborted=None, finished=None):
+        self.steps, self.quit_requested, self.done = steps, False, False
+        self.handlers = {"yielded": yielded, "returned": returned, "errored": errored, "aborted": aborted,
+                         "finished": finished}
+
+    def quit(self) -> None:
+        self.quit_requested = True
+
+    def _emit(self, name, *args) -> None:
+        if self.handlers[name] is not None:
+            self.handlers[name](*args)
+
+    def step(self) -> None:
+        if self.quit_requested:
+            self._emit("aborted")
+            return self._finish()
+        try:
+            event = next(self.steps)
+        except StopIteration as stop:
+            self._emit("returned", stop.value)
+            return self._finish()
+        except Exception as err:  # noqa: BLE001 (napari hands any error to `errored`)
+            self._emit("errored", err)
+            return self._finish()
+        self._emit("yielded", event)
+
+    def _finish(self) -> None:
+        self.done = True
+        self._emit("finished")
+
+    def run(self) -> None:
+        while not self.done:
+            self.step()
+
+
+class Runner:
+    """The injected `start_worker`: records each job and its kind."""
+
+    def __init__(self) -> None:
+        self.workers: list[Worker] = []
+
+    def __call__(self, steps, **handlers) -> Worker:
+        self.workers.append(Worker(steps, **handlers))
+        return self.workers[-1]
+
+    @property
+    def last(self) -> Worker:
+        return self.workers[-1]
+
+    def drain(self) -> None:
+        """Run every job to its end, and those each one starts after it (not the prefetch's)."""
+        while any(not w.done for w in self.workers):
+            next(w for w in self.workers if not w.done).run()
+
+
+@pytest.fixture
+def translator(translators, torch_one_thread):
+    return translators["pixel"]
+
+
+@pytest.fixture
+def session(translator):
+    session = TranslationSession(Runner())
+    session.set_translator(translator)
+    session.prefetch_enabled = False  # on only where a test is about it
+    session.seen = {name: [] for name in ("started", "result", "error", "cancelled", "finished", "tiles")}
+    events = session.events
+    events.started.connect(session.seen["started"].append)
+    events.result.connect(lambda result, context: session.seen["result"].append((result, context)))
+    events.error.connect(lambda err, what: session.seen["error"].append(f"{what}: {err}"))
+    events.cancelled.connect(lambda: session.seen["cancelled"].append(True))
+    events.finished.connect(lambda: session.seen["finished"].append(True))
+    events.tiles.connect(lambda done, total: session.seen["tiles"].append((done, total)))
+    return session
+
+
+def settings(**changes) -> TranslationSettings:
+    return TranslationSettings(source="control", target="treated", strength=1.0, steps=STEPS, guidance=0.0,
+                               confine=False, seed=0).replace(**changes)
+
+
+def request(image, **changes) -> RunRequest:
+    return RunRequest(image, settings(**changes), fingerprint=str(hash(image.tobytes())), context="the layers")
+
+
+def results(session) -> list:
+    return [result for result, _ in session.seen["result"]]
+
+
+def test_the_session_imports_neither_qt_napari_nor_torch():
+    code = ("import sys, phenotwin._napari.session; "
+            "print(sorted(m for m in ('qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'napari', 'superqt', 'magicgui', 'torch') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_run_matches_the_translator_and_a_scrub_reuses_its_inversion(session, translator, cells):
+    runner = session._start_worker
+    assert session.run(request(cells))
+    assert session.running == "run" and session.inversion is None  # nothing adopted before the result arrives
+    runner.drain()
+    (result, context), = session.seen["result"]
+    direct = translator.translate(cells, "control", "treated", strength=1.0, steps=STEPS, seed=0, channel_axis=0)
+    np.testing.assert_array_equal(result.image, direct.image)
+    assert context == "the layers" and session.inversion is result.inversion and session.running is None
+    assert session.seen["started"] == ["Translating"] and session.seen["finished"] == [True]
+    calls = translator.denoiser.calls
+    session.scrub(settings(strength=0.5))
+    assert session.running == "scrub"
+    runner.drain()
+    assert session.seen["started"][-1] == "Updating"
+    assert results(session)[-1].strength == 0.5 and results(session)[-1].inversion is result.inversion
+    assert translator.denoiser.calls - calls == 3  # 3 of 6 steps, no inversion
+    calls = translator.denoiser.calls
+    session.run(request(cells, strength=0.5))  # the same plane, source and steps: the inversion is reused
+    runner.drain()
+    assert translator.denoiser.calls == calls and results(session)[-1].inversion is result.inversion
+
+
+def test_a_run_interrupts_a_scrub(session, translator, cells):
+    runner = session._start_worker
+    session.run(request(cells))
+    runner.drain()
+    session.scrub(settings(strength=0.9))
+    scrub = runner.last
+    scrub.step()
+    assert session.run(request(cells, strength=0.4, steps=4))  # not refused: Translate wins
+    assert scrub.quit_requested and len(runner.workers) == 2  # the run waits for the scrub to stop
+    runner.drain()
+    assert session.seen["cancelled"] == [True] and session.seen["started"] == ["Translating", "Updating", "Translating"]
+    assert [r.steps for r in results(session)] == [STEPS, 4] and results(session)[-1].strength == 0.5  # 2 of 4 steps
+
+
+def test_a_run_stops_the_prefetch_and_goes_before_a_queued_scrub(session, translator, cells):
+    runner = session._start_worker
+    session.set_prefetch(True)
+    session.run(request(cells))
+    runner.workers[0].run()
+    prefetch = runner.last
+    assert session.prefetching and len(runner.workers) == 2  # idle time: the strengths around 1.0
+    prefetch.step()
+    session.scrub(settings(strength=0.5))
+    assert prefetch.quit_requested and session.running is None  # the scrub waits for the prefetch to stop
+    session.run(request(cells, steps=4))
+    prefetch.step()  # stops
+    assert not session.prefetching and session.running == "run"  # the run, not the scrub
+    runner.last.run()
+    assert session.seen["started"] == ["Translating", "Translating"]  # the scrub was replaced by the run
+    assert results(session)[-1].steps == 4
+    assert session.prefetching  # and afterwards the prefetch starts again, around the new result
+
+
+def test_a_queued_run_takes_the_newest_slider_value(session, translator, cells):
+    runner = session._start_worker
+    session.set_prefetch(True)
+    session.run(request(cells))
+    runner.workers[0].run()
+    session.run(request(cells, steps=4))  # the prefetch stops first
+    session.scrub(settings(strength=0.5))  # the slider moves meanwhile: the run reads it too
+    runner.workers[1].step()
+    session.set_prefetch(False)
+    runner.drain()
+    assert session.seen["started"] == ["Translating", "Translating"]
+    assert results(session)[-1].steps == 4 and results(session)[-1].strength == 0.5
+
+
+def test_the_latest_scrub_value_wins(session, translator, cells):
+    runner = session._start_worker
+    session.run(request(cells))
+    runner.drain()
+    session.scrub(settings(strength=0.9))
+    runner.last.step()
+    for strength in (0.7, 0.6, 0.5):  # a drag while the first update runs
+        session.scrub(settings(strength=strength))
+    assert len(runner.workers) == 2  # nothing new before the update under way ends
+    runner.drain()
+    assert [r.strength for r in results(session)] == [1.0, pytest.approx(5 / 6), 0.5]  # 0.9 -> 5 of 6 steps
+
+
+def test_deleting_the_source_mid_run_drops_the_inversion(session, translator, cells):
+    runner = session._start_worker
+    session.set_prefetch(True)
+    session.run(request(cells))
+    runner.last.step()
+    session.drop_inversion()  # the source layer is deleted while the run inverts it
+    runner.last.run()
+    assert len(results(session)) == 1  # the result still arrives: it was computed from a copy
+    assert session.inversion is None and not session.prefetching
+    session.scrub(settings(strength=0.5))  # no slider updates of a deleted layer's results
+    assert len(runner.workers) == 1 and session.running is None
+
+
+def test_cancel_stops_the_run_and_nothing_starts_after_it(session, translator, cells):
+    runner = session._start_worker
+    session.set_prefetch(True)
+    session.run(request(cells))
+    runner.last.step()
+    session.cancel()
+    runner.drain()
+    assert session.seen["cancelled"] == [True] and not results(session)
+    assert len(runner.workers) == 1 and not session.prefetching
+
+
+def test_bad_settings_are_refused_before_anything_stops(session, translator, cells):
+    from phenotwin.errors import PhenotwinError
+
+    with pytest.raises(PhenotwinError, match="strength"):
+        session.run(request(cells, strength=1.5))
+    with pytest.raises(PhenotwinError, match="16x16|at least"):
+        session.run(request(cells[:, :8, :8]))
+    assert not session._start_worker.workers
+
+
+def test_tile_progress_comes_through_the_session_and_the_model_is_left_clean(session, translator):
+    runner = session._start_worker
+    field = np.random.default_rng(2).random((2, 80, 80)).astype(np.float32)
+    session.run(request(field, steps=2))
+    assert translator.denoiser.tile_progress == session._report_tiles  # the session's hook, not a widget's
+    runner.drain()
+    # 80 px in 32 px tiles overlapping by a quarter: 3 x 3 = 9 tiles, batches of 8
+    assert (8, 9) in session.seen["tiles"] and (9, 9) in session.seen["tiles"]
+    assert translator.denoiser.tile_progress is None
