@@ -47,7 +47,7 @@ def main() -> int:
     viewer.screenshot(str(OUT / "translate-widget-loaded.png"), canvas_only=False)
 
     widget.run()
-    wait(app, lambda: widget.last_result is not None and widget._worker is None)
+    wait(app, lambda: widget.last_result is not None and widget.session.running is None)
     for layer in viewer.layers:
         layer.visible = layer.name.startswith("control") and "→" not in layer.name or "Δ" in layer.name
     viewer.screenshot(str(OUT / "translate-heatmap.png"), canvas_only=False)
@@ -61,8 +61,8 @@ def main() -> int:
     widget.side_by_side.value = False
 
     widget.strength.value = 0.5
-    wait(app, lambda: widget.last_result.strength == 0.5 and widget._worker is None)
-    wait(app, lambda: widget._prefetcher is None)  # the dock then says which strengths are ready
+    wait(app, lambda: widget.last_result.strength == 0.5 and widget.session.running is None)
+    wait(app, lambda: not widget.session.prefetching)  # the dock then says which strengths are ready
     for layer in viewer.layers:
         layer.visible = "→" in layer.name
     viewer.reset_view()
@@ -97,7 +97,7 @@ def per_cell(app, viewer, widget) -> None:
     widget.cells.value = cells
     widget.strength.value, widget.steps.value, widget.guidance.value = 0.7, 20, 0.0  # guidance 0: user guide
     widget.run()
-    wait(app, lambda: widget.cell_result is not None and widget._worker is None)
+    wait(app, lambda: widget.cell_result is not None and widget.session.running is None)
     for layer in viewer.layers:
         layer.visible = layer.name in ("field nucleus", "field golgi", "cells scores")
     viewer.layers["cells scores"].contour = 2

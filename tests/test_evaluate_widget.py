@@ -95,4 +95,5 @@ def test_widget_module_does_not_import_torch():
     import sys
 
     code = "import sys, phenotwin._napari.evaluate_widget; print('torch' in sys.modules, 'diffusers' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

@@ -11,7 +11,9 @@ import pytest
 napari = pytest.importorskip("napari")
 pytestmark = pytest.mark.gui
 
+from phenotwin._napari import model_registry  # noqa: E402
 from phenotwin._napari import translate_widget as tw  # noqa: E402
+from phenotwin._napari.layers import image_choices  # noqa: E402
 from phenotwin._napari.translate_widget import TranslateWidget  # noqa: E402
 
 requires_display = pytest.mark.skipif(
@@ -57,7 +59,7 @@ def viewer_and_widget(make_napari_viewer, qtbot, model, cells):
 
 def run_and_wait(qtbot, widget):
     widget.run()
-    wait_until(qtbot, lambda: widget._worker is None)
+    wait_until(qtbot, lambda: widget.session.running is None)
 
 
 @requires_display
@@ -96,7 +98,7 @@ def test_scrubbing_regenerates_without_inverting(viewer_and_widget, qtbot):
     for value in (0.9, 0.8, 0.7, 0.6, 0.5):  # a drag: many changes, debounced into one or two runs
         widget.strength.value = value
     wait_until(qtbot, lambda: viewer.layers["ctrl golgi → nocodazole"].metadata["phenotwin"]["strength"] == 0.5)
-    wait_until(qtbot, lambda: widget._worker is None)
+    wait_until(qtbot, lambda: widget.session.running is None)
     # one debounced regeneration at the final strength: 5 of 10 steps, no inversion, no reconstruction
     assert widget.translator.denoiser.calls - calls == 5
     assert not np.array_equal(first, viewer.layers["ctrl golgi → nocodazole"].data)
@@ -104,7 +106,7 @@ def test_scrubbing_regenerates_without_inverting(viewer_and_widget, qtbot):
 
 @requires_display
 def test_confine_checkbox_masks_the_shown_result_without_new_diffusion_steps(viewer_and_widget, qtbot):
-    from phenotwin.translate import CONFINE_CALLS
+    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 
     viewer, widget, layers = viewer_and_widget
     assert not widget.confine.value  # the tiny model's default
@@ -115,7 +117,7 @@ def test_confine_checkbox_masks_the_shown_result_without_new_diffusion_steps(vie
     calls = widget.translator.denoiser.calls
     widget.confine.value = True
     wait_until(qtbot, lambda: viewer.layers[name].metadata["phenotwin"]["confine"])
-    wait_until(qtbot, lambda: widget._worker is None)
+    wait_until(qtbot, lambda: widget.session.running is None)
     assert widget.translator.denoiser.calls - calls == CONFINE_CALLS  # the mask only: generations are cached
     mask = widget.last_result.edit_mask[1]
     source = layers[1].data.astype(float)
@@ -127,7 +129,7 @@ def test_confine_checkbox_masks_the_shown_result_without_new_diffusion_steps(vie
     assert low.sum() >= 10 and change[low].sum() < 0.95 * free_change[low].sum()
     widget.confine.value = False  # back: from the cache, no model call at all
     wait_until(qtbot, lambda: not viewer.layers[name].metadata["phenotwin"]["confine"])
-    wait_until(qtbot, lambda: widget._worker is None)
+    wait_until(qtbot, lambda: widget.session.running is None)
     assert widget.translator.denoiser.calls - calls == CONFINE_CALLS
     np.testing.assert_array_equal(viewer.layers[name].data, free)
 
@@ -148,15 +150,15 @@ def test_prefetched_strengths_are_shown_without_any_model_call(viewer_and_widget
     viewer, widget, _ = viewer_and_widget
     translate_with_prefetch(qtbot, widget, steps=10)
     # Strength 1.0 at 10 steps: the slider's strengths 0.75-0.99 round to 8 and 9 steps.
-    wait_until(qtbot, lambda: widget._prefetcher is None and "ready" in widget.prefetch_info.value)
+    wait_until(qtbot, lambda: not widget.session.prefetching and "ready" in widget.prefetch_info.value)
     assert widget.prefetch_info.value.startswith("Strengths 0.75–1.00 are ready")
     calls = widget.translator.denoiser.calls
     widget.strength.value = 0.8
-    assert widget._worker is not None  # cached: shown at once, without the debounce a new strength waits for
+    assert widget.session.running is not None  # cached: shown at once, without the debounce a new strength waits for
     wait_until(qtbot, lambda: shown_strength(viewer) == 0.8)
     assert widget.translator.denoiser.calls == calls
     # The prefetch then starts again around 0.8: 0.55-0.99 round to 6-10 steps; 6 and 7 are new.
-    wait_until(qtbot, lambda: widget._prefetcher is None and "0.55–" in widget.prefetch_info.value)
+    wait_until(qtbot, lambda: not widget.session.prefetching and "0.55–" in widget.prefetch_info.value)
     widget.strength.value = 0.6
     wait_until(qtbot, lambda: shown_strength(viewer) == 0.6)
     assert widget.translator.denoiser.calls - calls == 7 + 6  # the two new strengths, reconstructions in the batch
@@ -166,28 +168,28 @@ def test_prefetched_strengths_are_shown_without_any_model_call(viewer_and_widget
 def test_prefetch_gives_way_to_the_slider_and_to_run(viewer_and_widget, qtbot):
     viewer, widget, _ = viewer_and_widget
     translate_with_prefetch(qtbot, widget, steps=200)
-    wait_until(qtbot, lambda: widget._prefetcher is not None and "Precomputing" in widget.prefetch_info.value)
+    wait_until(qtbot, lambda: widget.session.prefetching and "Precomputing" in widget.prefetch_info.value)
     calls = widget.translator.denoiser.calls
     widget.strength.value = 0.5  # not prefetched yet: the prefetch stops, the scrub runs, then it restarts
     wait_until(qtbot, lambda: shown_strength(viewer) == 0.5)
     # Far fewer calls than the 25 strengths of 150-199 steps it was working through (~8700 calls)
     assert widget.translator.denoiser.calls - calls < 1500
-    wait_until(qtbot, lambda: widget._prefetcher is not None)
+    wait_until(qtbot, lambda: widget.session.prefetching)
     widget.steps.value = 10
     widget.run()  # a new inversion: waits for the prefetch to stop, then translates
     wait_until(qtbot, lambda: viewer.layers["ctrl golgi → nocodazole"].metadata["phenotwin"]["steps"] == 10)
-    wait_until(qtbot, lambda: widget._prefetcher is not None)
+    wait_until(qtbot, lambda: widget.session.prefetching)
     widget.strength.value = 0.3
     widget.run()  # queued behind the prefetch after the scrub: Translate is not lost to it
     calls = widget.translator.denoiser.calls
     widget.prefetch.value = False
-    wait_until(qtbot, lambda: widget._prefetcher is None and widget._worker is None)
+    wait_until(qtbot, lambda: not widget.session.prefetching and widget.session.running is None)
     assert shown_strength(viewer) == 0.3
     assert widget.prefetch_info.native.isHidden()  # stopped early: its last word no longer holds
     assert widget.translator.denoiser.calls - calls <= 3 + 1  # the generation at 0.3, no prefetch after it
     widget.prefetch.value = True  # ticked again: it starts from where the slider is
     wait_until(qtbot, lambda: "are ready" in widget.prefetch_info.value)
-    assert all(widget.translator.is_generated(widget.inversion, "nocodazole", s) for s in (0.05, 0.3, 0.55))
+    assert all(widget.translator.is_generated(widget.session.inversion, "nocodazole", s) for s in (0.05, 0.3, 0.55))
 
 
 @requires_display
@@ -196,11 +198,11 @@ def test_translate_interrupts_a_slider_update(viewer_and_widget, qtbot):
     widget.steps.value = 200
     run_and_wait(qtbot, widget)
     widget.strength.value = 0.9
-    wait_until(qtbot, lambda: widget._worker is not None)  # the slider update (180 steps) is under way
+    wait_until(qtbot, lambda: widget.session.running is not None)  # the slider update (180 steps) is under way
     calls = widget.translator.denoiser.calls
     widget.steps.value = 10
     widget.run()  # not refused: the update stops at its next step and the translation follows
-    wait_until(qtbot, lambda: widget._worker is None
+    wait_until(qtbot, lambda: widget.session.running is None
                and viewer.layers["ctrl golgi → nocodazole"].metadata["phenotwin"]["steps"] == 10)
     assert shown_strength(viewer) == 0.9
     assert widget.translator.denoiser.calls - calls < 60  # not the whole 180-step update first
@@ -224,7 +226,7 @@ def test_a_runtime_error_in_the_worker_is_reported_and_the_widget_recovers(viewe
     run_and_wait(qtbot, widget)
     assert shown == ["Translation failed: the computation stopped with RuntimeError: DefaultCPUAllocator: "
                      "not enough memory"]
-    assert widget.run_button.enabled and widget._worker is None
+    assert widget.run_button.enabled and widget.session.running is None
 
 
 @requires_display
@@ -235,7 +237,7 @@ def test_cancel_stops_the_run(viewer_and_widget, qtbot):
     widget.run()
     wait_until(qtbot, lambda: widget.translator.denoiser.calls - calls >= 2)
     widget.cancel()
-    wait_until(qtbot, lambda: widget._worker is None)
+    wait_until(qtbot, lambda: widget.session.running is None)
     assert widget.translator.denoiser.calls - calls < 400
     assert widget.status.value == "Cancelled."
     assert "ctrl golgi → nocodazole" not in viewer.layers
@@ -272,7 +274,7 @@ def test_bad_layers_give_notifications_not_crashes(viewer_and_widget, qtbot, mon
     widget.run()
     assert "constant" in shown[-1]
     labels = viewer.add_labels(np.zeros((32, 32), dtype=np.uint8), name="cells")
-    assert labels not in [layer for _, layer in widget._image_layers()]  # never offered as an image
+    assert labels not in [layer for _, layer in image_choices(viewer)]  # never offered as an image
     small = viewer.add_image(np.random.default_rng(0).random((8, 8)), name="tiny")
     widget.channel_pickers[0].value = small
     widget.channel_pickers[1].value = small
@@ -283,7 +285,7 @@ def test_bad_layers_give_notifications_not_crashes(viewer_and_widget, qtbot, mon
     widget.channel_pickers[0].value = viewer.layers["ctrl nucleus"]
     widget.channel_pickers[1].value = viewer.layers["ctrl golgi"]
     widget.run()
-    assert widget._worker is None and "labels are (20, 20) but the image plane is (32, 32)" in shown[-1]
+    assert widget.session.running is None and "labels are (20, 20) but the image plane is (32, 32)" in shown[-1]
     widget.planes.value = tw.ALL_PLANES
     widget.run()
     assert "per-cell mode translates the plane shown" in shown[-1]
@@ -295,7 +297,7 @@ def test_deleting_the_source_layer_mid_run_is_handled(viewer_and_widget, qtbot):
     widget.steps.value = 30
     widget.run()
     viewer.layers.remove(layers[0])
-    wait_until(qtbot, lambda: widget._worker is None)
+    wait_until(qtbot, lambda: widget.session.running is None)
     assert "ctrl golgi → nocodazole" in viewer.layers  # results still arrive, computed from the copy
 
 
@@ -303,13 +305,13 @@ def test_deleting_the_source_layer_mid_run_is_handled(viewer_and_widget, qtbot):
 def test_the_slider_no_longer_updates_results_of_a_deleted_layer(viewer_and_widget, qtbot):
     viewer, widget, layers = viewer_and_widget
     translate_with_prefetch(qtbot, widget, steps=10)
-    wait_until(qtbot, lambda: widget._prefetcher is None)  # 0.8 is cached now: it would show at once
+    wait_until(qtbot, lambda: not widget.session.prefetching)  # 0.8 is cached now: it would show at once
     viewer.layers.remove(layers[0])
     count = len(viewer.layers)
     widget.target.value = "control"
     widget.strength.value = 0.8
     qtbot.wait(2 * tw.SCRUB_DEBOUNCE_MS)
-    assert widget._worker is None and widget._prefetcher is None and len(viewer.layers) == count
+    assert widget.session.running is None and not widget.session.prefetching and len(viewer.layers) == count
 
 
 @requires_display
@@ -350,7 +352,7 @@ def test_plugin_module_does_not_import_torch():
 TWO_LOADS_AT_ONCE = """
 import sys, threading
 from phenotwin._napari.workers import call
-from phenotwin.translate import Translator
+from phenotwin import Translator
 
 errors = []
 
@@ -405,8 +407,8 @@ def configure_from_layers(widget, control, treated, out, steps):
 
 @requires_display
 def test_train_widget_trains_from_layers_and_opens_the_model(train_viewer, qtbot, tmp_path):
+    from phenotwin._napari.model_registry import translate_widget_of
     from phenotwin._napari.train_widget import TrainWidget
-    from phenotwin._napari.translate_widget import translate_widget_of
     from phenotwin.checkpoint import read_info
 
     viewer, control, treated = train_viewer
@@ -463,8 +465,8 @@ def test_demo_opens_the_scene_with_a_translation(qtbot, monkeypatch, model):
     demo.show_demo(model, steps=4)
     viewer = napari.current_viewer()
     try:
-        widget = tw.translate_widget_of(viewer)
-        wait_until(qtbot, lambda: widget.last_result is not None and widget._worker is None)
+        widget = model_registry.translate_widget_of(viewer)
+        wait_until(qtbot, lambda: widget.last_result is not None and widget.session.running is None)
         assert "control golgi" in viewer.layers
         assert widget.result_layers("translation") and widget.result_layers("heatmap")
     finally:
@@ -479,7 +481,7 @@ def test_deleting_a_result_layer_mid_run_recreates_it(viewer_and_widget, qtbot):
     widget.steps.value = 30
     widget.run()
     viewer.layers.remove("ctrl Δ")
-    wait_until(qtbot, lambda: widget._worker is None)
+    wait_until(qtbot, lambda: widget.session.running is None)
     assert "ctrl Δ" in viewer.layers and viewer.layers["ctrl Δ"].metadata["phenotwin"]["steps"] == 30
 
 
@@ -496,10 +498,10 @@ def test_closing_the_widget_stops_a_running_translation(make_napari_viewer, qtbo
     translator = widget.translator
     widget.run()
     wait_until(qtbot, lambda: translator.denoiser.calls > 0)
-    worker = widget._worker
+    assert widget.session.running == "run"
     viewer.window.remove_dock_widget(dock)
     widget.native.deleteLater()
-    wait_until(qtbot, lambda: not worker.is_running)
+    wait_until(qtbot, lambda: widget.session.running is None)  # the worker has ended
     assert translator.denoiser.calls < 1000 and widget._closed
 
 
@@ -521,15 +523,15 @@ def test_a_progress_event_queued_before_the_dock_closes_touches_no_deleted_contr
     wait_until(qtbot, lambda: widget.translator is not None)  # the demo model, loaded by default
     bars_before = set(progress._all_instances)
     deleted_while_updating = []
-    widget.native.destroyed.connect(lambda *_: deleted_while_updating.append(widget._activity._busy))
+    widget.native.destroyed.connect(lambda *_: deleted_while_updating.append(widget._dock.activity._busy))
     worker = Worker()
-    worker.yielded.connect(widget._on_progress, Qt.ConnectionType.QueuedConnection)
+    worker.yielded.connect(widget.session.events.progress.emit, Qt.ConnectionType.QueuedConnection)
     worker.yielded.emit(Progress("invert", 1, 10))  # queued, as from the worker thread...
     viewer.window.remove_dock_widget(dock)
     widget.native.deleteLater()  # ...then the dock is closed
     qtbot.wait(200)
     assert deleted_while_updating == [True]  # the case of the CI failure: deleted inside the slot
-    widget._on_finished()  # the worker's end, after the widget is gone
+    widget.session.events.finished.emit()  # the worker's end, after the widget is gone
     assert set(progress._all_instances) == bars_before  # no bar left in the activity dock
 
 
@@ -540,13 +542,14 @@ def statuses(widget) -> list[str]:
     processes Qt events, so by the time the slot returns the run may have ended and the
     status line moved on."""
     seen = []
-    show = widget._activity.show
+    activity = widget._dock.activity
+    show = activity.show
 
     def record(*args):
         seen.append(widget.status.value)
         show(*args)
 
-    widget._activity.show = record
+    activity.show = record
     widget._tiles.progressed.connect(lambda *_: seen.append(widget.status.value))  # after the widget's slot
     return seen
 
@@ -647,7 +650,7 @@ def test_a_field_larger_than_the_model_shows_tile_progress(viewer_and_widget, qt
 
 
 def test_model_info_says_how_the_model_was_trained():
-    assert tw._training_summary({"steps": 3000}) == ", trained 3000 steps"
+    assert model_registry.training_summary({"steps": 3000}) == ", trained 3000 steps"
     fine_tuned = {"steps": 2000, "base": {"path": "base", "provenance": {"steps": 3000}}}
-    assert tw._training_summary(fine_tuned) == ", fine-tuned 2000 steps from a 3000-step base"
-    assert tw._training_summary({}) == ""
+    assert model_registry.training_summary(fine_tuned) == ", fine-tuned 2000 steps from a 3000-step base"
+    assert model_registry.training_summary({}) == ""

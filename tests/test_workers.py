@@ -1,4 +1,6 @@
-"""What every widget worker runs (no Qt needed): torch threads, RuntimeErrors handed on, the activity bar."""
+"""What every widget worker runs: torch threads, RuntimeErrors handed on, throttled dock updates, the activity bar.
+
+The worker functions need no Qt; the throttled updates run on Qt timers (pytest-qt's `qapp`)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import os
 import pytest
 import torch
 
-from phenotwin._napari.workers import ActivityBar, Throttle, call, run_steps
+from phenotwin._napari.workers import ActivityBar, call, dock_throttled, run_steps
 from phenotwin.errors import PhenotwinError
 
 
@@ -45,14 +47,22 @@ def test_runtime_errors_reach_the_widget_as_phenotwin_errors():
         call(lambda: (_ for _ in ()).throw(RuntimeError("boom")))
 
 
-def test_throttle_lets_the_last_update_through():
-    throttle = Throttle(interval=60.0)
-    assert throttle.ready()
-    assert not throttle.ready()
-    assert throttle.ready(last=True)
+def test_throttle_lets_the_last_update_through(qapp):
+    shown = []
+    update = dock_throttled(shown.append, interval_ms=60_000)
+    update(1)
+    update(2)
+    assert shown == [1]  # the first at once, the next within the interval held back
+    update(3)
+    update.flush()  # a stage's last step: shown now, with the newest value
+    assert shown == [1, 3]
+    update(4)
+    update.cancel()  # the run ended: what was pending is dropped
+    update.flush()
+    assert shown == [1, 3]
 
 
-def test_activity_bar_is_one_bar_a_run_and_a_close_during_an_update_is_not_lost():
+def test_activity_bar_is_one_bar_a_run_and_a_close_during_an_update_is_not_lost(qapp):
     """napari's bars run other slots while they update; one of them may end the run."""
     from napari.utils import progress
 

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 
-from phenotwin._napari.workers import ActivityBar, Throttle, run_steps
+from phenotwin._napari.workers import DockProgress, start_worker
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -70,9 +69,8 @@ class EvaluateWidget(Container):
 
         self.result: dict | None = None
         self._worker = None
-        self._activity = ActivityBar()
+        self._dock = DockProgress(self.status)  # progress lines and the activity bar
         self._stage = None
-        self._updates = Throttle()  # progress lines in the dock
         self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
         self.check.changed.connect(self._on_check)
         self.run_button.changed.connect(self.start)
@@ -114,32 +112,25 @@ class EvaluateWidget(Container):
         except PhenotwinError as err:
             show_error(f"Cannot evaluate: {err}")
             return
-        worker = create_worker(run_steps, job, _connect={"errored": self._on_error}, _start_thread=False)
         self._stage = None
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(self._on_done)
-        worker.aborted.connect(self._on_cancelled)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.report_button.enabled = False
         self.status.value = f"Evaluating ({self.check.value})..."
-        worker.start()
+        self._worker = start_worker(job, yielded=self._on_progress, returned=self._on_done, errored=self._on_error,
+                                    aborted=self._on_cancelled, finished=self._on_finished)
 
     def cancel(self, *_) -> None:
         """Stop at the next diffusion step."""
         if self._worker is not None:
-            self.status.value = "Cancelling..."
+            self._dock.say("Cancelling...")
             self._worker.quit()
 
     def _on_progress(self, event) -> None:
         new_stage = event.stage != self._stage
-        if self._closed or not self._updates.ready(last=new_stage or event.step == event.total):
-            return
         self._stage = event.stage
-        self.status.value = f"{event.stage}: {event.step}/{event.total}"
-        self._activity.show(f"phenotwin: {event.stage}", event.step, event.total)  # last: it runs other slots
+        self._dock.show(f"{event.stage}: {event.step}/{event.total}", event.stage, event.step, event.total,
+                        force=new_stage or event.step == event.total)
 
     def _on_done(self, result: dict) -> None:
         if self._closed:
@@ -156,22 +147,21 @@ class EvaluateWidget(Container):
             lines = [f"Verdict: the model {result['verdict']}.", result["reason"] + "."]
         self.canvas.draw_idle()
         self.verdicts.value = "\n".join(lines)
-        self.status.value = "Done."
+        self._dock.say("Done.")
         self.report_button.enabled = True
 
     def _on_cancelled(self) -> None:
-        if not self._closed:
-            self.status.value = "Cancelled."
+        self._dock.say("Cancelled.")
 
     def _on_error(self, err: Exception) -> None:
         if self._closed:
             return
-        self.status.value = "Evaluation failed."
+        self._dock.say("Evaluation failed.")
         show_error(f"Evaluation failed: {err}")
 
     def _on_finished(self) -> None:
         self._worker = None
-        self._activity.close()  # before the check: no bar stays in the dock
+        self._dock.close()  # before the check: no bar stays in the dock
         if self._closed:
             return
         self.run_button.enabled = True
@@ -179,7 +169,7 @@ class EvaluateWidget(Container):
 
     def _on_destroyed(self, *_) -> None:
         """napari is closing: stop the run; the widgets are already gone, so touch none."""
-        self._closed = True
+        self._closed = self._dock.closed = True
         if self._worker is not None:
             self._worker.quit()
 

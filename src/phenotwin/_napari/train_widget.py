@@ -23,10 +23,9 @@ from magicgui.widgets import (
     SpinBox,
 )
 from napari.layers import Image
-from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 
-from phenotwin._napari.workers import ActivityBar, Throttle, call, resolve_diffusers, run_steps
+from phenotwin._napari.workers import DockProgress, resolve_diffusers, start_worker
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -102,8 +101,7 @@ class TrainWidget(Container):
         self.status.native.setWordWrap(True)
         self._worker = None
         self._trainer = None
-        self._activity = ActivityBar()
-        self._updates = Throttle()  # status line and activity bar
+        self._dock = DockProgress(self.status)  # status line and activity bar
         self.trained: Path | None = None
         self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
 
@@ -175,48 +173,39 @@ class TrainWidget(Container):
         self._trainer = trainer
         self.plot.clear()
         self._steps = trainer.steps()
-        worker = create_worker(run_steps, self._steps, _connect={"errored": self._on_error}, _start_thread=False)
-        worker.yielded.connect(self._on_step)
-        worker.returned.connect(self._on_done)
-        worker.aborted.connect(self._on_stopped)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
         self.train_button.enabled = False
         self.stop_button.enabled = True
         self.status.value = f"Training {config.method} on {', '.join(trainer.data.classes)}..."
-        worker.start()
-        self._activity.show("phenotwin: training", trainer.step, config.steps)  # from the first moment, and last
+        self._worker = start_worker(self._steps, yielded=self._on_step, returned=self._on_done, errored=self._on_error,
+                                    aborted=self._on_stopped, finished=self._on_finished)
+        self._dock.activity.show("phenotwin: training", trainer.step, config.steps)  # from the first moment, and last
 
     def _on_step(self, event) -> None:
         if self._closed:
             return
         self.plot.add(event.step, event.loss)
-        if not self._updates.ready(last=event.saved or event.step == event.total):
-            return
-        self.status.value = f"Step {event.step}/{event.total}, loss {event.loss:.4f}" + (" (saved)" if event.saved else "")
-        self._activity.show("phenotwin: training", event.step, event.total)  # last: it runs other slots
+        text = f"Step {event.step}/{event.total}, loss {event.loss:.4f}" + (" (saved)" if event.saved else "")
+        self._dock.show(text, "training", event.step, event.total, force=event.saved or event.step == event.total)
 
     def stop(self, *_):
         """Stop at the next step; the trainer saves the model and its state first."""
         if self._worker is not None:
-            self.status.value = "Stopping and saving..."
+            self._dock.say("Stopping and saving...")
             self._worker.quit()
 
     def _on_done(self, path) -> None:
         if self._closed:
             return
         self.trained = Path(path)
-        self.status.value = f"Done: saved {path}."
+        self._dock.say(f"Done: saved {path}.")
         self.open_button.enabled = True
 
     def _on_stopped(self) -> None:
         """The worker stopped iterating; closing the step generator makes the trainer save (off the GUI thread).
         This runs even when napari is closing: the model is saved, only the widgets are left alone."""
         trainer = self._trainer
-        saver = create_worker(call, self._steps.close, _connect={"errored": self._on_error}, _start_thread=False)
-        saver.finished.connect(lambda: self._on_saved_after_stop(trainer))
-        self._saver = saver
-        saver.start()
+        self._saver = start_worker(self._steps.close, errored=self._on_error,
+                                   finished=lambda: self._on_saved_after_stop(trainer))
 
     def _on_saved_after_stop(self, trainer) -> None:
         if self._closed:
@@ -224,23 +213,23 @@ class TrainWidget(Container):
         self.train_button.enabled = True
         if trainer.step > 0:
             self.trained = Path(trainer.out)
-            self.status.value = f"Stopped at step {trainer.step}; saved {self.trained} (continue with phenotwin train --resume)."
+            self._dock.say(f"Stopped at step {trainer.step}; saved {self.trained} (continue with phenotwin train --resume).")
             self.open_button.enabled = True
 
     def _on_destroyed(self, *_):
         """napari is closing: stop training; the widgets are already gone, so touch none."""
-        self._closed = True
+        self._closed = self._dock.closed = True
         if self._worker is not None:
             self._worker.quit()
 
     def _on_error(self, err: Exception) -> None:
         if self._closed:
             return
-        self.status.value = "Training failed."
+        self._dock.say("Training failed.")
         show_error(f"Training failed: {err}")
 
     def _on_finished(self) -> None:
-        self._activity.close()  # first, even when closed, so no bar stays in the dock
+        self._dock.close()  # first, even when closed, so no bar stays in the dock
         if self._closed:
             return
         self._worker = None
@@ -251,7 +240,7 @@ class TrainWidget(Container):
         """Load the trained model into the Translate widget (docking one if needed)."""
         if self.trained is None:
             return
-        from phenotwin._napari.translate_widget import forget_translator, translate_widget_of
+        from phenotwin._napari.model_registry import forget_translator, translate_widget_of
 
         forget_translator(self.trained)  # the folder may hold a newer model than a cached one
         widget = translate_widget_of(self.viewer)

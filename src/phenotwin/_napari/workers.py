@@ -1,24 +1,27 @@
-"""What every widget's worker thread runs: diffusers imported safely, a core left to the viewer,
-and failures that reach the widget.
+"""What every widget's worker thread runs, and the one helper that starts it.
 
-napari's (superqt's) workers treat a `RuntimeError` from the work as "the worker was deleted":
-they warn and emit neither `errored` nor `finished`, so the widget would wait forever. Most
-torch failures are `RuntimeError` (out of memory among them): `call` and `run_steps` hand them
-on as `PhenotwinError`. Widgets pass their error handler to `create_worker` as
-`_connect={"errored": handler}`: connected afterwards, napari would also re-raise the error
+`start_worker` is how the Translate, Train and Evaluate widgets start background work:
+diffusers imported safely, a core left to the viewer, and failures that reach the widget.
+napari's (superqt's) workers treat a `RuntimeError` from the work as "the worker was
+deleted": they warn and emit neither `errored` nor `finished`, so the widget would wait
+forever. Most torch failures are `RuntimeError` (out of memory among them): `call` and
+`run_steps` hand them on as `PhenotwinError`. The error handler is passed to
+`create_worker` as `_connect`: connected afterwards, napari would also re-raise the error
 (a second notification, with a traceback).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
-import time
 from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from napari.utils import progress
+from qtpy.QtCore import QObject, Signal
+from superqt.utils import qthrottled
 
 from phenotwin.errors import PhenotwinError
 
@@ -26,6 +29,10 @@ T = TypeVar("T")
 
 _DIFFUSERS_CLASSES = ("AutoencoderKL", "UNet2DModel", "UNet2DConditionModel", "DDIMScheduler", "DDIMInverseScheduler")
 _diffusers_lock = threading.Lock()
+# Setting a label or a progress bar makes Qt lay the dock out and repaint it: 6-7 ms (up to 20)
+# on a busy 2-core CPU (measured), which a 35 ms diffusion step per update would take from the
+# viewer's event loop. Ten updates a second read as smooth.
+DOCK_UPDATE_MS = 100
 
 
 def resolve_diffusers() -> None:
@@ -69,7 +76,7 @@ def _a_core_left_for_the_viewer():
 
 
 def call(function: Callable[..., T], *args: Any) -> T:
-    """For `create_worker`: `function(*args)` after diffusers is safely imported."""
+    """In the worker thread: `function(*args)` after diffusers is safely imported."""
     with _reported_runtime_errors():
         resolve_diffusers()
         with _a_core_left_for_the_viewer():
@@ -77,30 +84,106 @@ def call(function: Callable[..., T], *args: Any) -> T:
 
 
 def run_steps(steps: Generator[Any, None, T]) -> Generator[Any, None, T]:
-    """For `create_worker`: forwards every progress event of `steps`, returns its result."""
+    """In the worker thread: forwards every progress event of `steps`, returns its result."""
     with _reported_runtime_errors():
         resolve_diffusers()
         with _a_core_left_for_the_viewer():
             return (yield from steps)
 
 
-class Throttle:
-    """At most one widget update per `interval` seconds, and always the last one.
+def start_worker(work: Generator | Callable, *args: Any, yielded=None, returned=None, errored=None, aborted=None,
+                 finished=None):
+    """Start `work` (a step generator, or a function called with `args`) in a napari worker.
 
-    Setting a label or a progress bar makes Qt lay the dock out and repaint it: 6-7 ms (up to 20) on a
-    busy 2-core CPU (measured), which a 35 ms diffusion step per update would take from the
-    viewer's event loop. Ten updates a second read as smooth."""
+    The handlers run in the GUI thread; `quit()` on the returned worker stops a generator at
+    its next step. `yielded` and `aborted` exist for generators only."""
+    from napari.qt.threading import create_worker
 
-    def __init__(self, interval: float = 0.1):
-        self.interval = interval
-        self._last = -float("inf")
+    connect = {"errored": errored} if errored is not None else None
+    if inspect.isgenerator(work):
+        worker = create_worker(run_steps, work, _connect=connect, _start_thread=False)
+    else:
+        worker = create_worker(call, work, *args, _connect=connect, _start_thread=False)
+    for name, slot in (("yielded", yielded), ("returned", returned), ("aborted", aborted), ("finished", finished)):
+        if slot is not None:
+            getattr(worker, name).connect(slot)
+    worker.start()
+    return worker
 
-    def ready(self, last: bool = False) -> bool:
-        now = time.monotonic()
-        if last or now - self._last >= self.interval:
-            self._last = now
-            return True
-        return False
+
+def dock_throttled(function: Callable[..., Any], interval_ms: int = DOCK_UPDATE_MS):
+    """`function` at most once per interval, always with the newest arguments; `.flush()` runs a
+    pending call now (a stage's first and last step must show), `.cancel()` drops it."""
+    return qthrottled(function, timeout=interval_ms)
+
+
+class TileSignal(QObject):
+    """Carries tile progress from the worker thread to the GUI thread (a queued Qt signal)."""
+
+    progressed = Signal(int, int)
+
+
+class DockProgress:
+    """A run's progress in a dock: its status line (and progress bar, if any) at most ten times
+    a second, always a stage's first and last step, then the activity bar (last: it runs other
+    slots). `say` writes a final word that no pending update may overwrite."""
+
+    def __init__(self, status, bar=None, reveal: bool = False) -> None:
+        self.status, self.bar, self.reveal = status, bar, reveal  # reveal: a hidden line shows with each update
+        self.activity = ActivityBar()
+        self.closed = False  # the dock is gone: touch none of its controls
+        self._latest: tuple | None = None
+        self._event = None  # the latest `Progress` of the run
+        self._paint = dock_throttled(self._draw)
+
+    def step(self, event) -> None:
+        """A diffusion step done (a `Progress`): 'Invert step 3/20', 'Cell 2/17: generate step 1/10'."""
+        new_stage = self._event is None or event.stage != self._event.stage
+        self._event = event
+        self.show(event.describe(), event.stage, event.step, event.total, new_stage or event.step == event.total)
+
+    def tiles(self, done: int, total: int) -> None:
+        """Tiles of the step under way, for fields larger than the model: 'Invert step 3/20, tile 4/9'."""
+        event = self._event
+        text = f"{event.describe() if event else 'Starting'}, tile {done}/{total}"
+        self.show(text, event and event.stage, event.step if event else 0, event.total if event else 0, done == total)
+
+    def show(self, text: str, stage: str | None, step: int = 0, total: int = 0, force: bool = False) -> None:
+        self._latest = (text, stage, step, total)
+        self._paint()
+        if force:
+            self._paint.flush()
+
+    def _draw(self) -> None:
+        if self.closed or self._latest is None:
+            return
+        text, stage, step, total = self._latest
+        if self.bar is not None and stage is not None:
+            if self.bar.max != total:
+                self.bar.max = total
+            self.bar.value = step
+        self.status.value = text
+        if self.reveal:
+            self.status.visible = True
+        if stage is not None:  # None: before the first step (tiles of a large field)
+            self.activity.show(f"phenotwin: {stage}", step, total)
+
+    def say(self, text: str, visible: bool | None = None) -> None:
+        """A final word (empty: keep the line's text), and show or hide the line."""
+        self._paint.cancel()
+        self._latest = self._event = None
+        if self.closed:
+            return
+        if text:
+            self.status.value = text
+        if visible is not None:
+            self.status.visible = visible
+
+    def close(self) -> None:
+        """The run is over: nothing pending is painted, and no bar stays in the activity dock."""
+        self._paint.cancel()
+        self._latest = self._event = None
+        self.activity.close()
 
 
 class ActivityBar:
@@ -123,13 +206,18 @@ class ActivityBar:
         self._description = ""
         self._busy = False
         self._close_pending = False
-        self._updates = Throttle(interval)
+        self._update = dock_throttled(self._draw, round(interval * 1000))
 
     def show(self, description: str, step: int, total: int) -> None:
         if self._busy:
             return
         new_stage = self._bar is None or description != self._description
-        if not self._updates.ready(last=new_stage or step == total):
+        self._update(description, step, total)
+        if new_stage or step == total:
+            self._update.flush()
+
+    def _draw(self, description: str, step: int, total: int) -> None:
+        if self._busy:
             return
         self._busy = True
         try:
@@ -150,6 +238,7 @@ class ActivityBar:
             self._close_pending = True
             return
         self._close_pending = False
+        self._update.cancel()  # a throttled update must not bring a closed bar back
         bar, self._bar = self._bar, None
         if bar is not None:
             bar.close()

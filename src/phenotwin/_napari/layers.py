@@ -1,0 +1,348 @@
+"""napari layers in and out of a translation: read the sources, show the results.
+
+Reading copies the pixels (the plane shown, or every plane of a stack; an RGB layer feeds
+the model channel by channel), so a run never holds, and never modifies, the user's data.
+Results are new layers tagged in their metadata (`ROLE_KEY`), placed with the source's
+scale and translation and styled like it; a later run updates them in place, and a user's
+layer that happens to share a name is never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui import widgets
+from napari.layers import Image, Labels
+
+from phenotwin.errors import PhenotwinError
+
+if TYPE_CHECKING:
+    import napari
+
+    from phenotwin.percell import CellTranslation
+
+ROLE_KEY = "phenotwin"
+RGB_NAMES = ("R", "G", "B")
+RGB_COLORMAPS = ("red", "green", "blue")
+TOP_CELLS = 5
+POOR_RECONSTRUCTION_DB = 25.0
+FAIR_RECONSTRUCTION_DB = 32.0
+
+
+def role(layer) -> str | None:
+    """'translation', 'heatmap', 'cell-scores' for our results; None for the user's layers."""
+    return layer.metadata.get(ROLE_KEY, {}).get("role")
+
+
+@dataclass(frozen=True)
+class RGBChannel:
+    """One colour channel of an RGB layer, offered as a channel choice of its own."""
+
+    layer: Image
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer.name} [{RGB_NAMES[self.index]}]"
+
+    @property
+    def metadata(self) -> dict:
+        return self.layer.metadata
+
+
+@dataclass
+class SourcePlanes:
+    """What a run translates: a copy of the selected plane(s), and how to place results."""
+
+    layers: list[Image]  # the layer behind each channel (an RGB layer may feed several)
+    names: list[str]  # one per channel: the layer's name, or 'photo [G]' for an RGB channel
+    rgb_index: list[int | None]  # which RGB channel feeds each model channel, None for grey layers
+    image: np.ndarray  # (C, H, W), or (C, *leading, H, W) for all planes of a stack: a copy
+    scale: tuple[float, ...]  # of the result layers: the last two axes, or all for a stack
+    translate: tuple[float, ...]
+    fingerprint: str
+    cells_name: str | None = None  # the Labels layer of a per-cell run
+    labels: np.ndarray | None = None  # its plane shown (a copy)
+
+
+def image_choices(viewer: napari.Viewer) -> list[tuple[str, Image | RGBChannel]]:
+    """Image layers (not our results); an RGB layer is offered as its three channels."""
+    choices = []
+    for layer in viewer.layers:
+        if not isinstance(layer, Image) or role(layer) is not None:
+            continue
+        if layer.rgb:
+            choices += [(channel.name, channel) for channel in (RGBChannel(layer, i) for i in range(3))]
+        else:
+            choices.append((layer.name, layer))
+    return choices
+
+
+def labels_choices(viewer: napari.Viewer) -> list[tuple[str, Labels]]:
+    return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, Labels) and role(layer) is None]
+
+
+def default_channel_layers(viewer: napari.Viewer, pickers) -> None:
+    """Pick distinct layers for the channels, matching channel names in layer names when possible."""
+    layers = [layer for _, layer in image_choices(viewer)]
+    if not layers:
+        return
+    chosen = [picker.value for picker in pickers]
+    if all(value is not None and value in layers and chosen.count(value) == 1 for value in chosen):
+        return  # a distinct, existing layer per channel: keep the user's choice (e.g. when results are added)
+    taken = set()
+    for picker in pickers:
+        match = next((layer for layer in layers if picker.label.lower() in layer.name.lower()
+                      and id(layer) not in taken), None)
+        if match is None:
+            match = next((layer for layer in layers if id(layer) not in taken), layers[0])
+        taken.add(id(match))
+        picker.value = match
+
+
+class ChannelPickers(widgets.Container):
+    """One image-layer choice per model channel, kept on distinct, existing layers as layers come and go."""
+
+    def __init__(self, viewer: napari.Viewer, on_change) -> None:
+        super().__init__(labels=True, label="Image")
+        self.viewer, self._on_change = viewer, on_change
+
+    def build(self, names: list[str]) -> None:
+        """A picker per channel name ('nucleus', 'golgi'; a layer of that name is chosen when there is one)."""
+        self.clear()
+        for name in names:
+            picker = widgets.ComboBox(label=name, choices=lambda _w: image_choices(self.viewer), nullable=False)
+            picker.changed.connect(self._on_change)
+            self.append(picker)
+        self.refresh()
+
+    def refresh(self) -> None:
+        pickers = list(self)
+        for picker in pickers:
+            picker.reset_choices()
+        default_channel_layers(self.viewer, pickers)
+
+    @property
+    def choices(self) -> list:
+        return [picker.value for picker in self]
+
+
+def condition_of(choice) -> str | None:
+    """The condition a layer says it shows (its metadata), if any."""
+    return getattr(choice, "metadata", {}).get(ROLE_KEY, {}).get("condition") if choice is not None else None
+
+
+def read_sources(viewer: napari.Viewer, choices: list, all_planes: bool = False, cells: Labels | None = None
+                 ) -> SourcePlanes:
+    """Copies of the chosen channels (one choice per model channel), checked to fit together."""
+    if cells is not None and all_planes:
+        raise PhenotwinError("per-cell mode translates the plane shown; set Stack to 'current plane', "
+                             "or empty Cells (labels) to translate every plane.")
+    layers, names, rgb_index, planes = [], [], [], []
+    for choice in choices:
+        if choice is None:
+            raise PhenotwinError("select an image layer for every channel the model needs.")
+        layer, index = (choice.layer, choice.index) if isinstance(choice, RGBChannel) else (choice, None)
+        if not isinstance(layer, Image):
+            raise PhenotwinError(f"layer {layer.name!r} is a {type(layer).__name__} layer; choose an image layer.")
+        data = _all_planes(layer) if all_planes else current_plane(viewer, layer)
+        planes.append(data if index is None else data[..., index])
+        layers.append(layer)
+        names.append(choice.name)
+        rgb_index.append(index)
+    shapes = {plane.shape for plane in planes}
+    if len(shapes) > 1:
+        raise PhenotwinError(f"the selected layers have different sizes {sorted(shapes)}; pick matching channels.")
+    image = np.stack(planes)
+    digest = hashlib.blake2b(image.tobytes(), digest_size=12).hexdigest()
+    first, axes = layers[0], image.ndim - 1  # result layers have the planes' axes
+    sources = SourcePlanes(layers=layers, names=names, rgb_index=rgb_index, image=image,
+                           scale=tuple(first.scale[-axes:]), translate=tuple(first.translate[-axes:]),
+                           fingerprint=digest)
+    if cells is not None:
+        sources.cells_name, sources.labels = cells.name, current_plane(viewer, cells)
+    return sources
+
+
+def current_plane(viewer: napari.Viewer, layer: Image | Labels) -> np.ndarray:
+    """The 2-D plane of `layer` shown now (a copy: the layer is never modified); RGB keeps its colours."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    leading = data.ndim - 2 - int(getattr(layer, "rgb", False))
+    if leading > 0:
+        point = layer.world_to_data(viewer.dims.point)
+        index = tuple(int(np.clip(round(p), 0, n - 1)) for p, n in zip(point[:leading], data.shape[:leading]))
+        data = data[index]
+    return np.array(data, copy=True)
+
+
+def _all_planes(layer: Image) -> np.ndarray:
+    """The whole stack (a copy), leading axes (T, Z, wells) first."""
+    return np.array(layer.data[0] if layer.multiscale else layer.data, copy=True)
+
+
+# -- showing results ------------------------------------------------------------------------
+
+
+def quality_hint(psnr: float) -> str:
+    """Plain-language verdict on the reconstruction PSNR."""
+    if not np.isfinite(psnr):
+        return "Reconstruction: not measured"
+    if psnr < POOR_RECONSTRUCTION_DB:
+        return (f"Reconstruction {psnr:.1f} dB: POOR. The model cannot reproduce this image, so do not trust the "
+                "translation. Is it like the training images (magnification, channels, intensities)?")
+    if psnr < FAIR_RECONSTRUCTION_DB:
+        return f"Reconstruction {psnr:.1f} dB: fair. Small changes in the translation may be reconstruction error."
+    return f"Reconstruction {psnr:.1f} dB: good. The model reproduces this image faithfully."
+
+
+@dataclass
+class Shown:
+    """What the dock says about a result it showed."""
+
+    status: str
+    quality: str | None  # None: not measured, leave the line as it was
+    top_cells: str | None = None  # per-cell runs: the most changed cells
+
+
+def show_result(viewer: napari.Viewer, result, sources: SourcePlanes) -> Shown:
+    """Result layers for a Translation, CellTranslation or StackTranslation of `sources`."""
+    from phenotwin.stacks import StackTranslation
+
+    meta = result.metadata() if callable(result.metadata) else result.metadata
+    top_cells = None
+    if sources.labels is not None:  # a CellTranslation
+        meta = {**meta, "cells_layer": sources.cells_name}
+        _show_images(viewer, result.image, result.heatmap, meta, sources)
+        top_cells = _show_cells(viewer, result, meta, sources)
+        worst = min((row["reconstruction_psnr"] for row in result.scores), default=float("nan"))
+        described = f"{len(result.scores)} cells"
+    else:
+        _show_images(viewer, result.image, result.heatmap, meta, sources)
+        worst = result.reconstruction_psnr
+        described = f"{meta['planes']} planes" if isinstance(result, StackTranslation) else "image"
+    quality = quality_hint(worst) + (" (worst of all)" if described != "image" else "") if np.isfinite(worst) else None
+    status = (f"{described.capitalize()}: {meta['source']} → {meta['target']} at strength "
+              f"{meta['strength']:.2f} ({meta['steps']} steps).")
+    return Shown(status, quality, top_cells)
+
+
+def _show_images(viewer, translated: np.ndarray, heat: np.ndarray, meta: dict[str, Any], sources: SourcePlanes):
+    """Translation layers (one per channel, styled like its source) and the heatmap."""
+    meta = {**meta, "source_layers": sources.names}
+    for c, (layer, name, rgb) in enumerate(zip(sources.layers, sources.names, sources.rgb_index)):
+        style = {"colormap": layer.colormap, "blending": layer.blending} if rgb is None else \
+            {"colormap": RGB_COLORMAPS[rgb], "blending": "additive"}
+        _put_layer(viewer, f"{name} → {meta['target']}", translated[c], "translation", meta, sources,
+                   contrast_limits=layer.contrast_limits, gamma=layer.gamma, **style)
+    top = float(np.percentile(heat, 99.5)) if heat.size else 0.0
+    _put_layer(viewer, f"{_common_name(sources.names)} Δ", heat, "heatmap", meta, sources, colormap="inferno",
+               blending="additive", opacity=0.8, contrast_limits=(0.0, max(top, 1e-3)))
+
+
+def _show_cells(viewer, result: CellTranslation, meta: dict[str, Any], sources: SourcePlanes) -> str:
+    """A new Labels layer (the user's is never touched) with the scores as features, coloured by change."""
+    from matplotlib import colormaps
+    from napari.utils.colormaps import DirectLabelColormap
+
+    features = {"index": [row["label"] for row in result.scores],
+                **{column: [row[column] for row in result.scores] for column in result.columns}}
+    top = max(max(features["change"]), 1e-6)
+    viridis = colormaps["viridis"]
+    colors = {None: np.zeros(4), 0: np.zeros(4)}
+    colors.update({label: np.asarray(viridis(change / top)) for label, change in
+                   zip(features["index"], features["change"])})
+    layer_name = f"{sources.cells_name} scores"
+    existing = viewer.layers[layer_name] if layer_name in viewer.layers else None
+    if existing is not None and role(existing) == "cell-scores":
+        viewer.layers.remove(existing)
+    viewer.add_labels(sources.labels, name=layer_name, features=features,
+                      metadata={ROLE_KEY: {"role": "cell-scores", **meta}}, opacity=0.6,
+                      colormap=DirectLabelColormap(color_dict=colors), scale=sources.scale,
+                      translate=sources.translate)
+    ranked = sorted(result.scores, key=lambda row: row["change"], reverse=True)[:TOP_CELLS]
+    return "Most changed cells (label: change):\n" + "\n".join(f"{row['label']}: {row['change']:.3f}" for row in ranked)
+
+
+def _put_layer(viewer, name: str, data: np.ndarray, kind: str, meta: dict[str, Any], sources: SourcePlanes,
+               **style) -> None:
+    """Update our result layer in place if it still exists, else add it with the source's geometry."""
+    metadata = {ROLE_KEY: {"role": kind, **meta}}
+    existing = viewer.layers[name] if name in viewer.layers else None
+    if existing is not None and role(existing) != kind:
+        existing = None  # the user's layer of that name: never touched, ours gets a new name
+    if existing is not None and existing.data.shape != data.shape:  # a plane before, a stack now
+        viewer.layers.remove(existing)
+        existing = None
+    if existing is not None:
+        existing.data = data
+        existing.metadata = metadata
+        if kind == "heatmap":
+            existing.contrast_limits = style["contrast_limits"]
+        return
+    viewer.add_image(data, name=name, scale=sources.scale, translate=sources.translate, metadata=metadata, **style)
+
+
+def save_scores(result: CellTranslation | None, path) -> None:
+    """Write per-cell scores as CSV (atomically), saying what happened."""
+    from napari.utils.notifications import show_error, show_info, show_warning
+
+    if result is None:
+        show_warning("No per-cell scores yet: choose a Cells (labels) layer and press Translate.")
+        return
+    try:
+        written = result.write_csv(path)
+    except OSError as err:
+        show_error(f"Could not write {path}: {err}. Choose a folder you can write to.")
+        return
+    show_info(f"Per-cell scores written to {written}")
+
+
+def result_layers(viewer: napari.Viewer, kind: str | None = None) -> list[Image]:
+    """Our translation and heatmap layers (or those of one `kind`)."""
+    return [layer for layer in viewer.layers if role(layer) in ((kind,) if kind else ("translation", "heatmap"))]
+
+
+def toggle_before_after(viewer: napari.Viewer, sources: SourcePlanes) -> None:
+    """Show either the input layers or their translations (the heatmap is left as it is)."""
+    translations = result_layers(viewer, "translation")
+    showing_after = any(layer.visible for layer in translations)
+    for layer in translations:
+        layer.visible = not showing_after
+    for layer in sources.layers:
+        if layer in viewer.layers:
+            layer.visible = showing_after
+
+
+def side_by_side(viewer: napari.Viewer, sources: SourcePlanes | None, on: bool, stride: int) -> None:
+    """Grid view with input, translation and heatmap each in its own cell: napari's grid
+    groups `stride` consecutive layers, so ours go first in the layer list, in that order."""
+    if on and sources is not None:
+        ordered = [layer for layer in sources.layers if layer in viewer.layers]
+        ordered += result_layers(viewer, "translation") + result_layers(viewer, "heatmap")
+        for position, layer in enumerate(ordered):
+            viewer.layers.move(viewer.layers.index(layer), position)
+    grid = _grid(viewer)
+    grid.stride = max(1, stride)
+    grid.enabled = bool(on)
+
+
+def _grid(viewer):
+    """The viewer's grid settings: `viewer.canvas.grid` since napari 0.9 (`viewer.grid` is deprecated there)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
+def _common_name(names: list[str]) -> str:
+    """'control nucleus', 'control golgi' -> 'control'."""
+    if len(names) == 1:
+        return names[0]
+    words = [name.split() for name in names]
+    common = []
+    for group in zip(*words):
+        if len(set(group)) > 1:
+            break
+        common.append(group[0])
+    return " ".join(common) or names[0]
