@@ -49,3 +49,27 @@ def test_demo_model_translates_held_out_cells(demo, torch_one_thread):
         assert result.reconstruction_psnr > 30
         mask = pairs.change_mask[i]
         assert result.heatmap[mask].mean() > 3 * result.heatmap[~mask].mean()
+
+
+@pytest.mark.slow
+def test_the_headless_demo_translates_each_cell_faithfully(tmp_path, torch_one_thread):
+    """`make demo` without a screen: every cell gets its own translation, reconstructed at
+    >= 30 dB, and its heatmap finds the true change. Before, the demo fed [0, 1] floats to a
+    model trained on 16-bit camera units and wrote the same black image for every cell."""
+    import tifffile
+
+    from phenotwin.cli import run_demo
+
+    summary = run_demo(tmp_path, n=3, device="cpu")
+    translated = [tifffile.imread(tmp_path / f"cell_{i:02d}_nocodazole_translated.tif") for i in range(3)]
+    inputs = [tifffile.imread(tmp_path / f"cell_{i:02d}_control.tif") for i in range(3)]
+    assert all(image.dtype == np.uint16 and image.max() > 10_000 for image in inputs + translated)  # camera units
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert np.abs(translated[i].astype(float) - translated[j]).mean() > 1000  # different cells
+    for image, source in zip(translated, inputs):
+        assert not np.array_equal(image, source)
+    for image in summary["images"]:
+        assert image["reconstruction_psnr"] >= 30, image
+        assert image["heatmap_auroc"] >= 0.85, image
+        assert image["settings"]["steps"] == 100  # the model's own defaults

@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from phenotwin.errors import Cancelled, PhenotwinError, PhenotwinWarning
 
@@ -19,11 +19,17 @@ def demo_checkpoint() -> tuple[Path | None, str]:
     return (path, "shipped demo model") if path is not None else (None, "none shipped")
 
 
-def run_demo(out: Path, n: int = 4, steps: int = 50, strength: float = 1.0, device: str = "auto") -> dict:
-    """Write synthetic paired cells, their translation and heatmaps to `out`; return a summary."""
+def run_demo(out: Path, n: int = 4, steps: int | None = None, strength: float | None = None,
+             device: str = "auto") -> dict:
+    """Write synthetic paired cells, their translation and heatmaps to `out`; return a summary.
+
+    The cells are held-out images in the 16-bit camera units the demo model was trained on
+    (`synthetic.as_camera_units`): a float image in [0, 1] would look black to it. Steps and
+    strength default to the model's own."""
     import numpy as np
 
     from phenotwin import Translator, synthetic
+    from phenotwin.evaluate.metrics import auroc
     from phenotwin.io import write_json, write_tiff
     from phenotwin.montage import save_montage
     from phenotwin.progress import tqdm_steps
@@ -32,7 +38,8 @@ def run_demo(out: Path, n: int = 4, steps: int = 50, strength: float = 1.0, devi
     if checkpoint is None:
         from phenotwin.testing import make_tiny_checkpoint
 
-        checkpoint = make_tiny_checkpoint(out / "untrained-model", kind="pixel", channels=2, size=64, overwrite=True)
+        checkpoint = make_tiny_checkpoint(out / "untrained-model", kind="pixel", channels=2, size=64, overwrite=True,
+                                          normalization={"mode": "fixed", "low": [0, 0], "high": [65535, 65535]})
         origin = "UNTRAINED random model (no demo model is installed): translations are meaningless"
         print(f"warning: {origin}", file=sys.stderr)
     translator = Translator(checkpoint, device=device)
@@ -40,22 +47,23 @@ def run_demo(out: Path, n: int = 4, steps: int = 50, strength: float = 1.0, devi
     source, target = translator.classes[:2]
     # Held-out images: the demo model's training set starts at index 0.
     pairs = synthetic.make_pairs(n, size=size, channels=channels, phenotype="obvious", seed=0, start=100_000)
+    control, treated = synthetic.as_camera_units(pairs.control), synthetic.as_camera_units(pairs.treated)
     rows, summary = [], {"checkpoint": translator.checkpoint_id, "model": origin, "images": []}
     for i in range(n):
-        result = translator.translate(
-            pairs.control[i], source, target, strength=strength, steps=steps, channel_axis=0,
-            progress=tqdm_steps(f"image {i + 1}/{n}"),
-        )
+        result = translator.translate(control[i], source, target, strength=strength, steps=steps, channel_axis=0,
+                                      progress=tqdm_steps(f"image {i + 1}/{n}"))
         name = f"cell_{i:02d}"
         meta = result.metadata()
-        write_tiff(out / f"{name}_{source}.tif", pairs.control[i], "CYX", {"condition": source, "synthetic": True})
-        write_tiff(out / f"{name}_{target}_true.tif", pairs.treated[i], "CYX", {"condition": target, "synthetic": True})
+        write_tiff(out / f"{name}_{source}.tif", control[i], "CYX", {"condition": source, "synthetic": True})
+        write_tiff(out / f"{name}_{target}_true.tif", treated[i], "CYX", {"condition": target, "synthetic": True})
         write_tiff(out / f"{name}_{target}_translated.tif", result.image, "CYX", meta)
         write_tiff(out / f"{name}_heatmap.tif", result.heatmap, "YX", meta)
         write_tiff(out / f"{name}_true_change.tif", pairs.change_mask[i].astype(np.uint8), "YX", {})
-        rows.append((pairs.control[i], result.image, pairs.treated[i], result.heatmap, pairs.change_mask[i]))
+        rows.append((control[i], result.image, treated[i], result.heatmap, pairs.change_mask[i]))
         summary["images"].append({"name": name, "reconstruction_psnr": result.reconstruction_psnr,
-                                  "mean_change": float(result.heatmap.mean())})
+                                  "mean_change": float(result.heatmap.mean()),
+                                  "heatmap_auroc": auroc(result.heatmap[None], pairs.change_mask[i][None]),
+                                  "settings": result.settings.to_dict()})
     save_montage(
         out / "overview.png", rows, [f"{source} (input)", f"{target} (translated)", f"{target} (true)", "heatmap", "true change"]
     )
@@ -116,8 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="translate synthetic cells with the demo model and write the results")
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="folder for the results (default: %(default)s)")
     demo.add_argument("-n", type=int, default=4, help="how many synthetic cells to translate (default: %(default)s)")
-    demo.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
-    demo.add_argument("--strength", type=float, default=1.0, help="inversion strength in (0, 1] (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
+    demo.add_argument("--strength", type=float, default=None, help="inversion strength in (0, 1] (default: the model's)")
     demo.add_argument("--viewer", action="store_true",
                       help="open napari with the demo scene and the Translate widget (falls back to files without a screen)")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def show_demo(model: Path | None = None, steps: int = 50) -> None:
+def show_demo(model: Path | None = None, steps: int | None = None) -> None:
     """Open napari, load held-out synthetic cells, dock the Translate widget and translate them."""
     import napari
 
     viewer = napari.Viewer(title="napari-phenotwin demo")
     viewer.open_sample("napari-phenotwin", "demo-scene")
     _, widget = viewer.window.add_plugin_dock_widget("napari-phenotwin", "Translate cells")
-    widget.steps.value = steps
+    if steps is not None:
+        widget.steps.value = steps
 
     def translate_once(_translator) -> None:
         widget.model_loaded.disconnect(translate_once)
