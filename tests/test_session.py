@@ -84,8 +84,13 @@ def translator(translators, torch_one_thread):
 
 
 @pytest.fixture
-def session(translator):
-    session = TranslationSession(Runner())
+def runner():
+    return Runner()
+
+
+@pytest.fixture
+def session(translator, runner):
+    session = TranslationSession(runner)
     session.set_translator(translator)
     session.prefetch_enabled = False  # on only where a test is about it
     session.seen = {name: [] for name in ("started", "result", "error", "cancelled", "finished", "tiles")}
@@ -120,8 +125,7 @@ def test_the_session_imports_neither_qt_napari_nor_torch():
     assert out.strip() == "[]"
 
 
-def test_a_run_matches_the_translator_and_a_scrub_reuses_its_inversion(session, translator, cells):
-    runner = session._start_worker
+def test_a_run_matches_the_translator_and_a_scrub_reuses_its_inversion(session, runner, translator, cells):
     assert session.run(request(cells))
     assert session.running == "run" and session.inversion is None  # nothing adopted before the result arrives
     runner.drain()
@@ -143,8 +147,7 @@ def test_a_run_matches_the_translator_and_a_scrub_reuses_its_inversion(session, 
     assert translator.denoiser.calls == calls and results(session)[-1].inversion is result.inversion
 
 
-def test_a_run_interrupts_a_scrub(session, translator, cells):
-    runner = session._start_worker
+def test_a_run_interrupts_a_scrub(session, runner, translator, cells):
     session.run(request(cells))
     runner.drain()
     session.scrub(settings(strength=0.9))
@@ -157,8 +160,7 @@ def test_a_run_interrupts_a_scrub(session, translator, cells):
     assert [r.steps for r in results(session)] == [STEPS, 4] and results(session)[-1].strength == 0.5  # 2 of 4 steps
 
 
-def test_a_run_stops_the_prefetch_and_goes_before_a_queued_scrub(session, translator, cells):
-    runner = session._start_worker
+def test_a_run_stops_the_prefetch_and_goes_before_a_queued_scrub(session, runner, translator, cells):
     session.set_prefetch(True)
     session.run(request(cells))
     runner.workers[0].run()
@@ -176,8 +178,7 @@ def test_a_run_stops_the_prefetch_and_goes_before_a_queued_scrub(session, transl
     assert session.prefetching  # and afterwards the prefetch starts again, around the new result
 
 
-def test_a_queued_run_takes_the_newest_slider_value(session, translator, cells):
-    runner = session._start_worker
+def test_a_queued_run_takes_the_newest_slider_value(session, runner, translator, cells):
     session.set_prefetch(True)
     session.run(request(cells))
     runner.workers[0].run()
@@ -190,8 +191,7 @@ def test_a_queued_run_takes_the_newest_slider_value(session, translator, cells):
     assert results(session)[-1].steps == 4 and results(session)[-1].strength == 0.5
 
 
-def test_the_latest_scrub_value_wins(session, translator, cells):
-    runner = session._start_worker
+def test_the_latest_scrub_value_wins(session, runner, translator, cells):
     session.run(request(cells))
     runner.drain()
     session.scrub(settings(strength=0.9))
@@ -203,8 +203,7 @@ def test_the_latest_scrub_value_wins(session, translator, cells):
     assert [r.strength for r in results(session)] == [1.0, pytest.approx(5 / 6), 0.5]  # 0.9 -> 5 of 6 steps
 
 
-def test_deleting_the_source_mid_run_drops_the_inversion(session, translator, cells):
-    runner = session._start_worker
+def test_deleting_the_source_mid_run_drops_the_inversion(session, runner, translator, cells):
     session.set_prefetch(True)
     session.run(request(cells))
     runner.last.step()
@@ -216,8 +215,7 @@ def test_deleting_the_source_mid_run_drops_the_inversion(session, translator, ce
     assert len(runner.workers) == 1 and session.running is None
 
 
-def test_cancel_stops_the_run_and_nothing_starts_after_it(session, translator, cells):
-    runner = session._start_worker
+def test_cancel_stops_the_run_and_nothing_starts_after_it(session, runner, translator, cells):
     session.set_prefetch(True)
     session.run(request(cells))
     runner.last.step()
@@ -227,21 +225,20 @@ def test_cancel_stops_the_run_and_nothing_starts_after_it(session, translator, c
     assert len(runner.workers) == 1 and not session.prefetching
 
 
-def test_bad_settings_are_refused_before_anything_stops(session, translator, cells):
+def test_bad_settings_are_refused_before_anything_stops(session, runner, translator, cells):
     from phenotwin.errors import PhenotwinError
 
     with pytest.raises(PhenotwinError, match="strength"):
         session.run(request(cells, strength=1.5))
     with pytest.raises(PhenotwinError, match="16x16|at least"):
         session.run(request(cells[:, :8, :8]))
-    assert not session._start_worker.workers
+    assert not runner.workers
 
 
-def test_tile_progress_comes_through_the_session_and_the_model_is_left_clean(session, translator):
-    runner = session._start_worker
+def test_tile_progress_comes_through_the_session_and_the_model_is_left_clean(session, runner, translator):
     field = np.random.default_rng(2).random((2, 80, 80)).astype(np.float32)
     session.run(request(field, steps=2))
-    assert translator.denoiser.tile_progress == session._report_tiles  # the session's hook, not a widget's
+    assert translator.denoiser.tile_progress.__self__ is session  # the session's own hook, not a widget's
     runner.drain()
     # 80 px in 32 px tiles overlapping by a quarter: 3 x 3 = 9 tiles, batches of 8
     assert (8, 9) in session.seen["tiles"] and (9, 9) in session.seen["tiles"]

@@ -124,12 +124,16 @@ class TranslationSession:
         inputs the model cannot take, before anything else stops."""
         if self.running == "run":
             return False
-        self._build(request)
-        self._pending_run, self._pending_scrub = request, None
+        built = self._build(request)
+        self._pending_scrub = None
+        if self._job is None and self._prefetch is None:
+            self._start_run(request, built)
+            return True
+        self._pending_run = request
         if self._job is not None:
             self._job.quit()  # a scrub: Translate wins, it reads the slider too
-        elif not self._stop_prefetch():
-            self._next()
+        else:
+            self._stop_prefetch()
         return True
 
     def scrub(self, settings: TranslationSettings) -> None:
@@ -220,9 +224,9 @@ class TranslationSession:
             request.image, settings.source, settings.steps, channel_axis=0)
         return _invert_then_generate(translator, inverting, inversion, settings), key
 
-    def _start_run(self, request: RunRequest) -> None:
+    def _start_run(self, request: RunRequest, built: tuple[Generator, tuple | None] | None = None) -> None:
         try:
-            steps, key = self._build(request)
+            steps, key = built or self._build(request)  # built again after a wait: the inversion may be gone
         except PhenotwinError as err:
             self.events.error.emit(err, "Cannot translate")
             return

@@ -20,11 +20,10 @@ from phenotwin._napari import model_registry as registry
 from phenotwin._napari.session import STRENGTH_MAX, STRENGTH_MIN, STRENGTH_STEP, RunRequest, TranslationSession
 from phenotwin._napari.workers import DockProgress, TileSignal, start_worker
 from phenotwin.errors import PhenotwinError
+from phenotwin.pipeline.settings import TranslationSettings, model_defaults  # torch-free
 
 if TYPE_CHECKING:
     import napari
-
-    from phenotwin.pipeline.settings import TranslationSettings
 
 SCRUB_DEBOUNCE_MS = 120
 CURRENT_PLANE, ALL_PLANES = "current plane", "all planes"
@@ -62,7 +61,7 @@ class TranslateWidget(widgets.Container):
             tooltip="A Labels layer of segmented cells: translate and score cell by cell; empty = the whole image")
         self.source = widgets.ComboBox(label="From condition", choices=self._conditions)
         self.target = widgets.ComboBox(label="To condition", choices=self._conditions)
-        # Strength, steps, guidance and confine take the model's defaults when it loads.
+        # Strength, steps, guidance and confine show the defaults (`_show_defaults`), then the model's when it loads.
         self.strength = widgets.FloatSlider(label="Strength", min=STRENGTH_MIN, max=STRENGTH_MAX, step=STRENGTH_STEP,
                                             tooltip="How far to invert: 1 = all the way to noise (strongest change).")
         self.prefetch = widgets.CheckBox(
@@ -98,6 +97,7 @@ class TranslateWidget(widgets.Container):
         ])
         for label in (self.quality, self.model_info, self.status, self.top_cells, self.prefetch_info):
             label.native.setWordWrap(True)
+        self._show_defaults(model_defaults())
 
         self.load_button.changed.connect(lambda: self.load_model(str(self.model_path.value)))
         self.run_button.changed.connect(self.run)
@@ -136,8 +136,6 @@ class TranslateWidget(widgets.Container):
 
     def settings(self) -> TranslationSettings:
         """The controls as the one settings object (read on the GUI thread, never from a worker)."""
-        from phenotwin.pipeline.settings import TranslationSettings
-
         return TranslationSettings(source=self.source.value, target=self.target.value, strength=self.strength.value,
                                    steps=self.steps.value, guidance=self.guidance.value, confine=self.confine.value,
                                    seed=self.seed.value)
@@ -165,11 +163,14 @@ class TranslateWidget(widgets.Container):
             combo.reset_choices()
             combo.value = condition
         self.channel_pickers.build(registry.channel_names(translator))
-        self.strength.value, self.steps.value = defaults.strength, defaults.steps
-        self.guidance.value, self.confine.value = defaults.guidance, defaults.confine
+        self._show_defaults(defaults)
         self.model_info.value = registry.describe(translator)
         self._guess_source_condition()
         self.model_loaded.emit(translator)
+
+    def _show_defaults(self, defaults: TranslationSettings) -> None:
+        self.strength.value, self.steps.value = defaults.strength, defaults.steps
+        self.guidance.value, self.confine.value = defaults.guidance, defaults.confine
 
     def _conditions(self, _widget=None) -> list[str]:
         return self.translator.classes if self.translator is not None else []
