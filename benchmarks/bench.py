@@ -257,9 +257,9 @@ def bench_model(name: str, args, device) -> dict:
     # 2. Against the plain diffusers loop, on the same computation (see docs/benchmarks.md).
     comparisons = {}
     for label, reconstruct in (("with_reconstruction", True), ("translation_only", False)):
-        ours_t, ours_out = timed(lambda: ours(translator, images[0], source, target, steps, reconstruct), runs)
-        plain_t, plain_out = timed(lambda: plain_translation(translator, images[0], source, target, steps,
-                                                             reconstruct), runs)
+        ours_t, ours_out = timed(lambda r=reconstruct: ours(translator, images[0], source, target, steps, r), runs)
+        plain_t, plain_out = timed(lambda r=reconstruct: plain_translation(translator, images[0], source, target,
+                                                                           steps, r), runs)
         comparisons[label] = {
             "ours_s": ours_t, "plain_s": plain_t, "speedup": plain_t["median"] / ours_t["median"],
             "max_abs_diff": max(float(np.abs(a - b).max()) for a, b in zip(ours_out, plain_out)),
@@ -300,7 +300,7 @@ def bench_model(name: str, args, device) -> dict:
         "translation_gflop_per_s": translation_flops / first["median"] / 1e9,
         "unet_forward": {str(b): unet_rate(translator, b, runs) for b in ((1, 2, 8) if name == "demo" else (1, 2))},
     }
-    del translator
+    translator = None  # frees the model (the closures above name it) before the next one loads
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -337,15 +337,16 @@ def gui_child(args) -> dict:
     heartbeat.timeout.connect(lambda: ticks.append(time.perf_counter()))
     heartbeat.start()
     gaps, computing_gaps, seconds = [], [], []
+    steps_seen: list[float] = []
+    events = widget.session.events  # a run's (or scrub's) diffusion steps, and its end
+    events.progress.connect(lambda _: steps_seen.append(time.perf_counter()))
+    events.finished.connect(loop.quit)
     for run in range(args.runs):
         widget.steps.value = args.steps + run  # a new inversion each run, not the cached one
         ticks.clear()
-        steps_seen: list[float] = []
+        steps_seen.clear()
         start = time.perf_counter()
         widget.run()  # after the previous run the prefetch works in the background: it stops first
-        process_events_until(lambda: widget._worker is not None)
-        widget._worker.yielded.connect(lambda _: steps_seen.append(time.perf_counter()))
-        widget._worker.finished.connect(loop.quit)
         loop.exec()
         seconds.append(time.perf_counter() - start)
         # Whole run, result layers included; and while the worker computes (up to its last step).
@@ -353,6 +354,7 @@ def gui_child(args) -> dict:
         computing = [t for t in ticks if t <= steps_seen[-1]]
         computing_gaps.append(1000 * float(np.diff(computing).max()))
     ended = time.perf_counter()
+    events.finished.disconnect(loop.quit)
     scrub = gui_scrub(widget, loop, args.runs)
     scrub["prefetch_s"] = scrub.pop("prefetch_ended") - ended
     scrub["fraction_of_translation"] = {key: scrub[key]["median"] / summary(seconds)["median"]
@@ -374,10 +376,13 @@ def process_events_until(condition) -> None:
 def gui_scrub(widget, loop, runs: int) -> dict:
     """Slider moves in the widget after a translation: to strengths the background prefetch
     made (from the move to the result layers updated), and to one the cache does not hold."""
-    from phenotwin._napari.translate_widget import PREFETCH_RADIUS, SCRUB_DEBOUNCE_MS
+    from phenotwin._napari.session import PREFETCH_RADIUS
+    from phenotwin._napari.translate_widget import SCRUB_DEBOUNCE_MS
+
+    session = widget.session
 
     def settle() -> None:  # the prefetch (re)started after the last result has finished
-        process_events_until(lambda: widget._prefetcher is None and widget._worker is None)
+        process_events_until(lambda: not session.prefetching and session.running is None)
 
     def scrub_to(strength: float) -> float:
         start = time.perf_counter()
@@ -395,7 +400,7 @@ def gui_scrub(widget, loop, runs: int) -> dict:
     new = []
     for k in range(runs):  # 0.3, 0.2, 0.3, ...: strengths the cache does not hold (emptied first)
         settle()
-        widget.inversion.forget_generations()
+        session.inversion.forget_generations()
         new.append(scrub_to(0.3 if k % 2 == 0 else 0.2))
     settle()
     return {**out, "prefetched_s": summary(prefetched), "new_s": summary(new)}
@@ -607,7 +612,8 @@ def fields_markdown(fields: dict) -> list[str]:
                      f"{r['state_bytes'] / 2**20:.0f} MiB) | {r['states_kept_at_50_steps']} of 51 "
                      f"({r['state_bytes_at_50_steps'] / 2**20:.0f} MiB) |")
     lines += ["", f"Time per area, largest / smallest ratio: **{fields['time_per_area_ratio']:.2f}** (target ≤ 1.25); "
-                  f"peak RSS at the largest field: **{scaling[max(scaling, key=int)]['peak_rss_bytes']['median'] / 2**30:.2f} GiB** "
+                  f"peak RSS at the largest field: "
+                  f"**{scaling[max(scaling, key=int)]['peak_rss_bytes']['median'] / 2**30:.2f} GiB** "
                   "(target ≤ 3 GB)."]
     return lines
 
