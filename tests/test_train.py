@@ -162,9 +162,13 @@ def test_fine_tuning_changes_the_model(data, tmp_path, sd_base):
 
 
 def test_existing_output_is_protected(data, tmp_path):
+    from phenotwin.train.config import OutputFolderInUse
+
     out = train(tiny(data, tmp_path / "m", steps=2))
-    with pytest.raises(PhenotwinError, match="already holds a model.*--resume.*--overwrite"):
+    with pytest.raises(OutputFolderInUse, match="already holds a model. Nothing was changed: choose another output") as err:
         Trainer(tiny(data, out, steps=2))
+    assert "--" not in str(err.value)  # words the Train widget can show too; the command line adds its flags:
+    assert "pass --resume to continue that run, or --overwrite to replace it" in err.value.describe("--resume", "--overwrite")
     Trainer(tiny(data, out, steps=2, overwrite=True))
     with pytest.raises(PhenotwinError, match="nothing to resume"):
         Trainer(tiny(data, tmp_path / "new", resume=True))
@@ -422,3 +426,207 @@ def test_interrupting_one_of_two_processes_stops_both_at_the_same_step_and_saves
     assert {p.name for p in (out / "training" / "state").glob("random_states_*.pkl")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
     translates(out)
+
+
+# -- overwrite replaces only what phenotwin wrote --------------------------------------------
+
+
+def listing(*folders: Path) -> dict[str, str]:
+    """Every file under `folders` with a hash of its content: what a refused call must leave alone."""
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for folder in folders for p in sorted(folder.rglob("*"))}
+
+
+def test_overwrite_refuses_a_folder_with_files_phenotwin_did_not_write(data, tmp_path):
+    import shutil
+
+    from phenotwin.train.config import OutputFolderInUse
+
+    out = train(tiny(data, tmp_path / "m", steps=2))
+    assert json.loads((out / ".phenotwin-manifest.json").read_text())["entries"] == [
+        ".phenotwin-manifest.json", "phenotwin.json", "scheduler", "training", "unet"]
+    (out / "notes.txt").write_text("my notes")
+    shutil.copytree(data, out / "images")
+    (out / "training" / "plot.png").write_bytes(b"mine")
+    before = listing(out)
+    with pytest.raises(OutputFolderInUse, match="holds files phenotwin did not write: images/, notes.txt, "
+                       "training/plot.png. Replacing a model replaces only phenotwin's own files, so nothing was"):
+        Trainer(tiny(data, out, steps=2, overwrite=True))
+    assert listing(out) == before
+    (out / "training" / "plot.png").unlink()
+    shutil.rmtree(out / "images")
+    (out / "notes.txt").unlink()
+    train(tiny(data, out, steps=2, seed=1, overwrite=True))
+    assert read_info(out).provenance["seed"] == 1
+
+
+def test_a_file_dropped_into_the_model_folder_during_training_survives_the_next_save(data, tmp_path):
+    out = tmp_path / "m"
+    trainer = Trainer(tiny(data, out, steps=4))
+    for event in trainer.steps():
+        if event.step == 2:
+            (out / "notes.txt").write_text("written while it trained")
+            (out / "results").mkdir()
+            (out / "results" / "table.csv").write_text("a,b\n")
+    assert (out / "notes.txt").read_text() == "written while it trained"
+    assert (out / "results" / "table.csv").read_text() == "a,b\n"
+    assert read_info(out).provenance["steps"] == 4
+    assert "notes.txt" not in json.loads((out / ".phenotwin-manifest.json").read_text())["entries"]
+
+
+def test_overwrite_of_an_old_run_removes_only_the_trainers_own_entries(data, tmp_path):
+    out = train(tiny(data, tmp_path / "m", steps=2))
+    (out / "training" / ".log.csv.abcd.tmp").write_text("half")  # a killed run's temporary file
+    train(tiny(data, out, steps=2, checkpoint_every=1, overwrite=True))
+    assert sorted(p.name for p in (out / "training").iterdir()) == ["log.csv", "samples", "state"]
+    assert sorted(p.name for p in (out / "training" / "samples").iterdir()) == ["step_000001.png", "step_000002.png"]
+    assert logged_steps(out) == 2
+
+
+def test_mixed_bit_depth_is_trained_only_when_allowed(tmp_path):
+    root = image_set(tmp_path / "data", {"control": [GOOD], "treated": [(GOOD // 16).astype(np.uint8)]})
+    with pytest.raises(PhenotwinError, match="differ in type or bit depth.*control: uint16.*treated: uint8"):
+        Trainer(tiny(root, tmp_path / "out"))
+    trainer = Trainer(tiny(root, tmp_path / "out", allow_mixed_bit_depth=True))
+    assert trainer.data.counts() == {"control": 1, "treated": 1}
+
+
+# -- an interrupted run resumes to the very weights of an uninterrupted one ----------------
+
+
+def saved_tensors(out: Path) -> dict[str, np.ndarray]:
+    """The model as saved (EMA weights) and the raw weights of the training state."""
+    from safetensors.numpy import load_file
+
+    tensors = {f"ema.{k}": v for k, v in load_file(out / "unet" / "diffusion_pytorch_model.safetensors").items()}
+    tensors.update({f"raw.{k}": v for k, v in load_file(out / "training" / "state" / "model.safetensors").items()})
+    return tensors
+
+
+def log_rows(out: Path) -> list[list[str]]:
+    """step, loss and learning rate of every logged row (not the wall time)."""
+    return [row.split(",")[:3] for row in (out / "training" / "log.csv").read_text().splitlines()[1:]]
+
+
+def same_run(out: Path, reference: Path) -> None:
+    expected, got = saved_tensors(reference), saved_tensors(out)
+    assert got.keys() == expected.keys()
+    different = [name for name in expected if not np.array_equal(got[name], expected[name])]
+    assert not different, f"{len(different)} of {len(expected)} tensors differ, e.g. {different[:3]}"
+    assert log_rows(out) == log_rows(reference)
+    assert read_info(out).provenance["steps"] == 6
+
+
+def resumable(data: Path, out: Path, **more) -> TrainConfig:
+    return tiny(data, out, steps=6, checkpoint_every=2, **more)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    return train(resumable(data, tmp_path_factory.mktemp("reference") / "run"))
+
+
+def test_stop_then_resume_gives_the_weights_of_an_uninterrupted_run(data, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    steps = Trainer(resumable(data, out)).steps()
+    for event in steps:
+        if event.step == 3:  # not a periodic save: the stop saves by itself
+            steps.close()  # how the Train widget's Stop button ends a run
+    assert saved_step(out) == 3
+    train(resumable(data, out, resume=True))
+    same_run(out, uninterrupted)
+
+
+def test_ctrl_c_in_the_middle_of_a_step_stops_after_it_and_resumes_exactly(data, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    trainer = Trainer(resumable(data, out))
+    update = trainer.ema.step
+    updates = []
+
+    def interrupted_midway(parameters):
+        updates.append(1)
+        if len(updates) == 3:  # the optimizer has stepped, the moving average and the step count not yet
+            signal.raise_signal(signal.SIGINT)
+        return update(parameters)
+
+    trainer.ema.step = interrupted_midway
+    with pytest.raises(KeyboardInterrupt):
+        for _ in trainer.steps():
+            pass
+    assert saved_step(out) == 3 and read_info(out).provenance["steps"] == 3
+    train(resumable(data, out, resume=True))
+    same_run(out, uninterrupted)
+
+
+KILLED = """
+import os, signal, sys, tempfile
+from pathlib import Path
+
+import torch
+
+import phenotwin.checkpoint as checkpoint
+import phenotwin.io as io
+from accelerate import Accelerator
+from phenotwin.train.trainer import TrainConfig, train
+
+data, out, point, threads = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(threads)  # the reference ran with the test's threads: sums must add up alike
+calls = []
+
+def second(original, before):
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            before(*args)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    return hooked
+
+def between_renames(staging, target):
+    os.replace(target, target.with_name(f".{target.name}.old-{os.getpid()}"))
+
+def half_written(path, write):
+    if str(path).endswith(".png"):
+        tempfile.mkstemp(prefix=f".{Path(path).name}.", suffix=".tmp", dir=Path(path).parent)
+
+if point == "swap":  # the new model staged, the training state carried into it, not yet in place
+    checkpoint._swap_into_place = second(checkpoint._swap_into_place, lambda *a: None)
+elif point == "between":  # the old model moved aside, the new one not yet in its place
+    checkpoint._swap_into_place = second(checkpoint._swap_into_place, between_renames)
+elif point == "state":  # the state written into its staging folder, not yet swapped in
+    save_state = Accelerator.save_state
+    Accelerator.save_state = second(save_state, lambda self, folder: save_state(self, folder))
+elif point == "sample":  # a sample grid half written
+    io.write_atomically = second(io.write_atomically, half_written)
+config = TrainConfig(data=data, out=str(out), size=32, steps=6, batch_size=2, checkpoint_every=2, width=8,
+                     warmup_steps=1, sample_steps=2)
+train(config, progress=lambda event: point == "log" and event.step == 5 and os.kill(os.getpid(), signal.SIGKILL))
+"""
+
+
+@pytest.mark.parametrize("point", ["swap", "between", "state", "sample", "log"])
+def test_a_run_killed_anywhere_is_tidied_and_resumes_exactly(data, tmp_path, uninterrupted, point):
+    import torch
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    killed = subprocess.run([sys.executable, str(script), str(data), str(out), point, str(threads)],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".run."))
+    trainer = Trainer(resumable(data, out, resume=True))
+    assert bool(trainer.tidied) == (point != "log"), trainer.tidied  # a kill between saves leaves only log rows
+    assert all(name.split("/")[-1].startswith(".") for name in trainer.tidied)
+    for _ in trainer.steps():
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".run.")) == [], left
+    hidden = [p for p in out.rglob(".*") if p.name != ".phenotwin-manifest.json"]
+    assert hidden == []
+    steps = [int(row[0]) for row in log_rows(out)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no row twice
+    same_run(out, uninterrupted)

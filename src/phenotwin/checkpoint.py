@@ -328,7 +328,9 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder atomically: a reader sees the old folder or the new one, never half.
 
-    Entries of an existing folder named in `keep` (e.g. the training state) are carried over.
+    Entries of an existing folder named in `keep` (e.g. the training state) are carried over,
+    and so is everything phenotwin did not write (see `foreign_entries`): overwriting replaces
+    only phenotwin's own files, listed in the folder's manifest.
     """
     from diffusers import DDIMScheduler
     from safetensors.torch import save_file
@@ -336,10 +338,20 @@ def save_checkpoint(
     target = Path(path)
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target} already exists. Choose another folder or pass overwrite=True.")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} is a file, not a folder; a checkpoint is a folder. Choose another path.")
+    foreign = [name for name in foreign_entries(target) if name not in keep]
+    clashes = [name for name in foreign if name in MODEL_ENTRIES]
+    if clashes:
+        raise CheckpointError(
+            f"{target} holds {', '.join(clashes)}, which phenotwin did not write but a checkpoint would. "
+            "Nothing was changed: choose another folder, or move those out of it first."
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     info = _info_to_write(checkpoint, target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{STAGING_MARK}", dir=target.parent))
     staging.chmod(shareable_mode(directory=True))  # mkdtemp's 0700 would hide the model from the lab
+    carried = [name for name in (*keep, *foreign) if (target / name).exists() or (target / name).is_symlink()]
     try:
         (staging / INFO_FILE).write_text(info.to_json(), encoding="utf-8")
         DDIMScheduler.from_config(checkpoint.scheduler_config).save_pretrained(staging / "scheduler")
@@ -358,12 +370,13 @@ def save_checkpoint(
                 {"class_embeddings": checkpoint.class_embeddings.detach().float().cpu().contiguous()},
                 staging / CLASS_EMBEDDINGS_FILE,
             )
-        for name in keep:
-            if (target / name).exists():
-                os.replace(target / name, staging / name)
+        written = sorted(p.name for p in staging.iterdir())
+        _write_manifest(staging, [*written, *(name for name in keep if name in carried)])
+        for name in carried:
+            os.replace(target / name, staging / name)
         _swap_into_place(staging, target)
     except BaseException:
-        for name in keep:  # carried-over entries go back to the old folder, not into the bin
+        for name in carried:  # carried-over entries go back to the old folder, not into the bin
             if (staging / name).exists() and target.is_dir() and not (target / name).exists():
                 os.replace(staging / name, target / name)
         shutil.rmtree(staging, ignore_errors=True)
@@ -410,11 +423,14 @@ def _holds_delta(unet: Any, adapter: str) -> bool:
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:
-    """Replace `target` by `staging` with renames only, so a crash never leaves a half-written model."""
+    """Replace `target` by `staging` with renames only, so a crash never leaves a half-written model.
+
+    The old folder holds only phenotwin's files by now (save_checkpoint carried the rest into
+    `staging`); a kill between the renames is undone by `recover_interrupted_save`."""
     if not target.exists():
         os.replace(staging, target)
         return
-    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+    retired = target.with_name(f".{target.name}.{RETIRED_MARK}{os.getpid()}")
     os.replace(target, retired)
     try:
         os.replace(staging, target)
@@ -422,3 +438,69 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         os.replace(retired, target)  # put the old checkpoint back
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+# -- what phenotwin wrote into a model folder ----------------------------------------------
+
+MANIFEST_FILE = ".phenotwin-manifest.json"
+# Everything save_checkpoint may write at the top of a checkpoint folder.
+MODEL_ENTRIES = frozenset({INFO_FILE, "scheduler", "unet", "unet_lora", "unet_svdiff.safetensors", "vae",
+                           CLASS_EMBEDDINGS_FILE, MANIFEST_FILE})
+STAGING_MARK = "staging-"
+RETIRED_MARK = "old-"
+
+
+def _write_manifest(folder: Path, entries: list[str]) -> None:
+    """The top-level entries phenotwin wrote into `folder`: the only ones an overwrite may replace."""
+    manifest = {"written_by": "phenotwin", "entries": sorted(set(entries) | {MANIFEST_FILE})}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def owned_entries(folder: str | os.PathLike) -> set[str]:
+    """Top-level entries of `folder` that phenotwin wrote: its manifest's list, or for a checkpoint
+    saved before manifests existed, the names a checkpoint has; nothing in any other folder."""
+    folder = Path(folder)
+    try:
+        listed = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["entries"]
+        if isinstance(listed, list) and all(isinstance(name, str) for name in listed):
+            return set(listed) | {MANIFEST_FILE}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return set(MODEL_ENTRIES) if (folder / INFO_FILE).is_file() else set()
+
+
+def foreign_entries(folder: str | os.PathLike) -> list[str]:
+    """Top-level entries of `folder` that phenotwin did not write (notes, data, results): never replaced."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    owned = owned_entries(folder)
+    return sorted(p.name for p in folder.iterdir() if p.name not in owned)
+
+
+def recover_interrupted_save(target: str | os.PathLike) -> list[str]:
+    """Undo what a save killed midway (SIGKILL, power cut) left beside `target`; return what was tidied.
+
+    The old folder is put back if the kill came between the two renames; entries carried into a
+    staging folder (the training state, the user's files) go back into `target`; then the staging
+    folder, which holds only phenotwin's half-written model, and the retired folder are removed."""
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    tidied = []
+    retired = sorted(parent.glob(f".{target.name}.{RETIRED_MARK}*"))
+    if retired and not target.exists():
+        os.replace(retired.pop(), target)
+    for folder in sorted(parent.glob(f".{target.name}.{STAGING_MARK}*")):
+        for entry in folder.iterdir():
+            if entry.name not in MODEL_ENTRIES and target.is_dir() and not (target / entry.name).exists():
+                os.replace(entry, target / entry.name)
+        if any(entry.name not in MODEL_ENTRIES for entry in folder.iterdir()):
+            continue  # something carried that target already has again: leave it for the user to judge
+        shutil.rmtree(folder)
+        tidied.append(folder.name)
+    for folder in retired:
+        shutil.rmtree(folder)
+        tidied.append(folder.name)
+    return tidied

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from phenotwin.train.config import TrainConfig
+from phenotwin.errors import PhenotwinError
+from phenotwin.train.config import OutputFolderInUse, TrainConfig
 
 
 def _flags() -> list[tuple[str, dict]]:
@@ -64,14 +65,21 @@ def config_from(args: argparse.Namespace, **more) -> TrainConfig:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """Exit 0 when trained; a bad setting or input found up front raises (`phenotwin` exits 2);
+    1 when training itself fails (e.g. the loss diverges); 130 when interrupted (saved first)."""
     from tqdm import tqdm
 
     from phenotwin.train.trainer import Trainer
 
     config = config_from(args, command="phenotwin " + " ".join(argv if argv is not None else sys.argv[1:]))
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except OutputFolderInUse as err:
+        raise PhenotwinError(err.describe(resume="--resume", overwrite="--overwrite")) from None
     counts = ", ".join(f"{name}: {n}" for name, n in trainer.data.counts().items())
     main_process = trainer.accelerator.is_main_process
+    if main_process and trainer.tidied:
+        print(f"removed what a killed run left half-written: {', '.join(trainer.tidied)}", file=sys.stderr)
     if main_process:
         print(f"training {config.method} ({trainer.kind}) on {counts} images, {trainer.data.channels} channel(s), "
               f"device {trainer.accelerator.device}, {trainer.accelerator.num_processes} process(es), "
@@ -91,6 +99,10 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         # The launcher stops all processes once one exits with an error: wait for the main one's report.
         trainer.accelerator.wait_for_everyone()
         return 130
+    except PhenotwinError as err:
+        bar.close()
+        print(f"phenotwin: training failed at step {trainer.step}: {err}", file=sys.stderr)
+        return 1
     finally:
         # Leave the process group (several processes) before exiting, as torch.distributed asks.
         trainer.accelerator.end_training()

@@ -8,6 +8,7 @@ this module is cheap (no torch), as building the command's parser must be.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,10 @@ class TrainConfig:
     channel_names: list[str] | None = flag(None, "a name per channel, in order (e.g. nucleus golgi); shown in napari",
                                            metavar="NAME")
     max_per_class: int | None = flag(None, "use at most N images per condition")
+    allow_mixed_bit_depth: bool = flag(
+        False, "train although the conditions' images differ in type or bit depth (e.g. 8-bit against 16-bit); "
+        "by default refused, as the model would learn the bit depth as the phenotype",
+    )
     sample_steps: int = 25
     overwrite: bool = flag(False, "replace a model already in --out")
     resume: bool = flag(False, "continue the run saved in --out")
@@ -74,6 +79,7 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
+        """Refuse a setting that cannot work before any file is read: every range, with the flag to fix."""
         if self.method not in METHODS:
             raise PhenotwinError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
         if self.method != "scratch" and not self.base:
@@ -85,17 +91,90 @@ class TrainConfig:
             raise PhenotwinError("--base is for fine-tuning; use --method full, lora or svdiff with it.")
         if self.vae and self.method != "scratch":
             raise PhenotwinError("--vae is for latent models trained from scratch; fine-tuning uses the base's VAE.")
-        for name in ("steps", "batch_size", "checkpoint_every", "size", "width", "lora_rank", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise PhenotwinError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.size % 8:
-            raise PhenotwinError(f"size must be a multiple of 8 (the UNet halves it three times), got {self.size}.")
-        if not 0 <= self.class_dropout < 1:
-            raise PhenotwinError(f"class_dropout must be in [0, 1), got {self.class_dropout}.")
+        for name, low in INTEGER_MINIMA.items():
+            _check_integer(name, getattr(self, name), low)
+        if self.max_per_class is not None:
+            _check_integer("max_per_class", self.max_per_class, 1)
+        if self.seed >= 2**32:
+            raise PhenotwinError(f"seed (--seed) must be below 2**32, got {self.seed}.")
+        for name, unit in (("size", "the UNet halves it three times"), ("width", "its group norms take 8 groups")):
+            if getattr(self, name) % 8:
+                raise PhenotwinError(f"{name} (--{name}) must be a multiple of 8 ({unit}), got {getattr(self, name)}.")
+        if self.learning_rate is not None:
+            _check_fraction("learning_rate", self.learning_rate, "(0, 1], e.g. 1e-4", lambda v: 0 < v <= 1)
+        _check_fraction("ema_decay", self.ema_decay, "[0, 1), e.g. 0.999 (0 turns the average off)",
+                        lambda v: 0 <= v < 1)
+        _check_fraction("class_dropout", self.class_dropout, "[0, 1), e.g. 0.1", lambda v: 0 <= v < 1)
         if self.channel_names is not None and not all(self.channel_names):
             raise PhenotwinError("channel names must not be empty, e.g. --channel-names nucleus golgi.")
         if self.prediction_type not in PREDICTION_TYPES:
             raise PhenotwinError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}.")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise PhenotwinError(
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}."
+            )
+        if self.channel_axis not in (None, 0, -1):
+            raise PhenotwinError(f"channel_axis must be 0 (first) or -1 (last), got {self.channel_axis!r}.")
+        if self.resume and self.overwrite:
+            raise PhenotwinError("--resume continues the run in --out and --overwrite replaces it: give only one.")
+
+    def effective_learning_rate(self) -> float:
+        """The learning rate the run uses: the one given, or the method's default."""
+        return self.learning_rate or DEFAULT_LEARNING_RATES[self.method]
+
+
+# The smallest value of each whole-number setting.
+INTEGER_MINIMA = {"steps": 1, "batch_size": 1, "checkpoint_every": 1, "size": 8, "width": 8, "lora_rank": 1,
+                  "sample_steps": 1, "context_tokens": 1, "warmup_steps": 0, "seed": 0}
+
+
+def _option(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+def _check_integer(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PhenotwinError(f"{_option(name)} must be a whole number, got {value!r}.")
+    if value < low:
+        raise PhenotwinError(f"{_option(name)} must be at least {low}, got {value}.")
+
+
+def _check_fraction(name: str, value: Any, allowed: str, inside) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not inside(value):
+        raise PhenotwinError(f"{_option(name)} must be a number in {allowed}; got {value!r}.")
+
+
+class OutputFolderInUse(PhenotwinError):
+    """The output folder is not free to train into. It carries the facts (`folder`, `foreign`,
+    `holds_model`, `resumable`, `overwriting`) so that each caller names its own way out:
+    `describe(resume="--resume", overwrite="--overwrite")` for the command line, while the
+    default message names none (the Train widget has neither flag)."""
+
+    def __init__(self, folder: Path, foreign: list[str], holds_model: bool, resumable: bool, overwriting: bool):
+        self.folder, self.foreign, self.holds_model = Path(folder), list(foreign), holds_model
+        self.resumable, self.overwriting = resumable, overwriting
+        super().__init__(self.describe())
+
+    def describe(self, resume: str | None = None, overwrite: str | None = None) -> str:
+        listed = _listing(self.foreign)
+        if self.overwriting:
+            return (f"{self.folder} holds files phenotwin did not write: {listed}. Replacing a model replaces only "
+                    f"phenotwin's own files, so nothing was changed: move those out of {self.folder}, or choose "
+                    "another output folder.")
+        what = "a model" if self.holds_model else "a training run" if self.resumable else "files"
+        text = f"{self.folder} already holds {what}" + (f" ({listed})" if self.foreign else "") + "."
+        ways = ["choose another output folder"]
+        if self.resumable and resume:
+            ways.append(f"pass {resume} to continue that run")
+        if overwrite and (self.holds_model or self.resumable or not self.foreign):
+            ways.append(f"{overwrite} to replace it" + (" once the files phenotwin did not write are moved out"
+                                                        if self.foreign else ""))
+        return f"{text} Nothing was changed: {', or '.join(ways)}."
+
+
+def _listing(names: list[str], most: int = 8) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,13 @@ def _channel_first(array: np.ndarray, file: Path, channel_axis: int | None) -> n
 
 
 def load_condition_folders(
-    root: str | os.PathLike, min_size: int, channel_axis: int | None = None, max_per_class: int | None = None
+    root: str | os.PathLike, min_size: int, channel_axis: int | None = None, max_per_class: int | None = None,
+    allow_mixed_bit_depth: bool = False,
 ) -> ConditionImages:
-    """Read DIR/<condition>/*.tif|png, check everything, and compute the normalisation."""
+    """Read DIR/<condition>/*.tif|png, check everything, and compute the normalisation.
+
+    Data the model would learn the wrong thing from are refused: conditions stored at different
+    bit depths (unless `allow_mixed_bit_depth`), or a condition whose images are all constant."""
     root = Path(root)
     if not root.is_dir():
         raise PhenotwinError(f"data folder {root} does not exist. Give a folder with one subfolder per condition.")
@@ -81,6 +85,7 @@ def load_condition_folders(
             f"e.g. {root}/control/*.tif and {root}/treated/*.tif."
         )
     classes, images, labels, files, problems = [], [], [], [], []
+    dtypes: dict[str, dict[str, Path]] = {}  # condition -> image type -> an example file
     for folder in folders:
         candidates = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         image_files = [p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -103,6 +108,7 @@ def load_condition_folders(
             if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
                 problems.append(f"{file} has dtype {array.dtype}, not intensities")
                 continue
+            dtypes.setdefault(folder.name, {}).setdefault(str(array.dtype), file)
             chw = _channel_first(array, file, channel_axis).astype(np.float32)
             if min(chw.shape[1:]) < min_size:
                 problems.append(f"{file} is {chw.shape[1]}x{chw.shape[2]}, smaller than the {min_size}x{min_size} crop")
@@ -132,11 +138,32 @@ def load_condition_folders(
             f"images have different channel counts: {described}. Every image must have the same channels in the "
             "same order; convert them first."
         )
+    _refuse_confounded(classes, dtypes, images, labels, files, allow_mixed_bit_depth)
     low, high = _dataset_range(images)
     return ConditionImages(
         classes=classes, images=images, labels=np.asarray(labels), files=files, low=low, high=high,
         fingerprint=fingerprint(files, root),
     )
+
+
+def _refuse_confounded(classes, dtypes, images, labels, files, allow_mixed_bit_depth: bool) -> None:
+    """A condition the model can tell apart by file type alone, or with nothing to learn, is refused."""
+    kinds = {name: tuple(sorted(dtypes[name])) for name in classes}
+    if len(set(kinds.values())) > 1 and not allow_mixed_bit_depth:
+        described = "; ".join(f"{name}: {', '.join(f'{t} (e.g. {dtypes[name][t].name})' for t in kinds[name])}"
+                              for name in classes)
+        raise PhenotwinError(
+            f"the conditions' images differ in type or bit depth ({described}): the model would learn the bit depth "
+            "as the phenotype. Export every condition the same way (e.g. all 16-bit), or, if the difference is real, "
+            "allow it explicitly (phenotwin train --allow-mixed-bit-depth)."
+        )
+    for index, name in enumerate(classes):
+        own = [i for i, label in enumerate(labels) if label == index]
+        if all(images[i].min() == images[i].max() for i in own):
+            raise PhenotwinError(
+                f"every image of condition {name!r} is constant (e.g. {files[own[0]].name} holds only the value "
+                f"{images[own[0]].flat[0]:g}): there is nothing to learn from it. Check the export of those images."
+            )
 
 
 def _dataset_range(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -14,21 +14,38 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Generator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from phenotwin.checkpoint import INFO_FILE, TRAINING_DIR, Checkpoint, CheckpointInfo, save_checkpoint
+from phenotwin.checkpoint import (
+    INFO_FILE,
+    TRAINING_DIR,
+    Checkpoint,
+    CheckpointInfo,
+    foreign_entries,
+    recover_interrupted_save,
+    save_checkpoint,
+)
 from phenotwin.errors import PhenotwinError
-from phenotwin.train.config import DEFAULT_LEARNING_RATES, TrainConfig, TrainProgress
+from phenotwin.io import write_atomically
+from phenotwin.train.config import OutputFolderInUse, TrainConfig, TrainProgress
 from phenotwin.train.data import AugmentedCrops, load_condition_folders
 from phenotwin.train.models import apply_method, conditional_module, encode, starting_model
 
 __all__ = ["STATE_DIR", "TrainConfig", "TrainProgress", "Trainer", "train"]
 
 STATE_DIR = "state"
+# What the trainer writes inside training/: the only entries a new run there replaces.
+TRAINING_ENTRIES = ("log.csv", "samples", STATE_DIR)
+LOG_HEADER = "step,loss,learning_rate,seconds\n"
+# Settings a resumed run must share with the saved one: they shape the model, or the saved state
+# (optimizer, moving average, random streams) would silently keep the old value.
+RESUME_FIXED = ("method", "base", "size", "width", "vae", "prediction_type", "zero_snr", "lora_rank",
+                "context_tokens", "channel_axis", "learning_rate", "ema_decay", "seed")
 
 
 class Trainer:
@@ -38,8 +55,11 @@ class Trainer:
         config.check()
         self.config = config
         self.out = Path(config.out)
+        self._check_folders_apart()
+        self.tidied = self._tidy_killed_run() if os.environ.get("RANK", "0") == "0" else []
         self._check_output()
-        self.data = load_condition_folders(config.data, config.size, config.channel_axis, config.max_per_class)
+        self.data = load_condition_folders(config.data, config.size, config.channel_axis, config.max_per_class,
+                                           config.allow_mixed_bit_depth)
         self.channel_names = self._channel_names()
         self._build()
 
@@ -52,21 +72,70 @@ class Trainer:
             )
         return list(names) if names else None
 
+    def _check_folders_apart(self) -> None:
+        """The output folder must not hold an input (replacing the model would touch it), nor lie in
+        the data (the model folder would become a condition)."""
+        out = self.out.expanduser().resolve()
+        inputs = [("data", self.config.data), ("base", self.config.base), ("vae", self.config.vae)]
+        for name, given in inputs:
+            if not given:
+                continue
+            path = Path(given).expanduser().resolve()
+            if path == out or out in path.parents:
+                raise PhenotwinError(
+                    f"the {name} folder {given} lies inside the output folder {self.out} (or is it): the model "
+                    f"written there would mix with it. Choose an output folder outside {given}."
+                )
+            if name == "data" and path in out.parents:
+                raise PhenotwinError(
+                    f"the output folder {self.out} lies inside the data folder {given}: the model folder would "
+                    "become a condition of the next run. Choose an output folder outside the data."
+                )
+
     def _check_output(self) -> None:
         out, config = self.out, self.config
         state = out / TRAINING_DIR / STATE_DIR
+        if out.exists() and not out.is_dir():
+            raise PhenotwinError(f"{out} is a file; a model is a folder. Choose another output folder.")
         if config.resume:
             if not state.is_dir():
                 raise PhenotwinError(
                     f"nothing to resume in {out}: no saved training state ({state}). Start without --resume."
                 )
             return
-        if out.exists() and any(out.iterdir()) and not config.overwrite:
-            what = "a model" if (out / INFO_FILE).is_file() else "files"
-            raise PhenotwinError(
-                f"{out} already holds {what}. Choose a new --out folder, pass --resume to continue that run, "
-                "or --overwrite to replace it."
-            )
+        if out.exists() and any(out.iterdir()):
+            foreign = self._foreign()
+            if not config.overwrite or foreign:
+                raise OutputFolderInUse(out, foreign, holds_model=(out / INFO_FILE).is_file(),
+                                        resumable=state.is_dir(), overwriting=config.overwrite)
+
+    def _foreign(self) -> list[str]:
+        """What in the output folder phenotwin did not write (folders end in /): an overwrite must leave it."""
+        training = self.out / TRAINING_DIR
+        names = [name for name in foreign_entries(self.out) if name != TRAINING_DIR]
+        if training.is_dir():
+            names += [f"{TRAINING_DIR}/{p.name}" for p in training.iterdir()
+                      if p.name not in TRAINING_ENTRIES and not _leftover(p)]
+        elif training.exists():
+            names.append(TRAINING_DIR)
+        return sorted(name + "/" if (self.out / name).is_dir() else name for name in names)
+
+    def _tidy_killed_run(self) -> list[str]:
+        """Put back or remove what a killed run left half-written: the model's staging folder, the
+        state's, temporary files. Only phenotwin's own names are touched."""
+        tidied = recover_interrupted_save(self.out)
+        training = self.out / TRAINING_DIR
+        state = training / STATE_DIR
+        retired = training / f".{STATE_DIR}-old"
+        if retired.is_dir() and not state.exists():
+            os.replace(retired, state)  # killed between the two renames of _save_state
+            tidied.append(f"{TRAINING_DIR}/{retired.name}")
+        for folder in (training, training / "samples"):
+            for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+                if _leftover(entry):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                    tidied.append(entry.relative_to(self.out).as_posix())
+        return tidied
 
     def _build(self) -> None:
         import torch
@@ -102,7 +171,7 @@ class Trainer:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not self.trainable:
             raise PhenotwinError(f"method {config.method} left nothing to train in this model.")
-        lr = config.learning_rate or DEFAULT_LEARNING_RATES[config.method]
+        lr = config.effective_learning_rate()
         self.learning_rate = lr
         optimizer = torch.optim.AdamW(self.trainable, lr=lr, weight_decay=1e-4 if config.method != "svdiff" else 0.0)
         schedule = _cosine_with_warmup(optimizer, config.warmup_steps, config.steps)
@@ -126,6 +195,7 @@ class Trainer:
     def _load_state(self) -> None:
         state = self._state_dir()
         progress = json.loads((state / "progress.json").read_text())
+        self._check_same_run(progress)
         if progress.get("data_fingerprint") != self.data.fingerprint:
             raise PhenotwinError(
                 f"the data in {self.config.data} differ from the data this run started with; resuming would mix "
@@ -133,6 +203,25 @@ class Trainer:
             )
         self.accelerator.load_state(str(state))
         self.step = int(progress["step"])
+
+    def _check_same_run(self, progress: dict[str, Any]) -> None:
+        """Refuse to resume with settings that differ from the saved run's in `RESUME_FIXED`."""
+        saved = progress.get("config")
+        if saved is None:  # a state saved before progress.json kept the settings: the model's copy
+            try:
+                saved = json.loads((self.out / INFO_FILE).read_text())["provenance"]["config"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return
+        given = asdict(self.config)
+        changed = [(name, _resumed_value(saved, name), _resumed_value(given, name)) for name in RESUME_FIXED
+                   if name in saved and _resumed_value(saved, name) != _resumed_value(given, name)]
+        if changed:
+            listed = "; ".join(f"{name}: saved {old!r}, now {new!r}" for name, old, new in changed)
+            flags = " ".join(f"--{name.replace('_', '-')} {old}" for name, old, _ in changed if old is not None)
+            raise PhenotwinError(
+                f"cannot resume the run in {self.out} with other settings ({listed}). Resume with the saved run's "
+                f"settings{f' ({flags})' if flags else ''}, or start a new run in another output folder."
+            )
 
     def _save_state(self) -> None:
         """Optimizer, EMA, RNGs and step, swapped in atomically like the model.
@@ -149,7 +238,7 @@ class Trainer:
         if accelerator.is_main_process:
             (staging / "progress.json").write_text(
                 json.dumps({"step": self.step, "data_fingerprint": self.data.fingerprint,
-                            "processes": accelerator.num_processes})
+                            "processes": accelerator.num_processes, "config": _saved_config(self.config)})
             )
             retired = state.with_name(f".{STATE_DIR}-old")
             if state.exists():
@@ -200,7 +289,7 @@ class Trainer:
                 "data": str(Path(config.data)),
                 "data_fingerprint": data.fingerprint,
                 "images_per_class": data.counts(),
-                "config": {k: v for k, v in asdict(self.config).items() if k not in ("overwrite", "resume")},
+                "config": _saved_config(self.config),
                 # How the base was made, so that the whole chain can be re-run from the docs.
                 **({"base": {"path": self.base, "provenance": self.base_info.provenance}} if self.base_info else {}),
             },
@@ -219,18 +308,42 @@ class Trainer:
 
     def _sample_grid(self) -> None:
         """Samples from fixed noise for every condition, drawn by the saved checkpoint itself."""
+        import torch
+
         from phenotwin import Translator
         from phenotwin.montage import save_montage
 
-        translator = Translator(self.out, device=str(self.accelerator.device))
-        rows = []
-        for label in translator.classes:
-            images = translator.sample(label, count=4, seed=self.config.seed, steps=self.config.sample_steps)
-            rows.append(list(images))
+        # Loading the model initialises weights from torch's generator before reading them: fork it,
+        # or a run resumed from this save (whose state holds the generator as it was) would diverge.
+        with torch.random.fork_rng(devices=[]):
+            translator = Translator(self.out, device=str(self.accelerator.device))
+            rows = []
+            for label in translator.classes:
+                images = translator.sample(label, count=4, seed=self.config.seed, steps=self.config.sample_steps)
+                rows.append(list(images))
         titles = [f"sample {i + 1}" for i in range(4)]
         path = self.out / TRAINING_DIR / "samples" / f"step_{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_montage(path, rows, titles, row_titles=translator.classes)
+
+    def _start_log(self, log_path: Path) -> None:
+        """A new run replaces the trainer's own entries in training/ (its log, state and sample grids);
+        a resumed one keeps the log's rows up to the saved step: the rows a killed run logged after
+        its last save are trained again, and would otherwise appear twice."""
+        training = log_path.parent
+        if self.step == 0:
+            log_path.unlink(missing_ok=True)
+            shutil.rmtree(training / STATE_DIR, ignore_errors=True)
+            samples = training / "samples"
+            for grid in samples.glob("step_*.png"):
+                grid.unlink()
+            if samples.is_dir() and not any(samples.iterdir()):
+                samples.rmdir()
+        rows = log_path.read_text().splitlines()[1:] if log_path.is_file() else []
+        kept = [row for row in rows if _logged_step(row) <= self.step]
+        if not log_path.is_file() or kept != rows:
+            text = LOG_HEADER + "".join(row + "\n" for row in kept)
+            write_atomically(log_path, lambda temp: Path(temp).write_text(text))
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -241,22 +354,18 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         device = accelerator.device
         log_path = self.out / TRAINING_DIR / "log.csv"
-        if accelerator.is_main_process and self.step == 0 and (self.out / TRAINING_DIR).exists():
-            shutil.rmtree(self.out / TRAINING_DIR)  # --overwrite: the old run's log and samples go too
         if accelerator.is_main_process:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            if not log_path.exists():
-                log_path.write_text("step,loss,learning_rate,seconds\n")
+            self._start_log(log_path)
         start = time.monotonic()
         null = len(self.data.classes)
-        # Each process draws its own batches, from a stream fixed by (seed, process, step):
-        # a resumed run continues reproducibly without storing the generator.
-        self.crops.reseed(config.seed, self.accelerator.process_index, self.step)
         self.model.train()
         stop_requested = _StopFlag(accelerator)
         stopped = False
         try:
             while self.step < config.steps:
+                # Each process draws its own batches, from a stream fixed by (seed, process, step): a
+                # resumed run draws exactly the batches the uninterrupted one did, without storing it.
+                self.crops.reseed(config.seed, self.accelerator.process_index, self.step)
                 images, labels = self.crops.batch(config.batch_size)
                 x0 = torch.from_numpy(images).to(device)
                 labels = torch.from_numpy(labels).to(device)
@@ -318,26 +427,68 @@ class Trainer:
 
 
 class _StopFlag:
-    """Called after each step: whether any process has been interrupted.
+    """Called after each step: whether Ctrl-C came during it.
 
-    With several processes, Ctrl-C (sent to all of them by the terminal or the launcher) only
-    raises accelerate's trigger, which every process checks after each step: they stop after
-    the same step and save together. A KeyboardInterrupt in the middle of a step would leave
-    the other processes waiting in a collective. One process keeps Python's KeyboardInterrupt."""
+    Ctrl-C only raises a flag, checked after each step, so the run stops and saves at a step's
+    end: a KeyboardInterrupt in the middle of a step would save weights updated by a step that
+    the saved step count, EMA and schedule do not include, and `--resume` would then diverge
+    from an uninterrupted run. With several processes (Ctrl-C reaches all of them) the flag is
+    accelerate's trigger, so they all stop after the same step and save together. A second
+    Ctrl-C stops at once. Off the main thread (the napari worker) Python cannot catch signals;
+    the widget stops by closing the step generator, also between steps."""
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
-        self.active = accelerator.num_processes > 1
+        self.several = accelerator.num_processes > 1
+        self.requested = False
+        self.active = threading.current_thread() is threading.main_thread()
         if self.active:
-            self.previous = signal.signal(signal.SIGINT, lambda signum, frame: accelerator.set_trigger())
+            self.previous = signal.signal(signal.SIGINT, self._interrupted)
+
+    def _interrupted(self, signum, frame) -> None:
+        if self.requested and not self.several:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.several:
+            self.accelerator.set_trigger()
 
     def __call__(self) -> bool:
-        return self.active and self.accelerator.check_trigger()
+        if self.several:
+            return self.accelerator.check_trigger()
+        return self.requested
 
     def restore(self) -> None:
         if self.active:
             signal.signal(signal.SIGINT, self.previous)
             self.active = False
+
+
+def _leftover(entry: Path) -> bool:
+    """A file or folder a killed save leaves: write_atomically's `.NAME.XXXX.tmp`, the state's `.state-N`."""
+    return entry.name.startswith(".") and (entry.name.endswith(".tmp") or entry.name.startswith(f".{STATE_DIR}-"))
+
+
+def _logged_step(row: str) -> int:
+    try:
+        return int(row.split(",")[0])
+    except ValueError:
+        return 0
+
+
+def _saved_config(config: TrainConfig) -> dict[str, Any]:
+    """The settings stored with the model and the state (the switches of one invocation left out)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("overwrite", "resume")}
+
+
+def _resumed_value(settings: dict[str, Any], name: str) -> Any:
+    """A setting as a resumed run compares it: the learning rate in effect, paths as pathlib writes them."""
+    value = settings.get(name)
+    if name == "learning_rate":
+        return TrainConfig(data="", out="", method=settings.get("method", "scratch"),
+                           learning_rate=value).effective_learning_rate()
+    if name in ("base", "vae") and value:
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def config_prediction(scheduler_config: dict[str, Any]) -> str:
