@@ -61,6 +61,8 @@ class Trainer:
         self.data = load_condition_folders(config.data, config.size, config.channel_axis, config.max_per_class,
                                            config.allow_mixed_bit_depth)
         self.channel_names = self._channel_names()
+        if config.resume:
+            self._check_same_data()
         self._build()
 
     def _channel_names(self) -> list[str] | None:
@@ -81,6 +83,11 @@ class Trainer:
             if not given:
                 continue
             path = Path(given).expanduser().resolve()
+            if name != "data" and not path.is_dir():
+                raise PhenotwinError(
+                    f"the {name} folder {given} does not exist. Give a phenotwin model folder"
+                    + (" or a Stable-Diffusion diffusers folder." if name == "base" else " or an AutoencoderKL folder.")
+                )
             if path == out or out in path.parents:
                 raise PhenotwinError(
                     f"the {name} folder {given} lies inside the output folder {self.out} (or is it): the model "
@@ -102,6 +109,7 @@ class Trainer:
                 raise PhenotwinError(
                     f"nothing to resume in {out}: no saved training state ({state}). Start without --resume."
                 )
+            self._check_same_run(self._saved_progress())
             return
         if out.exists() and any(out.iterdir()):
             foreign = self._foreign()
@@ -192,17 +200,29 @@ class Trainer:
     def _state_dir(self) -> Path:
         return self.out / TRAINING_DIR / STATE_DIR
 
-    def _load_state(self) -> None:
-        state = self._state_dir()
-        progress = json.loads((state / "progress.json").read_text())
-        self._check_same_run(progress)
-        if progress.get("data_fingerprint") != self.data.fingerprint:
+    def _saved_progress(self) -> dict[str, Any]:
+        """The saved state's step, data fingerprint and settings."""
+        path = self._state_dir() / "progress.json"
+        try:
+            progress = json.loads(path.read_text())
+            int(progress["step"])
+            return progress
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise PhenotwinError(
+                f"the saved training state in {self._state_dir()} cannot be read ({path.name}: {err}); it cannot be "
+                "resumed. Start a new run, in another output folder or replacing this one."
+            ) from None
+
+    def _check_same_data(self) -> None:
+        if self._saved_progress().get("data_fingerprint") != self.data.fingerprint:
             raise PhenotwinError(
                 f"the data in {self.config.data} differ from the data this run started with; resuming would mix "
-                "them. Resume with the original data, or start a new run with --overwrite."
+                "them. Resume with the original data, or start a new run in another output folder."
             )
-        self.accelerator.load_state(str(state))
-        self.step = int(progress["step"])
+
+    def _load_state(self) -> None:
+        self.accelerator.load_state(str(self._state_dir()))
+        self.step = int(self._saved_progress()["step"])
 
     def _check_same_run(self, progress: dict[str, Any]) -> None:
         """Refuse to resume with settings that differ from the saved run's in `RESUME_FIXED`."""
