@@ -228,6 +228,87 @@ def test_checkpoint_id_is_stable_and_follows_the_description(copy_of):
     assert changed.split("@")[0] == first.split("@")[0] == folder.name
 
 
+def _same_size_other_weights(folder: Path) -> None:
+    """Change the last weight bytes in place: same size, still a valid file, other weights."""
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)
+    weights.write_bytes(bytes(data))
+
+
+def test_checkpoint_id_follows_the_weights_contents_not_their_size(built, tmp_path):
+    one, two = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(built["pixel"][0], one)
+    shutil.copytree(built["pixel"][0], two)
+    assert checkpoint_id(one) == checkpoint_id(two)  # the same model in two places
+    _same_size_other_weights(two)
+    assert checkpoint_id(one) != checkpoint_id(two)
+    assert load_checkpoint(two).id == checkpoint_id(two)
+
+
+def test_the_delta_id_follows_its_base_weights(copy_of, built):
+    folder = copy_of("stable-diffusion-lora")
+    base = Path(built["stable-diffusion-lora"][0]).parent / f"{folder.name}-base"
+    shutil.copytree(base, folder.parent / base.name)
+    first = load_checkpoint(folder).id
+    _same_size_other_weights(folder.parent / base.name)
+    assert load_checkpoint(folder).id != first
+
+
+def test_file_hashes_are_cached_against_size_and_mtime(copy_of, tmp_path, monkeypatch):
+    import phenotwin.hashing
+
+    monkeypatch.setenv("PHENOTWIN_CACHE_DIR", str(tmp_path / "cache"))
+    hashed = []
+    real = phenotwin.hashing._sha256
+    monkeypatch.setattr(phenotwin.hashing, "_sha256", lambda file: hashed.append(file.name) or real(file))
+    folder = copy_of("pixel")
+    first = checkpoint_id(folder)
+    assert "diffusion_pytorch_model.safetensors" in hashed and INFO_FILE in hashed
+    hashed.clear()
+    assert checkpoint_id(folder) == first and hashed == []  # a large model opens without reading its weights
+    _same_size_other_weights(folder)
+    assert checkpoint_id(folder) != first and hashed == ["diffusion_pytorch_model.safetensors"]
+    assert not any("hash" in p.name for p in folder.rglob("*"))  # the cache is not kept in the model folder
+
+
+def test_an_unwritable_hash_cache_only_costs_time(copy_of, tmp_path, monkeypatch):
+    folder = copy_of("pixel")
+    expected = checkpoint_id(folder)
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("PHENOTWIN_CACHE_DIR", str(tmp_path / "not-a-folder"))
+    assert checkpoint_id(folder) == expected
+    (tmp_path / "cache" / "file-hashes").mkdir(parents=True)
+    monkeypatch.setenv("PHENOTWIN_CACHE_DIR", str(tmp_path / "cache"))
+    checkpoint_id(folder)
+    for cached in (tmp_path / "cache" / "file-hashes").iterdir():
+        cached.write_text("{corrupt")
+    assert checkpoint_id(folder) == expected
+
+
+def test_a_read_only_model_folder_loads(copy_of):
+    folder = copy_of("pixel")
+    modes = {p: p.stat().st_mode for p in [folder, *folder.rglob("*")]}
+    for path in modes:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        assert load_checkpoint(folder).id == checkpoint_id(folder)
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+
+
+def test_image_size_is_checked_against_the_unet_and_the_vae(copy_of):
+    for name, size, phrase in (("pixel", 4096, "sample_size 32"), ("latent", 128, "x 2, the VAE's factor")):
+        folder = copy_of(name)
+        data = _info_dict(folder)
+        data["image_size"] = size
+        _write_info(folder, data)
+        with pytest.raises(CheckpointError, match=f"image_size {size}") as err:
+            load_checkpoint(folder)
+        assert phrase in str(err.value) and "Set image_size" in str(err.value)
+
+
 # -- refusals with a message that names the problem and the fix ------------------------
 
 
@@ -423,12 +504,12 @@ def test_save_refuses_an_existing_folder_without_overwrite(built, tmp_path):
     assert _leftovers(tmp_path, "model") == []
 
 
-def test_save_with_overwrite_replaces_the_folder(built, tmp_path):
+def test_save_with_overwrite_replaces_the_model_and_keeps_the_users_files(built, tmp_path):
     target = save_checkpoint(built["pixel"][1], tmp_path / "model")
-    (target / "stale.txt").write_text("old")
+    (target / "notes.txt").write_text("mine")
     other = built["latent"][1]
     save_checkpoint(other, target, overwrite=True)
-    assert not (target / "stale.txt").exists()
+    assert (target / "notes.txt").read_text() == "mine"  # phenotwin replaces only what it wrote
     assert read_info(target).kind == "latent"
     assert load_checkpoint(target).vae is not None
     assert _leftovers(tmp_path, "model") == []
@@ -491,7 +572,7 @@ def test_overwrite_carries_kept_entries_over(built, tmp_path):
     (target / "stale.txt").write_text("old")
     save_checkpoint(built["latent"][1], target, overwrite=True, keep=("training", "absent"))
     assert (target / "training" / "state.txt").read_text() == "step 500"
-    assert not (target / "stale.txt").exists() and read_info(target).kind == "latent"
+    assert (target / "stale.txt").read_text() == "old" and read_info(target).kind == "latent"  # not phenotwin's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

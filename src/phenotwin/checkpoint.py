@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,49 +64,20 @@ class CheckpointInfo:
     channel_names: list[str] | None = None
     defaults: dict[str, Any] = field(default_factory=lambda: dict(MODEL_DEFAULTS))
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Per-channel intensities of the training images (`input_fit.training_statistics`): what
+    # an input is checked against. None for models trained before it was recorded.
+    intensity_statistics: dict[str, Any] | None = None
+    # Reconstruction quality on held-out images (`phenotwin calibrate`): what a result's trust verdict compares with.
+    calibration: dict[str, Any] | None = None
     base: str | None = None
     adapter: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        self.classes = [str(c) for c in self.classes]
-        problems = []
-        if self.kind not in KINDS:
-            problems.append(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if len(self.classes) < 2:
-            problems.append(
-                f"a translation model needs at least two classes (conditions), this one has {self.classes}: "
-                "list every condition the model was trained on in 'classes'"
-            )
-        if len(set(self.classes)) != len(self.classes):
-            problems.append(f"class names must be unique, got {self.classes}")
-        if not isinstance(self.image_size, int) or self.image_size < 8:
-            problems.append(f"image_size must be an integer >= 8, got {self.image_size!r}")
-        if not isinstance(self.channels, int) or self.channels < 1:
-            problems.append(f"channels must be a positive integer, got {self.channels!r}")
-        if self.adapter not in ADAPTERS:
-            problems.append(f"adapter {self.adapter!r} is not one of {ADAPTERS}")
-        if self.adapter is not None and not self.base:
-            problems.append(f"a {self.adapter} checkpoint must name the base model it adapts ('base')")
-        if self.format_version > FORMAT_VERSION:
-            problems.append(
-                f"format version {self.format_version} is newer than this phenotwin understands "
-                f"({FORMAT_VERSION}); upgrade napari-phenotwin"
-            )
-        mode = self.normalization.get("mode")
-        if mode == "fixed":
-            low, high = self.normalization.get("low"), self.normalization.get("high")
-            if not (isinstance(low, list) and isinstance(high, list) and len(low) == len(high) == self.channels):
-                problems.append("normalization 'fixed' needs per-channel 'low' and 'high' lists")
-        elif mode == "percentile":
-            if not 0 <= self.normalization.get("low", 0.1) < self.normalization.get("high", 99.9) <= 100:
-                problems.append("normalization 'percentile' needs 0 <= low < high <= 100")
-        else:
-            problems.append(f"normalization mode {mode!r} is not 'fixed' or 'percentile'")
-        if self.channel_names is not None and len(self.channel_names) != self.channels:
-            problems.append(f"{len(self.channel_names)} channel names for {self.channels} channels")
+        problems = _info_problems(self)
         if problems:
             raise CheckpointError("invalid phenotwin.json: " + "; ".join(problems) + ".")
+        self.classes = [str(c) for c in self.classes]
         self.defaults = {**MODEL_DEFAULTS, **self.defaults}
 
     @property
@@ -133,6 +106,84 @@ class CheckpointInfo:
             raise CheckpointError(f"invalid phenotwin.json: missing {', '.join(missing)}.")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number that can scale intensities: not a bool, string, NaN or infinity."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _info_problems(info: CheckpointInfo) -> list[str]:
+    """Everything wrong with a phenotwin.json, each with what it must be: types first, since
+    JSON gives strings, nulls and NaN where numbers and lists belong."""
+    problems = []
+    if info.kind not in KINDS:
+        problems.append(f"kind {info.kind!r} is not one of {', '.join(KINDS)}")
+    classes = info.classes
+    if not isinstance(classes, (list, tuple)) or not all(
+            (isinstance(c, str) and c.strip()) or _whole(c) for c in classes):
+        problems.append(f"classes must be a list of condition names such as [\"control\", \"treated\"], got {classes!r}")
+    elif len(classes) < 2:
+        problems.append(
+            f"a translation model needs at least two classes (conditions), this one has {list(classes)}: "
+            "list every condition the model was trained on in 'classes'"
+        )
+    elif len({str(c) for c in classes}) != len(classes):
+        problems.append(f"class names must be unique, got {list(classes)}")
+    if not _whole(info.image_size) or info.image_size < 8:
+        problems.append(f"image_size must be an integer >= 8, got {info.image_size!r}")
+    if not _whole(info.channels) or info.channels < 1:
+        problems.append(f"channels must be a positive integer, got {info.channels!r}")
+    if info.adapter not in ADAPTERS:
+        problems.append(f"adapter {info.adapter!r} is not one of {ADAPTERS}")
+    if info.base is not None and not (isinstance(info.base, str) and info.base):
+        problems.append(f"base must be the path of the base model, got {info.base!r}")
+    if info.adapter is not None and not info.base:
+        problems.append(f"a {info.adapter} checkpoint must name the base model it adapts ('base')")
+    if not _whole(info.format_version) or info.format_version < 1:
+        problems.append(f"format_version must be a whole number such as {FORMAT_VERSION}, got {info.format_version!r}")
+    elif info.format_version > FORMAT_VERSION:
+        problems.append(
+            f"format version {info.format_version} is newer than this phenotwin understands "
+            f"({FORMAT_VERSION}); upgrade napari-phenotwin"
+        )
+    for name in ("defaults", "provenance"):
+        if not isinstance(getattr(info, name), dict):
+            problems.append(f"{name} must be a JSON object ({{}} for none), got {getattr(info, name)!r}")
+    problems += _normalization_problems(info.normalization, info.channels)
+    names = info.channel_names
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        problems.append(f"channel_names must be a list of names, got {names!r}")
+    elif names is not None and _whole(info.channels) and len(names) != info.channels:
+        problems.append(f"{len(names)} channel names for {info.channels} channels")
+    return problems
+
+
+def _normalization_problems(normalization: Any, channels: Any) -> list[str]:
+    """NaN or infinity would map every pixel to one value (all-zero output), so refuse them here."""
+    if not isinstance(normalization, dict):
+        return [f"normalization must be a JSON object such as {{\"mode\": \"percentile\", \"low\": 0.1, "
+                f"\"high\": 99.9}}, got {normalization!r}"]
+    mode = normalization.get("mode")
+    low, high = normalization.get("low", 0.1), normalization.get("high", 99.9)
+    if mode == "fixed":
+        if not (isinstance(low, list) and isinstance(high, list) and len(low) == len(high) == channels):
+            return [f"normalization 'fixed' needs per-channel 'low' and 'high' lists ({channels!r} numbers each)"]
+        if not all(_finite(v) for v in low + high):
+            return [f"normalization 'fixed' needs finite numbers (no NaN, Infinity or strings), got low {low!r}, "
+                    f"high {high!r}"]
+        if any(lo > hi for lo, hi in zip(low, high)):
+            return [f"normalization 'fixed' needs low <= high for every channel, got low {low!r}, high {high!r}"]
+    elif mode == "percentile":
+        if not (_finite(low) and _finite(high) and 0 <= low < high <= 100):
+            return [f"normalization 'percentile' needs numbers 0 <= low < high <= 100, got low {low!r}, high {high!r}"]
+    else:
+        return [f"normalization mode {mode!r} is not 'fixed' or 'percentile'"]
+    return []
 
 
 @dataclass
@@ -192,13 +243,31 @@ def refuse_pickles(folder: Path, subfolders: tuple[str, ...] | None = None) -> N
                 )
 
 
-def require_weights(component: Path, what: str) -> None:
+def require_weights(component: Path, what: str, config: str | None = "config.json") -> None:
+    """Check the files are there before diffusers looks: for a missing file it would try the
+    model hub and say it "couldn't connect", which is not the problem."""
     if not component.is_dir():
         raise CheckpointError(f"missing {what} folder {component}. The checkpoint is incomplete: copy it again.")
+    if config is not None and not (component / config).is_file():
+        raise CheckpointError(f"missing {component / config} ({what} configuration). The checkpoint is incomplete: "
+                              "copy it again.")
     if not any(component.glob("*.safetensors")):
         raise CheckpointError(
             f"missing {what} weights: {component} has no .safetensors file. The checkpoint is incomplete: copy it again."
         )
+
+
+@contextmanager
+def _loading(what: str, path: Path):
+    """Any failure to decode a component (truncated safetensors, a broken config) is a damaged
+    copy to the user, whatever library raised it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"cannot load the {what} from {path}: {err}. The file is damaged or incomplete: "
+                              "copy the checkpoint folder again.") from err
 
 
 def _resolve_base(folder: Path, info: CheckpointInfo) -> Path:
@@ -213,11 +282,16 @@ def _resolve_base(folder: Path, info: CheckpointInfo) -> Path:
     return base
 
 
-def checkpoint_id(folder: Path) -> str:
-    """A short stable identifier: the checkpoint's name plus a hash of its description and weight sizes."""
-    digest = hashlib.sha256((folder / INFO_FILE).read_bytes())
-    for file in sorted(folder.rglob("*.safetensors")):
-        digest.update(f"{file.relative_to(folder)}:{file.stat().st_size}".encode())
+def checkpoint_id(folder: Path, base: Path | None = None) -> str:
+    """The checkpoint's name plus a hash of the contents of every file that makes the model
+    (phenotwin.json, configs, weights; the base's too for a delta; not training/ nor hidden files):
+    other weights of the same size are another model. File hashes are cached (`hashing`)."""
+    from phenotwin.hashing import file_digests
+
+    digest = hashlib.sha256()
+    for root in (folder, base) if base is not None else (folder,):
+        for name, file_digest in file_digests(root, skip=(TRAINING_DIR,)).items():
+            digest.update(f"{name}:{file_digest}\n".encode())
     return f"{folder.name}@{digest.hexdigest()[:10]}"
 
 
@@ -240,34 +314,32 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     unet_class = UNet2DConditionModel if info.kind == "stable-diffusion" else UNet2DModel
     require_weights(component_root / "unet", "UNet")
-    try:
+    with _loading("UNet", component_root / "unet"):
         unet = unet_class.from_pretrained(component_root / "unet", **SAFE_LOAD)
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        raise CheckpointError(f"cannot load the UNet from {component_root / 'unet'}: {err}") from err
 
     if info.adapter == "lora":
         from peft import PeftModel
 
-        require_weights(folder / "unet_lora", "LoRA adapter")
+        require_weights(folder / "unet_lora", "LoRA adapter", config="adapter_config.json")
         if info.kind != "stable-diffusion":
             from phenotwin.modeling.conditioning import resize_class_embedding
 
             resize_class_embedding(unet, len(info.classes) + 1)  # the adapter carries the trained rows
         # Merged once at load time: inference then costs exactly what the base model costs.
-        unet = PeftModel.from_pretrained(unet, folder / "unet_lora").merge_and_unload()
+        with _loading("LoRA adapter", folder / "unet_lora"):
+            unet = PeftModel.from_pretrained(unet, folder / "unet_lora").merge_and_unload()
     elif info.adapter == "svdiff":
         from phenotwin.modeling.svdiff import load_svdiff_into
 
-        load_svdiff_into(unet, folder / "unet_svdiff.safetensors")
+        with _loading("SVDiff spectral shifts", folder / "unet_svdiff.safetensors"):
+            load_svdiff_into(unet, folder / "unet_svdiff.safetensors")
 
     vae = None
     if info.kind in ("latent", "stable-diffusion"):
         vae_root = folder if (folder / "vae").is_dir() else component_root
         require_weights(vae_root / "vae", "VAE")
-        try:
+        with _loading("VAE", vae_root / "vae"):
             vae = AutoencoderKL.from_pretrained(vae_root / "vae", **SAFE_LOAD)
-        except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise CheckpointError(f"cannot load the VAE from {vae_root / 'vae'}: {err}") from err
 
     class_embeddings = None
     if info.kind == "stable-diffusion":
@@ -277,7 +349,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 f"missing {file}: a stable-diffusion checkpoint needs one learned embedding per condition. "
                 "The checkpoint is incomplete: copy it again."
             )
-        class_embeddings = load_file(file)["class_embeddings"].to(torch.float32)
+        with _loading("class embeddings", file):
+            class_embeddings = load_file(file)["class_embeddings"].to(torch.float32)
         expected = len(info.classes) + 1
         if class_embeddings.shape[0] != expected:
             raise CheckpointError(
@@ -287,10 +360,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             )
 
     scheduler_root = folder if (folder / "scheduler").is_dir() else component_root
-    try:
+    schedule_file = scheduler_root / "scheduler" / "scheduler_config.json"
+    if not schedule_file.is_file():
+        raise CheckpointError(f"missing {schedule_file} (the noise schedule). The checkpoint is incomplete: "
+                              "copy it again.")
+    with _loading("noise schedule", schedule_file):
         scheduler_config = dict(DDIMScheduler.load_config(scheduler_root / "scheduler"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read the noise schedule in {scheduler_root / 'scheduler'}: {err}") from err
 
     _check_shapes(info, unet, vae)
     unet.eval()
@@ -303,11 +378,30 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         vae=vae,
         class_embeddings=class_embeddings,
         path=folder,
-        id=checkpoint_id(folder),
+        id=checkpoint_id(folder, component_root if info.adapter is not None else None),
     )
 
 
 def _check_shapes(info: CheckpointInfo, unet: Any, vae: Any) -> None:
+    """phenotwin.json against the networks it describes: every image is padded to image_size, so
+    a wrong one costs memory with its square (a 16 px UNet told 4096 pads to 4096² and fills the
+    memory). Fine-tuning may change the size from the UNet's native one (its config's sample_size
+    times the VAE factor): SD's 512 px UNet is fine-tuned at 128 px, or at 768 px, so up to twice
+    the native size is accepted, and image_size must split into whole latent and UNet levels."""
+    from phenotwin.modeling.conditioning import vae_downsampling
+
+    factor = vae_downsampling(vae) if vae is not None else 1
+    sample = unet.config.sample_size
+    native = factor * (sample if isinstance(sample, int) else max(sample))
+    multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    if info.image_size > 2 * native or info.image_size % multiple:
+        raise CheckpointError(
+            f"phenotwin.json says image_size {info.image_size} but the UNet works on {native} px images "
+            f"(sample_size {sample}" + (f" x {factor}, the VAE's factor" if factor > 1 else "") + "): every image "
+            f"would be padded to {info.image_size}x{info.image_size}. Set image_size to the size the model was "
+            f"trained at (a multiple of {multiple}, at most {2 * native}; {native} for this UNet), or copy the "
+            "checkpoint folder again."
+        )
     if info.kind == "pixel":
         if unet.config.in_channels != info.channels:
             raise CheckpointError(
