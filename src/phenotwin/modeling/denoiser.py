@@ -15,13 +15,27 @@ from typing import Any
 
 import torch
 
+from phenotwin.errors import PhenotwinError
 from phenotwin.modeling.conditioning import conditioned_forward, from_vae_channels, to_vae_channels, vae_downsampling
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' means CUDA, then Apple MPS, then CPU."""
+    """'auto' means CUDA, then Apple MPS, then CPU. A device this machine lacks is refused here,
+    by name, rather than failing at the first tensor moved with torch's own message."""
     if str(device) != "auto":
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise PhenotwinError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps.") from err
+        available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                     "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        if not available.get(chosen.type, True):
+            raise PhenotwinError(f"device {device!r} was asked for but this machine has no {chosen.type.upper()} "
+                                 "device torch can use; use --device auto (or cpu).")
+        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise PhenotwinError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                 f"numbered from 0; use cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
