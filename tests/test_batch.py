@@ -136,8 +136,8 @@ def test_outputs_are_ome_tiff_with_provenance_and_a_summary_row(models, translat
 
     assert translate(models[2], [source], out, "--seed", "7") == 0
 
-    translated, axes, meta = ome(out / "field 1_treated.ome.tif")
-    heatmap, heatmap_axes, heatmap_meta = ome(out / "field 1_treated_heatmap.ome.tif")
+    translated, axes, meta = ome(out / "field 1_tif_treated.ome.tif")
+    heatmap, heatmap_axes, heatmap_meta = ome(out / "field 1_tif_treated_heatmap.ome.tif")
     assert (axes, translated.dtype, translated.shape) == ("CYX", np.uint16, image.shape)
     assert (heatmap_axes, heatmap.dtype, heatmap.shape) == ("YX", np.float32, image.shape[1:])
     np.testing.assert_array_equal(translated, alone(translators[2], image))
@@ -153,7 +153,7 @@ def test_outputs_are_ome_tiff_with_provenance_and_a_summary_row(models, translat
         assert provenance["input"] == str(source) and provenance["input_axes"] == "CYX"
         assert provenance["settings"]["strength"] == 1.0 and provenance["settings"]["steps"] == 4
     assert sorted(p.name for p in out.iterdir()) == [
-        "field 1_treated.json", "field 1_treated.ome.tif", "field 1_treated_heatmap.ome.tif", "summary.csv"]
+        "field 1_tif_treated.json", "field 1_tif_treated.ome.tif", "field 1_tif_treated_heatmap.ome.tif", "summary.csv"]
 
     [row] = summary(out)
     assert row["input"] == str(source) and row["status"] == "done" and row["planes"] == "1"
@@ -173,9 +173,9 @@ def test_sixteen_bit_three_channels_keep_dtype_range_and_layout(models, translat
     out = tmp_path / "out"
     assert translate(models[3], [first, last], out) == 0
 
-    channels_first, axes, _ = ome(out / "first_treated.ome.tif")
+    channels_first, axes, _ = ome(out / "first_tif_treated.ome.tif")
     assert (axes, channels_first.dtype, channels_first.shape) == ("CYX", np.uint16, (3, 32, 32))
-    channels_last = tifffile.imread(out / "last_treated.ome.tif")
+    channels_last = tifffile.imread(out / "last_tif_treated.ome.tif")
     assert channels_last.dtype == np.uint16 and channels_last.shape == (32, 32, 3)
     np.testing.assert_array_equal(np.moveaxis(channels_last, -1, 0), channels_first)
     # the whole 16-bit range of each channel survives, not squeezed into 8 bits or model range
@@ -193,8 +193,8 @@ def test_a_stack_translates_plane_by_plane_and_keeps_its_axes(models, translator
     out = tmp_path / "out"
     assert translate(models[2], [source], out) == 0
 
-    translated, axes, meta = ome(out / "movie_treated.ome.tif")
-    heatmap, heatmap_axes, _ = ome(out / "movie_treated_heatmap.ome.tif")
+    translated, axes, meta = ome(out / "movie_ome.tif_treated.ome.tif")
+    heatmap, heatmap_axes, _ = ome(out / "movie_ome.tif_treated_heatmap.ome.tif")
     assert (axes, translated.shape, translated.dtype) == ("TZCYX", stack.shape, np.uint16)
     assert (heatmap_axes, heatmap.shape) == ("TZYX", (2, 2, 32, 32))
     for t in range(2):
@@ -214,7 +214,7 @@ def test_unrecorded_axes_need_the_axes_option(models, translators, tmp_path, cap
     assert "--axes" in reason and "not recorded" in reason
 
     assert translate(models[1], [source], out, "--axes", "ZYX") == 0
-    translated, axes, _ = ome(out / "z_treated.ome.tif")
+    translated, axes, _ = ome(out / "z_tif_treated.ome.tif")
     assert axes == "ZYX" and translated.shape == stack.shape
     for z in range(3):
         np.testing.assert_array_equal(translated[z], alone(translators[1], stack[z], channel_axis=None))
@@ -229,7 +229,7 @@ def test_channel_selection_feeds_the_chosen_channels(models, translators, tmp_pa
     assert "3 channel(s)" in reason and "--channels" in reason
 
     assert translate(models[2], [source], out, "--channels", "0", "2") == 0
-    translated, axes, meta = ome(out / "three_treated.ome.tif")
+    translated, axes, meta = ome(out / "three_tif_treated.ome.tif")
     assert axes == "CYX" and translated.shape == (2, 32, 32)
     np.testing.assert_array_equal(translated, alone(translators[2], image[[0, 2]]))
     assert meta["channels"] == [0, 2]
@@ -244,7 +244,7 @@ def test_rgb_png_with_channel_selection(models, translators, tmp_path):
     imsave(source, rgb, check_contrast=False)
     out = tmp_path / "out"
     assert translate(models[2], [source], out, "--channels", "1", "2") == 0
-    translated, _, meta = ome(out / "rgb_treated.ome.tif")
+    translated, _, meta = ome(out / "rgb_png_treated.ome.tif")
     assert translated.dtype == np.uint8 and translated.shape == (32, 32, 2)  # channels stay last, as in the input
     assert meta["input_axes"] == "YXS"
     np.testing.assert_array_equal(translated, alone(translators[2], rgb[..., 1:], channel_axis=-1))
@@ -282,8 +282,8 @@ def test_bad_files_are_reported_in_stderr_and_csv_and_skipped(models, tmp_path, 
         assert rows[name]["translated"] == ""
     # outputs mirror the inputs' folders below their common parent (tmp_path)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.tif")) == [
-        "in/good_treated.ome.tif", "in/good_treated_heatmap.ome.tif"]
-    assert tifffile.imread(out / "in" / "good_treated.ome.tif").shape == (2, 32, 32)
+        "in/good_tif_treated.ome.tif", "in/good_tif_treated_heatmap.ome.tif"]
+    assert tifffile.imread(out / "in" / "good_tif_treated.ome.tif").shape == (2, 32, 32)
     assert good.is_file()
 
 
@@ -297,13 +297,13 @@ def test_folders_globs_and_same_names_in_different_folders(models, tmp_path):
     out = tmp_path / "folders"
     assert translate(models[2], [root / "plate1", root / "plate2"], out) == 0
     assert [row["input"] for row in summary(out)] == [str(a), str(b)]  # no recursion without --recursive
-    first, second = (tifffile.imread(out / p / "A01_treated.ome.tif") for p in ("plate1", "plate2"))
+    first, second = (tifffile.imread(out / p / "A01_tif_treated.ome.tif") for p in ("plate1", "plate2"))
     assert not np.array_equal(first, second)  # two outputs, one per input, none overwritten
 
     out = tmp_path / "recursive"
     assert translate(models[2], [root], out, "--recursive") == 0
     assert [row["input"] for row in summary(out)] == [str(a), str(b), str(c)]
-    assert (out / "plate2" / "site" / "B01_treated.ome.tif").is_file()
+    assert (out / "plate2" / "site" / "B01_tif_treated.ome.tif").is_file()
 
     out = tmp_path / "glob"
     assert translate(models[2], [f"{root}/**/*01.tif"], out) == 0
@@ -323,6 +323,69 @@ def test_folders_globs_and_same_names_in_different_folders(models, tmp_path):
     assert translate(models[2], [root / "plate1"], inside, "--recursive") == 0
     assert translate(models[2], [root / "plate1"], inside, "--recursive") == 0
     assert [row["input"] for row in summary(inside)] == [str(a)]
+
+
+def test_every_input_has_its_own_output_stable_across_reruns(models, translators, tmp_path, capsys):
+    from skimage.io import imsave
+
+    folder = tmp_path / "in"
+    images = {name: cells(1, seed=k)[0] for k, name in enumerate(("a.tif", "a_tif.tif", "a.png"))}
+    for name, image in images.items():
+        if name.endswith(".png"):
+            images[name] = (image // 256).astype(np.uint8)
+            imsave(folder / name, images[name], check_contrast=False)
+        else:
+            write(folder / name, image)
+    out = tmp_path / "out"
+    assert translate(models[1], [folder], out) == 0
+    rows = {Path(row["input"]).name: row for row in summary(out)}
+    assert len({row["translated"] for row in rows.values()}) == 3  # no two share a file
+    for name, image in images.items():  # each file holds its own input's translation, and its row its metrics
+        _, _, meta = ome(out / rows[name]["translated"])
+        assert meta["input"] == str(folder / name)
+        np.testing.assert_array_equal(tifffile.imread(out / rows[name]["translated"]),
+                                      alone(translators[1], image, channel_axis=None))
+        assert float(rows[name]["reconstruction_psnr"]) == pytest.approx(meta["reconstruction_psnr"], abs=1e-5)
+    names = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert translate(models[1], [folder / "a_tif.tif"], out) == 0  # a subset: the same names, nothing redone
+    assert "translated 0, already done 1" in capsys.readouterr().out
+    assert translate(models[1], [folder], out) == 0
+    assert "translated 0, already done 3" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == names
+
+
+def test_a_rerun_on_a_subset_keeps_the_other_rows_of_the_summary(models, tmp_path, capsys):
+    inputs = [write(tmp_path / "in" / f"{i}.tif", cells(2, seed=i), "CYX") for i in range(3)]
+    out = tmp_path / "out"
+    assert translate(models[2], inputs[:2], out) == 0
+    first = summary(out)
+    assert translate(models[2], inputs[1:2], out) == 0  # the rows of 0.tif stay
+    assert summary(out) == first
+    assert translate(models[2], inputs[2:], out) == 0  # a new input is added, the others kept
+    assert summary(out)[:2] == first and [row["input"] for row in summary(out)] == list(map(str, inputs))
+    assert translate(models[2], inputs[:1], out, target="control") == 0  # another target: rows of its own
+    assert [(Path(row["input"]).name, row["target"]) for row in summary(out)] == [
+        ("0.tif", "treated"), ("1.tif", "treated"), ("2.tif", "treated"), ("0.tif", "control")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # atomic writes leave no temporary file
+
+
+def test_condition_names_never_leave_the_output_folder(tmp_path, capsys):
+    from phenotwin.testing import make_tiny_checkpoint
+
+    escape = "../../../escaped"
+    model = make_tiny_checkpoint(tmp_path / "model", channels=1, classes=("control", escape),
+                                 normalization=PERCENTILE)
+    source = write(tmp_path / "in" / "a.tif", cells(1)[0])
+    out = tmp_path / "deep" / "er" / "out"
+    assert translate(model, [source], out, target=escape) == 0
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(model)
+                     and p != source)
+    assert written and all(p.is_relative_to(out) for p in written)
+    [row] = summary(out)
+    assert "/" not in row["translated"] and ".." not in row["translated"].split("_")[0]
+    _, _, meta = ome(out / row["translated"])
+    assert meta["target"] == escape and row["target"] == escape  # provenance keeps the real name
 
 
 def test_no_images_is_an_error(models, tmp_path, capsys):
@@ -355,7 +418,7 @@ def test_a_second_run_computes_only_what_is_missing(models, tmp_path, monkeypatc
     assert summary(out)[:2] == first and summary(out)[2]["status"] == "done"
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in stamps} == stamps
 
-    (out / "1_treated_heatmap.ome.tif").unlink()  # an incomplete result is redone
+    (out / "1_tif_treated_heatmap.ome.tif").unlink()  # an incomplete result is redone
     computed.clear()
     assert translate(models[2], inputs, out) == 0
     assert computed == ["1.tif"]
@@ -367,19 +430,19 @@ def test_a_second_run_computes_only_what_is_missing(models, tmp_path, monkeypatc
     assert computed == []
     assert translate(models[2], inputs, out, "--strength", "0.5", "--overwrite") == 0
     assert computed == ["0.tif", "1.tif", "2.tif"]
-    assert all(ome(out / f"{i}_treated.ome.tif")[2]["strength"] == 0.5 for i in range(3))
+    assert all(ome(out / f"{i}_tif_treated.ome.tif")[2]["strength"] == 0.5 for i in range(3))
 
 
 def test_confine_is_a_setting_of_the_run(models, tmp_path, capsys):
     source = write(tmp_path / "in" / "f.tif", cells(2), "CYX")
     out = tmp_path / "out"
     assert translate(models[2], [source], out) == 0
-    free, _, meta = ome(out / "f_treated.ome.tif")
+    free, _, meta = ome(out / "f_tif_treated.ome.tif")
     assert meta["confine"] is False  # the model's default
     assert translate(models[2], [source], out, "--confine") == 2
     assert "confine: False then, True now" in capsys.readouterr().err
     assert translate(models[2], [source], out, "--confine", "--overwrite") == 0
-    confined, _, meta = ome(out / "f_treated.ome.tif")
+    confined, _, meta = ome(out / "f_tif_treated.ome.tif")
     assert meta["confine"] is True
     original = tifffile.imread(source).astype(float)
     assert np.abs(confined - original).sum() < np.abs(free.astype(float) - original).sum()
@@ -414,7 +477,7 @@ def test_resume_after_kill_and_clean_interrupt(models, tmp_path):
     assert code == 130, stderr[-2000:]
     assert "interrupted" in stderr and "run the same command again" in stderr
     interrupted = {p.name for p in out.glob("*.json")}
-    assert {row["input"] for row in summary(out)} == {str(tmp_path / "in" / name.replace("_treated.json", ".tif"))
+    assert {row["input"] for row in summary(out)} == {str(tmp_path / "in" / name.replace("_tif_treated.json", ".tif"))
                                                       for name in interrupted}
 
     result = subprocess.run([*PHENOTWIN, *args], capture_output=True, text=True, timeout=300,
@@ -425,7 +488,7 @@ def test_resume_after_kill_and_clean_interrupt(models, tmp_path):
     rows = summary(out)
     assert [row["input"] for row in rows] == list(map(str, inputs)) and {row["status"] for row in rows} == {"done"}
     for i in range(4):
-        assert tifffile.imread(out / f"{i}_treated.ome.tif").shape == (2, 32, 32)
+        assert tifffile.imread(out / f"{i}_tif_treated.ome.tif").shape == (2, 32, 32)
 
 
 # -- sharding with accelerate ------------------------------------------------------------------------

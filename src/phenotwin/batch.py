@@ -10,11 +10,14 @@ Qt-free; torch and accelerate load only when a batch runs.
 
 from __future__ import annotations
 
+import csv
 import glob
+import hashlib
 import json
 import math
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +26,20 @@ from typing import Any
 import numpy as np
 
 from phenotwin.errors import PhenotwinError
-from phenotwin.io import IMAGE_SUFFIXES, read_image, write_csv, write_json, write_tiff
+from phenotwin.io import (
+    IMAGE_SUFFIXES,
+    prepare_folder,
+    read_header,
+    read_image,
+    safe_name,
+    write_csv,
+    write_json,
+    write_tiff,
+    writing_into,
+)
 from phenotwin.pipeline.settings import TranslationSettings
 from phenotwin.progress import Progress, drive
-from phenotwin.stacks import PlaneStack, check_axes, file_axes, translate_planes_steps
+from phenotwin.stacks import PlaneStack, check_axes, check_axes_letters, file_axes, translate_planes_steps
 
 SUMMARY = "summary.csv"
 RECORD_VERSION = 1
@@ -85,32 +98,34 @@ def collect_inputs(items: Sequence[str], recursive: bool = False, exclude: Path 
     return list(unique.values())
 
 
-def _stem(path: Path) -> str:
+def output_stem(path: Path) -> str:
+    """`a.tif` -> `a_tif`, `a.ome.tif` -> `a_ome.tif`, `notes` -> `notes_`: the file name with its
+    image suffix after the last '_' (suffixes hold none), so two names in one folder never give one
+    output name, whatever else the folder holds or the run includes (stable across reruns)."""
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif", *IMAGE_SUFFIXES):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return f"{name[: -len(suffix)]}_{name[1 - len(suffix):]}"
+    return f"{name}_"
 
 
 def plan_outputs(inputs: Sequence[Path], target: str) -> list[Job]:
-    """Output names that mirror the inputs' folders below their common parent, so two
-    `a.tif` in different folders never collide; `a.tif` and `a.png` in one folder keep their suffix."""
+    """Output names that mirror the inputs' folders below their common parent (two `a.tif` in
+    different folders never collide) and keep each input's suffix (`a.tif`, `a.png` and
+    `a_tif.tif` in one folder neither). The condition is made file-name safe (`safe_name`).
+    Names that differ only in case (one file on macOS and Windows) get a hash of their input."""
     parents = [p.resolve().parent for p in inputs]
     try:
         root = Path(os.path.commonpath(parents))
         folders = [parent.relative_to(root) for parent in parents]
     except ValueError:  # different drives (Windows): mirror the whole path, drive letter first
         folders = [Path(parent.drive.rstrip(":")) / parent.relative_to(parent.anchor) for parent in parents]
-    bases = [folder / _stem(path) for folder, path in zip(folders, inputs)]
-    seen: dict[Path, int] = {}
-    for base in bases:
-        seen[base] = seen.get(base, 0) + 1
+    names = [f"{(folder / output_stem(path)).as_posix()}_{safe_name(target)}" for folder, path in zip(folders, inputs)]
+    folded = Counter(name.casefold() for name in names)
     jobs = []
-    for path, base in zip(inputs, bases):
-        if seen[base] > 1:
-            base = base.with_name(path.name.replace(".", "_"))
-        name = f"{base.as_posix()}_{target}"
+    for path, folder, name in zip(inputs, folders, names):
+        if folded[name.casefold()] > 1:
+            name += "-" + hashlib.sha256((folder / path.name).as_posix().encode()).hexdigest()[:8]
         jobs.append(Job(path, f"{name}.ome.tif", f"{name}_heatmap.ome.tif", f"{name}.json"))
     return jobs
 
@@ -153,7 +168,10 @@ def _settings_conflict(record: dict[str, Any] | None, fingerprint: dict[str, Any
 
 def read_stack(path: Path, selection: InputSelection) -> PlaneStack:
     """Read a file as a `PlaneStack`, axes from `selection.axes`, else from its metadata, or say how to name them."""
-    array = read_image(path)
+    return _stack(path, read_image(path), selection)
+
+
+def _stack(path: Path, array: np.ndarray, selection: InputSelection) -> PlaneStack:
     if selection.axes is not None:
         axes = check_axes(selection.axes, array.shape)
     else:
@@ -169,6 +187,44 @@ def read_stack(path: Path, selection: InputSelection) -> PlaneStack:
     return PlaneStack(array, axes, selection.channels)
 
 
+def _check_fed_channels(stack: PlaneStack, channels: int) -> None:
+    has_channels = stack.channel_axis is not None
+    count = len(stack.channels) if stack.channels is not None else (
+        stack.array.shape[stack.axes.index(stack.channel_axis)] if has_channels else 1)
+    if count != channels:
+        raise PhenotwinError(
+            f"{count} channel(s) feed the model (axes {stack.axes}, shape {stack.array.shape}) but it was trained on "
+            f"{channels}. Pick {channels} with --channels (indices along the channel axis), or check the axes (--axes)."
+        )
+
+
+def check_selection(selection: InputSelection, channels: int) -> None:
+    """What --axes and --channels get wrong for any file, said once before any file is read."""
+    if selection.axes is not None:
+        check_axes_letters(selection.axes)
+    if selection.channels is not None:
+        chosen = list(selection.channels)
+        if len(chosen) != channels or any(c < 0 for c in chosen) or len(set(chosen)) != len(chosen):
+            raise PhenotwinError(
+                f"--channels {' '.join(map(str, chosen))}: the model takes {channels} channel(s), so give {channels} "
+                "different indices (0 or more) along the input's channel axis, in the model's order."
+            )
+
+
+def _selection_misfit(job: Job, selection: InputSelection, channels: int) -> str | None:
+    """Why --axes/--channels cannot fit this file, judged from its header (TIFF) or pixels;
+    None when they fit or the file cannot be read (its own failure says so later)."""
+    try:
+        array = read_header(job.input)
+    except PhenotwinError:
+        return None
+    try:
+        _check_fed_channels(_stack(job.input, array, selection), channels)
+    except PhenotwinError as err:
+        return str(err)
+    return None
+
+
 def _channel_names(translator) -> list[str]:
     names = translator.info.channel_names or [f"c{i}" for i in range(translator.channels)]
     return [str(name) for name in names]
@@ -179,15 +235,8 @@ def translate_file(translator, job: Job, out: Path, settings: TranslationSetting
                    step_progress: Callable[[str], Callable[[Progress], None]] | None = None) -> dict[str, Any]:
     """Translate one file plane by plane, write its images and return its record (not yet written)."""
     stack = read_stack(job.input, selection)
+    _check_fed_channels(stack, translator.channels)
     has_channels = stack.channel_axis is not None
-    count = len(stack.channels) if stack.channels is not None else (
-        stack.array.shape[stack.axes.index(stack.channel_axis)] if has_channels else 1)
-    if count != translator.channels:
-        raise PhenotwinError(
-            f"{count} channel(s) feed the model (axes {stack.axes}, shape {stack.array.shape}) but it was trained on "
-            f"{translator.channels}. Pick {translator.channels} with --channels (indices along the channel axis), "
-            "or check the axes (--axes)."
-        )
     bars: dict[int, Callable[[Progress], None]] = {}  # one progress bar per plane
 
     def progress(event: Progress) -> None:
@@ -229,9 +278,9 @@ def translate_file(translator, job: Job, out: Path, settings: TranslationSetting
             "plane_reconstruction_psnr": psnrs}
 
 
-def _row(job: Job, record: dict[str, Any], columns: list[str]) -> dict[str, Any]:
-    row = {"input": str(job.input), "status": record["status"], "message": record.get("message", ""),
-           "planes": record.get("planes", "")}
+def _row(job: Job, record: dict[str, Any], columns: list[str], target: str) -> dict[str, Any]:
+    row = {"input": str(job.input), "target": target, "status": record["status"],
+           "message": record.get("message", ""), "planes": record.get("planes", "")}
     if record["status"] == "done":
         row.update({k: _number(v) for k, v in record["metrics"].items()})
         row.update(translated=job.translated, heatmap=job.heatmap)
@@ -244,7 +293,7 @@ def _number(value: float) -> str:
 
 def summary_columns(translator) -> list[str]:
     per_channel = [f"{kind}_change_{name}" for name in _channel_names(translator) for kind in ("mean", "p99")]
-    return ["input", "status", "message", "planes", "reconstruction_psnr", "mean_change", *per_channel,
+    return ["input", "target", "status", "message", "planes", "reconstruction_psnr", "mean_change", *per_channel,
             "translated", "heatmap"]
 
 
@@ -276,17 +325,23 @@ def run_batch(
     from tqdm import tqdm
 
     from phenotwin import Translator
+    from phenotwin.modeling.denoiser import pick_device
 
-    # cpu=True lets processes started by torchrun (`accelerate launch --multi_gpu`) on a
-    # machine without CUDA join a gloo group (MULTI_CPU); without it each would run alone.
-    state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
     out = Path(out)
+    _refuse_output_over_inputs(out, items)
     inputs = collect_inputs(items, recursive=recursive, exclude=out)
     if not inputs:
         raise PhenotwinError(
             f"no images found in {', '.join(items)}: give TIFF/PNG/JPEG files, folders holding them "
             "(--recursive for subfolders) or a quoted glob pattern such as 'plate1/**/*.tif'."
         )
+    if selection.axes is not None:
+        check_axes_letters(selection.axes)
+    pick_device(device)  # a device this machine lacks, said before anything starts
+    earlier_rows = read_summary(out / SUMMARY)  # and refuse a summary.csv phenotwin did not write
+    # cpu=True lets processes started by torchrun (`accelerate launch --multi_gpu`) on a
+    # machine without CUDA join a gloo group (MULTI_CPU); without it each would run alone.
+    state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
     if state.num_processes > 1 and device == "auto":
         device = str(state.device)  # one GPU per process, not all on the first
     translator = Translator(checkpoint, device=device)
@@ -294,6 +349,7 @@ def run_batch(
     if settings.source is None or settings.target is None:
         raise PhenotwinError(f"give the condition the images were acquired in and the one to translate to "
                              f"(--source, --target); this model knows {', '.join(translator.classes)}.")
+    check_selection(selection, translator.channels)
     fingerprint = fingerprint_of(translator, settings, selection)
     jobs = plan_outputs(inputs, settings.target)
     records = {job: _read_record(out, job) for job in jobs}
@@ -307,16 +363,27 @@ def run_batch(
                     "those images with the new settings."
                 )
     todo = [job for job in jobs if not is_complete(out, job, records[job], fingerprint)]
+    if todo and (selection.axes is not None or selection.channels is not None):
+        misfits = [_selection_misfit(job, selection, translator.channels) for job in todo]
+        if all(misfits):
+            raise PhenotwinError(f"{misfits[0]} (it fits none of the {len(todo)} input(s); nothing was translated)")
+    if state.is_main_process:
+        prepare_folder(out, "--output")
     result = BatchResult(already_done=len(jobs) - len(todo))
     state.wait_for_everyone()  # every process has judged completeness before anyone writes
     columns = summary_columns(translator)
     summary = out / SUMMARY
+
+    def write_summary(current: dict[Job, dict[str, Any] | None]) -> None:
+        _write_summary(summary, earlier_rows, jobs, current, columns, fingerprint, settings.target)
+
     try:
         with state.split_between_processes(todo) as mine:
             bar = tqdm(mine, desc="images", unit="image", position=state.process_index, file=sys.stderr)
             for job in bar:
                 try:
-                    record = translate_file(translator, job, out, settings, selection, fingerprint, step_progress)
+                    with writing_into(out):
+                        record = translate_file(translator, job, out, settings, selection, fingerprint, step_progress)
                 except PhenotwinError as err:
                     record = {"status": "failed", "message": str(err)}
                     bar.write(f"skipped {job.input}: {err}", file=sys.stderr)
@@ -324,21 +391,23 @@ def run_batch(
                     metrics = record["metrics"]
                     bar.write(f"{job.input}: reconstruction PSNR {metrics['reconstruction_psnr']:.1f} dB, "
                               f"mean change {metrics['mean_change']:.4f} -> {out / job.translated}")
-                record = {"format": RECORD_VERSION, "input": str(job.input), **record,
+                record = {"format": RECORD_VERSION, "input": str(job.input), "target": settings.target, **record,
                           "input_identity": _input_identity(job.input), "settings": fingerprint,
                           "translated": job.translated, "heatmap": job.heatmap}
-                write_json(out / job.record, record)  # last: the record vouches for both images
-                records[job] = record
-                if state.is_main_process:
-                    _write_summary(summary, jobs, records, columns, fingerprint)
+                with writing_into(out):
+                    write_json(out / job.record, record)  # last: the record vouches for both images
+                    records[job] = record
+                    if state.is_main_process:
+                        write_summary(records)
     except BaseException:
         if state.is_main_process:  # Ctrl-C or a crash: the CSV lists everything finished so far
-            _write_summary(summary, jobs, {job: _read_record(out, job) for job in jobs}, columns, fingerprint)
+            write_summary({job: _read_record(out, job) for job in jobs})
         raise
     state.wait_for_everyone()
     final = {job: _read_record(out, job) for job in jobs}
     if state.is_main_process:
-        _write_summary(summary, jobs, final, columns, fingerprint)
+        with writing_into(out):
+            write_summary(final)
         result.summary = summary
     statuses = [record["status"] for record in final.values()
                 if record is not None and record.get("settings") == fingerprint]
@@ -347,10 +416,51 @@ def run_batch(
     return result
 
 
-def _write_summary(path: Path, jobs: list[Job], records: dict[Job, dict[str, Any] | None], columns: list[str],
-                   fingerprint: dict[str, Any]) -> None:
-    """One row per input of this run that has a record made with this run's settings, in input order."""
-    rows = [_row(job, records[job], columns) for job in jobs
-            if records.get(job) is not None and records[job].get("settings") == fingerprint]
-    write_csv(path, columns, rows)
+def _refuse_output_over_inputs(out: Path, items: Sequence[str]) -> None:
+    """--output that is an input folder, or holds one: its images would be left out as results,
+    which reads as "no images found"; a subfolder of an input folder is fine (it is skipped)."""
+    target = out.resolve()
+    for item in items:
+        path = Path(item)
+        if not glob.has_magic(item) and path.is_dir() and path.resolve().is_relative_to(target):
+            raise PhenotwinError(
+                f"--output {out} {'is' if path.resolve() == target else 'holds'} the input folder {item}: results "
+                "would be written among the inputs. Choose another output folder (a new subfolder such as "
+                f"{Path(item) / 'translated'} works)."
+            )
 
+
+def read_summary(path: Path) -> list[dict[str, str]]:
+    """The rows an earlier run wrote; refuses a summary.csv phenotwin did not write (it would be replaced)."""
+    if not path.exists():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise PhenotwinError(f"cannot read {path} ({err}); move it away, then run again.") from err
+    if header[:1] != ["input"] or "status" not in header:
+        raise PhenotwinError(f"{path} was not written by phenotwin (its columns are {header[:4]}...): it would be "
+                             "replaced. Move it away or choose another --output folder.")
+    return rows
+
+
+def _write_summary(path: Path, earlier: list[dict[str, str]], jobs: list[Job],
+                   records: dict[Job, dict[str, Any] | None], columns: list[str], fingerprint: dict[str, Any],
+                   target: str) -> None:
+    """summary.csv merged, never truncated: the earlier rows (a rerun on a subset keeps the
+    others), each replaced in place by this run's row for the same input and target (those
+    with a record made with this run's settings), new ones appended in input order."""
+    def key(row: dict[str, Any]) -> tuple[str, str]:
+        return os.path.abspath(row["input"]), row.get("target") or ""
+
+    rows = {key(row): row for row in earlier}
+    for job in jobs:
+        record = records.get(job)
+        if record is not None and record.get("settings") == fingerprint:
+            row = _row(job, record, columns, target)
+            rows[key(row)] = row
+    header = columns + [c for c in (earlier[0] if earlier else {}) if c not in columns]
+    write_csv(path, header, list(rows.values()))

@@ -30,7 +30,7 @@ def run_demo(out: Path, n: int = 4, steps: int | None = None, strength: float | 
 
     from phenotwin import Translator, synthetic
     from phenotwin.evaluate.metrics import auroc
-    from phenotwin.io import write_json, write_tiff
+    from phenotwin.io import safe_name, write_json, write_tiff
     from phenotwin.montage import save_montage
     from phenotwin.progress import tqdm_steps
 
@@ -54,9 +54,9 @@ def run_demo(out: Path, n: int = 4, steps: int | None = None, strength: float | 
                                       progress=tqdm_steps(f"image {i + 1}/{n}"))
         name = f"cell_{i:02d}"
         meta = result.metadata()
-        write_tiff(out / f"{name}_{source}.tif", control[i], "CYX", {"condition": source, "synthetic": True})
-        write_tiff(out / f"{name}_{target}_true.tif", treated[i], "CYX", {"condition": target, "synthetic": True})
-        write_tiff(out / f"{name}_{target}_translated.tif", result.image, "CYX", meta)
+        write_tiff(out / f"{name}_{safe_name(source)}.tif", control[i], "CYX", {"condition": source, "synthetic": True})
+        write_tiff(out / f"{name}_{safe_name(target)}_true.tif", treated[i], "CYX", {"condition": target, "synthetic": True})
+        write_tiff(out / f"{name}_{safe_name(target)}_translated.tif", result.image, "CYX", meta)
         write_tiff(out / f"{name}_heatmap.tif", result.heatmap, "YX", meta)
         write_tiff(out / f"{name}_true_change.tif", pairs.change_mask[i].astype(np.uint8), "YX", {})
         rows.append((control[i], result.image, treated[i], result.heatmap, pairs.change_mask[i]))
@@ -86,13 +86,13 @@ def run_translate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: finished images are kept in {args.output}; run the same command again to continue",
               file=sys.stderr)
-        return 130
+        return exit_code(KeyboardInterrupt())
     finally:
         _leave_process_group()
     if result.summary is not None:
         print(f"translated {result.done}, already done {result.already_done}, failed {result.failed} "
               f"-> {result.summary}")
-    return 1 if result.failed else 0
+    return exit_code(failed=result.failed)
 
 
 def _leave_process_group() -> None:
@@ -223,11 +223,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     except PhenotwinError as err:
         print(f"phenotwin: error: {err}", file=sys.stderr)
-        return 2
-    except (Cancelled, KeyboardInterrupt):
+        return exit_code(err)
+    except (Cancelled, KeyboardInterrupt) as err:
         print("phenotwin: cancelled", file=sys.stderr)
-        return 130
+        return exit_code(err)
     return 0
+
+
+def exit_code(error: BaseException | None = None, failed: int = 0) -> int:
+    """The documented exit codes (docs/batch.md): 0 all done; 1 some files failed; 2 a bad
+    invocation or input found before any work (every `PhenotwinError`); 130 interrupted."""
+    if isinstance(error, (Cancelled, KeyboardInterrupt)):
+        return 130
+    if isinstance(error, PhenotwinError):
+        return 2
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

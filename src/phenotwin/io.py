@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,21 @@ from phenotwin.errors import PhenotwinError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".jpg", ".jpeg")
+WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+
+
+def safe_name(name: str) -> str:
+    """`name` (e.g. a condition) as one file-name component that stays inside its folder.
+
+    Anything but letters, digits, '.', '-' and '_' becomes '_' and leading or trailing dots go
+    (no '..', no hidden or Windows-reserved names); a name that had to change gets 8 hex digits
+    of its hash, so `a/b` and `a_b` still get different files. Callers keep the original name
+    in their provenance.
+    """
+    cleaned = re.sub(r"[^\w.-]", "_", str(name)).strip(".")
+    if cleaned and cleaned == name and cleaned.split(".")[0].upper() not in WINDOWS_RESERVED:
+        return cleaned
+    return f"{cleaned or 'name'}-{hashlib.sha256(str(name).encode()).hexdigest()[:8]}"
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -37,6 +56,22 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise PhenotwinError(f"cannot read {file}: {err}. The file may be truncated or not really an image.") from err
 
 
+def read_header(path: str | os.PathLike) -> np.ndarray:
+    """An array with the file's shape and dtype and no pixels read (a TIFF's header), for checks
+    that need only the shape; PNG and JPEG files (small) are read."""
+    file = Path(path)
+    if file.suffix.lower() in TIFF_SUFFIXES and file.is_file():
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(file) as tif:
+                series = tif.series[0]
+                return np.broadcast_to(np.zeros((), series.dtype), series.shape)
+        except Exception:  # read_image says what is wrong with it
+            pass
+    return read_image(file)
+
+
 def shareable_mode(directory: bool = False) -> int:
     """The permissions a plain open()/mkdir() would give under the user's umask.
 
@@ -46,6 +81,32 @@ def shareable_mode(directory: bool = False) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
+
+
+def prepare_folder(folder: Path, option: str) -> None:
+    """Create an output folder and prove it takes files, before any work: a file in its place,
+    a read-only disk or missing permissions are said now, by the option's name."""
+    if folder.exists() and not folder.is_dir():
+        raise PhenotwinError(f"{option} {folder} is a file; give a folder (it is created when missing).")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".phenotwin-write-test.", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise PhenotwinError(f"cannot write into {option} {folder} ({err.strerror or err}). Choose a folder you can "
+                             "write to, or change its permissions.") from err
+
+
+@contextmanager
+def writing_into(folder: Path) -> Iterator[None]:
+    """A write that fails midway (disk full, folder removed or made read-only) stops the work with
+    what to do: every later file would fail the same way."""
+    try:
+        yield
+    except OSError as err:
+        raise PhenotwinError(f"cannot write results into {folder} ({err.strerror or err}). Free space or fix the "
+                             "folder, then run the same command again: finished results are kept.") from err
 
 
 def write_atomically(path: str | os.PathLike, write) -> Path:
@@ -101,6 +162,7 @@ def write_csv(path: str | os.PathLike, header: list[str], rows: list[dict[str, A
         Path(temp).write_text(buffer.getvalue(), encoding="utf-8")
 
     return write_atomically(path, write)
+
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")

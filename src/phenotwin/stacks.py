@@ -55,19 +55,38 @@ def check_axes(axes: str, shape: tuple[int, ...], origin: str = "--axes") -> str
     problems = []
     if len(axes) != len(shape):
         problems.append(f"it has {len(axes)} letter(s) but the image has {len(shape)} axes {tuple(shape)}")
+    _refuse_axes(f"{origin} {axes!r} does not fit the image", problems + _letter_problems(axes))
+    return axes
+
+
+def check_axes_letters(axes: str, origin: str = "--axes") -> str:
+    """What is wrong with an axes string whatever the image (no Y, a repeated letter...): said
+    once before any file is read, not once per file."""
+    axes = axes.upper()
+    _refuse_axes(f"{origin} {axes!r} cannot name the axes of any image", _letter_problems(axes))
+    return axes
+
+
+def _letter_problems(axes: str) -> list[str]:
+    problems = []
+    if not axes.isascii() or not axes.isalpha():
+        problems.append("it must be letters only")
     if "Y" not in axes or "X" not in axes:
         problems.append("it needs a Y and an X axis")
     if len(set(axes)) != len(axes):
         problems.append("a letter is repeated")
     if sum(letter in CHANNEL_AXES for letter in axes) > 1:
         problems.append("it has both C and S; name the channel axis C")
+    return problems
+
+
+def _refuse_axes(what: str, problems: list[str]) -> None:
     if problems:
         raise PhenotwinError(
-            f"{origin} {axes!r} does not fit the image: {'; '.join(problems)}. Give one letter per axis, e.g. "
+            f"{what}: {'; '.join(problems)}. Give one letter per axis, e.g. "
             "YX (grayscale), CYX (channels first), YXC (channels last), ZYX (z stack), TZCYX; "
             "T = time, Z = depth, Q = any other axis (wells, positions), C = channels."
         )
-    return axes
 
 
 @dataclass(frozen=True)
