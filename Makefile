@@ -6,10 +6,16 @@ PIP := $(PY) -m pip
 # Pins torch to the CPU wheel on the development machines (see constraints.txt).
 PIP_INSTALL := $(PIP) install --constraint constraints.txt
 XVFB := $(shell command -v xvfb-run 2>/dev/null)
-XVFB_RUN := $(if $(XVFB),xvfb-run -a -s "-screen 0 1600x1000x24",)
+XVFB_ARGS := -a -s "-screen 0 1600x1000x24"
+XVFB_RUN := $(if $(XVFB),xvfb-run $(XVFB_ARGS),)
+# make test always runs the GUI tests in a real (virtual) window: on Linux under Xvfb, which
+# .ci/gui-packages installs when missing (or says how), since napari renders nothing offscreen.
+ifeq ($(shell uname -s),Linux)
+TEST_RUN := xvfb-run $(XVFB_ARGS)
+endif
 export QT_API ?= pyqt6
 
-.PHONY: install install-test test demo bench clean
+.PHONY: install install-test gui-packages test demo bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +33,12 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-test: install-test
+gui-packages:
+	@.ci/gui-packages
+
+test: install-test gui-packages
 	$(PY) -m ruff check src tests benchmarks docs
-	$(XVFB_RUN) $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/phenotwin demo --viewer --out demo-output

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
 KINDS = ["pixel", "latent", "stable-diffusion", "stable-diffusion-lora"]
+NO_SCREEN = (
+    "this GUI test needs a screen and there is none (no DISPLAY): run `make test`, which runs the tests under Xvfb "
+    "and installs it when missing (or run `.ci/gui-packages`, which prints the one command that installs it), or "
+    "`xvfb-run -a python -m pytest ...`. To leave the GUI tests out on purpose: -m 'not gui'."
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A GUI test without a screen fails, saying how to get one, before the test modules' own
+    skip can hide it: a fresh machine without Xvfb must not pass with the GUI tests skipped."""
+    screen = os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM") == "offscreen"
+    if item.get_closest_marker("gui") and not screen and sys.platform.startswith("linux"):
+        pytest.fail(NO_SCREEN, pytrace=False)
 
 
 @pytest.fixture(scope="module")
