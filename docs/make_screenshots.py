@@ -52,13 +52,13 @@ def main() -> int:
         layer.visible = layer.name.startswith("control") and "→" not in layer.name or "Δ" in layer.name
     viewer.screenshot(str(OUT / "translate-heatmap.png"), canvas_only=False)
 
-    widget.side_by_side.value = True
+    widget.results.side_by_side.value = True
     for layer in viewer.layers:
         layer.visible = ("control" in layer.name and "true" not in layer.name) or "Δ" in layer.name
     viewer.reset_view()
     wait(app, lambda: True)
     viewer.screenshot(str(OUT / "translate-side-by-side.png"), canvas_only=False)
-    widget.side_by_side.value = False
+    widget.results.side_by_side.value = False
 
     widget.strength.value = 0.5
     wait(app, lambda: widget.last_result.strength == 0.5 and widget.session.running is None)
@@ -86,7 +86,7 @@ def per_cell(app, viewer, widget) -> None:
     from phenotwin._napari.samples import COLORMAPS, HELD_OUT_START
     from phenotwin.synthetic import as_camera_units, make_pairs
 
-    widget.side_by_side.value = False
+    widget.results.side_by_side.value = False
     for layer in list(viewer.layers):
         viewer.layers.remove(layer)
     pairs = make_pairs(1, size=192, channels=2, seed=7, start=HELD_OUT_START, changed_fraction=0.5)
@@ -97,7 +97,7 @@ def per_cell(app, viewer, widget) -> None:
     widget.cells.value = cells
     widget.strength.value, widget.steps.value, widget.guidance.value = 0.7, 20, 0.0  # guidance 0: user guide
     widget.run()
-    wait(app, lambda: widget.cell_result is not None and widget.session.running is None)
+    wait(app, lambda: widget.results.cell_result is not None and widget.session.running is None)
     for layer in viewer.layers:
         layer.visible = layer.name in ("field nucleus", "field golgi", "cells scores")
     viewer.layers["cells scores"].contour = 2

@@ -79,7 +79,7 @@ def test_translate_adds_result_layers_with_geometry_and_provenance(viewer_and_wi
     meta = translated.metadata["phenotwin"]
     assert meta["source"] == "control" and meta["target"] == "nocodazole" and meta["steps"] == 6
     assert meta["checkpoint"] == widget.translator.checkpoint_id and np.isfinite(meta["reconstruction_psnr"])
-    assert "Reconstruction" in widget.quality.value
+    assert "Reconstruction" in widget.results.quality.value
     for layer, data in zip(layers, before):  # inputs untouched
         np.testing.assert_array_equal(layer.data, data)
     # running again updates the same layers instead of piling up new ones
@@ -314,19 +314,77 @@ def test_the_slider_no_longer_updates_results_of_a_deleted_layer(viewer_and_widg
     assert widget.session.running is None and not widget.session.prefetching and len(viewer.layers) == count
 
 
+def visible(layers_) -> list[bool]:
+    return [layer.visible for layer in layers_]
+
+
 @requires_display
-def test_before_after_toggle_and_grid(viewer_and_widget, qtbot):
+def test_the_default_view_reads_at_a_glance_and_every_view_is_stable(viewer_and_widget, qtbot):
+    from phenotwin._napari.results_panel import AFTER, BEFORE
+    from phenotwin._napari.views import caption
+
     viewer, widget, layers = viewer_and_widget
+    other = viewer.add_image(np.zeros((32, 32), np.uint16), name="someone else's layer")
     widget.steps.value = 4
     run_and_wait(qtbot, widget)
-    widget.toggle_before_after()
-    assert not any(layer.visible for layer in widget.result_layers("translation"))
-    assert all(layer.visible for layer in layers)
-    widget.toggle_before_after()
-    assert all(layer.visible for layer in widget.result_layers("translation"))
-    assert not any(layer.visible for layer in layers)
-    widget.side_by_side.value = True
-    assert viewer.canvas.grid.enabled and viewer.canvas.grid.stride == 2
+    results = widget.results
+    translations, heatmap = widget.result_layers("translation"), widget.result_layers("heatmap")[0]
+    # after Translate: the translation alone, the heatmap behind its own toggle, with a colour legend
+    assert all(visible(translations)) and not any(visible(layers)) and not heatmap.visible
+    assert heatmap.colorbar.visible
+    results.heatmap.value = True
+    assert heatmap.visible and all(visible(translations))
+    results.heatmap.value = False
+    # Before / after: two states, the same ones at every press; the heatmap is left to its toggle
+    for _ in range(3):
+        results.toggle_before_after()
+        assert results.before_after.value == BEFORE
+        assert all(visible(layers)) and not any(visible(translations)) and not heatmap.visible
+        results.toggle_before_after()
+        assert results.before_after.value == AFTER
+        assert all(visible(translations)) and not any(visible(layers)) and not heatmap.visible
+    # side by side: input | translation | heatmap, one panel each, labelled, fitted, stable across presses
+    results.toggle_before_after()  # from the "before" state: side by side still shows every panel
+    for _ in range(2):
+        results.side_by_side.value = True
+        grid = viewer.canvas.grid
+        assert grid.enabled and grid.stride == 2
+        ours = [*layers, *translations, heatmap]
+        assert all(visible(ours)) and not other.visible
+        positions = [grid.position(viewer.layers.index(layer), viewer.layers) for layer in ours]
+        assert positions[0] == positions[1] and positions[2] == positions[3]
+        assert len({positions[0], positions[2], positions[4]}) == 3  # three panels
+        assert caption(viewer).visible and caption(viewer).text.split() == ["input", "|", "translation",
+                                                                                   "|", "heatmap"]
+        assert layers[0].name_overlay.visible and translations[0].name_overlay.visible and heatmap.name_overlay.visible
+        results.side_by_side.value = False
+        assert not grid.enabled and other.visible and not caption(viewer).visible
+        assert all(visible(layers)) and not any(visible(translations))  # back to the state it left
+
+
+@requires_display
+def test_a_garbage_input_never_reads_fair_or_good(make_napari_viewer, qtbot, monkeypatch):
+    """A float [0, 1] image given to the demo model (trained on 16-bit camera units): the dock and a
+    notification say it does not fit, for a whole image and for a per-cell run (the worst cell)."""
+    from phenotwin._napari import results_panel
+
+    notes = []
+    monkeypatch.setattr(results_panel, "show_warning", notes.append)
+    viewer = make_napari_viewer()
+    garbage = np.random.default_rng(0).random((2, 64, 64)).astype(np.float32)
+    viewer.add_image(garbage, channel_axis=0, name=["nucleus", "golgi"])
+    widget = TranslateWidget(viewer)  # loads the shipped demo model by itself
+    widget.prefetch.value = False
+    viewer.window.add_dock_widget(widget)
+    wait_until(qtbot, lambda: widget.translator is not None)
+    widget.steps.value = 2
+    for cells in (None, viewer.add_labels((np.arange(64 * 64).reshape(64, 64) % 64 > 40).astype(np.int32))):
+        widget.cells.value = cells
+        run_and_wait(qtbot, widget)
+        fit, quality = widget.results.fit_line, widget.results.quality.value
+        assert not fit.native.isHidden() and "does not fit" in fit.value
+        assert "fair" not in quality.lower() and "good" not in quality.lower() and "not trust" in quality
+    assert len(notes) == 2 and all("does not fit" in note for note in notes)
 
 
 @requires_display
@@ -581,8 +639,8 @@ def test_per_cell_mode_scores_cells_in_a_new_labels_layer(viewer_and_widget, qtb
     colors = scores.colormap.color_dict
     assert not np.allclose(colors[3], colors[5]) and colors[0][3] == 0
     assert any(text.startswith("Cell 2/2: generate step") for text in seen)
-    assert "Most changed cells" in widget.top_cells.value
-    widget.save_scores(tmp_path / "scores.csv")
+    assert "Most changed cells" in widget.results.top_cells.value
+    widget.results.save_scores(tmp_path / "scores.csv")
     with open(tmp_path / "scores.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(row["label"]) for row in rows] == [3, 5]

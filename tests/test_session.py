@@ -243,3 +243,26 @@ def test_tile_progress_comes_through_the_session_and_the_model_is_left_clean(ses
     # 80 px in 32 px tiles overlapping by a quarter: 3 x 3 = 9 tiles, batches of 8
     assert (8, 9) in session.seen["tiles"] and (9, 9) in session.seen["tiles"]
     assert translator.denoiser.tile_progress is None
+
+
+def test_the_verdict_is_the_librarys_and_per_cell_runs_show_the_worst():
+    from types import SimpleNamespace
+
+    from phenotwin._napari.verdict import verdict
+    from phenotwin.input_fit import FitReport
+
+    settings = TranslationSettings(steps=20, strength=1.0)
+    trusted = SimpleNamespace(reconstruction_psnr=30.0, settings=settings,
+                              trust=SimpleNamespace(level="poor", message="Poor for this model."))
+    shown = verdict(trusted, FitReport("ok"), None)
+    assert shown.quality_line == "Poor for this model." and not shown.notify
+    garbage = verdict(SimpleNamespace(reconstruction_psnr=40.0, settings=settings, trust=None),
+                      FitReport("does-not-fit", ("nucleus: constant.",)), None)
+    assert "not trust" in garbage.quality_line and "good" not in garbage.quality_line.lower()
+    assert "nucleus: constant." in garbage.fit_line and garbage.notify
+    calibration = {"reconstruction_psnr": {"20": {"1.0": [30.0, 31.0, 32.0]}}}
+    cells = SimpleNamespace(scores=[{"reconstruction_psnr": 31.0}, {"reconstruction_psnr": 22.5}], settings=settings)
+    worst = verdict(cells, FitReport("ok"), calibration, several=True)
+    assert worst.trust_level == "poor" and "22.5 dB" in worst.quality_line and "worst of all" in worst.quality_line
+    scrub = SimpleNamespace(reconstruction_psnr=float("nan"), settings=settings, trust=None)
+    assert verdict(scrub, FitReport("ok"), calibration).quality_line is None  # not measured: the line stays

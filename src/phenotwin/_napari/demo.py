@@ -12,11 +12,11 @@ def show_demo(model: Path | None = None, steps: int | None = None) -> None:
     viewer = napari.Viewer(title="napari-phenotwin demo")
     viewer.open_sample("napari-phenotwin", "demo-scene")
     _, widget = viewer.window.add_plugin_dock_widget("napari-phenotwin", "Translate cells")
-    if steps is not None:
-        widget.steps.value = steps
 
     def translate_once(_translator) -> None:
         widget.model_loaded.disconnect(translate_once)
+        if steps is not None:  # after the model's defaults filled the controls
+            widget.steps.value = steps
         widget.run()
 
     widget.model_loaded.connect(translate_once)

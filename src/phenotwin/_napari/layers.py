@@ -28,8 +28,6 @@ ROLE_KEY = "phenotwin"
 RGB_NAMES = ("R", "G", "B")
 RGB_COLORMAPS = ("red", "green", "blue")
 TOP_CELLS = 5
-POOR_RECONSTRUCTION_DB = 25.0
-FAIR_RECONSTRUCTION_DB = 32.0
 
 
 def role(layer) -> str | None:
@@ -186,25 +184,13 @@ def _all_planes(layer: Image) -> np.ndarray:
 # -- showing results ------------------------------------------------------------------------
 
 
-def quality_hint(psnr: float) -> str:
-    """Plain-language verdict on the reconstruction PSNR."""
-    if not np.isfinite(psnr):
-        return "Reconstruction: not measured"
-    if psnr < POOR_RECONSTRUCTION_DB:
-        return (f"Reconstruction {psnr:.1f} dB: POOR. The model cannot reproduce this image, so do not trust the "
-                "translation. Is it like the training images (magnification, channels, intensities)?")
-    if psnr < FAIR_RECONSTRUCTION_DB:
-        return f"Reconstruction {psnr:.1f} dB: fair. Small changes in the translation may be reconstruction error."
-    return f"Reconstruction {psnr:.1f} dB: good. The model reproduces this image faithfully."
-
-
 @dataclass
 class Shown:
     """What the dock says about a result it showed."""
 
     status: str
-    quality: str | None  # None: not measured, leave the line as it was
-    top_cells: str | None = None  # per-cell runs: the most changed cells
+    several: bool  # many cells or planes: the dock's verdict is the worst of them
+    top_cells: str | None = None  # per-cell runs: the most changed cells, and the colours' legend
 
 
 def show_result(viewer: napari.Viewer, result, sources: SourcePlanes) -> Shown:
@@ -217,16 +203,13 @@ def show_result(viewer: napari.Viewer, result, sources: SourcePlanes) -> Shown:
         meta = {**meta, "cells_layer": sources.cells_name}
         _show_images(viewer, result.image, result.heatmap, meta, sources)
         top_cells = _show_cells(viewer, result, meta, sources)
-        worst = min((row["reconstruction_psnr"] for row in result.scores), default=float("nan"))
         described = f"{len(result.scores)} cells"
     else:
         _show_images(viewer, result.image, result.heatmap, meta, sources)
-        worst = result.reconstruction_psnr
         described = f"{meta['planes']} planes" if isinstance(result, StackTranslation) else "image"
-    quality = quality_hint(worst) + (" (worst of all)" if described != "image" else "") if np.isfinite(worst) else None
     status = (f"{described.capitalize()}: {meta['source']} → {meta['target']} at strength "
               f"{meta['strength']:.2f} ({meta['steps']} steps).")
-    return Shown(status, quality, top_cells)
+    return Shown(status, described != "image", top_cells)
 
 
 def _show_images(viewer, translated: np.ndarray, heat: np.ndarray, meta: dict[str, Any], sources: SourcePlanes):
@@ -263,7 +246,8 @@ def _show_cells(viewer, result: CellTranslation, meta: dict[str, Any], sources: 
                       colormap=DirectLabelColormap(color_dict=colors), scale=sources.scale,
                       translate=sources.translate)
     ranked = sorted(result.scores, key=lambda row: row["change"], reverse=True)[:TOP_CELLS]
-    return "Most changed cells (label: change):\n" + "\n".join(f"{row['label']}: {row['change']:.3f}" for row in ranked)
+    return (f"Cell colours (viridis): dark purple = no change, yellow = the most, {top:.3f}.\n"
+            "Most changed cells (label: change):\n" + "\n".join(f"{row['label']}: {row['change']:.3f}" for row in ranked))
 
 
 def _put_layer(viewer, name: str, data: np.ndarray, kind: str, meta: dict[str, Any], sources: SourcePlanes,
@@ -303,36 +287,6 @@ def save_scores(result: CellTranslation | None, path) -> None:
 def result_layers(viewer: napari.Viewer, kind: str | None = None) -> list[Image]:
     """Our translation and heatmap layers (or those of one `kind`)."""
     return [layer for layer in viewer.layers if role(layer) in ((kind,) if kind else ("translation", "heatmap"))]
-
-
-def toggle_before_after(viewer: napari.Viewer, sources: SourcePlanes) -> None:
-    """Show either the input layers or their translations (the heatmap is left as it is)."""
-    translations = result_layers(viewer, "translation")
-    showing_after = any(layer.visible for layer in translations)
-    for layer in translations:
-        layer.visible = not showing_after
-    for layer in sources.layers:
-        if layer in viewer.layers:
-            layer.visible = showing_after
-
-
-def side_by_side(viewer: napari.Viewer, sources: SourcePlanes | None, on: bool, stride: int) -> None:
-    """Grid view with input, translation and heatmap each in its own cell: napari's grid
-    groups `stride` consecutive layers, so ours go first in the layer list, in that order."""
-    if on and sources is not None:
-        ordered = [layer for layer in sources.layers if layer in viewer.layers]
-        ordered += result_layers(viewer, "translation") + result_layers(viewer, "heatmap")
-        for position, layer in enumerate(ordered):
-            viewer.layers.move(viewer.layers.index(layer), position)
-    grid = _grid(viewer)
-    grid.stride = max(1, stride)
-    grid.enabled = bool(on)
-
-
-def _grid(viewer):
-    """The viewer's grid settings: `viewer.canvas.grid` since napari 0.9 (`viewer.grid` is deprecated there)."""
-    canvas = getattr(viewer, "canvas", None)
-    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
 
 
 def _common_name(names: list[str]) -> str:

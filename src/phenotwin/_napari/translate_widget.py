@@ -17,6 +17,7 @@ from superqt.utils import qdebounced
 
 from phenotwin._napari import layers
 from phenotwin._napari import model_registry as registry
+from phenotwin._napari.results_panel import ResultsPanel
 from phenotwin._napari.session import STRENGTH_MAX, STRENGTH_MIN, STRENGTH_STEP, RunRequest, TranslationSession
 from phenotwin._napari.workers import DockProgress, TileSignal, start_worker
 from phenotwin.errors import PhenotwinError
@@ -39,8 +40,6 @@ class TranslateWidget(widgets.Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.session = TranslationSession(start_worker)
-        self.cell_result = None
-        self._sources: layers.SourcePlanes | None = None  # of the result shown
         self._requested_model: str | None = None
         self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
         self._tiles = TileSignal()
@@ -82,20 +81,15 @@ class TranslateWidget(widgets.Container):
         self.cancel_button = widgets.PushButton(text="Cancel", enabled=False)
         self.progress_bar = widgets.ProgressBar(label="Progress", min=0, max=1, value=0, visible=False)
         self.status = widgets.Label(value="")
-        self.quality = widgets.Label(value="")
-        self.top_cells = widgets.Label(value="", visible=False)
-        self.export_button = widgets.PushButton(text="Export CSV…", enabled=False)
-        self.compare_button = widgets.PushButton(text="Before / after", enabled=False)
-        self.side_by_side = widgets.CheckBox(text="Side by side (grid)", value=False)
+        self.results = ResultsPanel(self.viewer, lambda: len(self.channel_pickers))
         self._dock = DockProgress(self.status, self.progress_bar)
         self._prefetch_line = DockProgress(self.prefetch_info, reveal=True)
         self.extend([
             self.model_path, self.load_button, self.model_info, self.channel_pickers, self.planes, self.cells,
             self.source, self.target, self.strength, self.prefetch, self.prefetch_info, self.steps, self.guidance,
-            self.confine, self.seed, self.run_button, self.cancel_button, self.progress_bar, self.status, self.quality,
-            self.top_cells, self.export_button, self.compare_button, self.side_by_side,
+            self.confine, self.seed, self.run_button, self.cancel_button, self.progress_bar, self.status, self.results,
         ])
-        for label in (self.quality, self.model_info, self.status, self.top_cells, self.prefetch_info):
+        for label in (self.model_info, self.status, self.prefetch_info):
             label.native.setWordWrap(True)
         self._show_defaults(model_defaults())
 
@@ -105,10 +99,6 @@ class TranslateWidget(widgets.Container):
         for control in (self.strength, self.target, self.guidance, self.confine):
             control.changed.connect(self._on_generation_setting)
         self.prefetch.changed.connect(self.session.set_prefetch)
-        self.compare_button.changed.connect(self.toggle_before_after)
-        self.export_button.changed.connect(self._ask_csv_path)
-        self.side_by_side.changed.connect(
-            lambda on: layers.side_by_side(self.viewer, self._sources, on, len(self.channel_pickers)))
         events = self.session.events
         events.started.connect(self._on_started)
         events.progress.connect(self._dock.step)
@@ -264,33 +254,12 @@ class TranslateWidget(widgets.Container):
     def _on_result(self, result, sources: layers.SourcePlanes) -> None:
         if self._closed:
             return
-        self._sources = sources
         shown = layers.show_result(self.viewer, result, sources)
-        if shown.quality is not None:
-            self.quality.value = shown.quality
         self._dock.say(shown.status)
         if shown.top_cells is not None:
-            self.cell_result = result
-            self.top_cells.value, self.top_cells.visible = shown.top_cells, True
-            self.export_button.enabled = True
-        self.compare_button.enabled = True
+            self.results.show_cells(result, shown.top_cells)
+        self.results.show_result(result, sources, self.translator, shown.several)
         self.translated.emit(result)
 
     def result_layers(self, role: str | None = None):
         return layers.result_layers(self.viewer, role)
-
-    def toggle_before_after(self, *_):
-        """Show either the input layers or their translations (the heatmap is left as it is)."""
-        if self._sources is not None:
-            layers.toggle_before_after(self.viewer, self._sources)
-
-    def _ask_csv_path(self, *_) -> None:
-        from qtpy.QtWidgets import QFileDialog
-
-        path, _ = QFileDialog.getSaveFileName(self.native, "Export per-cell scores", "cell-scores.csv", "CSV (*.csv)")
-        if path:
-            self.save_scores(path)
-
-    def save_scores(self, path) -> None:
-        """Write the last per-cell scores as CSV (atomically)."""
-        layers.save_scores(self.cell_result, path)

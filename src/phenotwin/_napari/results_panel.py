@@ -1,0 +1,108 @@
+"""The Translate dock's result section: whether to believe it, how it is shown, what to keep.
+
+Two lines judge the result in the library's words (`verdict`): the input's fit and the
+model's trust verdict; a bad fit is also a napari notification, once per run. The view
+controls are one `views.ResultView` state: Before / after (two states), the heatmap's own
+toggle, side by side. Per-cell runs add their most changed cells and a CSV export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from magicgui import widgets
+from napari.utils.notifications import show_warning
+
+from phenotwin._napari import layers
+from phenotwin._napari.verdict import Verdict, input_fit, verdict
+from phenotwin._napari.views import ResultView
+
+if TYPE_CHECKING:
+    import napari
+
+BEFORE, AFTER = "Before (input)", "After (translation)"
+
+
+class ResultsPanel(widgets.Container):
+    """Verdict lines, view controls and exports of the result shown."""
+
+    def __init__(self, viewer: napari.Viewer, stride: Callable[[], int]) -> None:
+        super().__init__(labels=False)
+        self.viewer, self._stride = viewer, stride
+        self.view = ResultView()
+        self.sources: layers.SourcePlanes | None = None  # of the result shown
+        self.cell_result = None
+        self.verdict: Verdict | None = None
+        self._notified: tuple | None = None
+        self.fit_line = widgets.Label(value="", visible=False)
+        self.quality = widgets.Label(value="")
+        self.top_cells = widgets.Label(value="", visible=False)
+        self.before_after = widgets.RadioButtons(
+            choices=[BEFORE, AFTER], value=AFTER, orientation="horizontal", enabled=False,
+            tooltip="Show the input layers or their translation in the same place (shortcut: B).")
+        self.heatmap = widgets.CheckBox(
+            text="Heatmap (where the translation differs from the input)", value=False, enabled=False,
+            tooltip="Show the difference heatmap over the image, with its colour scale.")
+        self.side_by_side = widgets.CheckBox(
+            text="Side by side: input | translation | heatmap", value=False, enabled=False,
+            tooltip="napari's grid: the input, the translation and the heatmap each in a labelled panel, fitted "
+                    "to the window. Your other layers are hidden meanwhile and shown again afterwards.")
+        self.export_button = widgets.PushButton(
+            text="Export CSV…", enabled=False, tooltip="Save the per-cell scores, with the settings, as CSV.")
+        self.extend([self.fit_line, self.quality, self.top_cells, self.before_after, self.heatmap, self.side_by_side,
+                     self.export_button])
+        for label in (self.fit_line, self.quality, self.top_cells):
+            label.native.setWordWrap(True)
+        self.before_after.changed.connect(lambda value: self._set(after=value == AFTER))
+        self.heatmap.changed.connect(lambda on: self._set(heatmap=on))
+        self.side_by_side.changed.connect(lambda on: self._set(grid=on))
+        self.export_button.changed.connect(self._ask_csv_path)
+
+    def show_result(self, result, sources: layers.SourcePlanes, translator, several: bool) -> None:
+        """After result layers were put in place: judge the result, apply the view."""
+        self.sources = sources
+        fit = getattr(result, "fit", None)
+        if fit is None and translator is not None:
+            fit = input_fit(translator, sources.image)  # per-cell and stack results carry none (yet)
+        calibration = getattr(getattr(translator, "info", None), "calibration", None)
+        self.verdict = judged = verdict(result, fit, calibration, several)
+        self.fit_line.value, self.fit_line.visible = judged.fit_line, bool(judged.fit_line)
+        if judged.quality_line is not None:
+            self.quality.value = judged.quality_line
+        key = (id(sources), judged.fit_level, judged.trust_level)  # once per run, not at every slider move
+        if judged.notify and key != self._notified:
+            self._notified = key
+            show_warning(judged.fit_line or judged.quality_line)
+        for control in (self.before_after, self.heatmap, self.side_by_side):
+            control.enabled = True
+        self.apply()
+
+    def show_cells(self, result, top_cells: str) -> None:
+        self.cell_result = result
+        self.top_cells.value, self.top_cells.visible = top_cells, True
+        self.export_button.enabled = True
+
+    def _set(self, **state) -> None:
+        for name, value in state.items():
+            setattr(self.view, name, value)
+        self.apply()
+
+    def apply(self) -> None:
+        self.view.apply(self.viewer, self.sources, self._stride())
+
+    def toggle_before_after(self, *_) -> None:
+        """The other of the two states (the B shortcut)."""
+        if self.sources is not None:
+            self.before_after.value = BEFORE if self.before_after.value == AFTER else AFTER
+
+    def _ask_csv_path(self, *_) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(self.native, "Export per-cell scores", "cell-scores.csv", "CSV (*.csv)")
+        if path:
+            self.save_scores(path)
+
+    def save_scores(self, path) -> None:
+        """Write the last per-cell scores as CSV (atomically)."""
+        layers.save_scores(self.cell_result, path)
