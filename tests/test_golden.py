@@ -53,7 +53,9 @@ def compute(tmp: Path) -> dict[str, np.ndarray]:
 
     field = np.concatenate([_camera_cells(1, 64, 700_010)[0], _camera_cells(1, 64, 700_011)[0][:, :, :40]], axis=2)
     field = field[:, :56, :]  # 56 x 104: padded to 64 high, tiled across
-    tiled = translator.translate(field, "control", "nocodazole", strength=0.6, steps=6, channel_axis=0)
+    # Settings pinned to the demo model's defaults when recorded (guidance 1, edit mask on): its defaults may be recalibrated.
+    tiled = translator.translate(field, "control", "nocodazole", strength=0.6, steps=6, guidance=1.0, confine=True,
+                                 channel_axis=0)
     out.update(tiled_image=tiled.image, tiled_heatmap=tiled.heatmap)
 
     labels = np.zeros(image.shape[1:], np.int32)
@@ -68,11 +70,12 @@ def compute(tmp: Path) -> dict[str, np.ndarray]:
     inputs.mkdir()
     for k, cell in enumerate(_camera_cells(2, 64, 700_020)):
         tifffile.imwrite(inputs / f"well_{k}.tif", cell, metadata={"axes": "CYX"})
-    run_batch(demo, [str(inputs)], tmp / "batch", TranslationSettings("control", "nocodazole", strength=0.4, steps=6),
-              device="cpu")
+    pinned = TranslationSettings("control", "nocodazole", strength=0.4, steps=6, guidance=1.0, confine=True)
+    run_batch(demo, [str(inputs)], tmp / "batch", pinned, device="cpu")
     for k in range(2):
-        out[f"batch_{k}_image"] = tifffile.imread(tmp / "batch" / f"well_{k}_nocodazole.ome.tif")
-        out[f"batch_{k}_heatmap"] = tifffile.imread(tmp / "batch" / f"well_{k}_nocodazole_heatmap.ome.tif")
+        (heatmap,) = (tmp / "batch").glob(f"well_{k}*_nocodazole_heatmap.ome.tif")  # output names may change
+        out[f"batch_{k}_image"] = tifffile.imread(heatmap.with_name(heatmap.name.replace("_heatmap", "")))
+        out[f"batch_{k}_heatmap"] = tifffile.imread(heatmap)
     return out
 
 

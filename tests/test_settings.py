@@ -69,5 +69,5 @@ def test_stored_defaults_with_an_unknown_key_are_refused_not_dropped():
 
 
 def test_settings_round_trip_through_a_dict():
-    settings = TranslationSettings("control", "treated", 0.5, 20, 1.0, True, 3, "input", 1, True, 2.0)
+    settings = TranslationSettings("control", "treated", 0.5, 20, 1.0, True, 3, "input", 1, True, 2.0, True)
     assert TranslationSettings.from_dict(settings.to_dict()) == settings

@@ -1,12 +1,12 @@
-"""The `phenotwin` command: `demo`, `synthetic`, `train`, `translate` and `evaluate`."""
+"""The `phenotwin` command: `demo`, `synthetic`, `train`, `translate`, `evaluate` and `calibrate`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 from phenotwin.errors import Cancelled, PhenotwinError, PhenotwinWarning
 
@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     from phenotwin.evaluate.commands import add_parser as add_evaluate_parser
 
     add_evaluate_parser(commands)
+    from phenotwin.calibration import add_parser as add_calibrate_parser
+
+    add_calibrate_parser(commands)
     return parser
 
 
@@ -209,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from phenotwin.train.commands import run as run_train
 
             return run_train(args, argv)
+        if args.command == "calibrate":
+            from phenotwin.calibration import run as run_calibrate
+
+            return run_calibrate(args)
         if args.command == "evaluate":
             from phenotwin.evaluate.commands import run as run_evaluate
 

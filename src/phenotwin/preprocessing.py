@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from phenotwin.errors import PhenotwinError, PhenotwinWarning
+from phenotwin.input_fit import FitReport, check_fit
 
 MIN_SIZE = 16
 
@@ -157,28 +158,46 @@ class PreparedImage:
     model_input: np.ndarray  # (C, H', W') model range, padded to at least the model size
     normalised: np.ndarray  # (C, H, W) model range, at the image's own size
     layout: ImageLayout
+    fit: FitReport  # how the image's intensities compare with the training images'
 
 
 class ImageProcessor:
-    """A model's view of images: its channel count, its normalisation, its size and the
-    multiple its autoencoder needs; `preprocess` goes to model range, `postprocess` back."""
+    """A model's view of images: its channel count, its normalisation (and the statistics of
+    its training images), its size and the multiple its autoencoder needs; `preprocess` goes
+    to model range and reports the input's fit, `postprocess` goes back."""
 
-    def __init__(self, channels: int, normalization: dict[str, Any], model_size: int, multiple: int = 1):
+    def __init__(self, channels: int, normalization: dict[str, Any], model_size: int, multiple: int = 1,
+                 statistics: dict[str, Any] | None = None, channel_names: list[str] | None = None):
         self.channels = channels
         self.normalization = normalization
         self.model_size = model_size
         self.multiple = multiple
+        self.statistics = statistics
+        self.channel_names = channel_names
 
-    def preprocess(self, image: Any, channel_axis: int | None = None) -> PreparedImage:
-        """Check and normalise an image.
+    def preprocess(self, image: Any, channel_axis: int | None = None, match_intensities: bool = False) -> PreparedImage:
+        """Check and normalise an image, and compare its intensities with the training images'.
 
         The model input is the normalised image, reflect-padded at the bottom and right to at
         least the model's size and to a multiple of `multiple` (the autoencoder's downsampling);
         results are cropped back. Fields larger than the model are translated tile by tile.
+        `match_intensities` maps the image's own percentiles (those the training range was
+        taken at) onto the training range, for images from another microscope setting; results
+        come back in the image's own units.
         """
         original = np.asarray(image)
         chw, axis = to_channels_first(original, self.channels, channel_axis)
         low, high = intensity_range(chw, self.normalization)
+        mode = self.normalization["mode"]
+        matched = match_intensities and mode == "fixed"
+        if matched:
+            own_low, own_high = intensity_range(chw, {"mode": "percentile", **_percentiles(self.normalization)})
+            in_training_units = (chw - own_low[:, None, None]) / (own_high - own_low)[:, None, None]
+            fit = check_fit(in_training_units * (high - low)[:, None, None] + low[:, None, None], low, high,
+                            self.statistics, mode, original.dtype, self.channel_names, matched=True)
+            low, high = own_low, own_high
+        else:
+            fit = check_fit(chw, low, high, self.statistics, mode, original.dtype, self.channel_names)
         full = normalise(chw, low, high)
         layout = ImageLayout(shape=original.shape, dtype=original.dtype, channel_axis=axis, low=low, high=high)
         height, width = full.shape[1:]
@@ -190,9 +209,11 @@ class ImageProcessor:
                 PhenotwinWarning,
                 stacklevel=3,
             )
+        if fit.level in ("warning", "does-not-fit"):
+            warnings.warn(fit.message, PhenotwinWarning, stacklevel=3)
         target_h = max(size, -(-height // self.multiple) * self.multiple)
         target_w = max(size, -(-width // self.multiple) * self.multiple)
-        return PreparedImage(pad_reflect(full, target_h, target_w), full, layout)
+        return PreparedImage(pad_reflect(full, target_h, target_w), full, layout, fit)
 
     @staticmethod
     def postprocess(model_range: np.ndarray, layout: ImageLayout) -> np.ndarray:
@@ -202,6 +223,12 @@ class ImageProcessor:
     def to_model_range(self, images: np.ndarray) -> np.ndarray:
         """Raw (N, C, H, W) images in model range with this model's normalisation (evaluation, metrics)."""
         return np.stack([normalise(im.astype(np.float64), *intensity_range(im, self.normalization)) for im in images])
+
+
+def _percentiles(normalization: dict[str, Any]) -> dict[str, float]:
+    """The percentiles a fixed training range was taken at (phenotwin train records them)."""
+    low, high = normalization.get("from_percentiles", (0.1, 99.9))
+    return {"low": low, "high": high}
 
 
 def pad_reflect(chw: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from phenotwin.input_fit import FitReport
 from phenotwin.pipeline.cache import GenerationCache, Key
 from phenotwin.pipeline.heatmap import difference_map, psnr
 from phenotwin.pipeline.schedulers import inversion_steps
 from phenotwin.pipeline.settings import TranslationSettings
 from phenotwin.preprocessing import ImageLayout, ImageProcessor
+from phenotwin.trust import TrustVerdict, verdict
 
 if TYPE_CHECKING:  # torch loads lazily
     import torch
@@ -45,6 +47,7 @@ class Inversion:
     generated: GenerationCache = field(default_factory=GenerationCache, repr=False)
     # Edit masks (C, H, W) in [0, 1] by target class index (see `edit_mask.edit_mask_steps`).
     edit_masks: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    fit: FitReport | None = None  # the input's intensities against the training images'
 
     def kept_states(self) -> list[int]:
         """Which inversion states are held (the others are recomputed when needed)."""
@@ -82,6 +85,8 @@ class Translation:
     checkpoint_id: str
     autoencoder_psnr: float | None = None
     edit_mask: np.ndarray | None = None  # (C, H, W) weights the change was confined to, or None
+    fit: FitReport | None = None  # the input's intensities against the training images' (`input_fit`)
+    trust: TrustVerdict | None = None  # whether to believe it, calibrated on the model's held-out images (`trust`)
     inversion: Inversion | None = field(default=None, repr=False)  # reuse it to scrub without re-inverting
 
     source = property(lambda self: self.settings.source)
@@ -110,12 +115,16 @@ class Translation:
             "reference": s.reference,
             "confine": self.edit_mask is not None,
             "inversion_refinements": s.inversion_refinements,
+            "match_intensities": s.match_intensities,
+            "input_fit": None if self.fit is None else {"level": self.fit.level, "findings": list(self.fit.findings)},
+            "trust": None if self.trust is None else self.trust.to_dict(),
             "phenotwin_version": __version__,
         }
 
 
 def compose(inversion: Inversion, generated: np.ndarray, reconstruction: np.ndarray | None, mask: np.ndarray | None,
-            settings: TranslationSettings, processor: ImageProcessor, checkpoint_id: str) -> Translation:
+            settings: TranslationSettings, processor: ImageProcessor, checkpoint_id: str,
+            calibration: dict[str, Any] | None = None) -> Translation:
     """The translation shown, from the model's renderings (model range, cropped) and the edit mask.
 
     With reference "reconstruction", the change the model makes between its own rendering of
@@ -131,10 +140,12 @@ def compose(inversion: Inversion, generated: np.ndarray, reconstruction: np.ndar
     else:
         shown = generated
     heat = difference_map(inversion.normalised, shown, signed=settings.signed, sigma=settings.sigma)
+    quality = psnr(inversion.normalised, reconstruction) if reconstruction is not None else float("nan")
+    used = settings.replace(strength=settings.used_steps / inversion.steps)
     return Translation(
         image=processor.postprocess(shown, inversion.layout), heatmap=heat.total, heatmap_channels=heat.per_channel,
-        normalised=shown, generated=generated, reconstruction=reconstruction,
-        reconstruction_psnr=psnr(inversion.normalised, reconstruction) if reconstruction is not None else float("nan"),
-        settings=settings.replace(strength=settings.used_steps / inversion.steps), checkpoint_id=checkpoint_id,
-        autoencoder_psnr=inversion.autoencoder_psnr, edit_mask=mask, inversion=inversion,
+        normalised=shown, generated=generated, reconstruction=reconstruction, reconstruction_psnr=quality,
+        settings=used, checkpoint_id=checkpoint_id, autoencoder_psnr=inversion.autoencoder_psnr, edit_mask=mask,
+        fit=inversion.fit, trust=verdict(quality, used.steps, used.strength, calibration, inversion.fit),
+        inversion=inversion,
     )

@@ -46,7 +46,9 @@ class TranslationSettings:
     the conditions differ (edit mask); `reference`: "reconstruction" (the change between the
     model's two renderings, added to the input) or "input" (PhenDiff's raw rendering);
     `inversion_refinements`: fixed-point iterations per inversion step; `seed`: recorded, and
-    used by any sampler that draws noise; `signed` / `sigma`: how the heatmap is drawn.
+    used by any sampler that draws noise; `signed` / `sigma`: how the heatmap is drawn;
+    `match_intensities`: map the image's own percentiles onto the training range (images from
+    another microscope setting; never on by default, recorded in provenance).
     """
 
     source: str | None = None
@@ -60,6 +62,7 @@ class TranslationSettings:
     inversion_refinements: int | None = None
     signed: bool = False
     sigma: float = 0.0
+    match_intensities: bool = False
 
     def replace(self, **changes: Any) -> TranslationSettings:
         """A copy with `changes`; a change of None keeps the current value (keyword-argument APIs pass None for unset)."""
@@ -95,6 +98,7 @@ class TranslationSettings:
             confine=_flag("confine", merged.confine), signed=_flag("signed", merged.signed),
             seed=_seed(merged.seed), reference=_reference(merged.reference),
             inversion_refinements=_refinements(merged.inversion_refinements), sigma=_sigma(merged.sigma),
+            match_intensities=_flag("match_intensities", merged.match_intensities),
         )
 
 

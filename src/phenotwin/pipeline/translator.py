@@ -61,7 +61,8 @@ class Translator:
         self.denoiser = Denoiser(loaded, self.device, dtype)
         self.diffusion = Diffusion(self.denoiser, self.scheduler_config)
         multiple = vae_downsampling(self.denoiser.vae) if self.denoiser.vae is not None else 1
-        self.processor = ImageProcessor(self.info.channels, self.info.normalization, self.info.image_size, multiple)
+        self.processor = ImageProcessor(self.info.channels, self.info.normalization, self.info.image_size, multiple,
+                                        self.info.intensity_statistics, self.info.channel_names)
 
     classes = property(lambda self: list(self.info.classes))
     image_size = property(lambda self: self.info.image_size)
@@ -85,11 +86,11 @@ class Translator:
 
     # -- inversion ---------------------------------------------------------------------
 
-    def invert_steps(self, image: Any, source: str | int, steps: int | None = None,
-                     channel_axis: int | None = None) -> Steps[Inversion]:
+    def invert_steps(self, image: Any, source: str | int | None = None, steps: int | None = None,
+                     channel_axis: int | None = None, *, settings: TranslationSettings | None = None) -> Steps[Inversion]:
         """Generator form of `invert`: yields a `Progress` per step, returns the `Inversion`."""
-        settings = self.resolve(source=source, steps=steps)
-        return self._invert(self.processor.preprocess(image, channel_axis), settings)
+        s = self.resolve(settings, source=source, steps=steps)
+        return self._invert(self.processor.preprocess(image, channel_axis, s.match_intensities), s)
 
     def _invert(self, prepared: PreparedImage, settings: TranslationSettings) -> Steps[Inversion]:
         source_index = self.classes.index(settings.source)
@@ -100,7 +101,7 @@ class Translator:
             source=settings.source, source_index=source_index, classes=tuple(self.classes), steps=settings.steps,
             states=states, model_input=prepared.model_input, normalised=prepared.normalised, layout=prepared.layout,
             checkpoint_id=self.checkpoint_id, autoencoder_psnr=autoencoder_psnr,
-            refinements=settings.inversion_refinements, generated=GenerationCache(self.cache_budget),
+            refinements=settings.inversion_refinements, generated=GenerationCache(self.cache_budget), fit=prepared.fit,
         )
 
     # -- generation --------------------------------------------------------------------
@@ -137,7 +138,8 @@ class Translator:
                 reconstruction = generated
             elif made is not None:
                 reconstruction = made
-        return compose(inversion, generated, reconstruction, mask, s, self.processor, self.checkpoint_id)
+        return compose(inversion, generated, reconstruction, mask, s, self.processor, self.checkpoint_id,
+                       self.info.calibration)
 
     def _sample(self, inversion: Inversion, target_index: int, used: int, guidance: float, seed: int | None,
                 reconstruct: bool) -> Steps[tuple[np.ndarray, np.ndarray | None]]:
@@ -206,7 +208,7 @@ class Translator:
         if s.source is None or s.target is None:
             raise PhenotwinError(f"a translation needs a source and a target condition; this model knows "
                                  f"{', '.join(map(repr, self.classes))}.")
-        prepared = self.processor.preprocess(image, channel_axis)
+        prepared = self.processor.preprocess(image, channel_axis, s.match_intensities)
 
         def run():
             inversion = yield from self._invert(prepared, s)

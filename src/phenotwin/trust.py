@@ -1,0 +1,97 @@
+"""Should the user believe this result? A verdict calibrated on the model's own held-out images.
+
+The reconstruction PSNR (the input regenerated under its own condition) is the trust signal,
+but what counts as good depends on the model, its step count and the strength: fixed dB
+thresholds called garbage "fair" at 20 steps (25.9 dB) next to a real image (26.0 dB). So
+`phenotwin calibrate` (and training) measure the PSNR on held-out images of the training
+distribution at the settings the model offers, and a result is ranked against that
+distribution. The input-fit report comes first: an image that does not fit the model never
+reads good, whatever its PSNR. Torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from phenotwin.input_fit import FitReport
+
+LEVELS = ("good", "fair", "uncalibrated", "poor", "does-not-fit")  # from best to worst
+# Against the worst of the model's held-out images: within GOOD_MARGIN_DB below it a result reads
+# "good" (so the model's own held-out images do, by construction), within POOR_MARGIN_DB "fair".
+GOOD_MARGIN_DB = 1.0
+POOR_MARGIN_DB = 3.0
+# Used only for a model without calibration, and said so: the old fixed thresholds.
+UNCALIBRATED_DB = (25.0, 32.0)
+
+
+@dataclass(frozen=True)
+class TrustVerdict:
+    level: str  # one of LEVELS
+    message: str
+    psnr: float
+    percentile: float | None = None  # share of the model's held-out images this result beats, in %
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "message": self.message, "psnr": self.psnr, "percentile": self.percentile}
+
+
+def _nearest(keys: list[str], value: float, log: bool = False) -> str:
+    def distance(key: str) -> float:
+        return abs(math.log(float(key) / value)) if log else abs(float(key) - value)
+
+    return min(keys, key=distance)
+
+
+def held_out_psnrs(calibration: dict[str, Any] | None, steps: int, strength: float) -> tuple[list[float], str] | None:
+    """The calibrated PSNRs nearest to these settings, and a phrase naming the settings they were measured at."""
+    table = (calibration or {}).get("reconstruction_psnr") or {}
+    if not table:
+        return None
+    step_key = _nearest(list(table), steps, log=True)
+    strength_key = _nearest(list(table[step_key]), strength)
+    values = [v for v in table[step_key][strength_key] if math.isfinite(v)]
+    return (values, f"at {step_key} steps, strength {float(strength_key):g}") if values else None
+
+
+def verdict(psnr: float, steps: int, strength: float, calibration: dict[str, Any] | None,
+            fit: FitReport | None = None) -> TrustVerdict:
+    """The trust verdict of a result with reconstruction `psnr` at (`steps`, `strength`)."""
+    shown = "not measured" if not math.isfinite(psnr) and psnr != math.inf else f"{psnr:.1f} dB"
+    if fit is not None and fit.level == "does-not-fit":
+        return TrustVerdict("does-not-fit", f"Reconstruction {shown}. {fit.message}", psnr)
+    reference = held_out_psnrs(calibration, steps, strength)
+    if not math.isfinite(psnr) and psnr != math.inf:
+        level, message, percentile = "uncalibrated", "Reconstruction not measured.", None
+    elif reference is None:
+        poor, fair = UNCALIBRATED_DB
+        word = "poor" if psnr < poor else "fair" if psnr < fair else "good"
+        level, percentile = "uncalibrated", None
+        message = (f"Reconstruction {shown} ({word} by fixed thresholds; this model is not calibrated, so this is a "
+                   "rough guide: run `phenotwin calibrate` to judge results against the model's own held-out images).")
+    else:
+        values, where = reference
+        percentile = float(100.0 * np.mean(np.asarray(values) <= psnr))
+        if psnr >= min(values) - GOOD_MARGIN_DB:
+            level = "good"
+            message = (f"Reconstruction {shown}: good, as high as or higher than {percentile:.0f}% of this model's "
+                       f"held-out images ({where}).")
+        elif psnr >= min(values) - POOR_MARGIN_DB:
+            level = "fair"
+            message = (f"Reconstruction {shown}: fair, lower than {100 - percentile:.0f}% of this model's held-out "
+                       f"images ({where}); small changes in the translation may be reconstruction error.")
+        else:
+            level = "poor"
+            message = (f"Reconstruction {shown}: POOR, below all of this model's held-out images ({where}, worst "
+                       f"{min(values):.1f} dB): do not trust this translation. Is the image like the training images "
+                       "(magnification, channels, intensities)?")
+    if fit is not None and fit.level == "warning":
+        if level == "good":
+            level = "fair"
+        message += " " + fit.message
+    elif fit is not None and fit.level == "unknown":
+        message += " (Input fit unknown: the model records no training statistics.)"
+    return TrustVerdict(level, message, psnr, percentile)

@@ -1,0 +1,189 @@
+"""Trust on a user's own data: the input-fit check, the calibrated verdict, `phenotwin calibrate`.
+
+Each kind of input that went through silently before (issue 18) is flagged here, on the
+shipped demo model, which records the intensity statistics of its training images.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from phenotwin import PhenotwinWarning
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from phenotwin import Translator
+    from phenotwin.assets import demo_model_path
+
+    return Translator(demo_model_path(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def camera_cells():
+    from phenotwin.synthetic import as_camera_units, make_pairs
+
+    pairs = make_pairs(12, size=64, channels=2, seed=0, start=100_000)
+    return as_camera_units(pairs.control), pairs
+
+
+def _fit(demo, image, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PhenotwinWarning)
+        return demo.processor.preprocess(image, 0, **kwargs).fit
+
+
+def test_held_out_camera_images_fit(demo, camera_cells):
+    images, pairs = camera_cells
+    from phenotwin.synthetic import as_camera_units
+
+    levels = [_fit(demo, im).level for im in [*images, *as_camera_units(pairs.treated)]]
+    assert levels == ["ok"] * 24
+
+
+def test_a_float_image_scaled_to_0_1_does_not_fit(demo, camera_cells):
+    _, pairs = camera_cells
+    fit = _fit(demo, pairs.control[0])
+    assert fit.level == "does-not-fit" and "constant" in fit.message
+
+
+def test_an_8_bit_image_does_not_fit_and_says_so(demo, camera_cells):
+    from phenotwin.synthetic import as_camera_units
+
+    _, pairs = camera_cells
+    fit = _fit(demo, as_camera_units(pairs.control[0], "uint8"))
+    assert fit.level == "does-not-fit" and "8-bit image" in fit.message and "16-bit" in fit.message
+
+
+def test_12_bit_data_in_uint16_does_not_fit(demo, camera_cells):
+    images, _ = camera_cells
+    fit = _fit(demo, (images[0] >> 4).astype(np.uint16))
+    assert fit.level == "does-not-fit" and "12-bit" in fit.message
+
+
+def test_a_background_subtracted_image_is_flagged(demo, camera_cells):
+    images, _ = camera_cells
+    subtracted = images[0].astype(np.float32) - np.median(images[0], axis=(1, 2), keepdims=True) - 500
+    fit = _fit(demo, subtracted)
+    assert fit.level in ("warning", "does-not-fit") and "background-subtracted" in fit.message
+
+
+def test_values_above_the_training_range_are_flagged(demo, camera_cells):
+    images, _ = camera_cells
+    brighter = np.clip(images[0].astype(np.float64) * 3, 0, 65535).astype(np.uint16)
+    fit = _fit(demo, brighter)
+    assert fit.level in ("warning", "does-not-fit") and "brighter than any training image" in fit.message
+    assert _fit(demo, np.clip(images[0] * 1.2, 0, 65535).astype(np.uint16)).level == "ok"  # within the spread
+
+
+def test_an_image_constant_after_clipping_does_not_fit(demo, camera_cells):
+    images, _ = camera_cells
+    fit = _fit(demo, np.full_like(images[0], 30) + np.arange(64, dtype=np.uint16) % 2)  # all below the low end (51)
+    assert fit.level == "does-not-fit" and "constant" in fit.message
+
+
+def test_intensity_matching_maps_another_setting_onto_the_training_range(demo, camera_cells):
+    _, pairs = camera_cells
+    fit = _fit(demo, pairs.control[0], match_intensities=True)
+    assert fit.level == "ok" and fit.matched
+    from phenotwin import TranslationSettings
+
+    result = demo.translate(pairs.control[0], "control", "nocodazole", steps=10, channel_axis=0,
+                            settings=TranslationSettings(match_intensities=True))
+    assert result.image.dtype == np.float32 and 0 <= result.image.min() and result.image.max() <= 1.0  # own units
+    assert result.metadata()["match_intensities"] is True
+
+
+def test_the_translation_warns_and_records_a_bad_fit(demo, camera_cells):
+    _, pairs = camera_cells
+    with pytest.warns(PhenotwinWarning, match="does not fit"):
+        result = demo.translate(pairs.control[0], "control", "control", steps=4, channel_axis=0)
+    # before: source == target on a [0, 1] image reported a heatmap of 0 and a good reconstruction
+    assert result.fit.level == "does-not-fit" and result.trust.level == "does-not-fit"
+    assert result.metadata()["input_fit"]["level"] == "does-not-fit"
+    assert result.metadata()["trust"]["level"] == "does-not-fit"
+
+
+def test_a_model_without_statistics_says_it_cannot_judge(translators, cells):
+    fit = translators["pixel"].processor.preprocess(cells, 0).fit
+    assert fit.level == "unknown" and "cannot judge" in fit.message
+
+
+def test_the_verdict_ranks_against_held_out_images_and_never_calls_garbage_good():
+    from phenotwin.input_fit import FitReport
+    from phenotwin.trust import verdict
+
+    calibration = {"reconstruction_psnr": {"100": {"0.4": [33.0, 34.0, 35.0, 36.0], "1.0": [28.0, 29.0, 30.0]}}}
+    good = verdict(34.5, 100, 0.4, calibration, FitReport("ok"))
+    assert good.level == "good" and good.percentile == 50 and "held-out" in good.message
+    assert verdict(32.5, 100, 0.4, calibration).level == "good"  # within a dB of the worst held-out image
+    assert verdict(30.5, 100, 0.4, calibration).level == "fair"
+    assert verdict(29.0, 100, 0.4, calibration).level == "poor" and "do not trust" in verdict(29.0, 100, 0.4,
+                                                                                                calibration).message
+    assert verdict(29.5, 100, 1.0, calibration).level == "good"  # judged at its own strength
+    assert verdict(29.5, 50, 0.9, calibration).level == "good"  # the nearest calibrated settings, named
+    assert "at 100 steps, strength 1" in verdict(29.5, 50, 0.9, calibration).message
+    garbage = verdict(40.0, 100, 0.4, calibration, FitReport("does-not-fit", ("golgi: constant.",)))
+    assert garbage.level == "does-not-fit" and "constant" in garbage.message
+    assert verdict(40.0, 100, 0.4, calibration, FitReport("warning", ("dim.",))).level == "fair"
+    uncalibrated = verdict(31.0, 20, 1.0, None)
+    assert uncalibrated.level == "uncalibrated" and "phenotwin calibrate" in uncalibrated.message
+
+
+def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_one_thread):
+    from phenotwin.checkpoint import read_info
+    from phenotwin.cli import main
+    from phenotwin.synthetic import make_pairs, write_folders
+    from phenotwin.testing import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "tiny", classes=("control", "nocodazole"),
+                                 normalization={"mode": "fixed", "low": [0, 0], "high": [65535, 65535]})
+    stored = json.loads((model / "phenotwin.json").read_text())
+    stored["defaults"]["steps"] = 6
+    (model / "phenotwin.json").write_text(json.dumps(stored))
+    write_folders(tmp_path / "held-out", make_pairs(6, size=32, channels=2, seed=0, start=500))
+    assert main(["calibrate", str(model), "--data", str(tmp_path / "held-out"), "-n", "4", "--device", "cpu"]) == 0
+    info = read_info(model)
+    chosen = info.calibration["chosen"]
+    assert {k: info.defaults[k] for k in chosen} == chosen and info.defaults["steps"] == 6
+    rows = info.calibration["sweep"]
+    assert len(rows) == 4 * 2 * 2 and all(0 <= row["flip_rate"] <= 1 for row in rows)
+    assert "counterfactual_ratio" in rows[0]  # synthetic pairs: the ground truth is used too
+    flipping = [r for r in rows if r["flip_rate"] >= min(0.9, max(x["flip_rate"] for x in rows) - 0.05)]
+    assert min(r["mean_change"] for r in flipping) == next(r for r in rows if all(
+        r[k] == v for k, v in chosen.items()))["mean_change"]  # the smallest change that flips
+    held_out = info.calibration["reconstruction_psnr"]["6"]
+    assert sorted(held_out) == ["0.25", "0.5", "0.75", "1.0"] and all(len(v) == 8 for v in held_out.values())  # 4 a condition
+    assert info.intensity_statistics["channels"][0]["p99"][0] > 1000  # recorded from the held-out images
+    table = (model / "training" / "calibration.csv").read_text().splitlines()
+    assert table[0].startswith("strength,guidance,confine,images,flip_rate,mean_change") and len(table) == 17
+    assert (model / "training" / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+
+    from phenotwin import Translator
+    from phenotwin.synthetic import as_camera_units
+
+    translator = Translator(model, device="cpu")
+    more = as_camera_units(make_pairs(8, size=32, channels=2, seed=0, start=900).control)
+    verdicts = [translator.translate(im, "control", "nocodazole", channel_axis=0).trust.level for im in more]
+    assert verdicts.count("good") >= 0.95 * len(verdicts)  # the model's own held-out distribution reads good
+
+
+def test_calibrating_on_the_training_data_is_refused(tmp_path):
+    from phenotwin.checkpoint import INFO_FILE
+    from phenotwin.cli import main
+    from phenotwin.synthetic import make_pairs, write_folders
+    from phenotwin.testing import make_tiny_checkpoint
+    from phenotwin.train.data import load_condition_folders
+
+    write_folders(tmp_path / "data", make_pairs(3, size=32, channels=2, seed=0))
+    model = make_tiny_checkpoint(tmp_path / "tiny", classes=("control", "nocodazole"))
+    stored = json.loads((model / INFO_FILE).read_text())
+    stored["provenance"]["data_fingerprint"] = load_condition_folders(tmp_path / "data", 32).fingerprint
+    (model / INFO_FILE).write_text(json.dumps(stored))
+    before = (model / INFO_FILE).read_bytes()
+    assert main(["calibrate", str(model), "--data", str(tmp_path / "data"), "--device", "cpu"]) == 2
+    assert (model / INFO_FILE).read_bytes() == before
