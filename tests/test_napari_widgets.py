@@ -268,16 +268,14 @@ def test_bad_layers_give_notifications_not_crashes(viewer_and_widget, qtbot, mon
     viewer, widget, _ = viewer_and_widget
     shown = []
     monkeypatch.setattr(tw, "show_error", shown.append)
-    flat = viewer.add_image(np.full((32, 32), 7, dtype=np.uint16), name="flat")
-    widget.channel_pickers[0].value = flat
-    widget.channel_pickers[1].value = flat
+    flat = [viewer.add_image(np.full((32, 32), 7, dtype=np.uint16), name=f"flat {c}") for c in range(2)]
+    widget.channel_pickers[0].value, widget.channel_pickers[1].value = flat
     widget.run()
     assert "constant" in shown[-1]
     labels = viewer.add_labels(np.zeros((32, 32), dtype=np.uint8), name="cells")
     assert labels not in [layer for _, layer in image_choices(viewer)]  # never offered as an image
-    small = viewer.add_image(np.random.default_rng(0).random((8, 8)), name="tiny")
-    widget.channel_pickers[0].value = small
-    widget.channel_pickers[1].value = small
+    small = [viewer.add_image(np.random.default_rng(c).random((8, 8)), name=f"tiny {c}") for c in range(2)]
+    widget.channel_pickers[0].value, widget.channel_pickers[1].value = small
     widget.run()
     assert "16x16" in shown[-1]
     labels.data = np.ones((20, 20), dtype=np.uint8)  # cells of another image
@@ -289,6 +287,42 @@ def test_bad_layers_give_notifications_not_crashes(viewer_and_widget, qtbot, mon
     widget.planes.value = tw.ALL_PLANES
     widget.run()
     assert "per-cell mode translates the plane shown" in shown[-1]
+
+
+@requires_display
+def test_pickers_never_change_silently(viewer_and_widget, qtbot, monkeypatch, cells):
+    viewer, widget, layers = viewer_and_widget
+    warned = []
+    monkeypatch.setattr(widget.channel_pickers, "_warn", warned.append)
+    pickers = widget.channel_pickers
+    other = viewer.add_image(cells, channel_axis=0, name=["noco nucleus", "noco golgi"],
+                             metadata={"phenotwin": {"condition": "nocodazole"}})
+    # the same layer for two channels is refused, with a message; the picker keeps its layer
+    pickers[1].value = layers[0]
+    assert pickers[1].value is layers[1] and "refused" in warned[-1]
+    # deleting the golgi layer never switches the picker to another condition's golgi
+    viewer.layers.remove(layers[1])
+    assert pickers[0].value is layers[0] and pickers[1].value is None
+    assert "another condition" in pickers.note.value and not pickers.note.native.isHidden() and warned[-1]
+    assert other[1] in [layer for _, layer in image_choices(viewer)]  # still offered: the user may pick it
+    # a (3, 32, 32) layer is a stack, and the dock says so (and which plane is used)
+    stack = viewer.add_image(np.stack([cells[0]] * 3), name="three planes")
+    pickers[1].value = stack
+    assert "3 planes, read as a stack" in widget.axes_info.value and "plane shown (0)" in widget.axes_info.value
+
+
+@requires_display
+def test_the_slider_is_off_with_a_reason_after_a_per_cell_run(viewer_and_widget, qtbot):
+    viewer, widget, _ = viewer_and_widget
+    labels = np.zeros((32, 32), dtype=np.int32)
+    labels[4:14, 4:14] = 1
+    widget.cells.value = viewer.add_labels(labels, name="cells")
+    widget.steps.value = 2
+    run_and_wait(qtbot, widget)
+    assert not widget.strength.enabled and "cannot re-score" in widget.slider_info.value
+    assert not widget.slider_info.native.isHidden()
+    widget.cells.value = None  # a single image next: the slider sets (and then scrubs) it again
+    assert widget.strength.enabled and widget.slider_info.native.isHidden()
 
 
 @requires_display

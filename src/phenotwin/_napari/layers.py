@@ -83,49 +83,107 @@ def labels_choices(viewer: napari.Viewer) -> list[tuple[str, Labels]]:
     return [(layer.name, layer) for layer in viewer.layers if isinstance(layer, Labels) and role(layer) is None]
 
 
-def default_channel_layers(viewer: napari.Viewer, pickers) -> None:
-    """Pick distinct layers for the channels, matching channel names in layer names when possible."""
+def default_channel_layers(viewer: napari.Viewer, pickers) -> str:
+    """Pick distinct layers for the channels, matching channel names in layer names when possible,
+    and never a layer of another condition than the ones still picked (layer metadata). A channel
+    left without a layer stays empty; the sentence returned says so ("" when all are picked)."""
     layers = [layer for _, layer in image_choices(viewer)]
-    if not layers:
-        return
     chosen = [picker.value for picker in pickers]
-    if all(value is not None and value in layers and chosen.count(value) == 1 for value in chosen):
-        return  # a distinct, existing layer per channel: keep the user's choice (e.g. when results are added)
-    taken = set()
+    if chosen and all(value is not None and value in layers and chosen.count(value) == 1 for value in chosen):
+        return ""  # a distinct, existing layer per channel: keep the user's choice (e.g. when results are added)
+    kept = [value for value in chosen if value is not None and value in layers and chosen.count(value) == 1]
+    conditions = {condition_of(value) for value in kept} - {None}
+    if conditions:  # the condition of the layers still picked: others' layers are never offered in their place
+        layers = [layer for layer in layers if condition_of(layer) in conditions | {None}]
+    taken = {_key(value) for value in kept}
+    missing = []
     for picker in pickers:
+        if picker.value is not None and _key(picker.value) in taken and picker.value in layers:
+            continue
         match = next((layer for layer in layers if picker.label.lower() in layer.name.lower()
-                      and id(layer) not in taken), None)
+                      and _key(layer) not in taken), None)
+        match = match or next((layer for layer in layers if _key(layer) not in taken), None)
         if match is None:
-            match = next((layer for layer in layers if id(layer) not in taken), layers[0])
-        taken.add(id(match))
+            missing.append(picker.label)
+        else:
+            taken.add(_key(match))
         picker.value = match
+    if not missing or not layers and not kept:
+        return ""
+    where = f" of condition {', '.join(sorted(conditions))}" if conditions else ""
+    return f"No layer{where} left for {', '.join(missing)}: choose one (another condition's layer is never picked for you)."
+
+
+def axes_note(viewer: napari.Viewer, choices: list, all_planes: bool) -> str:
+    """What a layer's leading axes are taken as, in words: stack planes, never channels."""
+    notes = []
+    for choice in choices:
+        layer = choice.layer if isinstance(choice, RGBChannel) else choice
+        if layer is None or not isinstance(layer, Image):
+            continue
+        data = layer.data[0] if layer.multiscale else layer.data
+        leading = data.shape[: data.ndim - 2 - int(layer.rgb)]
+        if not leading:
+            continue
+        used = "every plane (Stack: all planes)" if all_planes else \
+            f"only the plane shown ({', '.join(str(i) for i in current_index(viewer, layer, leading))})"
+        notes.append(f"{choice.name!r} has {' x '.join(map(str, leading))} planes, read as a stack (z, time or "
+                     f"wells), not as channels: {used} is used. If that axis holds channels, open the image with "
+                     "one layer per channel (napari: 'Split Stack').")
+    return "\n".join(notes)
 
 
 class ChannelPickers(widgets.Container):
-    """One image-layer choice per model channel, kept on distinct, existing layers as layers come and go."""
+    """One image-layer choice per model channel: distinct, existing layers of one condition, kept so
+    as layers come and go; whatever changes or is refused is said in `note` (and by `warn`)."""
 
-    def __init__(self, viewer: napari.Viewer, on_change) -> None:
+    def __init__(self, viewer: napari.Viewer, on_change, warn=None) -> None:
         super().__init__(labels=True, label="Image")
-        self.viewer, self._on_change = viewer, on_change
+        self.viewer, self._on_change, self._warn = viewer, on_change, warn or (lambda text: None)
+        self.note = widgets.Label(value="", visible=False)
+        self.note.native.setWordWrap(True)
+        self._previous: dict[int, Any] = {}
 
     def build(self, names: list[str]) -> None:
         """A picker per channel name ('nucleus', 'golgi'; a layer of that name is chosen when there is one)."""
         self.clear()
+        self._previous = {}
         for name in names:
-            picker = widgets.ComboBox(label=name, choices=lambda _w: image_choices(self.viewer), nullable=False)
-            picker.changed.connect(self._on_change)
+            picker = widgets.ComboBox(label=name, choices=lambda _w: image_choices(self.viewer), nullable=True,
+                                      tooltip=f"The image layer that holds the model's {name!r} channel. A layer "
+                                              "can feed only one channel.")
+            picker.changed.connect(lambda value, p=picker: self._picked(p, value))
             self.append(picker)
         self.refresh()
+
+    def _picked(self, picker, value) -> None:
+        others = [other.value for other in self if other is not picker]
+        if value is not None and any(other is not None and _key(value) == _key(other) for other in others):
+            self._warn(f"{value.name!r} is already the layer of another channel; pick a different layer for "
+                       f"{picker.label} (the same layer for two channels is refused).")
+            picker.value = self._previous.get(id(picker))  # emits again, with a distinct value
+            return
+        self._previous[id(picker)] = value
+        self._on_change()
 
     def refresh(self) -> None:
         pickers = list(self)
         for picker in pickers:
             picker.reset_choices()
-        default_channel_layers(self.viewer, pickers)
+        said = default_channel_layers(self.viewer, pickers)
+        if said and said != self.note.value:
+            self._warn(said)
+        self.note.value = said
+        self.note.visible = bool(said)
 
     @property
     def choices(self) -> list:
         return [picker.value for picker in self]
+
+
+def _key(choice) -> Any:
+    """The same layer (or the same channel of an RGB layer) has the same key."""
+    return (id(choice.layer), choice.index) if isinstance(choice, RGBChannel) else id(choice)
 
 
 def condition_of(choice) -> str | None:
@@ -140,6 +198,8 @@ def read_sources(viewer: napari.Viewer, choices: list, all_planes: bool = False,
         raise PhenotwinError("per-cell mode translates the plane shown; set Stack to 'current plane', "
                              "or empty Cells (labels) to translate every plane.")
     layers, names, rgb_index, planes = [], [], [], []
+    if len({_key(choice) for choice in choices if choice is not None}) < sum(c is not None for c in choices):
+        raise PhenotwinError("the same layer is picked for two channels; pick a different layer for each channel.")
     for choice in choices:
         if choice is None:
             raise PhenotwinError("select an image layer for every channel the model needs.")
@@ -168,12 +228,16 @@ def read_sources(viewer: napari.Viewer, choices: list, all_planes: bool = False,
 def current_plane(viewer: napari.Viewer, layer: Image | Labels) -> np.ndarray:
     """The 2-D plane of `layer` shown now (a copy: the layer is never modified); RGB keeps its colours."""
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    leading = data.ndim - 2 - int(getattr(layer, "rgb", False))
-    if leading > 0:
-        point = layer.world_to_data(viewer.dims.point)
-        index = tuple(int(np.clip(round(p), 0, n - 1)) for p, n in zip(point[:leading], data.shape[:leading]))
-        data = data[index]
+    leading = data.shape[: data.ndim - 2 - int(getattr(layer, "rgb", False))]
+    if leading:
+        data = data[current_index(viewer, layer, leading)]
     return np.array(data, copy=True)
+
+
+def current_index(viewer: napari.Viewer, layer, leading: tuple[int, ...]) -> tuple[int, ...]:
+    """The index along the leading (stack) axes of the plane napari shows now."""
+    point = layer.world_to_data(viewer.dims.point)
+    return tuple(int(np.clip(round(p), 0, n - 1)) for p, n in zip(point[: len(leading)], leading))
 
 
 def _all_planes(layer: Image) -> np.ndarray:

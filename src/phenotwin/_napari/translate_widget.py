@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 SCRUB_DEBOUNCE_MS = 120
 CURRENT_PLANE, ALL_PLANES = "current plane", "all planes"
+SLIDER_OFF = ("Strength is off: the slider cannot re-score a result of many cells or planes (each has its own "
+              "inversion). Change Cells, Stack or a layer to set it again, then press Translate.")
 
 
 class TranslateWidget(widgets.Container):
@@ -51,7 +53,8 @@ class TranslateWidget(widgets.Container):
         self.model_path = widgets.FileEdit(mode="d", label="Model folder", value=str(demo) if demo else "")
         self.load_button = widgets.PushButton(text="Load model")
         self.model_info = widgets.Label(value="No model loaded.")
-        self.channel_pickers = layers.ChannelPickers(self.viewer, on_change=self._guess_source_condition)
+        self.channel_pickers = layers.ChannelPickers(self.viewer, on_change=self._on_layers_picked, warn=show_warning)
+        self.axes_info = widgets.Label(value="", visible=False)
         # callable choices: static ones are reset when the widget is docked
         self.planes = widgets.ComboBox(label="Stack", choices=lambda _w: [CURRENT_PLANE, ALL_PLANES],
                                        tooltip="For layers with time, z or well axes: the plane shown, or every plane")
@@ -67,6 +70,7 @@ class TranslateWidget(widgets.Container):
             text="Precompute nearby strengths", value=True,
             tooltip="After a translation, generate the strengths around the slider's in the background so that "
                     "moving the slider there is instant. It gives way to anything you start.")
+        self.slider_info = widgets.Label(value="", visible=False)
         self.prefetch_info = widgets.Label(value="", visible=False)
         self.steps = widgets.SpinBox(label="Steps", min=2, max=1000, tooltip="DDIM steps for inversion and generation")
         self.guidance = widgets.FloatSpinBox(label="Guidance", min=0.0, max=20.0, step=0.5,
@@ -85,11 +89,12 @@ class TranslateWidget(widgets.Container):
         self._dock = DockProgress(self.status, self.progress_bar)
         self._prefetch_line = DockProgress(self.prefetch_info, reveal=True)
         self.extend([
-            self.model_path, self.load_button, self.model_info, self.channel_pickers, self.planes, self.cells,
-            self.source, self.target, self.strength, self.prefetch, self.prefetch_info, self.steps, self.guidance,
+            self.model_path, self.load_button, self.model_info, self.channel_pickers, self.channel_pickers.note,
+            self.axes_info, self.planes, self.cells, self.source, self.target, self.strength, self.slider_info,
+            self.prefetch, self.prefetch_info, self.steps, self.guidance,
             self.confine, self.seed, self.run_button, self.cancel_button, self.progress_bar, self.status, self.results,
         ])
-        for label in (self.model_info, self.status, self.prefetch_info):
+        for label in (self.model_info, self.status, self.prefetch_info, self.axes_info, self.slider_info):
             label.native.setWordWrap(True)
         self._show_defaults(model_defaults())
 
@@ -99,6 +104,8 @@ class TranslateWidget(widgets.Container):
         for control in (self.strength, self.target, self.guidance, self.confine):
             control.changed.connect(self._on_generation_setting)
         self.prefetch.changed.connect(self.session.set_prefetch)
+        for control in (self.planes, self.cells):
+            control.changed.connect(self._on_layers_picked)
         events = self.session.events
         events.started.connect(self._on_started)
         events.progress.connect(self._dock.step)
@@ -155,7 +162,7 @@ class TranslateWidget(widgets.Container):
         self.channel_pickers.build(registry.channel_names(translator))
         self._show_defaults(defaults)
         self.model_info.value = registry.describe(translator)
-        self._guess_source_condition()
+        self._on_layers_picked()
         self.model_loaded.emit(translator)
 
     def _show_defaults(self, defaults: TranslationSettings) -> None:
@@ -168,6 +175,12 @@ class TranslateWidget(widgets.Container):
     def _refresh_layer_choices(self, *_) -> None:
         self.channel_pickers.refresh()
         self.cells.reset_choices()
+
+    def _on_layers_picked(self, *_):
+        self.strength.enabled, self.slider_info.visible = True, False  # new inputs: the slider sets the next run
+        note = layers.axes_note(self.viewer, self.channel_pickers.choices, self.planes.value == ALL_PLANES)
+        self.axes_info.value, self.axes_info.visible = note, bool(note)
+        self._guess_source_condition()
 
     def _guess_source_condition(self, *_):
         """If the selected layer says which condition it shows (metadata), use it as the source."""
@@ -256,6 +269,9 @@ class TranslateWidget(widgets.Container):
             return
         shown = layers.show_result(self.viewer, result, sources)
         self._dock.say(shown.status)
+        # the slider scrubs one inversion: results of many (cells, planes) are not re-scored by it
+        self.strength.enabled, self.slider_info.visible = not shown.several, shown.several
+        self.slider_info.value = SLIDER_OFF
         if shown.top_cells is not None:
             self.results.show_cells(result, shown.top_cells)
         self.results.show_result(result, sources, self.translator, shown.several)
