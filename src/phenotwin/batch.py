@@ -10,7 +10,6 @@ Qt-free; torch and accelerate load only when a batch runs.
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
 import json
@@ -31,6 +30,7 @@ from phenotwin.io import (
     prepare_folder,
     read_header,
     read_image,
+    read_own_csv,
     safe_name,
     write_csv,
     write_json,
@@ -42,6 +42,7 @@ from phenotwin.progress import Progress, drive
 from phenotwin.stacks import PlaneStack, check_axes, check_axes_letters, file_axes, translate_planes_steps
 
 SUMMARY = "summary.csv"
+SUMMARY_COLUMNS = ("input", "status")  # how phenotwin knows its own summary.csv (also from older versions)
 RECORD_VERSION = 1
 
 
@@ -338,7 +339,7 @@ def run_batch(
     if selection.axes is not None:
         check_axes_letters(selection.axes)
     pick_device(device)  # a device this machine lacks, said before anything starts
-    earlier_rows = read_summary(out / SUMMARY)  # and refuse a summary.csv phenotwin did not write
+    earlier_rows = read_own_csv(out / SUMMARY, SUMMARY_COLUMNS)  # refuses a summary.csv phenotwin did not write
     # cpu=True lets processes started by torchrun (`accelerate launch --multi_gpu`) on a
     # machine without CUDA join a gloo group (MULTI_CPU); without it each would run alone.
     state = PartialState(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
@@ -381,16 +382,16 @@ def run_batch(
         with state.split_between_processes(todo) as mine:
             bar = tqdm(mine, desc="images", unit="image", position=state.process_index, file=sys.stderr)
             for job in bar:
-                try:
-                    with writing_into(out):
+                with writing_into(out):  # a bad file fails alone; a failed write stops the run
+                    try:
                         record = translate_file(translator, job, out, settings, selection, fingerprint, step_progress)
-                except PhenotwinError as err:
-                    record = {"status": "failed", "message": str(err)}
-                    bar.write(f"skipped {job.input}: {err}", file=sys.stderr)
-                else:
-                    metrics = record["metrics"]
-                    bar.write(f"{job.input}: reconstruction PSNR {metrics['reconstruction_psnr']:.1f} dB, "
-                              f"mean change {metrics['mean_change']:.4f} -> {out / job.translated}")
+                    except PhenotwinError as err:
+                        record = {"status": "failed", "message": str(err)}
+                        bar.write(f"skipped {job.input}: {err}", file=sys.stderr)
+                    else:
+                        metrics = record["metrics"]
+                        bar.write(f"{job.input}: reconstruction PSNR {metrics['reconstruction_psnr']:.1f} dB, "
+                                  f"mean change {metrics['mean_change']:.4f} -> {out / job.translated}")
                 record = {"format": RECORD_VERSION, "input": str(job.input), "target": settings.target, **record,
                           "input_identity": _input_identity(job.input), "settings": fingerprint,
                           "translated": job.translated, "heatmap": job.heatmap}
@@ -417,34 +418,17 @@ def run_batch(
 
 
 def _refuse_output_over_inputs(out: Path, items: Sequence[str]) -> None:
-    """--output that is an input folder, or holds one: its images would be left out as results,
-    which reads as "no images found"; a subfolder of an input folder is fine (it is skipped)."""
+    """--output that is an input folder, or holds an input: its images would be left out as
+    results, which reads as "no images found"; a subfolder of an input folder is fine (skipped)."""
     target = out.resolve()
     for item in items:
         path = Path(item)
-        if not glob.has_magic(item) and path.is_dir() and path.resolve().is_relative_to(target):
+        if not glob.has_magic(item) and path.exists() and path.resolve().is_relative_to(target):
             raise PhenotwinError(
-                f"--output {out} {'is' if path.resolve() == target else 'holds'} the input folder {item}: results "
+                f"--output {out} {'is' if path.resolve() == target else 'holds'} the input {item}: results "
                 "would be written among the inputs. Choose another output folder (a new subfolder such as "
                 f"{Path(item) / 'translated'} works)."
             )
-
-
-def read_summary(path: Path) -> list[dict[str, str]]:
-    """The rows an earlier run wrote; refuses a summary.csv phenotwin did not write (it would be replaced)."""
-    if not path.exists():
-        return []
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            header = reader.fieldnames or []
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise PhenotwinError(f"cannot read {path} ({err}); move it away, then run again.") from err
-    if header[:1] != ["input"] or "status" not in header:
-        raise PhenotwinError(f"{path} was not written by phenotwin (its columns are {header[:4]}...): it would be "
-                             "replaced. Move it away or choose another --output folder.")
-    return rows
 
 
 def _write_summary(path: Path, earlier: list[dict[str, str]], jobs: list[Job],

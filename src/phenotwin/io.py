@@ -164,6 +164,23 @@ def write_csv(path: str | os.PathLike, header: list[str], rows: list[dict[str, A
     return write_atomically(path, write)
 
 
+def read_own_csv(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    """The rows of a CSV phenotwin wrote earlier (none if absent); one whose header does not
+    start with `columns[0]` and hold the others was not phenotwin's: refused, not replaced."""
+    if not path.exists():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            rows, header = list(reader), reader.fieldnames or []
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise PhenotwinError(f"cannot read {path} ({err}); move it away, then run again.") from err
+    if header[:1] != [columns[0]] or not set(columns) <= set(header):
+        raise PhenotwinError(f"{path} was not written by phenotwin (its columns are {', '.join(header[:4])}...): it "
+                             "would be replaced. Move it away or choose another --output folder.")
+    return rows
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
