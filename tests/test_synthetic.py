@@ -229,3 +229,18 @@ def test_write_folders_round_trip(tmp_path, dtype, channels):
     # overwriting is fine (atomic replace), masks are not written
     write_folders(tmp_path, p, dtype=dtype)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["control", "treated"]
+
+
+def test_the_texture_phenotype_changes_real_microscopy_texture_only_inside_its_mask():
+    from phenotwin.synthetic import make_pairs
+
+    pairs = make_pairs(6, size=64, channels=2, phenotype="texture", seed=0)
+    again = make_pairs(3, size=64, channels=2, phenotype="texture", seed=0, start=3)
+    np.testing.assert_array_equal(pairs.control[3:], again.control)  # a pure function of (seed, index)
+    assert pairs.condition_names == ("control", "textured") and pairs.channel_names == ("texture", "second stain")
+    difference = np.abs(pairs.treated - pairs.control)
+    for i in range(6):
+        inside, outside = difference[i, 0][pairs.change_mask[i]], difference[i, 0][~pairs.change_mask[i]]
+        assert 0.03 < pairs.change_mask[i].mean() < 0.3 and inside.mean() > 0.03
+        assert outside.max() <= 0.02 + 1e-6  # nothing changes outside the mask but below the threshold
+    assert not difference[:, 1].any()  # the second stain is never touched

@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn = commands.add_parser("synthetic", help="write synthetic paired cells as one TIFF folder per condition")
     syn.add_argument("--out", type=Path, required=True, help="folder to write <condition>/*.tif into")
     syn.add_argument("-n", type=int, default=500, help="images per condition (default: %(default)s)")
-    syn.add_argument("--phenotype", default="obvious", choices=["obvious", "subtle"])
+    syn.add_argument("--phenotype", default="obvious", choices=["obvious", "subtle", "texture"],
+                     help="texture: real microscopy texture (scikit-image's cell image) changed inside a known mask")
     syn.add_argument("--size", type=int, default=64, help="image size in pixels (default: %(default)s)")
     syn.add_argument("--channels", type=int, default=2, choices=[1, 2, 3])
     syn.add_argument("--seed", type=int, default=0)

@@ -24,7 +24,7 @@ from phenotwin.evaluate.metrics import (auroc, counterfactual_ratio, fid_kid, fi
 from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 from phenotwin.progress import Progress, Steps, relabel
 
-SYNTHETIC_NAME = re.compile(r"^(obvious|subtle)_(\d+)_(\d+)$")
+SYNTHETIC_NAME = re.compile(r"^(obvious|subtle|texture)_(\d+)_(\d+)$")
 SIGMAS = (0, 1, 2)
 
 

@@ -9,13 +9,15 @@ the same camera noise, and returns the exact mask of what the phenotype changed.
 The images are meant to look like widefield fluorescence microscopy rather than
 clean geometry: irregular cell bodies, off-centre nuclei with chromatin texture
 and nucleoli, a textured cytoplasm, a non-flat background, a small PSF blur and
-shot + read noise.  Two phenotypes are available:
+shot + read noise.  Three phenotypes are available:
 
 * ``"obvious"`` -- nocodazole-like Golgi dispersal: the compact perinuclear
   Golgi ribbon of the control cell breaks up into scattered puncta.
 * ``"subtle"`` -- the Golgi crescent becomes ~30 % wider in angle and therefore
   ~20 % dimmer at equal total intensity, with slightly fragmented ends; easy to
   miss by eye but systematic, like many real screening hits.
+* ``"texture"`` -- real microscopy texture (scikit-image's bundled cell image), its
+  granularity and brightness raised inside one known region (`synthetic.texture`).
 
 Everything is a pure function of ``(seed, index, size, channels, phenotype,
 cells_per_image, changed_fraction)``, so disjoint train / held-out sets are made
@@ -38,12 +40,15 @@ from scipy import ndimage as ndi
 
 from phenotwin.io import write_atomically
 from phenotwin.synthetic._render import render_one
+from phenotwin.synthetic.texture import texture_pair
 
 __all__ = ["PHENOTYPES", "CHANNEL_NAMES", "PairedCells", "make_pairs", "write_folders"]
 
-PHENOTYPES = ("obvious", "subtle")
+PHENOTYPES = ("obvious", "subtle", "texture")
 CHANNEL_NAMES = {1: ("cells",), 2: ("nucleus", "golgi"), 3: ("nucleus", "golgi", "cytoplasm")}
-CONDITION_NAMES = {"obvious": ("control", "nocodazole"), "subtle": ("control", "treated")}
+TEXTURE_CHANNEL_NAMES = {1: ("texture",), 2: ("texture", "second stain")}
+CONDITION_NAMES = {"obvious": ("control", "nocodazole"), "subtle": ("control", "treated"),
+                   "texture": ("control", "textured")}
 
 # Clean-image difference above which a pixel counts as changed.  Well above
 # float rounding, well below what a person could see under the camera noise.
@@ -103,6 +108,9 @@ def _validate(n, size, channels, phenotype, seed, start, cells_per_image, change
         )
     if phenotype not in PHENOTYPES:
         raise ValueError(f"unknown phenotype={phenotype!r}; valid phenotypes are {', '.join(PHENOTYPES)}.")
+    if phenotype == "texture" and (channels not in TEXTURE_CHANNEL_NAMES or size > 512):
+        raise ValueError(f"the texture phenotype takes 1 or 2 channels and size <= 512 (crops of a 660 x 550 image), "
+                         f"got channels={channels}, size={size}.")
     if seed < 0 or start < 0:
         raise ValueError(f"seed and start must be >= 0, got seed={seed}, start={start}; use non-negative integers.")
     try:
@@ -185,6 +193,11 @@ def make_pairs(
     labels = np.empty((n, size, size), np.int32)
     changed_all = []
     for i in range(n):
+        if phenotype == "texture":  # real microscopy texture (synthetic.texture)
+            ctrl[i], trt[i], mask[i] = texture_pair(seed, start + i, size, channels)
+            labels[i] = ndi.binary_fill_holes(ndi.binary_closing(mask[i], iterations=2)).astype(np.int32)
+            changed_all.append((1,))
+            continue
         clean, lab, changed, noise_rng = render_one(
             seed, start + i, size, phenotype, cells_per_image, changed_fraction, redraw
         )
@@ -208,7 +221,7 @@ def make_pairs(
         change_mask=mask,
         cell_labels=labels,
         changed_cells=tuple(changed_all),
-        channel_names=CHANNEL_NAMES[channels],
+        channel_names=(TEXTURE_CHANNEL_NAMES if phenotype == "texture" else CHANNEL_NAMES)[channels],
         condition_names=CONDITION_NAMES[phenotype],
         phenotype=phenotype,
         seed=seed,
