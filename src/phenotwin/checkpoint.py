@@ -227,13 +227,14 @@ def _check_shapes(info: CheckpointInfo, unet: Any, vae: Any) -> None:
     a wrong one costs memory with its square (a 16 px UNet told 4096 pads to 4096² and fills the
     memory). Fine-tuning may change the size from the UNet's native one (its config's sample_size
     times the VAE factor): SD's 512 px UNet is fine-tuned at 128 px, or at 768 px, so up to twice
-    the native size is accepted, and image_size must split into whole latent and UNet levels."""
+    the native size is accepted, and image_size must split into whole latent (and UNet) levels."""
     from phenotwin.modeling.conditioning import vae_downsampling
 
     factor = vae_downsampling(vae) if vae is not None else 1
     sample = unet.config.sample_size
     native = factor * (sample if isinstance(sample, int) else max(sample))
-    multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    # UNet2DModel needs whole levels; UNet2DConditionModel (stable-diffusion) pads odd sizes itself.
+    multiple = factor * (2 ** (len(unet.config.block_out_channels) - 1) if info.kind != "stable-diffusion" else 1)
     if info.image_size > 2 * native or info.image_size % multiple:
         raise CheckpointError(
             f"phenotwin.json says image_size {info.image_size} but the UNet works on {native} px images "
