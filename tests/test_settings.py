@@ -71,3 +71,20 @@ def test_stored_defaults_with_an_unknown_key_are_refused_not_dropped():
 def test_settings_round_trip_through_a_dict():
     settings = TranslationSettings("control", "treated", 0.5, 20, 1.0, True, 3, "input", 1, True, 2.0, True)
     assert TranslationSettings.from_dict(settings.to_dict()) == settings
+
+
+def test_a_model_whose_stored_defaults_are_bad_is_refused_at_load_naming_its_file(tmp_path):
+    import json
+
+    from phenotwin import CheckpointError, Translator
+    from phenotwin.testing import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "m")
+    info = json.loads((model / "phenotwin.json").read_text())
+    info["defaults"]["strength"] = 0
+    (model / "phenotwin.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="defaults in .*m.*strength must be in"):
+        Translator(model, device="cpu")
+    with pytest.raises(PhenotwinError, match="reference must be one of") as caught:
+        Translator(make_tiny_checkpoint(tmp_path / "ok"), device="cpu", reference="raw")
+    assert not isinstance(caught.value, CheckpointError)  # the argument was wrong, not the model

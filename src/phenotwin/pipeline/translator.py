@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phenotwin.errors import PhenotwinError
+from phenotwin.errors import CheckpointError, PhenotwinError
 from phenotwin.pipeline.cache import CACHE_BUDGET, GenerationCache
 from phenotwin.pipeline.edit_mask import edit_mask_steps
 from phenotwin.pipeline.outputs import Inversion, Translation, compose
@@ -56,8 +56,15 @@ class Translator:
         self.scheduler_config = loaded.scheduler_config
         self.max_steps = int(self.scheduler_config.get("num_train_timesteps", 1000))
         # The model's defaults with this translator's overrides, checked now, not at the first click.
-        stored = model_defaults(self.info.defaults, inversion_refinements=inversion_refinements, reference=reference)
-        self.defaults = TranslationSettings().resolve(self.info, self.max_steps, stored)
+        overrides = TranslationSettings(inversion_refinements=inversion_refinements, reference=reference)
+        overrides.resolve(self.info, self.max_steps, model_defaults())  # a bad argument is the caller's, say so
+        try:
+            stored = model_defaults(self.info.defaults).replace(inversion_refinements=inversion_refinements,
+                                                                reference=reference)
+            self.defaults = TranslationSettings().resolve(self.info, self.max_steps, stored)
+        except PhenotwinError as err:
+            raise CheckpointError(f"the model's defaults in {self.checkpoint_path or 'phenotwin.json'} do not work: {err} "
+                                  "Fix 'defaults' in its phenotwin.json (or pass the setting explicitly).") from err
         self.denoiser = Denoiser(loaded, self.device, dtype)
         self.diffusion = Diffusion(self.denoiser, self.scheduler_config)
         multiple = vae_downsampling(self.denoiser.vae) if self.denoiser.vae is not None else 1
