@@ -326,6 +326,36 @@ def test_the_slider_is_off_with_a_reason_after_a_per_cell_run(viewer_and_widget,
 
 
 @requires_display
+def test_three_docks_fit_a_1920x1080_window(make_napari_viewer, qtbot, model, cells):
+    """Translate, Train and Evaluate docked together, with a result shown: the window stays 1920x1080
+    (each widget scrolls inside its dock), and the plots keep a readable height."""
+    from qtpy.QtWidgets import QApplication
+
+    from phenotwin._napari.evaluate_widget import EvaluateWidget
+    from phenotwin._napari.train_widget import TrainWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1920, 1080)
+    viewer.add_image(cells, channel_axis=0, name=["ctrl nucleus", "ctrl golgi"])
+    translate = TranslateWidget(viewer)
+    translate.prefetch.value = False
+    train, evaluate = TrainWidget(viewer), EvaluateWidget(viewer)
+    for widget, name in ((translate, "Translate cells"), (train, "Train model"), (evaluate, "Evaluate model")):
+        viewer.window.add_dock_widget(widget, name=name)
+    translate.load_model(str(model))
+    wait_until(qtbot, lambda: translate.translator is not None)
+    translate.cells.value = viewer.add_labels(np.pad(np.ones((10, 10), np.int32), 11), name="cells")
+    translate.steps.value = 2
+    run_and_wait(qtbot, translate)  # the per-cell lines and buttons are shown too
+    for _ in range(20):
+        QApplication.processEvents()
+        qtbot.wait(20)
+    _, _, width, height = viewer.window.geometry()
+    assert width <= 1920 and height <= 1080
+    assert train.plot.canvas.height() >= 120 and evaluate.canvas.height() >= 120
+
+
+@requires_display
 def test_deleting_the_source_layer_mid_run_is_handled(viewer_and_widget, qtbot):
     viewer, widget, layers = viewer_and_widget
     widget.steps.value = 30

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 from napari.utils.notifications import show_error, show_info
 
+from phenotwin._napari.layout import PLOT_MIN_HEIGHT, ScrollableDock
 from phenotwin._napari.workers import DockProgress, start_worker
 from phenotwin.errors import PhenotwinError
 
@@ -27,14 +28,14 @@ def _path(edit: FileEdit) -> Path | None:
     return None if value in ("", ".") else Path(value)
 
 
-class EvaluateWidget(Container):
+class EvaluateWidget(ScrollableDock, Container):
     """Dock widget: translation check or memorisation check, plots and verdicts, Write report."""
 
     def __init__(self, napari_viewer: napari.Viewer):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)  # scrolls inside its dock
         self.viewer = napari_viewer
         self.check = ComboBox(label="Check", choices=lambda _: ["translation", "memorization"], value="translation")
         # translation
@@ -63,7 +64,8 @@ class EvaluateWidget(Container):
                      self.verdicts, self.report_folder, self.report_button])
         self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.native.layout().addWidget(self.canvas)
+        self.canvas.setMinimumHeight(PLOT_MIN_HEIGHT)  # readable when docks share the window
+        self.add_native(self.canvas)
         for label in (self.status, self.verdicts):
             label.native.setWordWrap(True)
 

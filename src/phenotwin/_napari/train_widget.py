@@ -25,6 +25,7 @@ from magicgui.widgets import (
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
+from phenotwin._napari.layout import PLOT_MIN_HEIGHT, ScrollableDock
 from phenotwin._napari.workers import DockProgress, resolve_diffusers, start_worker
 from phenotwin.errors import PhenotwinError
 
@@ -41,6 +42,7 @@ class LossPlot:
 
         self.figure = Figure(figsize=(4, 2.2), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(PLOT_MIN_HEIGHT)  # readable when docks share the window
         self.axes = self.figure.add_subplot(111)
         self.steps: list[int] = []
         self.losses: list[float] = []
@@ -72,11 +74,11 @@ class LossPlot:
         self.canvas.draw_idle()
 
 
-class TrainWidget(Container):
+class TrainWidget(ScrollableDock, Container):
     """Dock widget: data (folder or layers), method, steps, Train / Stop, live loss, open in Translate."""
 
     def __init__(self, napari_viewer: napari.Viewer):
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)  # scrolls inside its dock
         self.viewer = napari_viewer
         self.data_source = ComboBox(label="Data from", choices=["folder", "image layers"], value="folder")
         self.data_folder = FileEdit(mode="d", label="Data folder",
@@ -97,7 +99,7 @@ class TrainWidget(Container):
         self.extend([self.data_source, self.data_folder, self.layer_groups, self.add_condition, self.method,
                      self.base, self.size, self.steps, self.output, self.train_button, self.stop_button,
                      self.status, self.open_button])
-        self.native.layout().addWidget(self.plot.canvas)
+        self.add_native(self.plot.canvas)
         self.status.native.setWordWrap(True)
         self._worker = None
         self._trainer = None

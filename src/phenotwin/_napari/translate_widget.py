@@ -17,6 +17,7 @@ from superqt.utils import qdebounced
 
 from phenotwin._napari import layers
 from phenotwin._napari import model_registry as registry
+from phenotwin._napari.layout import ScrollableDock
 from phenotwin._napari.results_panel import ResultsPanel
 from phenotwin._napari.session import STRENGTH_MAX, STRENGTH_MIN, STRENGTH_STEP, RunRequest, TranslationSession
 from phenotwin._napari.workers import DockProgress, TileSignal, start_worker
@@ -32,14 +33,14 @@ SLIDER_OFF = ("Strength is off: the slider cannot re-score a result of many cell
               "inversion). Change Cells, Stack or a layer to set it again, then press Translate.")
 
 
-class TranslateWidget(widgets.Container):
+class TranslateWidget(ScrollableDock, widgets.Container):
     """Dock widget: model, layers per channel, conditions, strength slider, Run / Cancel."""
 
     model_loaded = Signal(object)  # the Translator, once a model is ready
     translated = Signal(object)  # each result shown
 
     def __init__(self, napari_viewer: napari.Viewer):
-        super().__init__(labels=True)
+        super().__init__(labels=True, scrollable=True)  # scrolls inside its dock: three docks fit a screen
         self.viewer = napari_viewer
         self.session = TranslationSession(start_worker)
         self._requested_model: str | None = None
