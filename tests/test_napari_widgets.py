@@ -355,6 +355,41 @@ def test_three_docks_fit_a_1920x1080_window(make_napari_viewer, qtbot, model, ce
     assert train.plot.canvas.height() >= 120 and evaluate.canvas.height() >= 120
 
 
+def controls(container):
+    """Every control (not a text line) of a magicgui container, nested containers included."""
+    from magicgui.widgets import Container, Label
+
+    for child in container:
+        if isinstance(child, Container):
+            yield from controls(child)
+        elif not isinstance(child, Label):
+            yield child
+
+
+@requires_display
+def test_every_control_has_a_tooltip_a_help_button_and_shortcuts(viewer_and_widget, qtbot, monkeypatch):
+    from phenotwin._napari import layout
+    from phenotwin._napari.evaluate_widget import EvaluateWidget
+    from phenotwin._napari.train_widget import TrainWidget
+
+    viewer, widget, layers = viewer_and_widget
+    for dock in (widget, TrainWidget(viewer), EvaluateWidget(viewer)):
+        missing = [child.label or child.name for child in controls(dock) if not child.tooltip]
+        assert not missing, f"{type(dock).__name__}: no tooltip on {missing}"
+        assert dock.help.text == "?" and "user guide" in dock.help.tooltip
+    opened = []
+    monkeypatch.setattr(layout, "open_guide", opened.append)
+    widget.help.changed.emit(True)
+    assert opened == ["Translate cells"] and layout.guide_url("Translate cells").endswith("#translate-cells")
+    keys = {handle.key().toString(): handle for handle in widget.shortcuts}
+    assert set(keys) == {tw.TRANSLATE_KEYS, tw.CANCEL_KEYS, tw.BEFORE_AFTER_KEYS}
+    widget.steps.value = 2
+    keys[tw.TRANSLATE_KEYS].activated.emit()
+    wait_until(qtbot, lambda: widget.session.running is None and widget.last_result is not None)
+    keys[tw.BEFORE_AFTER_KEYS].activated.emit()
+    assert all(layer.visible for layer in layers)
+
+
 @requires_display
 def test_deleting_the_source_layer_mid_run_is_handled(viewer_and_widget, qtbot):
     viewer, widget, layers = viewer_and_widget

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, PushButton, SpinBox
 from napari.utils.notifications import show_error, show_info
 
-from phenotwin._napari.layout import PLOT_MIN_HEIGHT, ScrollableDock
+from phenotwin._napari.layout import PLOT_MIN_HEIGHT, ScrollableDock, explain, help_button
 from phenotwin._napari.workers import DockProgress, start_worker
 from phenotwin.errors import PhenotwinError
 
@@ -26,6 +26,22 @@ def _path(edit: FileEdit) -> Path | None:
     """The chosen path, or None when the field was left empty."""
     value = str(edit.value)
     return None if value in ("", ".") else Path(value)
+
+
+TOOLTIPS = {
+    "check": "translation: does the model change the condition and keep the cell? memorization: does it copy "
+             "its training images?",
+    "n": "How many held-out images to translate in each direction.",
+    "steps": "DDIM steps for inversion and generation.",
+    "strength": "How far to invert (1 = all the way to noise).",
+    "model_a": "A model trained on one half of the data.",
+    "train_a": "The images model A was trained on.",
+    "count": "How many images to generate per condition.",
+    "run_button": "Run the check in the background.",
+    "cancel_button": "Stop the check at its next step.",
+    "report_folder": "Where to write the report (figures, numbers, verdicts).",
+    "report_button": "Write the report of the last check.",
+}
 
 
 class EvaluateWidget(ScrollableDock, Container):
@@ -59,9 +75,11 @@ class EvaluateWidget(ScrollableDock, Container):
         self.verdicts = Label(value="")
         self.report_folder = FileEdit(mode="d", label="Report folder")
         self.report_button = PushButton(text="Write report", enabled=False)
-        self.extend([self.check, self.model, self.data, self.n, self.steps, self.strength, self.model_a, self.model_b,
+        self.help = help_button("Check a model before trusting it", "Measure a model before trusting it.")
+        self.extend([self.help, self.check, self.model, self.data, self.n, self.steps, self.strength, self.model_a, self.model_b,
                      self.train_a, self.held_out, self.count, self.run_button, self.cancel_button, self.status,
                      self.verdicts, self.report_folder, self.report_button])
+        explain(self, TOOLTIPS)
         self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(PLOT_MIN_HEIGHT)  # readable when docks share the window

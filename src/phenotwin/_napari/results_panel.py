@@ -40,7 +40,7 @@ class ResultsPanel(widgets.Container):
         self.top_cells = widgets.Label(value="", visible=False)
         self.before_after = widgets.RadioButtons(
             choices=[BEFORE, AFTER], value=AFTER, orientation="horizontal", enabled=False,
-            tooltip="Show the input layers or their translation in the same place (shortcut: B).")
+            tooltip="Show the input layers or their translation in the same place (Ctrl+Shift+B).")
         self.heatmap = widgets.CheckBox(
             text="Heatmap (where the translation differs from the input)", value=False, enabled=False,
             tooltip="Show the difference heatmap over the image, with its colour scale.")
@@ -92,7 +92,7 @@ class ResultsPanel(widgets.Container):
         self.view.apply(self.viewer, self.sources, self._stride())
 
     def toggle_before_after(self, *_) -> None:
-        """The other of the two states (the B shortcut)."""
+        """The other of the two states (the Ctrl+Shift+B shortcut)."""
         if self.sources is not None:
             self.before_after.value = BEFORE if self.before_after.value == AFTER else AFTER
 

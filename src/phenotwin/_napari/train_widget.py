@@ -25,7 +25,7 @@ from magicgui.widgets import (
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info
 
-from phenotwin._napari.layout import PLOT_MIN_HEIGHT, ScrollableDock
+from phenotwin._napari.layout import PLOT_MIN_HEIGHT, ScrollableDock, explain, help_button
 from phenotwin._napari.workers import DockProgress, resolve_diffusers, start_worker
 from phenotwin.errors import PhenotwinError
 
@@ -74,6 +74,20 @@ class LossPlot:
         self.canvas.draw_idle()
 
 
+TOOLTIPS = {
+    "data_source": "Train from a folder with one subfolder of images per condition, or from image layers.",
+    "add_condition": "Add a condition and pick the image layers that show it.",
+    "method": "scratch: a new model; full, lora, svdiff: fine-tune the base model (all weights, LoRA adapters "
+              "or spectral shifts; 100 images per condition can be enough).",
+    "size": "Training crop size in pixels (the model's image size).",
+    "steps": "Training steps; the model is saved along the way and at the end.",
+    "output": "Where the new model is saved (a new folder, or one phenotwin wrote before).",
+    "train_button": "Start training in the background; the loss is plotted as it comes.",
+    "stop_button": "Stop at the next step and save the model trained so far.",
+    "open_button": "Load the trained model in the Translate widget.",
+}
+
+
 class TrainWidget(ScrollableDock, Container):
     """Dock widget: data (folder or layers), method, steps, Train / Stop, live loss, open in Translate."""
 
@@ -96,9 +110,11 @@ class TrainWidget(ScrollableDock, Container):
         self.status = Label(value="")
         self.open_button = PushButton(text="Open in Translate widget", enabled=False)
         self.plot = LossPlot()
-        self.extend([self.data_source, self.data_folder, self.layer_groups, self.add_condition, self.method,
+        self.help = help_button("Train a model on your own images", "Train or fine-tune a model on your images.")
+        self.extend([self.help, self.data_source, self.data_folder, self.layer_groups, self.add_condition, self.method,
                      self.base, self.size, self.steps, self.output, self.train_button, self.stop_button,
                      self.status, self.open_button])
+        explain(self, TOOLTIPS)
         self.add_native(self.plot.canvas)
         self.status.native.setWordWrap(True)
         self._worker = None
@@ -124,8 +140,10 @@ class TrainWidget(ScrollableDock, Container):
 
     def _add_condition_row(self, name: str = "") -> None:
         row = Container(layout="horizontal", labels=False)
-        row.append(LineEdit(value=name or f"condition {len(self.layer_groups) + 1}"))
-        row.append(Select(choices=self._image_layers))
+        row.append(LineEdit(value=name or f"condition {len(self.layer_groups) + 1}",
+                            tooltip="The condition's name, as the model will know it."))
+        row.append(Select(choices=self._image_layers, tooltip="The image layers of this condition (several: "
+                                                              "click with Ctrl or Shift)."))
         self.layer_groups.append(row)
 
     def _on_data_source(self, value: str) -> None:

@@ -17,7 +17,7 @@ from superqt.utils import qdebounced
 
 from phenotwin._napari import layers
 from phenotwin._napari import model_registry as registry
-from phenotwin._napari.layout import ScrollableDock
+from phenotwin._napari.layout import ScrollableDock, explain, help_button, shortcut
 from phenotwin._napari.results_panel import ResultsPanel
 from phenotwin._napari.session import STRENGTH_MAX, STRENGTH_MIN, STRENGTH_STEP, RunRequest, TranslationSession
 from phenotwin._napari.workers import DockProgress, TileSignal, start_worker
@@ -28,6 +28,17 @@ if TYPE_CHECKING:
     import napari
 
 SCRUB_DEBOUNCE_MS = 120
+TRANSLATE_KEYS, CANCEL_KEYS, BEFORE_AFTER_KEYS = "Ctrl+Shift+T", "Ctrl+Shift+X", "Ctrl+Shift+B"
+TOOLTIPS = {
+    "model_path": "A phenotwin model folder (with phenotwin.json). The shipped demo model is filled in.",
+    "load_button": "Load the model in the folder above (once per napari session; shared by every widget).",
+    "source": "The condition the cells are in now (read from the layer's metadata when it says).",
+    "target": "The condition to show them in.",
+    "seed": "Random seed of the generation: the same seed and settings give the same result.",
+    "run_button": f"Translate the selected layers with these settings ({TRANSLATE_KEYS}).",
+    "cancel_button": f"Stop the translation at its next diffusion step ({CANCEL_KEYS}).",
+    "progress_bar": "Diffusion steps of this run.",
+}
 CURRENT_PLANE, ALL_PLANES = "current plane", "all planes"
 SLIDER_OFF = ("Strength is off: the slider cannot re-score a result of many cells or planes (each has its own "
               "inversion). Change Cells, Stack or a layer to set it again, then press Translate.")
@@ -89,8 +100,9 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.results = ResultsPanel(self.viewer, lambda: len(self.channel_pickers))
         self._dock = DockProgress(self.status, self.progress_bar)
         self._prefetch_line = DockProgress(self.prefetch_info, reveal=True)
+        self.help = help_button("Translate cells", "Translate layers to another condition and read the result.")
         self.extend([
-            self.model_path, self.load_button, self.model_info, self.channel_pickers, self.channel_pickers.note,
+            self.help, self.model_path, self.load_button, self.model_info, self.channel_pickers, self.channel_pickers.note,
             self.axes_info, self.planes, self.cells, self.source, self.target, self.strength, self.slider_info,
             self.prefetch, self.prefetch_info, self.steps, self.guidance,
             self.confine, self.seed, self.run_button, self.cancel_button, self.progress_bar, self.status, self.results,
@@ -98,6 +110,9 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         for label in (self.model_info, self.status, self.prefetch_info, self.axes_info, self.slider_info):
             label.native.setWordWrap(True)
         self._show_defaults(model_defaults())
+        explain(self, TOOLTIPS)
+        self.shortcuts = [shortcut(self.native, keys, action) for keys, action in (
+            (TRANSLATE_KEYS, self.run), (CANCEL_KEYS, self.cancel), (BEFORE_AFTER_KEYS, self.results.toggle_before_after))]
 
         self.load_button.changed.connect(lambda: self.load_model(str(self.model_path.value)))
         self.run_button.changed.connect(self.run)
