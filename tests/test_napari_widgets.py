@@ -391,6 +391,26 @@ def test_every_control_has_a_tooltip_a_help_button_and_shortcuts(viewer_and_widg
 
 
 @requires_display
+def test_keep_this_result_pins_it_as_its_own_layers(viewer_and_widget, qtbot):
+    viewer, widget, layers = viewer_and_widget
+    widget.steps.value = 2
+    run_and_wait(qtbot, widget)
+    kept = widget.results.keep()
+    assert [layer.name for layer in kept] == ["ctrl nucleus → nocodazole [kept 1]", "ctrl golgi → nocodazole [kept 1]",
+                                              "ctrl Δ [kept 1]"]
+    pinned = [layer.data.copy() for layer in kept]
+    assert kept[0].metadata["phenotwin"]["steps"] == 2  # the provenance stays
+    assert kept[0] not in [layer for _, layer in image_choices(viewer)]  # never offered as an input
+    widget.steps.value = 3
+    run_and_wait(qtbot, widget)
+    assert len(widget.result_layers("translation")) == 2  # new layers for the new run
+    assert widget.result_layers("translation")[0].metadata["phenotwin"]["steps"] == 3
+    for layer, data in zip(kept, pinned):
+        assert layer in viewer.layers
+        np.testing.assert_array_equal(layer.data, data)
+
+
+@requires_display
 def test_deleting_the_source_layer_mid_run_is_handled(viewer_and_widget, qtbot):
     viewer, widget, layers = viewer_and_widget
     widget.steps.value = 30

@@ -348,6 +348,18 @@ def save_scores(result: CellTranslation | None, path) -> None:
     show_info(f"Per-cell scores written to {written}")
 
 
+def keep_results(viewer: napari.Viewer) -> list:
+    """Pin our current result layers (translation, heatmap, cell scores) under new names."""
+    ours = [layer for layer in viewer.layers if role(layer) in ("translation", "heatmap", "cell-scores")]
+    taken = {layer.name for layer in viewer.layers}
+    number = next(n for n in range(1, 10_000) if not any(f"[kept {n}]" in name for name in taken))
+    for layer in ours:
+        meta = layer.metadata[ROLE_KEY]
+        layer.metadata = {**layer.metadata, ROLE_KEY: {**meta, "role": f"kept {meta['role']}"}}
+        layer.name = f"{layer.name} [kept {number}]"
+    return ours
+
+
 def result_layers(viewer: napari.Viewer, kind: str | None = None) -> list[Image]:
     """Our translation and heatmap layers (or those of one `kind`)."""
     return [layer for layer in viewer.layers if role(layer) in ((kind,) if kind else ("translation", "heatmap"))]

@@ -50,14 +50,18 @@ class ResultsPanel(widgets.Container):
                     "to the window. Your other layers are hidden meanwhile and shown again afterwards.")
         self.export_button = widgets.PushButton(
             text="Export CSV…", enabled=False, tooltip="Save the per-cell scores, with the settings, as CSV.")
+        self.keep_button = widgets.PushButton(
+            text="Keep this result", enabled=False,
+            tooltip="Pin the result as layers of its own: the next run makes new layers instead of updating these.")
         self.extend([self.fit_line, self.quality, self.top_cells, self.before_after, self.heatmap, self.side_by_side,
-                     self.export_button])
+                     self.export_button, self.keep_button])
         for label in (self.fit_line, self.quality, self.top_cells):
             label.native.setWordWrap(True)
         self.before_after.changed.connect(lambda value: self._set(after=value == AFTER))
         self.heatmap.changed.connect(lambda on: self._set(heatmap=on))
         self.side_by_side.changed.connect(lambda on: self._set(grid=on))
         self.export_button.changed.connect(self._ask_csv_path)
+        self.keep_button.changed.connect(self.keep)
 
     def show_result(self, result, sources: layers.SourcePlanes, translator, several: bool) -> None:
         """After result layers were put in place: judge the result, apply the view."""
@@ -74,7 +78,7 @@ class ResultsPanel(widgets.Container):
         if judged.notify and key != self._notified:
             self._notified = key
             show_warning(judged.fit_line or judged.quality_line)
-        for control in (self.before_after, self.heatmap, self.side_by_side):
+        for control in (self.before_after, self.heatmap, self.side_by_side, self.keep_button):
             control.enabled = True
         self.apply()
 
@@ -95,6 +99,15 @@ class ResultsPanel(widgets.Container):
         """The other of the two states (the Ctrl+Shift+B shortcut)."""
         if self.sources is not None:
             self.before_after.value = BEFORE if self.before_after.value == AFTER else AFTER
+
+    def keep(self, *_) -> list:
+        """Pin the result shown: its layers are renamed and no longer ours to update (their metadata
+        keeps the provenance, with role 'kept <role>'); the view controls let go of them."""
+        kept = layers.keep_results(self.viewer)
+        if self.view.grid:
+            self.side_by_side.value = False
+        self.keep_button.enabled = False
+        return kept
 
     def _ask_csv_path(self, *_) -> None:
         from qtpy.QtWidgets import QFileDialog
