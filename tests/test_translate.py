@@ -355,7 +355,7 @@ def test_three_d_without_channel_axis_explains_both_readings(translators, cells)
         ({"strength": 0.0}, r"strength must be in \(0, 1\]"),
         ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
         ({"steps": 0}, "steps must be a whole number"),
-        ({"guidance": -1.0}, "guidance must be a number >= 0"),
+        ({"guidance": -1.0}, "guidance must be a number from 0"),
     ],
 )
 def test_bad_settings_are_rejected_before_any_work(translators, cells, kwargs, message):

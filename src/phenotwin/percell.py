@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phenotwin.errors import PhenotwinError
+from phenotwin.input_fit import FitReport
 from phenotwin.io import write_csv
 from phenotwin.pipeline.settings import TranslationSettings
 from phenotwin.preprocessing import channels_first, from_channels_first
 from phenotwin.progress import CancelFlag, Steps, drive, tagged
+from phenotwin.trust import TrustVerdict
 
 if TYPE_CHECKING:
     from phenotwin.pipeline.translator import Translator
@@ -46,13 +48,17 @@ class CellTranslation:
     settings: TranslationSettings  # resolved
     checkpoint_id: str
     margin: int
+    fit: FitReport | None = None  # the worst cell's input fit
+    trust: TrustVerdict | None = None  # the least trustworthy cell's verdict
 
     def metadata(self) -> dict[str, Any]:
         """Provenance of the run (napari layer metadata)."""
         s = self.settings
         return {"source": s.source, "target": s.target, "strength": s.strength, "steps": s.steps,
                 "guidance": s.guidance, "confine": s.confine, "seed": s.seed, "checkpoint": self.checkpoint_id,
-                "margin": self.margin, "cells": len(self.scores)}
+                "margin": self.margin, "cells": len(self.scores),
+                "input_fit": None if self.fit is None else {"level": self.fit.level, "findings": list(self.fit.findings)},
+                "trust": None if self.trust is None else self.trust.to_dict()}
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """Write the per-cell scores as CSV, atomically (a half-written table never appears)."""
@@ -122,7 +128,7 @@ def _translate_cells(translator, chw, axis, labels, settings, margin):
     names = list(translator.info.channel_names or [f"channel {c + 1}" for c in range(translator.channels)])
     translated = np.array(chw, copy=True)  # channels first; the input itself is never written
     heat = np.zeros((translator.channels, *chw.shape[1:]), dtype=np.float32)
-    rows = []
+    rows, results = [], []
     for k, cell in enumerate(cells):
         y0, x0, height, width = cell_window(cell.bbox, translator.image_size, margin)
         window = crop_mirrored(chw, y0, x0, height, width)
@@ -148,12 +154,15 @@ def _translate_cells(translator, chw, axis, labels, settings, margin):
             **{f"change_{name}": float(value) for name, value in zip(names, per_channel)},
             "reconstruction_psnr": round(float(result.reconstruction_psnr), 3)
             if math.isfinite(result.reconstruction_psnr) else result.reconstruction_psnr,
+            "trust": result.trust.level,
         })
+        results.append(result)
     columns = ["label", "area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "change",
-               *[f"change_{name}" for name in names], "reconstruction_psnr"]
+               *[f"change_{name}" for name in names], "reconstruction_psnr", "trust"]
     return CellTranslation(image=from_channels_first(translated, axis), heatmap=heat.sum(axis=0), heatmap_channels=heat,
                            scores=rows, columns=columns, settings=settings, checkpoint_id=translator.checkpoint_id,
-                           margin=margin)
+                           margin=margin, fit=FitReport.worst([r.fit for r in results]),
+                           trust=TrustVerdict.worst([r.trust for r in results]))
 
 
 def translate_cells(translator, image, labels, source=None, target=None, strength=None, steps=None, guidance=None,

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phenotwin.errors import PhenotwinError
+from phenotwin.input_fit import FitReport
 from phenotwin.progress import Steps, tagged
+from phenotwin.trust import TrustVerdict
 
 if TYPE_CHECKING:
     from phenotwin.pipeline import Translation, TranslationSettings, Translator
@@ -185,6 +187,8 @@ class StackTranslation:
     heatmap: np.ndarray  # (*leading, H, W)
     metadata: dict[str, Any]
     reconstruction_psnr: float  # the worst plane's
+    fit: FitReport | None = None  # the worst plane's input fit
+    trust: TrustVerdict | None = None  # the least trustworthy plane's verdict
 
 
 def translate_stack_steps(translator: Translator, image: np.ndarray,
@@ -197,5 +201,8 @@ def translate_stack_steps(translator: Translator, image: np.ndarray,
     translated = np.stack([r.image for r in results], axis=1).reshape(image.shape)
     heatmap = np.stack([r.heatmap for r in results]).reshape(*leading, *image.shape[-2:])
     worst = min(r.reconstruction_psnr for r in results)
-    meta = {**results[0].metadata(), "reconstruction_psnr": worst, "planes": len(results)}
-    return StackTranslation(image=translated, heatmap=heatmap, metadata=meta, reconstruction_psnr=worst)
+    fit, trust = FitReport.worst([r.fit for r in results]), TrustVerdict.worst([r.trust for r in results])
+    meta = {**results[0].metadata(), "reconstruction_psnr": worst, "planes": len(results), "trust": trust.to_dict(),
+            "input_fit": {"level": fit.level, "findings": list(fit.findings)}}
+    return StackTranslation(image=translated, heatmap=heatmap, metadata=meta, reconstruction_psnr=worst, fit=fit,
+                            trust=trust)

@@ -38,6 +38,11 @@ class TrustVerdict:
     def to_dict(self) -> dict[str, Any]:
         return {"level": self.level, "message": self.message, "psnr": self.psnr, "percentile": self.percentile}
 
+    @staticmethod
+    def worst(verdicts: list[TrustVerdict]) -> TrustVerdict:
+        """The least trustworthy of several (the cells or planes of one result)."""
+        return max(verdicts, key=lambda v: (LEVELS.index(v.level), -v.psnr if math.isfinite(v.psnr) else 0.0))
+
 
 def _nearest(keys: list[str], value: float, log: bool = False) -> str:
     def distance(key: str) -> float:

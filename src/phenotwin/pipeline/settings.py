@@ -126,9 +126,16 @@ def _steps(steps: Any, limit: int) -> int:
     return int(steps)
 
 
+# Guidance scales used in practice are 1-15 (Stable Diffusion's default 7.5, the demo model's 1).
+# The prediction is cond + w (cond - uncond): far beyond that the class difference is amplified
+# until sampling leaves the image range (saturated output, nothing to read).
+MAX_GUIDANCE = 30.0
+
+
 def _guidance(guidance: Any) -> float:
-    if not _is_number(guidance) or not math.isfinite(guidance) or guidance < 0:
-        raise PhenotwinError(f"guidance must be a number >= 0 (0 = no guidance), got {guidance!r}.")
+    if not _is_number(guidance) or not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise PhenotwinError(f"guidance must be a number from 0 (no guidance) to {MAX_GUIDANCE:g}, got {guidance!r}; "
+                             "1 to 15 is the usual range.")
     return float(guidance)
 
 
