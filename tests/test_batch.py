@@ -535,3 +535,30 @@ def test_accelerate_two_processes_write_what_one_process_writes(models, tmp_path
             np.testing.assert_array_equal(tifffile.imread(one / name), tifffile.imread(two / name))
     assert (one / "summary.csv").read_text() == (two / "summary.csv").read_text()
     assert len(summary(two)) == 5
+
+
+def test_the_summary_says_whether_each_image_fits_and_strict_fit_refuses_those_that_do_not(tmp_path, capsys):
+    """A [0, 1] float export of camera images, given to the demo model (trained on 16-bit units):
+    translated but flagged in summary.csv; refused with --strict-fit; fitting with --match-intensities."""
+    from phenotwin.assets import demo_model_path
+    from phenotwin.synthetic import as_camera_units, make_pairs
+
+    pairs = make_pairs(1, size=64, channels=2, seed=0, start=100_000)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    tifffile.imwrite(inputs / "scaled.tif", pairs.control[0], metadata={"axes": "CYX"})
+    tifffile.imwrite(inputs / "camera.tif", as_camera_units(pairs.control[0]), metadata={"axes": "CYX"})
+    base = ["translate", "--checkpoint", str(demo_model_path()), "--input", str(inputs), "--source", "control",
+            "--target", "nocodazole", "--steps", "4", "--device", "cpu"]
+    assert main([*base, "--output", str(tmp_path / "out")]) == 0
+    rows = {Path(row["input"]).name: row for row in summary(tmp_path / "out")}
+    assert rows["scaled.tif"]["input_fit"] == "does-not-fit" and rows["scaled.tif"]["trust"] == "does-not-fit"
+    assert rows["camera.tif"]["input_fit"] == "ok"
+    assert main([*base, "--output", str(tmp_path / "strict"), "--strict-fit"]) == 1
+    rows = {Path(row["input"]).name: row for row in summary(tmp_path / "strict")}
+    assert rows["scaled.tif"]["status"] == "failed" and "--strict-fit" in rows["scaled.tif"]["message"]
+    assert rows["camera.tif"]["status"] == "done"
+    assert not list((tmp_path / "strict").glob("scaled*.ome.tif"))  # nothing written for the refused file
+    assert main([*base, "--output", str(tmp_path / "matched"), "--match-intensities"]) == 0
+    rows = {Path(row["input"]).name: row for row in summary(tmp_path / "matched")}
+    assert rows["scaled.tif"]["input_fit"] == "ok"

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from phenotwin.errors import PhenotwinError
+from phenotwin.errors import PhenotwinError, PhenotwinWarning
+from phenotwin.input_fit import FitReport
 from phenotwin.io import (
     IMAGE_SUFFIXES,
     prepare_folder,
@@ -40,6 +42,7 @@ from phenotwin.io import (
 from phenotwin.pipeline.settings import TranslationSettings
 from phenotwin.progress import Progress, drive
 from phenotwin.stacks import PlaneStack, check_axes, check_axes_letters, file_axes, translate_planes_steps
+from phenotwin.trust import TrustVerdict
 
 SUMMARY = "summary.csv"
 SUMMARY_COLUMNS = ("input", "status")  # how phenotwin knows its own summary.csv (also from older versions)
@@ -233,11 +236,22 @@ def _channel_names(translator) -> list[str]:
 
 def translate_file(translator, job: Job, out: Path, settings: TranslationSettings, selection: InputSelection,
                    fingerprint: dict[str, Any],
-                   step_progress: Callable[[str], Callable[[Progress], None]] | None = None) -> dict[str, Any]:
-    """Translate one file plane by plane, write its images and return its record (not yet written)."""
+                   step_progress: Callable[[str], Callable[[Progress], None]] | None = None,
+                   strict_fit: bool = False) -> dict[str, Any]:
+    """Translate one file plane by plane, write its images and return its record (not yet written).
+    With `strict_fit`, a file with a plane that does not fit the model fails before any model call."""
     stack = read_stack(job.input, selection)
     _check_fed_channels(stack, translator.channels)
     has_channels = stack.channel_axis is not None
+    if strict_fit:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PhenotwinWarning)  # the refusal below says it
+            fits = [translator.processor.preprocess(plane, 0 if has_channels else None, settings.match_intensities).fit
+                    for plane in stack.planes()]
+        worst = FitReport.worst(fits)
+        if worst.level == "does-not-fit":
+            raise PhenotwinError(f"{worst.message} (refused by --strict-fit; without it the file is translated and "
+                                 "its summary row says input_fit does-not-fit)")
     bars: dict[int, Callable[[Progress], None]] = {}  # one progress bar per plane
 
     def progress(event: Progress) -> None:
@@ -253,8 +267,12 @@ def translate_file(translator, job: Job, out: Path, settings: TranslationSetting
     heatmap, heatmap_axes = stack.assemble([r.heatmap for r in results], with_channels=False)
     per_channel = np.stack([r.heatmap_channels for r in results])  # (planes, C, Y, X)
     psnrs = [r.reconstruction_psnr for r in results]
+    fit = FitReport.worst([r.fit for r in results])
+    trust = TrustVerdict.worst([r.trust for r in results])
     metrics: dict[str, Any] = {
         "reconstruction_psnr": float(np.mean(psnrs)),
+        "input_fit": fit.level,
+        "trust": trust.level,
         "mean_change": float(heatmap.mean()),
     }
     for channel, name in enumerate(_channel_names(translator)):
@@ -265,6 +283,8 @@ def translate_file(translator, job: Job, out: Path, settings: TranslationSetting
         **results[0].metadata(),
         "reconstruction_psnr": metrics["reconstruction_psnr"],
         "plane_reconstruction_psnr": psnrs,
+        "input_fit": fit.to_dict(),
+        "trust": trust.to_dict(),
         "input": str(job.input),
         "input_axes": stack.axes,
         "input_shape": list(stack.array.shape),
@@ -288,14 +308,16 @@ def _row(job: Job, record: dict[str, Any], columns: list[str], target: str) -> d
     return {column: row.get(column, "") for column in columns}
 
 
-def _number(value: float) -> str:
+def _number(value: float | str) -> str:
+    if isinstance(value, str):  # a verdict level
+        return value
     return "inf" if math.isinf(value) else repr(round(float(value), 6))
 
 
 def summary_columns(translator) -> list[str]:
     per_channel = [f"{kind}_change_{name}" for name in _channel_names(translator) for kind in ("mean", "p99")]
-    return ["input", "target", "status", "message", "planes", "reconstruction_psnr", "mean_change", *per_channel,
-            "translated", "heatmap"]
+    return ["input", "target", "status", "message", "planes", "reconstruction_psnr", "input_fit", "trust", "mean_change",
+            *per_channel, "translated", "heatmap"]
 
 
 def fingerprint_of(translator, settings: TranslationSettings, selection: InputSelection) -> dict[str, Any]:
@@ -315,8 +337,10 @@ def run_batch(
     recursive: bool = False,
     overwrite: bool = False,
     step_progress: Callable[[str], Callable[[Progress], None]] | None = None,
+    strict_fit: bool = False,
 ) -> BatchResult:
-    """Translate every input not already done into `out`; see the module docstring.
+    """Translate every input not already done into `out`; see the module docstring. With
+    `strict_fit`, a file that does not fit the model (`input_fit`) fails instead of being translated.
 
     Settings errors (unknown condition, bad strength, results from other settings in `out`
     without `overwrite`) raise before any work; a bad file is recorded as failed and skipped.
@@ -384,7 +408,7 @@ def run_batch(
             for job in bar:
                 with writing_into(out):  # a bad file fails alone; a failed write stops the run
                     try:
-                        record = translate_file(translator, job, out, settings, selection, fingerprint, step_progress)
+                        record = translate_file(translator, job, out, settings, selection, fingerprint, step_progress, strict_fit)
                     except PhenotwinError as err:
                         record = {"status": "failed", "message": str(err)}
                         bar.write(f"skipped {job.input}: {err}", file=sys.stderr)

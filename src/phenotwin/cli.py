@@ -77,12 +77,14 @@ def run_translate(args: argparse.Namespace) -> int:
     from phenotwin.progress import tqdm_steps
 
     settings = TranslationSettings(source=args.source, target=args.target, strength=args.strength, steps=args.steps,
-                                   guidance=args.guidance, seed=args.seed, confine=args.confine)
+                                   guidance=args.guidance, seed=args.seed, confine=args.confine,
+                                   match_intensities=args.match_intensities)
     selection = InputSelection(channels=tuple(args.channels) if args.channels is not None else None,
                                axes=args.axes.upper() if args.axes else None)
     try:
         result = run_batch(args.checkpoint, args.input, args.output, settings, selection, device=args.device,
-                           recursive=args.recursive, overwrite=args.overwrite, step_progress=tqdm_steps)
+                           recursive=args.recursive, overwrite=args.overwrite, step_progress=tqdm_steps,
+                           strict_fit=args.strict_fit)
     except KeyboardInterrupt:
         print(f"interrupted: finished images are kept in {args.output}; run the same command again to continue",
               file=sys.stderr)
@@ -172,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: all channels")
     tr.add_argument("--overwrite", action="store_true",
                     help="redo images that --output holds from a run with other settings (default: refuse)")
+    tr.add_argument("--strict-fit", action="store_true",
+                    help="fail every file whose intensities do not fit the model's training images (default: translate "
+                    "it and say so in summary.csv's input_fit column)")
+    tr.add_argument("--match-intensities", action="store_true",
+                    help="map each image's own percentiles onto the model's training range (images from another "
+                    "microscope setting; recorded in the provenance)")
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: %(default)s)")
 
     from phenotwin.evaluate.commands import add_parser as add_evaluate_parser
