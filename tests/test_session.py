@@ -250,19 +250,19 @@ def test_the_verdict_is_the_librarys_and_per_cell_runs_show_the_worst():
 
     from phenotwin._napari.verdict import verdict
     from phenotwin.input_fit import FitReport
+    from phenotwin.trust import TrustVerdict
+    from phenotwin.trust import verdict as library_verdict
 
-    settings = TranslationSettings(steps=20, strength=1.0)
-    trusted = SimpleNamespace(reconstruction_psnr=30.0, settings=settings,
-                              trust=SimpleNamespace(level="poor", message="Poor for this model."))
-    shown = verdict(trusted, FitReport("ok"), None)
+    trusted = SimpleNamespace(fit=FitReport("ok"), trust=TrustVerdict("poor", "Poor for this model.", 30.0))
+    shown = verdict(trusted)
     assert shown.quality_line == "Poor for this model." and not shown.notify
-    garbage = verdict(SimpleNamespace(reconstruction_psnr=40.0, settings=settings, trust=None),
-                      FitReport("does-not-fit", ("nucleus: constant.",)), None)
+    bad = FitReport("does-not-fit", ("nucleus: constant.",))
+    garbage = verdict(SimpleNamespace(fit=bad, trust=library_verdict(40.0, 20, 1.0, None, bad)))
     assert "not trust" in garbage.quality_line and "good" not in garbage.quality_line.lower()
     assert "nucleus: constant." in garbage.fit_line and garbage.notify
     calibration = {"reconstruction_psnr": {"20": {"1.0": [30.0, 31.0, 32.0]}}}
-    cells = SimpleNamespace(scores=[{"reconstruction_psnr": 31.0}, {"reconstruction_psnr": 22.5}], settings=settings)
-    worst = verdict(cells, FitReport("ok"), calibration, several=True)
+    worst_cell = library_verdict(22.5, 20, 1.0, calibration, FitReport("ok"))
+    worst = verdict(SimpleNamespace(fit=FitReport("ok"), trust=worst_cell), several=True)
     assert worst.trust_level == "poor" and "22.5 dB" in worst.quality_line and "worst of all" in worst.quality_line
-    scrub = SimpleNamespace(reconstruction_psnr=float("nan"), settings=settings, trust=None)
-    assert verdict(scrub, FitReport("ok"), calibration).quality_line is None  # not measured: the line stays
+    scrub = SimpleNamespace(fit=FitReport("ok"), trust=library_verdict(float("nan"), 20, 1.0, calibration))
+    assert verdict(scrub).quality_line is None  # not measured: the line stays

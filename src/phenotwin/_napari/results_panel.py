@@ -15,7 +15,7 @@ from magicgui import widgets
 from napari.utils.notifications import show_warning
 
 from phenotwin._napari import layers
-from phenotwin._napari.verdict import Verdict, input_fit, verdict
+from phenotwin._napari.verdict import Verdict, verdict
 from phenotwin._napari.views import ResultView
 
 if TYPE_CHECKING:
@@ -63,14 +63,10 @@ class ResultsPanel(widgets.Container):
         self.export_button.changed.connect(self._ask_csv_path)
         self.keep_button.changed.connect(self.keep)
 
-    def show_result(self, result, sources: layers.SourcePlanes, translator, several: bool) -> None:
+    def show_result(self, result, sources: layers.SourcePlanes, several: bool) -> None:
         """After result layers were put in place: judge the result, apply the view."""
         self.sources = sources
-        fit = getattr(result, "fit", None)
-        if fit is None and translator is not None:
-            fit = input_fit(translator, sources.image)  # per-cell and stack results carry none (yet)
-        calibration = getattr(getattr(translator, "info", None), "calibration", None)
-        self.verdict = judged = verdict(result, fit, calibration, several)
+        self.verdict = judged = verdict(result, several)
         self.fit_line.value, self.fit_line.visible = judged.fit_line, bool(judged.fit_line)
         if judged.quality_line is not None:
             self.quality.value = judged.quality_line

@@ -290,7 +290,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.slider_info.value = SLIDER_OFF
         if shown.top_cells is not None:
             self.results.show_cells(result, shown.top_cells)
-        self.results.show_result(result, sources, self.translator, shown.several)
+        self.results.show_result(result, sources, shown.several)
         self.translated.emit(result)
 
     def result_layers(self, role: str | None = None):
