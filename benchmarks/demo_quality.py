@@ -37,11 +37,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from phenotwin import Translator
+    from phenotwin.assets import demo_model_path
     from phenotwin.evaluate.metrics import counterfactual_ratio
     from phenotwin.evaluate.report import public
     from phenotwin.evaluate.translation import from_pairs, translation_steps
     from phenotwin.io import write_json
-    from phenotwin.assets import demo_model_path
     from phenotwin.progress import drive
     from phenotwin.synthetic import make_pairs
 

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Cancelled",
     "CheckpointError",
+    "Inversion",
     "PhenotwinError",
     "PhenotwinWarning",
     "Translation",

@@ -12,7 +12,7 @@ import dataclasses
 import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import TypeVar, Union
+from typing import TypeVar
 
 from phenotwin.errors import Cancelled
 
@@ -41,7 +41,7 @@ class Progress:
 
 
 Steps = Generator[Progress, None, T]
-CancelFlag = Union[threading.Event, Callable[[], bool], None]
+CancelFlag = threading.Event | Callable[[], bool] | None
 
 
 def tagged(steps: Steps[T], item: int, items: int, unit: str) -> Steps[T]:

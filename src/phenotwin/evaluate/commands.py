@@ -21,7 +21,8 @@ def add_parser(commands) -> None:
     mem.add_argument("--model-a", type=Path, help="model trained on one half")
     mem.add_argument("--model-b", type=Path, help="model trained on the other half")
     mem.add_argument("--train-data-a", type=Path, help="model A's training folder (for the nearest-training search)")
-    mem.add_argument("--held-out", type=Path, help="real images model A never saw, the baseline (default with --data: model B's half)")
+    mem.add_argument("--held-out", type=Path,
+                     help="real images model A never saw, the baseline (default with --data: model B's half)")
     mem.add_argument("--data", type=Path, help="instead of models: split this folder in halves and train on each")
     mem.add_argument("--steps", type=int, default=300, help="with --data: training steps per model (default: %(default)s)")
     mem.add_argument("--width", type=int, default=16, help="with --data: UNet width (default: %(default)s)")

@@ -163,7 +163,8 @@ def memorization_steps(model_a, model_b, train_data_a, held_out_data=None, count
         raise PhenotwinError(f"count must be at least 1, got {count}.")
     a, b = Translator(model_a, device=device), Translator(model_b, device=device)
     if a.classes != b.classes or a.image_size != b.image_size or a.channels != b.channels:
-        raise PhenotwinError("models A and B must share conditions, image size and channels: train them on halves of one data set.")
+        raise PhenotwinError("models A and B must share conditions, image size and channels: "
+                             "train them on halves of one data set.")
     reference = model_range_images(train_data_a, a)
     held_out = None if held_out_data is None else model_range_images(held_out_data, a)
     generated_a, generated_b = [], []

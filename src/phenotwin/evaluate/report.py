@@ -45,7 +45,8 @@ def draw_memorization(figure, result: dict) -> None:
               ("held-out real image vs nearest training image", "held_out_to_train", "tab:gray")]
     for label, key, colour in series:
         if result.get(key):
-            ax.hist(result[key]["values"], bins=bins, density=True, alpha=0.6, color=colour, label=f"{label} (median {result[key]['median']:.2f})")
+            ax.hist(result[key]["values"], bins=bins, density=True, alpha=0.6, color=colour,
+                    label=f"{label} (median {result[key]['median']:.2f})")
     ax.set_xlabel("cosine similarity (channel means removed)", fontsize=8)
     ax.set_ylabel("density (series differ in size)", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -62,7 +63,8 @@ def write_memorization(result: dict, out) -> dict[str, Path]:
     out = Path(out)
     figure = Figure(figsize=(6, 3.4), tight_layout=True)
     draw_memorization(figure, result)
-    files = {"plot": write_png_figure(out / "memorization.png", figure), "json": write_json(out / "memorization.json", public(result))}
+    files = {"plot": write_png_figure(out / "memorization.png", figure),
+             "json": write_json(out / "memorization.json", public(result))}
     if result.get("_examples"):
         save_montage(out / "memorization-examples.png", result["_examples"],
                      ["model A", "model B (same noise)", "nearest training image (A)"])
@@ -124,7 +126,8 @@ def draw_translation_metrics(figure, result: dict) -> None:
         axes[0].hist(_finite(row["per_image"]["reconstruction_psnr"]), bins=12, alpha=0.6, label=label)
         if "ratio" in panels:
             axes[1].hist(_finite(row["per_image"]["counterfactual_ratio"]), bins=12, alpha=0.6, label=label)
-            axes[2].plot(row["heatmap_roc"]["fpr"], row["heatmap_roc"]["tpr"], label=f"{label} (AUROC {row['heatmap_auroc']:.2f})")
+            axes[2].plot(row["heatmap_roc"]["fpr"], row["heatmap_roc"]["tpr"],
+                         label=f"{label} (AUROC {row['heatmap_auroc']:.2f})")
     axes[0].set_xlabel("reconstruction PSNR (dB)", fontsize=8)
     if "ratio" in panels:
         axes[1].axvline(1.0, color="k", lw=0.8, ls="--")

@@ -19,8 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from phenotwin.errors import PhenotwinError
-from phenotwin.evaluate.metrics import (auroc, counterfactual_ratio, fid_kid, find_inception_weights, roc_curve,
-                                        smooth, ssim)
+from phenotwin.evaluate.metrics import (
+    auroc,
+    counterfactual_ratio,
+    fid_kid,
+    find_inception_weights,
+    roc_curve,
+    smooth,
+    ssim,
+)
 from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 from phenotwin.progress import Progress, Steps, relabel
 
@@ -56,7 +63,8 @@ def _synthetic_masks(stems: list[str], shape: tuple[int, ...], images: np.ndarra
         if shape[0] not in (1, 2, 3):
             return None
         pairs = make_pairs(1, size=shape[1], channels=shape[0], phenotype=phenotype, seed=int(seed), start=int(index))
-        if not any(np.array_equal(as_camera_units(cell).astype(np.float32), image) for cell in (pairs.control[0], pairs.treated[0])):
+        cells = (pairs.control[0], pairs.treated[0])
+        if not any(np.array_equal(as_camera_units(cell).astype(np.float32), image) for cell in cells):
             return None
         masks.append(pairs.change_mask[0])
     return np.stack(masks)
