@@ -831,3 +831,66 @@ def test_model_info_says_how_the_model_was_trained():
     fine_tuned = {"steps": 2000, "base": {"path": "base", "provenance": {"steps": 3000}}}
     assert model_registry.training_summary(fine_tuned) == ", fine-tuned 2000 steps from a 3000-step base"
     assert model_registry.training_summary({}) == ""
+
+
+@requires_display
+def test_one_progress_bar_counts_the_runs_model_calls_with_the_time_left(viewer_and_widget, qtbot):
+    viewer, widget, _ = viewer_and_widget
+    widget.steps.value, widget.strength.value, widget.confine.value = 20, 0.5, True
+    bar, seen = widget.progress_bar.native, []
+    bar.valueChanged.connect(lambda value: seen.append((value, bar.maximum(), bar.format())))
+    calls = widget.translator.denoiser.calls
+    run_and_wait(qtbot, widget)
+    total = 20 + 12 + 10  # inversion, edit mask, generation at half strength: known before it starts
+    assert widget.translator.denoiser.calls - calls == total
+    values = [value for value, _, _ in seen if value]
+    assert len(values) >= 3 and values == sorted(values) and values[-1] == total  # never restarts at a stage
+    assert {maximum for value, maximum, _ in seen if value} == {total}
+    assert any(text.endswith("s left") and f"of {total} model calls" in text for _, _, text in seen)
+    assert seen[-1][2] == f"{total} of {total} model calls"  # done: no time left to say
+
+
+@requires_display
+def test_a_long_run_asks_first_and_can_translate_the_view_instead(viewer_and_widget, qtbot, monkeypatch):
+    from phenotwin._napari import confirm, cost
+
+    viewer, widget, _ = viewer_and_widget
+    field = np.random.default_rng(4).integers(0, 4000, (2, 96, 96)).astype(np.uint16)
+    big = viewer.add_image(field, channel_axis=0, name=["big nucleus", "big golgi"], scale=(0.5, 0.5),
+                           translate=(10, 20))
+    widget.channel_pickers[0].value, widget.channel_pickers[1].value = big
+    widget.steps.value, widget.strength.value = 4, 1.0
+    monkeypatch.setitem(cost.SECONDS_PER_CALL, widget.translator.checkpoint_id, 10.0)  # a slow machine
+    asked, answer = [], ["cancel"]
+    monkeypatch.setattr(confirm, "ask", lambda parent, text, crop: asked.append((text, crop)) or answer[0])
+    widget.run()
+    tiles = cost.tiles_for(96, 96, 32)
+    seconds = (4 + 4) * tiles * 10.0
+    assert tiles > 1 and asked[0][0] == (f"This translation makes 8 model calls x {tiles} tiles, "
+                                         f"{cost.about(seconds)} on this machine. Start it?")
+    assert widget.session.running is None and "big Δ" not in viewer.layers  # declined: nothing ran
+    viewer.camera.center, viewer.camera.zoom = (10 + 0.5 * 30, 20 + 0.5 * 40), 1000.0  # into pixel (30, 40)
+    answer[0] = "crop"
+    widget.run()
+    assert asked[1][1] == "Translate the view only (32x32 px: 8 model calls, about 80 s on this machine)"
+    wait_until(qtbot, lambda: widget.session.running is None and "big Δ" in viewer.layers)
+    heat = viewer.layers["big Δ"]
+    assert heat.data.shape == (32, 32)  # the model-sized crop around the view, placed where it lies
+    np.testing.assert_allclose(heat.translate, (10 + 14 * 0.5, 20 + 24 * 0.5))
+    np.testing.assert_array_equal(widget.last_result.inversion.normalised.shape[-2:], (32, 32))
+
+
+@requires_display
+def test_the_precompute_is_off_on_a_cpu_and_cancel_stops_it(viewer_and_widget, qtbot):
+    viewer, widget, _ = viewer_and_widget
+    widget.prefetch.value = True
+    widget.load_model(str(widget.translator.checkpoint_path))  # the model's device sets the default
+    wait_until(qtbot, lambda: not widget.prefetch.value)
+    assert widget.translator.device.type == "cpu" and not widget.session.prefetch_enabled
+    translate_with_prefetch(qtbot, widget, steps=200)
+    wait_until(qtbot, lambda: widget.session.prefetching and "Cancel stops it" in widget.prefetch_info.value)
+    assert widget.cancel_button.enabled  # visibly cancellable
+    widget.cancel_button.native.click()
+    wait_until(qtbot, lambda: not widget.session.prefetching)
+    qtbot.wait(300)
+    assert not widget.session.prefetching and not widget.cancel_button.enabled  # and it does not come back

@@ -266,3 +266,40 @@ def test_the_verdict_is_the_librarys_and_per_cell_runs_show_the_worst():
     assert worst.trust_level == "poor" and "22.5 dB" in worst.quality_line and "worst of all" in worst.quality_line
     scrub = SimpleNamespace(fit=FitReport("ok"), trust=library_verdict(float("nan"), 20, 1.0, calibration))
     assert verdict(scrub).quality_line is None  # not measured: the line stays
+
+
+def test_a_runs_clock_counts_every_model_call_across_its_stages(session, runner, translator, cells):
+    from phenotwin._napari import cost
+
+    calls = translator.denoiser.calls
+    req = request(cells, confine=True, strength=0.5)
+    plan = session.plan(req)
+    assert plan.calls == STEPS + 12 + STEPS // 2 and plan.tiles == 1  # invert, edit mask, generate
+    session.run(req)
+    clock, done = session.clock, []
+    while not runner.last.done:
+        runner.last.step()
+        done.append(clock.done)
+    assert done == sorted(done) and done[-1] == clock.total == plan.calls  # one count: it never restarts
+    assert translator.denoiser.calls - calls == plan.calls  # the count is the model's
+    assert clock.seconds_left() == 0 and clock.describe() == "21 of 21 model calls"
+    measured = cost.SECONDS_PER_CALL[translator.checkpoint_id]  # this run's rate, for the next estimate
+    assert measured == pytest.approx(clock.seconds_per_call(), rel=0.1)
+    again = session.plan(request(cells, confine=True, strength=0.5))  # the inversion is cached now
+    assert again.calls == 12 + STEPS // 2 and again.seconds == pytest.approx(again.calls * measured)
+
+
+def test_the_precompute_is_opt_in_on_a_cpu_and_cancel_stops_it(session, runner, translator, cells):
+    assert translator.device.type == "cpu" and not TranslationSession(runner).prefetch_by_default(translator)
+    fresh = TranslationSession(runner)
+    fresh.set_translator(translator)
+    assert not fresh.prefetch_enabled  # off by default on a CPU
+    session.set_prefetch(True)
+    session.run(request(cells))
+    runner.last.run()
+    prefetch = runner.last
+    assert session.prefetching
+    session.cancel()  # Cancel stops the precompute too
+    assert prefetch.quit_requested
+    prefetch.step()
+    assert not session.prefetching and runner.last is prefetch  # and it does not start again by itself

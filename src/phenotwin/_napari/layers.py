@@ -191,6 +191,16 @@ def condition_of(choice) -> str | None:
     return getattr(choice, "metadata", {}).get(ROLE_KEY, {}).get("condition") if choice is not None else None
 
 
+def guess_conditions(classes: list[str], choice, target: str) -> tuple[str, str] | None:
+    """(source, target) when the layer of `choice` says which condition it shows (metadata): the
+    source is that one, the target stays unless it is the same (then the next condition)."""
+    condition = condition_of(choice)
+    if condition not in classes:
+        return None
+    others = [c for c in classes if c != condition]
+    return condition, (others[0] if target == condition and others else target)
+
+
 def read_sources(viewer: napari.Viewer, choices: list, all_planes: bool = False, cells: Labels | None = None
                  ) -> SourcePlanes:
     """Copies of the chosen channels (one choice per model channel), checked to fit together."""
@@ -215,7 +225,7 @@ def read_sources(viewer: napari.Viewer, choices: list, all_planes: bool = False,
     if len(shapes) > 1:
         raise PhenotwinError(f"the selected layers have different sizes {sorted(shapes)}; pick matching channels.")
     image = np.stack(planes)
-    digest = hashlib.blake2b(image.tobytes(), digest_size=12).hexdigest()
+    digest = fingerprint(image)
     first, axes = layers[0], image.ndim - 1  # result layers have the planes' axes
     sources = SourcePlanes(layers=layers, names=names, rgb_index=rgb_index, image=image,
                            scale=tuple(first.scale[-axes:]), translate=tuple(first.translate[-axes:]),
@@ -223,6 +233,11 @@ def read_sources(viewer: napari.Viewer, choices: list, all_planes: bool = False,
     if cells is not None:
         sources.cells_name, sources.labels = cells.name, current_plane(viewer, cells)
     return sources
+
+
+def fingerprint(image: np.ndarray) -> str:
+    """What the inversion cache knows the pixels by: the same pixels, the same inversion."""
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=12).hexdigest()
 
 
 def current_plane(viewer: napari.Viewer, layer: Image | Labels) -> np.ndarray:

@@ -23,7 +23,10 @@ def load_translator(path: str | Path) -> Translator:
 
     key = str(Path(path).resolve())
     if key not in _loaded_translators:
-        _loaded_translators[key] = Translator(key)
+        from phenotwin._napari.cost import time_one_call
+
+        translator = _loaded_translators[key] = Translator(key)
+        time_one_call(translator)  # the cost estimate before a run: seconds per model call on this machine
     return _loaded_translators[key]
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psygnal import Signal, SignalGroup
 
+from phenotwin._napari import cost
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class TranslationSession:
         self.context: Any = None  # of the latest run
         self.settings: TranslationSettings | None = None  # the latest asked for: the prefetch centres on it
         self.prefetch_enabled = True
+        self.clock: cost.RunClock | None = None  # of the run or scrub under way: model calls across its stages
         self._job: _Job | None = None  # a run or a scrub
         self._prefetch: _Job | None = None
         self._prefetched = False  # the last prefetch finished (was not stopped early)
@@ -108,11 +110,24 @@ class TranslationSession:
     def prefetching(self) -> bool:
         return self._prefetch is not None
 
+    @staticmethod
+    def prefetch_by_default(translator: Translator) -> bool:
+        """The background precompute is opt-in on a CPU (it takes the CPU from everything else), on elsewhere."""
+        return getattr(translator.device, "type", "cpu") != "cpu"
+
+    def plan(self, request: RunRequest) -> cost.RunPlan:
+        """The model calls `request` would make (none for a cached inversion) and their estimated seconds."""
+        key = (self.translator.checkpoint_id, request.fingerprint, request.settings.source, request.settings.steps)
+        inverted = request.labels is None and request.image.ndim == 3 and key == self._inversion_key
+        return cost.plan_run(self.translator, request.image, request.settings, request.labels,
+                             inverted and self.inversion is not None)
+
     def set_translator(self, translator: Translator) -> None:
         """A model was loaded: nothing of the previous one can be scrubbed."""
         self._stop_prefetch()
         self.events.prefetch_info.emit("", False)
         self.translator = translator
+        self.prefetch_enabled = self.prefetch_by_default(translator)
         self.inversion, self._inversion_key = None, None
 
     # -- requests ------------------------------------------------------------------------------
@@ -162,11 +177,13 @@ class TranslationSession:
             return False  # `scrub` reports it
 
     def cancel(self) -> None:
-        """Stop the run or scrub at its next diffusion step; nothing queued runs afterwards."""
+        """Stop the run, scrub or background precompute at its next diffusion step; nothing queued runs
+        afterwards, and the precompute waits for the next translation (or the box ticked again)."""
         self._pending_run = self._pending_scrub = None
         self._cancelled = True
         if self._job is not None:
             self._job.quit()
+        self._stop_prefetch()
 
     def drop_inversion(self) -> None:
         """A source layer is gone: no more slider updates or prefetch from it, the next run inverts
@@ -179,6 +196,7 @@ class TranslationSession:
     def set_prefetch(self, enabled: bool) -> None:
         self.prefetch_enabled = enabled
         if enabled:
+            self._cancelled = False  # ticked again after a Cancel: the user asks for it
             self._start_prefetch()
         else:
             self._stop_prefetch()
@@ -233,27 +251,37 @@ class TranslationSession:
         if key is None:  # results of many inversions: the slider cannot scrub them, Translate again instead
             self.inversion, self._inversion_key = None, None
         self.context, self.settings = request.context, request.settings
-        self._start(_Job("run", request.context, key), steps, "Translating")
+        self._start(_Job("run", request.context, key), steps, "Translating", self.plan(request))
 
     def _start_scrub(self, settings: TranslationSettings) -> None:
         if self.inversion is None:
             return  # dropped while it waited
         steps = self.translator.generate_steps(self.inversion, settings=settings, reconstruct=False)
-        self._start(_Job("scrub", self.context), steps, "Updating")
+        plan = cost.plan_scrub(self.translator, self.inversion, settings)
+        self._start(_Job("scrub", self.context), steps, "Updating", plan)
 
-    def _start(self, job: _Job, steps: Generator, description: str) -> None:
+    def _start(self, job: _Job, steps: Generator, description: str, plan: cost.RunPlan) -> None:
         self._job, self._cancelled = job, False
+        self.clock = cost.RunClock(plan, self.translator.resolve(self.settings).inversion_refinements)
         # Tiles of a large field: the session's own hook on the shared model while its job runs.
         self.translator.denoiser.tile_progress = self._report_tiles
         self.events.prefetch_info.emit("", False)  # it was about the previous result
         self.events.started.emit(description)
         job.handle = self._start_worker(
-            steps, yielded=self.events.progress.emit, returned=lambda result: self._on_result(job, result),
+            steps, yielded=self._on_progress, returned=lambda result: self._on_result(job, result),
             errored=lambda err: self.events.error.emit(err, "Translation failed"),
             aborted=self.events.cancelled.emit, finished=lambda: self._on_finished(job))
 
+    def _on_progress(self, event) -> None:
+        if self.clock is not None:
+            self.clock.step(event)
+        self.events.progress.emit(event)
+
     def _report_tiles(self, done: int, total: int) -> None:
-        """Called by the model in the worker thread: handed on as an event, nothing else touched."""
+        """Called by the model in the worker thread: handed on as an event, only the clock's numbers set."""
+        clock = self.clock
+        if clock is not None:
+            clock.tile(done, total)
         self.events.tiles.emit(done, total)
 
     def _release_tiles(self) -> None:
@@ -262,6 +290,9 @@ class TranslationSession:
             denoiser.tile_progress = None  # the model is shared: report tiles to no one
 
     def _on_result(self, job: _Job, result) -> None:
+        measured = self.clock.seconds_per_call() if self.clock is not None else None
+        if measured is not None and self.clock.done >= 0.9 * self.clock.plan.calls:  # a whole run: its rate
+            cost.SECONDS_PER_CALL[self.translator.checkpoint_id] = measured
         if job.key is not None:
             self.inversion, self._inversion_key = result.inversion, job.key
         self.last_result = result
@@ -288,7 +319,8 @@ class TranslationSession:
     def _start_prefetch(self) -> None:
         """When idle after a translation of one model-sized image: fill the strength cache."""
         inversion = self.inversion
-        if (self._closed or not self.prefetch_enabled or self._job is not None or self._prefetch is not None
+        if (self._closed or self._cancelled or not self.prefetch_enabled or self._job is not None
+                or self._prefetch is not None
                 or inversion is None or getattr(self.last_result, "inversion", None) is not inversion
                 or self._prefetch_failed is inversion or self.settings is None):
             return

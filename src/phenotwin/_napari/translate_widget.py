@@ -15,7 +15,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
 from superqt.utils import qdebounced
 
-from phenotwin._napari import layers
+from phenotwin._napari import confirm, layers
 from phenotwin._napari import model_registry as registry
 from phenotwin._napari.layout import ScrollableDock, explain, help_button, shortcut
 from phenotwin._napari.results_panel import ResultsPanel
@@ -37,7 +37,7 @@ TOOLTIPS = {
     "seed": "Random seed of the generation: the same seed and settings give the same result.",
     "run_button": f"Translate the selected layers with these settings ({TRANSLATE_KEYS}).",
     "cancel_button": f"Stop the translation at its next diffusion step ({CANCEL_KEYS}).",
-    "progress_bar": "Diffusion steps of this run.",
+    "progress_bar": "Model calls of this run over all its stages, and the time left at the rate measured so far.",
 }
 CURRENT_PLANE, ALL_PLANES = "current plane", "all planes"
 SLIDER_OFF = ("Strength is off: the slider cannot re-score a result of many cells or planes (each has its own "
@@ -79,9 +79,10 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.strength = widgets.FloatSlider(label="Strength", min=STRENGTH_MIN, max=STRENGTH_MAX, step=STRENGTH_STEP,
                                             tooltip="How far to invert: 1 = all the way to noise (strongest change).")
         self.prefetch = widgets.CheckBox(
-            text="Precompute nearby strengths", value=True,
+            text="Precompute nearby strengths", value=False,
             tooltip="After a translation, generate the strengths around the slider's in the background so that "
-                    "moving the slider there is instant. It gives way to anything you start.")
+                    "moving the slider there is instant. Off by default on a CPU, on for a GPU; it gives way to "
+                    "anything you start, and Cancel stops it.")
         self.slider_info = widgets.Label(value="", visible=False)
         self.prefetch_info = widgets.Label(value="", visible=False)
         self.steps = widgets.SpinBox(label="Steps", min=2, max=1000, tooltip="DDIM steps for inversion and generation")
@@ -98,7 +99,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.progress_bar = widgets.ProgressBar(label="Progress", min=0, max=1, value=0, visible=False)
         self.status = widgets.Label(value="")
         self.results = ResultsPanel(self.viewer, lambda: len(self.channel_pickers))
-        self._dock = DockProgress(self.status, self.progress_bar)
+        self._dock = DockProgress(self.status, self.progress_bar, clock=lambda: self.session.clock)
         self._prefetch_line = DockProgress(self.prefetch_info, reveal=True)
         self.help = help_button("Translate cells", "Translate layers to another condition and read the result.")
         self.extend([
@@ -133,8 +134,11 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         events.cancelled.connect(lambda: self._dock.say("Cancelled."))
         events.finished.connect(self._on_finished)
         events.prefetch_progress.connect(lambda k, n: self.session.prefetching and self._prefetch_line.show(
-            f"Precomputing nearby strength {k} of {n} in the background...", None))
+            f"Precomputing nearby strength {k} of {n} in the background (Cancel stops it)...", None))
         events.prefetch_info.connect(self._prefetch_line.say)
+        for event in (events.prefetch_progress, events.prefetch_info):  # Cancel stops the precompute too
+            event.connect(lambda *_: self._closed or setattr(self.cancel_button, "enabled", bool(
+                self.session.running or self.session.prefetching)))
         self.viewer.layers.events.inserted.connect(self._refresh_layer_choices)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.layers.events.reordered.connect(self._refresh_layer_choices)
@@ -177,6 +181,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
             combo.value = condition
         self.channel_pickers.build(registry.channel_names(translator))
         self._show_defaults(defaults)
+        self.prefetch.value = self.session.prefetch_enabled  # the session's default for this device
         self.model_info.value = registry.describe(translator)
         self._on_layers_picked()
         self.model_loaded.emit(translator)
@@ -196,18 +201,11 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.strength.enabled, self.slider_info.visible = True, False  # new inputs: the slider sets the next run
         note = layers.axes_note(self.viewer, self.channel_pickers.choices, self.planes.value == ALL_PLANES)
         self.axes_info.value, self.axes_info.visible = note, bool(note)
-        self._guess_source_condition()
-
-    def _guess_source_condition(self, *_):
-        """If the selected layer says which condition it shows (metadata), use it as the source."""
-        if self.translator is None or not len(self.channel_pickers):
-            return
-        condition = layers.condition_of(self.channel_pickers[0].value)
-        if condition in self.translator.classes:
-            self.source.value = condition
-            others = [c for c in self.translator.classes if c != condition]
-            if self.target.value == condition and others:
-                self.target.value = others[0]
+        if self.translator is not None and len(self.channel_pickers):  # the layer's condition, when it says
+            conditions = layers.guess_conditions(self.translator.classes, self.channel_pickers[0].value,
+                                                 self.target.value)
+            if conditions is not None:
+                self.source.value, self.target.value = conditions
 
     def _on_layer_removed(self, event) -> None:
         context = self.session.context
@@ -228,12 +226,14 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         try:
             sources = layers.read_sources(self.viewer, self.channel_pickers.choices, self.planes.value == ALL_PLANES,
                                           self.cells.value)
-            self.session.run(RunRequest(sources.image, self.settings(), sources.fingerprint, sources.labels, sources))
+            request = confirm.checked(self, RunRequest(sources.image, self.settings(), sources.fingerprint,
+                                                       sources.labels, sources))  # None: a long run declined
+            request is not None and self.session.run(request)
         except (PhenotwinError, ValueError) as err:
             show_error(f"Cannot translate: {err}")
 
     def cancel(self, *_):
-        """Stop the running translation at its next diffusion step."""
+        """Stop the running translation (or the background precompute) at its next diffusion step."""
         self.session.cancel()
 
     def _on_generation_setting(self, *_):

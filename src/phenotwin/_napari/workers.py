@@ -126,10 +126,13 @@ class TileSignal(QObject):
 class DockProgress:
     """A run's progress in a dock: its status line (and progress bar, if any) at most ten times
     a second, always a stage's first and last step, then the activity bar (last: it runs other
-    slots). `say` writes a final word that no pending update may overwrite."""
+    slots). `say` writes a final word that no pending update may overwrite. With a `clock` (returning
+    the run's `cost.RunClock`, or None) the bar counts the run's model calls across all its stages
+    and says the time left on itself; without one it counts the steps of the stage under way."""
 
-    def __init__(self, status, bar=None, reveal: bool = False) -> None:
+    def __init__(self, status, bar=None, reveal: bool = False, clock: Callable[[], Any] | None = None) -> None:
         self.status, self.bar, self.reveal = status, bar, reveal  # reveal: a hidden line shows with each update
+        self.clock = clock
         self.activity = ActivityBar()
         self.closed = False  # the dock is gone: touch none of its controls
         self._latest: tuple | None = None
@@ -158,6 +161,11 @@ class DockProgress:
         if self.closed or self._latest is None:
             return
         text, stage, step, total = self._latest
+        clock = self.clock() if self.clock is not None else None
+        if clock is not None and stage is not None:
+            stage, step, total = "run", min(round(clock.done), clock.total), clock.total
+            if self.bar is not None:
+                self.bar.native.setFormat(clock.describe())
         if self.bar is not None and stage is not None:
             if self.bar.max != total:
                 self.bar.max = total

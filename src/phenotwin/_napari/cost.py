@@ -1,0 +1,169 @@
+"""What a run costs, before and while it runs: its model calls counted up front, the seconds one
+call takes on this machine, and the run's clock (calls done across all its stages, time left).
+
+A run's calls per image (a cell, a plane): the inversion's steps (each 1 + refinements calls;
+none when the inversion is cached), `CONFINE_CALLS` for the edit mask when confine is on, and
+the generation's steps; a field larger than the model makes each call one per tile. The seconds
+per call are timed once when a model loads (`time_one_call`), then replaced by what the runs
+measure. Imports neither Qt, napari nor torch (until a model is timed or a field tiled).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+
+if TYPE_CHECKING:
+    from phenotwin.pipeline.settings import TranslationSettings
+    from phenotwin.pipeline.translator import Translator
+
+CONFIRM_ABOVE_S = 60.0  # a run estimated longer than this asks first
+# Seconds one model-sized call takes, by model (checkpoint id): timed at load, then measured by runs.
+SECONDS_PER_CALL: dict[str, float] = {}
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The model calls a run makes over all its stages and images, and how long they should take."""
+
+    calls: int  # model calls over all stages (and cells or planes)
+    tiles: int = 1  # model-sized tiles per call (fields larger than the model)
+    seconds_per_call: float | None = None  # of one model-sized tile, on this machine
+
+    @property
+    def seconds(self) -> float | None:
+        return None if self.seconds_per_call is None else self.calls * self.tiles * self.seconds_per_call
+
+    def describe(self) -> str:
+        """'840 model calls x 9 tiles, about 3 min on this machine'."""
+        tiles = f" x {self.tiles} tiles" if self.tiles > 1 else ""
+        seconds = self.seconds
+        return f"{self.calls} model calls{tiles}" + ("" if seconds is None else f", {about(seconds)} on this machine")
+
+
+def about(seconds: float) -> str:
+    """'about 40 s', 'about 3 min', 'about 1.5 h'."""
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"about {round(seconds / 60)} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def tiles_for(height: int, width: int, size: int) -> int:
+    """Model-sized tiles per call over a (height, width) field (1 when it fits the model)."""
+    if height <= size and width <= size:
+        return 1
+    from phenotwin.modeling.denoiser import Denoiser, tile_starts
+
+    overlap = Denoiser.tile_overlap
+    return len(tile_starts(max(height, size), size, overlap)) * len(tile_starts(max(width, size), size, overlap))
+
+
+def calls_per_image(settings: TranslationSettings, inverted: bool = False) -> int:
+    """Model calls of one image's translation with resolved `settings` (no inversion when cached)."""
+    inversion = 0 if inverted else settings.steps * (1 + settings.inversion_refinements)
+    return inversion + CONFINE_CALLS * bool(settings.confine) + settings.used_steps
+
+
+def plan_run(translator: Translator, image: np.ndarray, settings: TranslationSettings,
+             labels: np.ndarray | None = None, inverted: bool = False) -> RunPlan:
+    """The plan of translating `image` (C, H, W) or a stack (C, ..., H, W), cell by cell with `labels`."""
+    resolved = translator.resolve(settings)
+    size = translator.image_size
+    if labels is not None:  # one model-sized window per cell
+        items, tiles = int(np.count_nonzero(np.unique(labels))), 1
+    else:
+        items, tiles = math.prod(image.shape[1:-2]), tiles_for(*image.shape[-2:], size)
+    return RunPlan(items * calls_per_image(resolved, inverted), tiles, SECONDS_PER_CALL.get(translator.checkpoint_id))
+
+
+def plan_scrub(translator: Translator, inversion: Any, settings: TranslationSettings) -> RunPlan:
+    """The plan of regenerating a cached `inversion` at `settings`: what its caches do not hold yet."""
+    resolved = translator.resolve(settings)
+    target = translator.classes.index(resolved.target)
+    masking = resolved.confine and target != inversion.source_index and target not in inversion.edit_masks
+    generated = translator.is_generated(inversion, settings=settings.replace(confine=False))
+    calls = CONFINE_CALLS * masking + resolved.used_steps * (not generated)
+    return RunPlan(calls, tiles_for(*inversion.normalised.shape[-2:], translator.image_size),
+                   SECONDS_PER_CALL.get(translator.checkpoint_id))
+
+
+def time_one_call(translator: Translator) -> float:
+    """Seconds of one model-sized call of `translator`'s model (its first, warm-up call not counted).
+    Leaves the model's call count as it was: these calls are no one's translation."""
+    import torch
+
+    den = translator.denoiser
+    sample = torch.zeros((1, *den.sample_shape()), device=den.device)
+    labels = translator.diffusion.labels([0])
+    calls = den.calls
+    try:
+        with torch.inference_mode():
+            den(sample, 1, labels).cpu()  # warm-up: lazy initialisation, caches
+            start = time.perf_counter()
+            den(sample, 1, labels).cpu()  # .cpu(): waits for an accelerator to finish
+            seconds = time.perf_counter() - start
+    finally:
+        den.calls = calls
+    SECONDS_PER_CALL[translator.checkpoint_id] = seconds
+    return seconds
+
+
+@dataclass
+class RunClock:
+    """A run's progress in model calls across all its stages: the bar never restarts, and the time
+    left comes from the rate measured so far. `step` takes each `Progress` of the run, `tile` the
+    tiles of the step under way (it may be called from the worker thread: it only sets numbers)."""
+
+    plan: RunPlan
+    refinements: int = 0  # inversion steps cost 1 + refinements calls
+    started: float = field(default_factory=time.perf_counter)
+    _finished_calls: float = 0.0  # calls of the stages already over
+    _segment: tuple | None = None  # (item, stage) of the stage under way
+    _segment_calls: float = 0.0
+    _last_step: int = 0
+    _tile_fraction: float = 0.0
+
+    def step(self, event: Any) -> None:
+        segment = (event.item, event.stage)
+        if segment != self._segment or event.step < self._last_step:  # a new stage (or cell, plane)
+            self._finished_calls += self._segment_calls
+            self._segment = segment
+        weight = 1 + self.refinements if event.stage == "invert" else 1
+        self._segment_calls, self._last_step, self._tile_fraction = event.step * weight, event.step, 0.0
+
+    def tile(self, done: int, total: int) -> None:
+        self._tile_fraction = done / total if total and done < total else 0.0
+
+    @property
+    def done(self) -> float:
+        return self._finished_calls + self._segment_calls + self._tile_fraction
+
+    @property
+    def total(self) -> int:
+        return max(self.plan.calls, math.ceil(self.done))  # never less than done (recomputed states)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def seconds_left(self) -> float | None:
+        done = self.done
+        return None if done <= 0 else (self.total - done) * self.elapsed() / done
+
+    def describe(self) -> str:
+        """'12 of 52 model calls, about 8 s left'."""
+        left = self.seconds_left()
+        calls = f"{math.floor(self.done)} of {self.total} model calls"
+        return calls if left is None or self.done >= self.total else f"{calls}, {about(left)} left"
+
+    def seconds_per_call(self) -> float | None:
+        """What this run measured: seconds per model-sized call."""
+        done = self.done
+        return None if done < 1 else self.elapsed() / (done * self.plan.tiles)
