@@ -72,6 +72,18 @@ class TrainConfig:
         False, "train although the conditions' images differ in type or bit depth (e.g. 8-bit against 16-bit); "
         "by default refused, as the model would learn the bit depth as the phenotype",
     )
+    validation_fraction: float = flag(
+        0.1, "fraction of each condition's images held out (never trained on) for the calibration and the choice "
+        "of the saved model; at least one per condition of 5 or more images; 0 turns it off (default: %(default)s)",
+    )
+    calibrate: bool = flag(
+        True, "skip the calibration on the held-out images at the end (defaults, trust verdict, which save to keep)",
+        option="--no-calibrate",
+    )
+    calibration_images: int | None = flag(
+        None, "held-out images per condition the calibration uses, whatever it costs (default: as many as fit in "
+        "about 15%% of the training time)", metavar="N",
+    )
     sample_steps: int = 25
     overwrite: bool = flag(False, "replace a model already in --out")
     resume: bool = flag(False, "continue the run saved in --out")
@@ -95,6 +107,10 @@ class TrainConfig:
             _check_integer(name, getattr(self, name), low)
         if self.max_per_class is not None:
             _check_integer("max_per_class", self.max_per_class, 1)
+        if self.calibration_images is not None:
+            _check_integer("calibration_images", self.calibration_images, 2)
+        _check_fraction("validation_fraction", self.validation_fraction, "[0, 0.5], e.g. 0.1 (0 turns it off)",
+                        lambda v: 0 <= v <= 0.5)
         if self.seed >= 2**32:
             raise PhenotwinError(f"seed (--seed) must be below 2**32, got {self.seed}.")
         for name, unit in (("size", "the UNet halves it three times"), ("width", "its group norms take 8 groups")):
@@ -186,3 +202,6 @@ class TrainProgress:
     loss: float
     learning_rate: float
     saved: bool = False
+    # "training", or after the last step "calibrating: <what>" (step/total count that stage's model calls;
+    # loss and learning_rate are the last step's); a progress bar shows the stage, a loss plot skips it.
+    stage: str = "training"

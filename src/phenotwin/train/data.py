@@ -21,6 +21,7 @@ from phenotwin.io import IMAGE_SUFFIXES, read_image
 from phenotwin.preprocessing import channels_first
 
 NORMALIZATION_PERCENTILES = (0.1, 99.9)
+VALIDATION_MIN_IMAGES = 5  # a condition with fewer keeps all its images for training
 
 
 @dataclass
@@ -180,6 +181,35 @@ def _dataset_range(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     high = np.percentile(pooled, NORMALIZATION_PERCENTILES[1], axis=1)
     high = np.where(high > low, high, low + 1.0)
     return low.astype(np.float64), high.astype(np.float64)
+
+
+def hold_out(data: ConditionImages, root: str | os.PathLike, fraction: float,
+             seed: int) -> tuple[ConditionImages, ConditionImages | None, dict]:
+    """(training images, held-out images or None, the split's record) for a validation split.
+
+    Per condition, `fraction` of its images (at least one when it has VALIDATION_MIN_IMAGES or
+    more) are drawn from a stream fixed by (seed, condition index): the same files every time, so
+    a resumed run holds out the same ones. The normalisation and everything the model learns come
+    from the training images alone; `fingerprint` stays the whole folder's (what resume checks)."""
+    root = Path(root)
+    held = []
+    for c in range(len(data.classes)):
+        members = np.flatnonzero(data.labels == c)
+        count = 0 if fraction <= 0 or len(members) < VALIDATION_MIN_IMAGES else max(1, int(fraction * len(members)))
+        held += sorted(members[np.random.default_rng([seed, c]).permutation(len(members))[:count]].tolist())
+    record = {"fraction": fraction, "files": [data.files[i].relative_to(root).as_posix() for i in held],
+              "fingerprint": fingerprint([data.files[i] for i in held], root) if held else None}
+    if not held:
+        return data, None, record
+    kept = [i for i in range(len(data.images)) if i not in set(held)]
+
+    def subset(indices: list[int], low: np.ndarray, high: np.ndarray, print_: str) -> ConditionImages:
+        return ConditionImages(classes=data.classes, images=[data.images[i] for i in indices],
+                               labels=data.labels[indices], files=[data.files[i] for i in indices], low=low,
+                               high=high, fingerprint=print_)
+
+    low, high = _dataset_range([data.images[i] for i in kept])
+    return subset(kept, low, high, data.fingerprint), subset(held, low, high, record["fingerprint"]), record
 
 
 def fingerprint(files: list[Path], root: Path) -> str:

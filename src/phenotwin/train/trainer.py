@@ -1,51 +1,36 @@
 """The training loop, driven by accelerate: one loop for every method and model kind.
 
 What is trained comes from `phenotwin.train.models`, the settings from
-`phenotwin.train.config` (`TrainConfig` and `TrainProgress` are importable from here too).
-Long runs behave: a `TrainProgress` per step (loss, learning rate), the model saved
-atomically every N steps with a sample grid, the full training state (optimizer, EMA, RNGs)
-saved beside it so `resume=True` continues after a kill, and an interrupt saves first.
+`phenotwin.train.config` (`TrainConfig` and `TrainProgress` are importable from here too),
+what survives between sessions from `phenotwin.train.state`. Long runs behave: a
+`TrainProgress` per step (loss, learning rate), the model saved atomically every N steps with
+a sample grid and a candidate copy of its weights, the full training state (optimizer, EMA,
+RNGs) saved beside it so `resume=True` continues after a kill, and an interrupt saves first.
+After the last step `phenotwin.train.selection` calibrates on the held-out images and keeps
+the best save.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
-import shutil
 import signal
 import threading
 import time
 from collections.abc import Generator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from phenotwin.checkpoint import (
-    INFO_FILE,
-    TRAINING_DIR,
-    Checkpoint,
-    CheckpointInfo,
-    foreign_entries,
-    recover_interrupted_save,
-    save_checkpoint,
-)
+from phenotwin.checkpoint import INFO_FILE, TRAINING_DIR, Checkpoint, CheckpointInfo, save_checkpoint
 from phenotwin.errors import PhenotwinError
 from phenotwin.io import write_atomically
+from phenotwin.train import state
 from phenotwin.train.config import OutputFolderInUse, TrainConfig, TrainProgress
-from phenotwin.train.data import AugmentedCrops, load_condition_folders
+from phenotwin.train.data import AugmentedCrops, hold_out, load_condition_folders
 from phenotwin.train.models import apply_method, conditional_module, encode, starting_model
+from phenotwin.train.state import STATE_DIR
 
 __all__ = ["STATE_DIR", "TrainConfig", "TrainProgress", "Trainer", "train"]
-
-STATE_DIR = "state"
-# What the trainer writes inside training/: the only entries a new run there replaces.
-TRAINING_ENTRIES = ("log.csv", "samples", STATE_DIR)
-LOG_HEADER = "step,loss,learning_rate,seconds\n"
-# Settings a resumed run must share with the saved one: they shape the model, or the saved state
-# (optimizer, moving average, random streams) would silently keep the old value.
-RESUME_FIXED = ("method", "base", "size", "width", "vae", "prediction_type", "zero_snr", "lora_rank",
-                "context_tokens", "channel_axis", "learning_rate", "ema_decay", "seed")
 
 
 class Trainer:
@@ -56,14 +41,19 @@ class Trainer:
         self.config = config
         self.out = Path(config.out)
         self._check_folders_apart()
-        self.tidied = self._tidy_killed_run() if os.environ.get("RANK", "0") == "0" else []
+        self.tidied = state.tidy_killed_run(self.out) if os.environ.get("RANK", "0") == "0" else []
         self._check_output()
-        self.data = load_condition_folders(config.data, config.size, config.channel_axis, config.max_per_class,
-                                           config.allow_mixed_bit_depth)
+        everything = load_condition_folders(config.data, config.size, config.channel_axis, config.max_per_class,
+                                            config.allow_mixed_bit_depth)
+        # The held-out images are never trained on: they calibrate the model and choose the save to keep.
+        self.data, self.validation, self.split = hold_out(everything, config.data, config.validation_fraction,
+                                                          config.seed)
         self.channel_names = self._channel_names()
         if config.resume:
-            self._check_same_data()
+            state.check_same_data(self.out, config.data, self.data.fingerprint, self.split)
         self._build()
+        self.calibration = None  # a `selection.Calibration` once the last step is done
+        self.last_event: TrainProgress | None = None
 
     def _channel_names(self) -> list[str] | None:
         names = self.config.channel_names
@@ -101,49 +91,21 @@ class Trainer:
 
     def _check_output(self) -> None:
         out, config = self.out, self.config
-        state = out / TRAINING_DIR / STATE_DIR
+        saved = state.state_dir(out)
         if out.exists() and not out.is_dir():
             raise PhenotwinError(f"{out} is a file; a model is a folder. Choose another output folder.")
         if config.resume:
-            if not state.is_dir():
+            if not saved.is_dir():
                 raise PhenotwinError(
-                    f"nothing to resume in {out}: no saved training state ({state}). Start without --resume."
+                    f"nothing to resume in {out}: no saved training state ({saved}). Start without --resume."
                 )
-            self._check_same_run(self._saved_progress())
+            state.check_same_run(out, config, state.saved_progress(out))
             return
         if out.exists() and any(out.iterdir()):
-            foreign = self._foreign()
+            foreign = state.foreign(out)
             if not config.overwrite or foreign:
                 raise OutputFolderInUse(out, foreign, holds_model=(out / INFO_FILE).is_file(),
-                                        resumable=state.is_dir(), overwriting=config.overwrite)
-
-    def _foreign(self) -> list[str]:
-        """What in the output folder phenotwin did not write (folders end in /): an overwrite must leave it."""
-        training = self.out / TRAINING_DIR
-        names = [name for name in foreign_entries(self.out) if name != TRAINING_DIR]
-        if training.is_dir():
-            names += [f"{TRAINING_DIR}/{p.name}" for p in training.iterdir()
-                      if p.name not in TRAINING_ENTRIES and not _leftover(p)]
-        elif training.exists():
-            names.append(TRAINING_DIR)
-        return sorted(name + "/" if (self.out / name).is_dir() else name for name in names)
-
-    def _tidy_killed_run(self) -> list[str]:
-        """Put back or remove what a killed run left half-written: the model's staging folder, the
-        state's, temporary files. Only phenotwin's own names are touched."""
-        tidied = recover_interrupted_save(self.out)
-        training = self.out / TRAINING_DIR
-        state = training / STATE_DIR
-        retired = training / f".{STATE_DIR}-old"
-        if retired.is_dir() and not state.exists():
-            os.replace(retired, state)  # killed between the two renames of _save_state
-            tidied.append(f"{TRAINING_DIR}/{retired.name}")
-        for folder in (training, training / "samples"):
-            for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
-                if _leftover(entry):
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-                    tidied.append(entry.relative_to(self.out).as_posix())
-        return tidied
+                                        resumable=saved.is_dir(), overwriting=config.overwrite)
 
     def _build(self) -> None:
         import torch
@@ -176,7 +138,9 @@ class Trainer:
 
         self.unet = apply_method(config.method, initial.kind, initial.unet, config.lora_rank)
         self.model = conditional_module(initial.kind, self.unet, initial.class_embeddings)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in named]
+        self.trainable_names = [name for name, _ in named]
         if not self.trainable:
             raise PhenotwinError(f"method {config.method} left nothing to train in this model.")
         lr = config.effective_learning_rate()
@@ -193,78 +157,14 @@ class Trainer:
         set_seed(config.seed, device_specific=True)
         self.step = 0
         if config.resume:
-            self._load_state()
+            self.accelerator.load_state(str(state.state_dir(self.out)))
+            self.step = int(state.saved_progress(self.out)["step"])
+        from phenotwin.input_fit import training_statistics
 
-    # -- state ---------------------------------------------------------------------------
+        # What every translation's input-fit check compares with: the intensities trained on.
+        self.intensity_statistics = training_statistics(data.images, data.low, data.high)
 
-    def _state_dir(self) -> Path:
-        return self.out / TRAINING_DIR / STATE_DIR
-
-    def _saved_progress(self) -> dict[str, Any]:
-        """The saved state's step, data fingerprint and settings."""
-        path = self._state_dir() / "progress.json"
-        try:
-            progress = json.loads(path.read_text())
-            int(progress["step"])
-            return progress
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise PhenotwinError(
-                f"the saved training state in {self._state_dir()} cannot be read ({path.name}: {err}); it cannot be "
-                "resumed. Start a new run, in another output folder or replacing this one."
-            ) from None
-
-    def _check_same_data(self) -> None:
-        if self._saved_progress().get("data_fingerprint") != self.data.fingerprint:
-            raise PhenotwinError(
-                f"the data in {self.config.data} differ from the data this run started with; resuming would mix "
-                "them. Resume with the original data, or start a new run in another output folder."
-            )
-
-    def _load_state(self) -> None:
-        self.accelerator.load_state(str(self._state_dir()))
-        self.step = int(self._saved_progress()["step"])
-
-    def _check_same_run(self, progress: dict[str, Any]) -> None:
-        """Refuse to resume with settings that differ from the saved run's in `RESUME_FIXED`."""
-        saved = progress.get("config")
-        if saved is None:  # a state saved before progress.json kept the settings: the model's copy
-            try:
-                saved = json.loads((self.out / INFO_FILE).read_text())["provenance"]["config"]
-            except (OSError, ValueError, KeyError, TypeError):
-                return
-        given = asdict(self.config)
-        changed = [(name, _resumed_value(saved, name), _resumed_value(given, name)) for name in RESUME_FIXED
-                   if name in saved and _resumed_value(saved, name) != _resumed_value(given, name)]
-        if changed:
-            listed = "; ".join(f"{name}: saved {old!r}, now {new!r}" for name, old, new in changed)
-            flags = " ".join(f"--{name.replace('_', '-')} {old}" for name, old, _ in changed if old is not None)
-            raise PhenotwinError(
-                f"cannot resume the run in {self.out} with other settings ({listed}). Resume with the saved run's "
-                f"settings{f' ({flags})' if flags else ''}, or start a new run in another output folder."
-            )
-
-    def _save_state(self) -> None:
-        """Optimizer, EMA, RNGs and step, swapped in atomically like the model.
-
-        Every process calls this: accelerate's save_state writes each process's random states."""
-        accelerator = self.accelerator
-        state = self._state_dir()
-        staging = state.with_name(f".{STATE_DIR}-{self.step}")
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-        accelerator.wait_for_everyone()  # nobody writes into a folder being removed
-        accelerator.save_state(str(staging))
-        accelerator.wait_for_everyone()  # every process's files are in before the swap
-        if accelerator.is_main_process:
-            (staging / "progress.json").write_text(
-                json.dumps({"step": self.step, "data_fingerprint": self.data.fingerprint,
-                            "processes": accelerator.num_processes, "config": _saved_config(self.config)})
-            )
-            retired = state.with_name(f".{STATE_DIR}-old")
-            if state.exists():
-                os.replace(state, retired)
-            os.replace(staging, state)
-            shutil.rmtree(retired, ignore_errors=True)
+    # -- saving --------------------------------------------------------------------------
 
     def save(self) -> Path:
         """Write the EMA model as a checkpoint (atomically), the training state and a sample grid."""
@@ -275,9 +175,12 @@ class Trainer:
             self.ema.copy_to(self.trainable)
             try:
                 save_checkpoint(self._checkpoint(), self.out, overwrite=True, keep=(TRAINING_DIR,))
+                self._write_candidate()
             finally:
                 self.ema.restore(self.trainable)
-        self._save_state()
+        state.save_state(self.accelerator, self.out, self.step, {
+            "data_fingerprint": self.data.fingerprint, "validation": self.split,
+            "config": state.saved_config(self.config)})
         accelerator.wait_for_everyone()
         try:
             if accelerator.is_main_process:
@@ -288,7 +191,42 @@ class Trainer:
             accelerator.wait_for_everyone()
         return self.out
 
-    def _checkpoint(self) -> Checkpoint:
+    def _write_candidate(self) -> None:
+        """The weights just saved, kept as training/candidates/step-N.safetensors for the choice at the end."""
+        from safetensors.torch import save_file
+
+        from phenotwin.train.selection import candidate_file
+
+        tensors = {name: p.detach().float().cpu().contiguous().clone()
+                   for name, p in zip(self.trainable_names, self.trainable)}
+        write_atomically(candidate_file(self.out, self.step), lambda temp: save_file(tensors, temp))
+
+    def load_candidate(self, file: Path) -> None:
+        """Put a candidate's weights into the model (callers store and restore the live ones)."""
+        import torch
+        from safetensors.torch import load_file
+
+        tensors = load_file(file)
+        with torch.no_grad():
+            for name, p in zip(self.trainable_names, self.trainable):
+                p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
+
+    def candidate_translator(self):
+        """A Translator over the model being trained (float32, sharing its weights): `load_candidate` changes both."""
+        from phenotwin import Translator
+
+        return Translator(self._checkpoint(), device=str(self.accelerator.device), dtype=__import__("torch").float32)
+
+    def write_model(self, candidate: Path, selection: dict[str, Any]) -> None:
+        """Save a candidate's weights as the model, with how it was chosen; the live weights stay."""
+        self.ema.store(self.trainable)
+        try:
+            self.load_candidate(candidate)
+            save_checkpoint(self._checkpoint(selection), self.out, overwrite=True, keep=(TRAINING_DIR,))
+        finally:
+            self.ema.restore(self.trainable)
+
+    def _checkpoint(self, selection: dict[str, Any] | None = None) -> Checkpoint:
         config, data = self.config, self.data
         model = self.accelerator.unwrap_model(self.model)
         contexts = getattr(model, "contexts", None)
@@ -300,6 +238,7 @@ class Trainer:
             channels=data.channels,
             normalization=data.normalization(),
             channel_names=self.channel_names,
+            intensity_statistics=self.intensity_statistics,
             provenance={
                 "method": config.method,
                 "command": config.command,
@@ -309,7 +248,9 @@ class Trainer:
                 "data": str(Path(config.data)),
                 "data_fingerprint": data.fingerprint,
                 "images_per_class": data.counts(),
-                "config": _saved_config(self.config),
+                "validation": self.split,
+                **({"selection": selection} if selection else {}),
+                "config": state.saved_config(self.config),
                 # How the base was made, so that the whole chain can be re-run from the docs.
                 **({"base": {"path": self.base, "provenance": self.base_info.provenance}} if self.base_info else {}),
             },
@@ -346,36 +287,28 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_montage(path, rows, titles, row_titles=translator.classes)
 
-    def _start_log(self, log_path: Path) -> None:
-        """A new run replaces the trainer's own entries in training/ (its log, state and sample grids);
-        a resumed one keeps the log's rows up to the saved step: the rows a killed run logged after
-        its last save are trained again, and would otherwise appear twice."""
-        training = log_path.parent
-        if self.step == 0:
-            log_path.unlink(missing_ok=True)
-            shutil.rmtree(training / STATE_DIR, ignore_errors=True)
-            samples = training / "samples"
-            for grid in samples.glob("step_*.png"):
-                grid.unlink()
-            if samples.is_dir() and not any(samples.iterdir()):
-                samples.rmdir()
-        rows = log_path.read_text().splitlines()[1:] if log_path.is_file() else []
-        kept = [row for row in rows if _logged_step(row) <= self.step]
-        if not log_path.is_file() or kept != rows:
-            text = LOG_HEADER + "".join(row + "\n" for row in kept)
-            write_atomically(log_path, lambda temp: Path(temp).write_text(text))
-
     # -- the loop ------------------------------------------------------------------------
 
     def steps(self) -> Generator[TrainProgress, None, Path]:
-        """Train until `config.steps`, yielding after every optimizer step."""
+        """Train until `config.steps`, yielding after every optimizer step; then calibrate on the held-out
+        images and keep the best save (events with a "calibrating: ..." stage, `self.calibration.notes`)."""
+        from phenotwin.train.selection import Calibration
+
+        yield from self._train_steps()
+        self.calibration = Calibration(self)
+        if self.accelerator.is_main_process:
+            yield from self.calibration.steps()
+        self.accelerator.wait_for_everyone()
+        return self.out
+
+    def _train_steps(self) -> Generator[TrainProgress, None, Path]:
         import torch
 
         config, accelerator = self.config, self.accelerator
         device = accelerator.device
         log_path = self.out / TRAINING_DIR / "log.csv"
         if accelerator.is_main_process:
-            self._start_log(log_path)
+            state.start_log(log_path, self.step)
         start = time.monotonic()
         null = len(self.data.classes)
         self.model.train()
@@ -432,7 +365,8 @@ class Trainer:
                     self.model.train()
                 if stopped:
                     break
-                yield TrainProgress(self.step, config.steps, value, lr, saved)
+                self.last_event = TrainProgress(self.step, config.steps, value, lr, saved)
+                yield self.last_event
         except (KeyboardInterrupt, GeneratorExit):
             # Stop button, Ctrl-C or a closed worker: keep what was learned, then stop. With several
             # processes a save needs all of them, so only the agreed stop above saves.
@@ -481,34 +415,6 @@ class _StopFlag:
         if self.active:
             signal.signal(signal.SIGINT, self.previous)
             self.active = False
-
-
-def _leftover(entry: Path) -> bool:
-    """A file or folder a killed save leaves: write_atomically's `.NAME.XXXX.tmp`, the state's `.state-N`."""
-    return entry.name.startswith(".") and (entry.name.endswith(".tmp") or entry.name.startswith(f".{STATE_DIR}-"))
-
-
-def _logged_step(row: str) -> int:
-    try:
-        return int(row.split(",")[0])
-    except ValueError:
-        return 0
-
-
-def _saved_config(config: TrainConfig) -> dict[str, Any]:
-    """The settings stored with the model and the state (the switches of one invocation left out)."""
-    return {k: v for k, v in asdict(config).items() if k not in ("overwrite", "resume")}
-
-
-def _resumed_value(settings: dict[str, Any], name: str) -> Any:
-    """A setting as a resumed run compares it: the learning rate in effect, paths as pathlib writes them."""
-    value = settings.get(name)
-    if name == "learning_rate":
-        return TrainConfig(data="", out="", method=settings.get("method", "scratch"),
-                           learning_rate=value).effective_learning_rate()
-    if name in ("base", "vae") and value:
-        return str(Path(value).expanduser().resolve())
-    return value
 
 
 def config_prediction(scheduler_config: dict[str, Any]) -> str:
