@@ -41,7 +41,7 @@ def data(tmp_path_factory):
 
 def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
     settings = dict(data=str(data), out=str(out), size=32, steps=4, batch_size=2, checkpoint_every=2, width=8,
-                    warmup_steps=1, sample_steps=2)
+                    warmup_steps=1, sample_steps=2, calibrate=False)
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -630,3 +630,141 @@ def test_a_run_killed_anywhere_is_tidied_and_resumes_exactly(data, tmp_path, uni
     steps = [int(row[0]) for row in log_rows(out)]
     assert steps == [1, 2, 3, 4, 5, 6]  # no row twice
     same_run(out, uninterrupted)
+
+
+# -- the validation split, the calibration at the end, the save kept ------------------------------------------
+
+
+def test_the_validation_split_is_recorded_and_never_trained_on(data, tmp_path):
+    from phenotwin.input_fit import check_fit
+
+    trainer = Trainer(tiny(data, tmp_path / "m"))
+    held = set(trainer.split["files"])
+    assert len(held) == 2 and {name.split("/")[0] for name in held} == {"control", "treated"}  # 1 of 8 each
+    trained = {f.relative_to(data).as_posix() for f in trainer.data.files}
+    assert trained.isdisjoint(held) and len(trained) == 14
+    assert {f.relative_to(data).as_posix() for f in trainer.validation.files} == held
+    assert Trainer(tiny(data, tmp_path / "again")).split == trainer.split  # the seed fixes it
+    assert Trainer(tiny(data, tmp_path / "other", seed=3)).split["files"] != trainer.split["files"]
+    assert Trainer(tiny(data, tmp_path / "none", validation_fraction=0)).split["files"] == []
+    for _ in trainer.steps():
+        pass
+    info = read_info(trainer.out)
+    assert info.provenance["validation"] == trainer.split and info.provenance["validation"]["fraction"] == 0.1
+    assert info.provenance["validation"]["fingerprint"].startswith("sha256:")
+    assert info.provenance["images_per_class"] == {"control": 7, "treated": 7}
+    assert not (trainer.out / "training" / "calibration.csv").exists()  # calibrate=False
+    assert trainer.calibration.notes[0].startswith("calibration skipped: --no-calibrate")
+    # The input-fit check of every new model: a [0, 1] float image given to a 16-bit model does not fit.
+    stats = info.intensity_statistics
+    assert stats["images"] == 14 and stats["bit_depth"] == 16
+    low, high = (np.asarray(info.normalization[k], float) for k in ("low", "high"))
+    unit = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
+    assert check_fit(unit, low, high, stats, "fixed", unit.dtype).level == "does-not-fit"
+    own = tifffile.imread(data / "control" / "000.tif").astype(np.float32)
+    assert check_fit(own, low, high, stats, "fixed", np.dtype(np.uint16)).level == "ok"
+    # Resume holds out the same images: another fraction is refused.
+    with pytest.raises(PhenotwinError, match="validation_fraction"):
+        Trainer(tiny(data, trainer.out, resume=True, steps=6, validation_fraction=0.2))
+
+
+def test_no_calibrate_flag():
+    from phenotwin.cli import build_parser
+    from phenotwin.train.commands import config_from
+
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "m", "--no-calibrate", "--calibration-images",
+                                      "3", "--validation-fraction", "0.2"])
+    config = config_from(args)
+    assert (config.calibrate, config.calibration_images, config.validation_fraction) == (False, 3, 0.2)
+    for bad in ({"validation_fraction": 0.9}, {"calibration_images": 1}):
+        with pytest.raises(PhenotwinError):
+            TrainConfig(data="d", out="m", **bad).check()
+
+
+@pytest.fixture
+def few_steps(monkeypatch):
+    """Models whose default step count is 3: a calibration of a tiny model takes seconds."""
+    from phenotwin.pipeline.settings import MODEL_DEFAULTS
+
+    monkeypatch.setitem(MODEL_DEFAULTS, "steps", 3)
+
+
+def test_calibration_at_the_end_of_training_writes_defaults_and_the_sweep(data, tmp_path, few_steps):
+    from phenotwin.train.state import foreign
+
+    events = []
+    out = train(tiny(data, tmp_path / "m", calibrate=True, calibration_images=2), progress=events.append)
+    assert [e.step for e in events if e.stage == "training"] == [1, 2, 3, 4]
+    stages = {e.stage for e in events} - {"training"}
+    assert {"calibrating: classifier", "calibrating: sweep", "calibrating: candidate 2/2 (step 4)"} <= stages
+    info = read_info(out)
+    record = info.calibration
+    assert record["data_fingerprint"] == info.provenance["validation"]["fingerprint"]
+    assert {k: info.defaults[k] for k in ("strength", "guidance", "confine")} == record["chosen"]
+    assert [row["step"] for row in record["candidates"]["candidates"]] == [2, 4]
+    assert info.provenance["selection"]["kept_step"] in (2, 4)
+    training = out / "training"
+    assert (training / "calibration.csv").read_text().startswith("strength,guidance,confine")
+    assert (training / "calibration.png").is_file()
+    assert (training / "candidates.csv").read_text().splitlines()[0] == "step,reconstruction_psnr,flip_rate,images,kept"
+    assert sorted(p.name for p in (training / "candidates").iterdir()) == ["step-000002.safetensors",
+                                                                          "step-000004.safetensors"]
+    assert foreign(out) == []  # all phenotwin's: --overwrite may replace them, and a new run does
+    train(tiny(data, out, overwrite=True, steps=2))
+    assert not (training / "calibration.csv").exists()
+    assert sorted(p.name for p in (training / "candidates").iterdir()) == ["step-000002.safetensors"]
+    translates(out)
+
+
+def test_the_best_save_is_kept_not_the_last(data, tmp_path, few_steps, monkeypatch):
+    from safetensors.torch import load_file
+
+    from phenotwin.train import selection
+
+    def score(translator, data, n, classifier, seed):  # the later the save, the worse it scores
+        yield from ()
+        return {"reconstruction_psnr": 40.0 - translator.denoiser.unet.kept_marker, "flip_rate": 1.0, "images": 2}
+
+    real_load = Trainer.load_candidate
+
+    def load(self, file):
+        real_load(self, file)
+        self.accelerator.unwrap_model(self.model).unet.kept_marker = int(file.name[5:11])
+
+    monkeypatch.setattr(selection, "score_steps", score)
+    monkeypatch.setattr(Trainer, "load_candidate", load)
+    trainer = Trainer(tiny(data, tmp_path / "m", calibrate=True, calibration_images=2, steps=6))
+    for _ in trainer.steps():
+        pass
+    out = trainer.out
+    assert read_info(out).provenance["selection"]["kept_step"] == 2
+    assert any("kept the save of step 2 of 6" in note for note in trainer.calibration.notes)
+    kept = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    candidate = {k.removeprefix("unet."): v for k, v in
+                 load_file(out / "training" / "candidates" / "step-000002.safetensors").items()}
+    last = {k.removeprefix("unet."): v for k, v in
+            load_file(out / "training" / "candidates" / "step-000006.safetensors").items()}
+    shared = [k for k in candidate if k in kept]
+    assert shared and all(np.array_equal(kept[k].numpy(), candidate[k].numpy()) for k in shared)
+    assert not all(np.array_equal(kept[k].numpy(), last[k].numpy()) for k in shared)
+    rows = (out / "training" / "candidates.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[-1] for row in rows] == ["True", "False", "False"]
+
+
+def test_the_budget_chooses_images_and_the_sweep(tmp_path):
+    from phenotwin.evaluate.translation import EvalSet
+    from phenotwin.testing import make_tiny_checkpoint
+    from phenotwin.train.selection import plan
+
+    translator = Translator(make_tiny_checkpoint(tmp_path / "m"), device="cpu")
+    images = {c: np.zeros((8, translator.channels, translator.image_size, translator.image_size), np.float32)
+              for c in translator.classes}
+    held_out = EvalSet(translator.classes, images)
+    config = TrainConfig(data="d", out="m")
+    generous = plan(config, translator, held_out, 6, 0.001, budget=1e6)
+    assert (generous.images, generous.sweep) == (8, True)
+    tight = plan(config, translator, held_out, 6, 0.001, budget=generous.seconds / 4)
+    assert tight.seconds <= generous.seconds / 4 and (tight.images, tight.sweep) < (8, True)
+    assert plan(config, translator, held_out, 6, 0.001, budget=0.001) is None
+    forced = plan(TrainConfig(data="d", out="m", calibration_images=3), translator, held_out, 6, 0.001, budget=0)
+    assert (forced.images, forced.sweep) == (3, True)

@@ -48,10 +48,38 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return min(flipping, key=lambda row: (row["mean_change"], -row["flip_rate"], row["strength"]))
 
 
+def _plan(translator, data, n: int, step_counts: list[int] | None, sweep: bool):
+    """What a calibration runs: (step counts, strengths, sweep grid, directions, images per source)."""
+    base = translator.defaults
+    step_counts = sorted(set(step_counts or [base.steps]) | {base.steps})
+    rungs = sorted(set(STRENGTHS) | {base.strength})
+    grid = [(s, g, c) for s in rungs for g in GUIDANCES for c in CONFINES] if sweep else []
+    directions = [(src, tgt) for src in translator.classes for tgt in translator.classes if src != tgt]
+    per_direction = max(1, n // (len(translator.classes) - 1))  # each condition is the source of n translations
+    counts = {src: min(per_direction, len(data.images[src])) for src, _ in directions}
+    return step_counts, rungs, grid, directions, counts
+
+
+def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True) -> int:
+    """How many UNet calls `calibrate_steps` makes with these arguments: what a time budget plans with."""
+    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+
+    step_counts, rungs, _, directions, counts = _plan(translator, data, n, step_counts, sweep)
+    base = translator.defaults.steps
+
+    def cost(steps: int, swept: bool) -> int:
+        generations = sum(translator.resolve(steps=steps, strength=s).used_steps for s in rungs)
+        return steps + generations * (len(GUIDANCES) if swept else 1) + CONFINE_CALLS * swept
+
+    return sum(counts[src] * cost(steps, sweep and steps == base) for src, _ in directions for steps in step_counts)
+
+
 def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True,
-                    seed: int = 0, classifier_epochs: int = 8) -> Steps[dict[str, Any]]:
+                    seed: int = 0, classifier_epochs: int = 8, classifier=None) -> Steps[dict[str, Any]]:
     """Measure (see the module docstring) on `data`, an `evaluate.translation.EvalSet`; returns the
-    `calibration` record with the chosen `defaults`. Writes nothing."""
+    `calibration` record with the chosen `defaults`. Writes nothing. `classifier` (a trained
+    `evaluate.classifier.ConditionClassifier`) replaces the one trained on `data`, e.g. one trained
+    on the training images when only a few are held out."""
     from phenotwin.evaluate.classifier import train_classifier
     from phenotwin.evaluate.metrics import auroc, counterfactual_ratio, smooth
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
@@ -63,15 +91,9 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     if n < 2:
         raise PhenotwinError(f"calibration needs at least 2 images per condition (-n), got {n}.")
     base = translator.defaults
-    step_counts = sorted(set(step_counts or [base.steps]) | {base.steps})
-    rungs = sorted(set(STRENGTHS) | {base.strength})
-    grid = [(s, g, c) for s in rungs for g in GUIDANCES for c in CONFINES] if sweep else []
-    directions = [(src, tgt) for src in translator.classes for tgt in translator.classes if src != tgt]
-    per_direction = max(1, n // (len(translator.classes) - 1))  # each condition is the source of n translations
-    counts = {src: min(per_direction, len(data.images[src])) for src, _ in directions}
+    step_counts, rungs, grid, directions, counts = _plan(translator, data, n, step_counts, sweep)
 
-    classifier = None
-    if sweep:
+    if sweep and classifier is None:
         yield Progress("classifier", 0, 1)
         real = {c: translator.processor.to_model_range(data.images[c]) for c in translator.classes}
         classifier = train_classifier(np.concatenate(list(real.values())),
@@ -79,11 +101,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
                                       translator.classes, epochs=classifier_epochs, seed=seed)
         yield Progress("classifier", 1, 1)
 
-    def cost(steps: int, swept: bool) -> int:
-        generations = sum(translator.resolve(steps=steps, strength=s).used_steps for s in rungs)
-        return steps + generations * (len(GUIDANCES) if swept else 1) + CONFINE_CALLS * swept
-
-    total = sum(counts[src] * cost(steps, sweep and steps == base.steps) for src, _ in directions for steps in step_counts)
+    total = unet_calls(translator, data, n, step_counts, sweep)
     done, psnrs, outcomes = 0, {}, {key: [] for key in grid}
     for steps in step_counts:
         swept = sweep and steps == base.steps

@@ -203,6 +203,10 @@ class TrainWidget(ScrollableDock, Container):
     def _on_step(self, event) -> None:
         if self._closed:
             return
+        if event.stage != "training":  # after the last step: calibration on the held-out images
+            self._dock.show(f"{event.stage.capitalize()} {event.step}/{event.total}", event.stage, event.step,
+                            event.total, force=event.step == event.total)
+            return
         self.plot.add(event.step, event.loss)
         text = f"Step {event.step}/{event.total}, loss {event.loss:.4f}" + (" (saved)" if event.saved else "")
         self._dock.show(text, "training", event.step, event.total, force=event.saved or event.step == event.total)
@@ -217,7 +221,8 @@ class TrainWidget(ScrollableDock, Container):
         if self._closed:
             return
         self.trained = Path(path)
-        self._dock.say(f"Done: saved {path}.")
+        notes = self._trainer.calibration.notes if self._trainer and self._trainer.calibration else []
+        self._dock.say(" ".join([f"Done: saved {path}.", *notes]))
         self.open_button.enabled = True
 
     def _on_stopped(self) -> None:

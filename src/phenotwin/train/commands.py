@@ -88,6 +88,12 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     bar = tqdm(total=config.steps, initial=trainer.step, unit="step", desc="train", disable=not main_process)
     try:
         for event in steps:
+            if event.stage != "training":  # after the last step: one bar per calibration stage
+                if bar.desc != event.stage:
+                    bar.close()
+                    bar = tqdm(total=event.total, unit="call", desc=event.stage, disable=not main_process)
+                bar.update(event.step - bar.n)
+                continue
             bar.update(1)
             bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.learning_rate:.1e}", refresh=False)
     except KeyboardInterrupt:
@@ -108,5 +114,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         trainer.accelerator.end_training()
     bar.close()
     if main_process:
+        for note in trainer.calibration.notes if trainer.calibration else []:
+            print(note, file=sys.stderr)
         print(f"saved {config.out} (samples and log in {Path(config.out) / 'training'})")
     return 0
