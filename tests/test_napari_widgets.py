@@ -765,6 +765,11 @@ def test_per_cell_mode_scores_cells_in_a_new_labels_layer(viewer_and_widget, qtb
     assert [int(row["label"]) for row in rows] == [3, 5]
     assert float(rows[1]["change"]) == pytest.approx(features["change"][1])
     assert "change_nucleus" in rows[0] or "change_channel 1" in rows[0]
+    import json  # the settings and provenance of the run: a sidecar JSON beside the CSV
+
+    sidecar = json.loads((tmp_path / "scores.json").read_text())
+    assert sidecar["settings"] == widget.last_result.settings.to_dict() and sidecar["cells"] == 2
+    assert sidecar["checkpoint"] == widget.translator.checkpoint_id
 
 
 @requires_display
@@ -894,3 +899,33 @@ def test_the_precompute_is_off_on_a_cpu_and_cancel_stops_it(viewer_and_widget, q
     wait_until(qtbot, lambda: not widget.session.prefetching)
     qtbot.wait(300)
     assert not widget.session.prefetching and not widget.cancel_button.enabled  # and it does not come back
+
+
+@requires_display
+def test_save_results_writes_ome_tiff_that_napari_reopens_with_settings_and_colormaps(viewer_and_widget, qtbot,
+                                                                                     tmp_path):
+    import tifffile
+
+    viewer, widget, _ = viewer_and_widget
+    widget.steps.value, widget.strength.value, widget.seed.value = 6, 0.5, 7
+    run_and_wait(qtbot, widget)
+    saved = widget.result_layers("translation") + widget.result_layers("heatmap")
+    path = widget.results.save(tmp_path / "result.ome.tif")
+    with tifffile.TiffFile(path) as tif:  # a real OME-TIFF: the channels, in OME's axis order
+        assert tif.is_ome and tif.series[0].axes == "CYX" and tif.series[0].shape == (3, 32, 32)
+    reopened = viewer.open(path, plugin="napari-phenotwin")
+    settings = widget.last_result.settings.to_dict()
+    assert [layer.name for layer in reopened] == [f"{layer.name} [1]" for layer in saved]  # beside the originals
+    for layer, original in zip(reopened, saved):
+        np.testing.assert_array_equal(layer.data, original.data)  # the pixels, in their own dtype
+        assert layer.data.dtype == original.data.dtype
+        meta, before = layer.metadata["phenotwin"], original.metadata["phenotwin"]
+        assert meta["settings"] == settings and meta["settings"]["seed"] == 7 and meta["settings"]["steps"] == 6
+        assert meta["role"] == f"kept {before['role']}"  # a kept result: never updated, never an input
+        assert {k: v for k, v in meta.items() if k not in ("role", "settings", "saved_as")} == \
+            {k: v for k, v in before.items() if k != "role"}  # every provenance field
+        assert layer.colormap.name == original.colormap.name and layer.blending == original.blending
+        np.testing.assert_allclose(layer.contrast_limits, original.contrast_limits)
+        np.testing.assert_allclose(layer.scale, (0.5, 0.5))
+        np.testing.assert_allclose(layer.translate, (10, 20))
+    assert all(layer.name not in [name for name, _ in image_choices(viewer)] for layer in reopened)

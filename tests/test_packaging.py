@@ -74,7 +74,19 @@ def test_manifest_loads_from_the_distribution_with_sample_data():
         assert callable(getattr(importlib.import_module(module), function))
 
 
-# -- the wheel -----------------------------------------------------------------------------
+def test_manifest_declares_a_reader_that_claims_only_saved_results(tmp_path):
+    import tifffile
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution(DIST)
+    reader, = manifest.contributions.readers
+    commands = {command.id: command for command in manifest.contributions.commands}
+    assert reader.filename_patterns == ["*.ome.tif", "*.ome.tiff"] and not reader.accepts_directories
+    module, _, function = commands[reader.command].python_name.partition(":")
+    get_reader = getattr(importlib.import_module(module), function)
+    plain = tmp_path / "plain.ome.tif"
+    tifffile.imwrite(plain, np.zeros((8, 8), np.uint16), ome=True)
+    assert get_reader(str(plain)) is None and get_reader(str(tmp_path / "missing.ome.tif")) is None
 
 
 @pytest.fixture(scope="module")

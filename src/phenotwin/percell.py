@@ -14,6 +14,7 @@ reports progress per cell and diffusion step and can be cancelled like any other
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 
 from phenotwin.errors import PhenotwinError
 from phenotwin.input_fit import FitReport
-from phenotwin.io import write_csv
+from phenotwin.io import write_csv, write_text
 from phenotwin.pipeline.settings import TranslationSettings
 from phenotwin.preprocessing import channels_first, from_channels_first
 from phenotwin.progress import CancelFlag, Steps, drive, tagged
@@ -61,8 +62,12 @@ class CellTranslation:
                 "trust": None if self.trust is None else self.trust.to_dict()}
 
     def write_csv(self, path: str | os.PathLike) -> Path:
-        """Write the per-cell scores as CSV, atomically (a half-written table never appears)."""
-        return write_csv(path, self.columns, self.scores)
+        """Write the per-cell scores as CSV, atomically (a half-written table never appears), and the
+        run's settings and provenance beside it: the same name with .json (a sidecar)."""
+        written = write_csv(path, self.columns, self.scores)
+        write_text(written.with_suffix(".json"), json.dumps(
+            {"settings": self.settings.to_dict(), **self.metadata()}, indent=2, default=str))
+        return written
 
 
 def _check_labels(labels: Any, shape: tuple[int, int]) -> np.ndarray:

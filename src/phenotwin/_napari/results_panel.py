@@ -12,11 +12,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from magicgui import widgets
-from napari.utils.notifications import show_warning
+from napari.utils.notifications import show_error, show_info, show_warning
 
-from phenotwin._napari import layers
+from phenotwin._napari import layers, saving
 from phenotwin._napari.verdict import Verdict, verdict
 from phenotwin._napari.views import ResultView
+from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
     import napari
@@ -32,6 +33,7 @@ class ResultsPanel(widgets.Container):
         self.viewer, self._stride = viewer, stride
         self.view = ResultView()
         self.sources: layers.SourcePlanes | None = None  # of the result shown
+        self.result = None  # the result shown (its settings are saved with it)
         self.cell_result = None
         self.verdict: Verdict | None = None
         self._notified: tuple | None = None
@@ -53,8 +55,12 @@ class ResultsPanel(widgets.Container):
         self.keep_button = widgets.PushButton(
             text="Keep this result", enabled=False,
             tooltip="Pin the result as layers of its own: the next run makes new layers instead of updating these.")
+        self.save_button = widgets.PushButton(
+            text="Save results…", enabled=False,
+            tooltip="Save the translation and the heatmap as one OME-TIFF with every setting and the provenance; "
+                    "File › Open (this plugin's reader) shows it again, styled, with its metadata.")
         self.extend([self.fit_line, self.quality, self.top_cells, self.before_after, self.heatmap, self.side_by_side,
-                     self.export_button, self.keep_button])
+                     self.export_button, self.keep_button, self.save_button])
         for label in (self.fit_line, self.quality, self.top_cells):
             label.native.setWordWrap(True)
         self.before_after.changed.connect(lambda value: self._set(after=value == AFTER))
@@ -62,10 +68,11 @@ class ResultsPanel(widgets.Container):
         self.side_by_side.changed.connect(lambda on: self._set(grid=on))
         self.export_button.changed.connect(self._ask_csv_path)
         self.keep_button.changed.connect(self.keep)
+        self.save_button.changed.connect(self._ask_tiff_path)
 
     def show_result(self, result, sources: layers.SourcePlanes, several: bool) -> None:
         """After result layers were put in place: judge the result, apply the view."""
-        self.sources = sources
+        self.sources, self.result = sources, result
         self.verdict = judged = verdict(result, several)
         self.fit_line.value, self.fit_line.visible = judged.fit_line, bool(judged.fit_line)
         if judged.quality_line is not None:
@@ -74,7 +81,7 @@ class ResultsPanel(widgets.Container):
         if judged.notify and key != self._notified:
             self._notified = key
             show_warning(judged.fit_line or judged.quality_line)
-        for control in (self.before_after, self.heatmap, self.side_by_side, self.keep_button):
+        for control in (self.before_after, self.heatmap, self.side_by_side, self.keep_button, self.save_button):
             control.enabled = True
         self.apply()
 
@@ -115,3 +122,21 @@ class ResultsPanel(widgets.Container):
     def save_scores(self, path) -> None:
         """Write the last per-cell scores as CSV (atomically)."""
         layers.save_scores(self.cell_result, path)
+
+    def _ask_tiff_path(self, *_) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getSaveFileName(self.native, "Save results", "translation.ome.tif",
+                                              "OME-TIFF (*.ome.tif *.ome.tiff)")
+        if path:
+            self.save(path)
+
+    def save(self, path):
+        """Write the result shown as OME-TIFF with its settings and provenance (atomically); the path, or None."""
+        try:
+            written = saving.save_results(self.viewer, path, self.result)
+        except (PhenotwinError, OSError) as err:
+            show_error(f"Could not save the results: {err}")
+            return None
+        show_info(f"Results saved to {written}")
+        return written
