@@ -145,15 +145,18 @@ class Calibration:
 
     def _relay(self, steps, what: str):
         """Diffusion progress as TrainProgress events a training bar or the Train widget can show."""
+        result = []
+
+        def run():
+            result.append((yield from steps))
+
+        forwarded = run()
         try:
-            while True:
-                try:
-                    event = next(steps)
-                except StopIteration as stop:
-                    return stop.value
+            for event in forwarded:
                 yield self._event(what, event.step, event.total)
         finally:
-            steps.close()
+            forwarded.close()  # a Stop during the calibration closes the diffusion steps at once
+        return result[0]
 
     def _event(self, what: str, step: int, total: int) -> TrainProgress:
         last = self.last

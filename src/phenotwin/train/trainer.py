@@ -213,9 +213,11 @@ class Trainer:
 
     def candidate_translator(self):
         """A Translator over the model being trained (float32, sharing its weights): `load_candidate` changes both."""
+        import torch
+
         from phenotwin import Translator
 
-        return Translator(self._checkpoint(), device=str(self.accelerator.device), dtype=__import__("torch").float32)
+        return Translator(self._checkpoint(), device=str(self.accelerator.device), dtype=torch.float32)
 
     def write_model(self, candidate: Path, selection: dict[str, Any]) -> None:
         """Save a candidate's weights as the model, with how it was chosen; the live weights stay."""
