@@ -480,8 +480,10 @@ def test_overwrite_of_an_old_run_removes_only_the_trainers_own_entries(data, tmp
     out = train(tiny(data, tmp_path / "m", steps=2))
     (out / "training" / ".log.csv.abcd.tmp").write_text("half")  # a killed run's temporary file
     train(tiny(data, out, steps=2, checkpoint_every=1, overwrite=True))
-    assert sorted(p.name for p in (out / "training").iterdir()) == ["log.csv", "samples", "state"]
+    assert sorted(p.name for p in (out / "training").iterdir()) == ["candidates", "log.csv", "samples", "state"]
     assert sorted(p.name for p in (out / "training" / "samples").iterdir()) == ["step_000001.png", "step_000002.png"]
+    assert sorted(p.name for p in (out / "training" / "candidates").iterdir()) == ["step-000001.safetensors",
+                                                                                  "step-000002.safetensors"]
     assert logged_steps(out) == 2
 
 

@@ -177,7 +177,8 @@ class Calibration:
     def _time_calls(self, translator, data):
         """Seconds per UNet call, timed on a short inversion and generation of one held-out image."""
         source, target = translator.classes[:2]
-        calls, started = translator.denoiser.calls, time.monotonic()
+        yield from self._relay(translator.invert_steps(data.images[source][0], source, 1, channel_axis=0), "timing")
+        calls, started = translator.denoiser.calls, time.monotonic()  # after a first call, which warms up
         inversion = yield from self._relay(translator.invert_steps(data.images[source][0], source, PROBE_STEPS,
                                                                    channel_axis=0), "timing")
         yield from self._relay(translator.generate_steps(inversion, settings=translator.resolve(
