@@ -40,6 +40,15 @@ def cells():
     return (pairs.control[0] * 4000).astype(np.uint16)
 
 
+@pytest.fixture(autouse=True)
+def no_cost_dialog(monkeypatch):
+    """A busy machine may estimate a long test run over a minute: never a modal dialog in a test
+    (the tests about the dialog replace `confirm.ask` again)."""
+    from phenotwin._napari import confirm
+
+    monkeypatch.setattr(confirm, "ask", lambda parent, text, crop: confirm.RUN)
+
+
 def wait_until(qtbot, condition, timeout=60_000):
     qtbot.waitUntil(condition, timeout=timeout)
 

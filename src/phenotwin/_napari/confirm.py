@@ -56,9 +56,10 @@ def checked(widget, request: RunRequest) -> RunRequest | None:
 def view_crop(viewer, sources: layers.SourcePlanes, size: int) -> layers.SourcePlanes | None:
     """The part of the plane in view (at least the model's size), or None when the whole plane is in view."""
     height, width = sources.image.shape[-2:]
-    try:
-        canvas = np.asarray(viewer.window._qt_viewer.canvas.size, dtype=float)  # (height, width) in screen px
-    except AttributeError:
+    try:  # napari hands plugins a proxy of the viewer: its canvas is read on the viewer it wraps
+        window = getattr(viewer, "__wrapped__", viewer).window
+        canvas = np.asarray(window._qt_viewer.canvas.size, dtype=float)  # (height, width) in screen px
+    except AttributeError:  # no canvas (a headless viewer): the model's size around the centre of the view
         canvas = np.array([float(size), float(size)]) * viewer.camera.zoom
     centre = np.asarray(viewer.camera.center[-2:], dtype=float)
     scale, translate = np.asarray(sources.scale[-2:], dtype=float), np.asarray(sources.translate[-2:], dtype=float)
