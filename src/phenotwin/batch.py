@@ -11,13 +11,10 @@ Qt-free; torch and accelerate load only when a batch runs.
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import math
 import os
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +22,22 @@ from typing import Any
 
 import numpy as np
 
+from phenotwin.batch_jobs import (
+    Job,
+    collect_inputs,
+    input_identity,
+    is_complete,
+    plan_outputs,
+    read_record,
+    settings_conflict,
+)
 from phenotwin.errors import PhenotwinError, PhenotwinWarning
 from phenotwin.input_fit import FitReport
 from phenotwin.io import (
-    IMAGE_SUFFIXES,
     prepare_folder,
     read_header,
     read_image,
     read_own_csv,
-    safe_name,
     write_csv,
     write_json,
     write_tiff,
@@ -57,16 +61,6 @@ class InputSelection:
     axes: str | None = None  # axes of every input, overriding file metadata
 
 
-@dataclass(frozen=True)
-class Job:
-    """One input and where its results go (paths relative to the output folder)."""
-
-    input: Path
-    translated: str
-    heatmap: str
-    record: str
-
-
 @dataclass
 class BatchResult:
     """Counts over all processes: translated now, complete from an earlier run (skipped), failed."""
@@ -75,99 +69,6 @@ class BatchResult:
     already_done: int = 0
     failed: int = 0
     summary: Path | None = None
-
-
-def collect_inputs(items: Sequence[str], recursive: bool = False, exclude: Path | None = None) -> list[Path]:
-    """Image files named by `items`: files, folders (their TIFF/PNG/JPEG files; subfolders with
-    `recursive`) and glob patterns (`**` always recurses). Sorted per item, duplicates dropped,
-    hidden files and anything under `exclude` (the output folder) left out. A name that is
-    none of these is kept, so that it is reported as missing rather than silently ignored."""
-    found: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found.extend(sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
-        elif glob.has_magic(item) and not path.exists():
-            found.extend(sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file()))
-        else:
-            found.append(path)
-    excluded = exclude.resolve() if exclude is not None else None
-    unique: dict[Path, Path] = {}
-    for path in found:
-        resolved = path.resolve()
-        if path.name.startswith(".") or (excluded is not None and resolved.is_relative_to(excluded)):
-            continue
-        unique.setdefault(resolved, path)
-    return list(unique.values())
-
-
-def output_stem(path: Path) -> str:
-    """`a.tif` -> `a_tif`, `a.ome.tif` -> `a_ome.tif`, `notes` -> `notes_`: the file name with its
-    image suffix after the last '_' (suffixes hold none), so two names in one folder never give one
-    output name, whatever else the folder holds or the run includes (stable across reruns)."""
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", *IMAGE_SUFFIXES):
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return f"{name[: -len(suffix)]}_{name[1 - len(suffix):]}"
-    return f"{name}_"
-
-
-def plan_outputs(inputs: Sequence[Path], target: str) -> list[Job]:
-    """Output names that mirror the inputs' folders below their common parent (two `a.tif` in
-    different folders never collide) and keep each input's suffix (`a.tif`, `a.png` and
-    `a_tif.tif` in one folder neither). The condition is made file-name safe (`safe_name`).
-    Names that differ only in case (one file on macOS and Windows) get a hash of their input."""
-    parents = [p.resolve().parent for p in inputs]
-    try:
-        root = Path(os.path.commonpath(parents))
-        folders = [parent.relative_to(root) for parent in parents]
-    except ValueError:  # different drives (Windows): mirror the whole path, drive letter first
-        folders = [Path(parent.drive.rstrip(":")) / parent.relative_to(parent.anchor) for parent in parents]
-    names = [f"{(folder / output_stem(path)).as_posix()}_{safe_name(target)}" for folder, path in zip(folders, inputs)]
-    folded = Counter(name.casefold() for name in names)
-    jobs = []
-    for path, folder, name in zip(inputs, folders, names):
-        if folded[name.casefold()] > 1:
-            name += "-" + hashlib.sha256((folder / path.name).as_posix().encode()).hexdigest()[:8]
-        jobs.append(Job(path, f"{name}.ome.tif", f"{name}_heatmap.ome.tif", f"{name}.json"))
-    return jobs
-
-
-def _input_identity(path: Path) -> dict[str, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _read_record(out: Path, job: Job) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / job.record).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # missing or unreadable: not done
-
-
-def is_complete(out: Path, job: Job, record: dict[str, Any] | None, fingerprint: dict[str, Any]) -> bool:
-    """Done earlier with these settings: a 'done' record, both images present, input unchanged."""
-    return (
-        record is not None
-        and record.get("status") == "done"
-        and record.get("settings") == fingerprint
-        and record.get("input_identity") == _input_identity(job.input)
-        and (out / job.translated).is_file()
-        and (out / job.heatmap).is_file()
-    )
-
-
-def _settings_conflict(record: dict[str, Any] | None, fingerprint: dict[str, Any]) -> list[str]:
-    """Settings that differ from an earlier successful run into the same output folder."""
-    if record is None or record.get("status") != "done" or record.get("settings") == fingerprint:
-        return []
-    earlier = record.get("settings") or {}
-    return [f"{key}: {earlier.get(key)!r} then, {value!r} now" for key, value in fingerprint.items()
-            if earlier.get(key) != value]
 
 
 def read_stack(path: Path, selection: InputSelection) -> PlaneStack:
@@ -377,10 +278,10 @@ def run_batch(
     check_selection(selection, translator.channels)
     fingerprint = fingerprint_of(translator, settings, selection)
     jobs = plan_outputs(inputs, settings.target)
-    records = {job: _read_record(out, job) for job in jobs}
+    records = {job: read_record(out, job) for job in jobs}
     if not overwrite:
         for job in jobs:
-            conflict = _settings_conflict(records[job], fingerprint)
+            conflict = settings_conflict(records[job], fingerprint)
             if conflict:
                 raise PhenotwinError(
                     f"{out} already holds a translation of {job.input} made with other settings "
@@ -417,7 +318,7 @@ def run_batch(
                         bar.write(f"{job.input}: reconstruction PSNR {metrics['reconstruction_psnr']:.1f} dB, "
                                   f"mean change {metrics['mean_change']:.4f} -> {out / job.translated}")
                 record = {"format": RECORD_VERSION, "input": str(job.input), "target": settings.target, **record,
-                          "input_identity": _input_identity(job.input), "settings": fingerprint,
+                          "input_identity": input_identity(job.input), "settings": fingerprint,
                           "translated": job.translated, "heatmap": job.heatmap}
                 with writing_into(out):
                     write_json(out / job.record, record)  # last: the record vouches for both images
@@ -426,10 +327,10 @@ def run_batch(
                         write_summary(records)
     except BaseException:
         if state.is_main_process:  # Ctrl-C or a crash: the CSV lists everything finished so far
-            write_summary({job: _read_record(out, job) for job in jobs})
+            write_summary({job: read_record(out, job) for job in jobs})
         raise
     state.wait_for_everyone()
-    final = {job: _read_record(out, job) for job in jobs}
+    final = {job: read_record(out, job) for job in jobs}
     if state.is_main_process:
         with writing_into(out):
             write_summary(final)

@@ -91,7 +91,8 @@ def train_halves_steps(data, out, steps: int = 300, width: int = 16, batch_size:
             continue
         config = TrainConfig(data=str(half), out=str(model), steps=steps, width=width, batch_size=batch_size, size=size,
                              seed=seed + offset, checkpoint_every=steps, overwrite=True, warmup_steps=min(100, steps // 10),
-                             command=f"phenotwin evaluate memorization (model {name})")
+                             command=f"phenotwin evaluate memorization (model {name})",
+                             validation_fraction=0.0, calibrate=False)  # each half is the training data, whole
         training = Trainer(config).steps()
         try:
             for event in training:
