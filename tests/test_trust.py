@@ -134,8 +134,12 @@ def test_the_verdict_ranks_against_held_out_images_and_never_calls_garbage_good(
     assert uncalibrated.level == "uncalibrated" and "phenotwin calibrate" in uncalibrated.message
 
 
-def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_one_thread):
+def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_one_thread, monkeypatch):
+    import phenotwin.calibration
     from phenotwin.checkpoint import read_info
+
+    # A few tiny 32 px cells train a weak classifier; its threshold is tested on its own below.
+    monkeypatch.setattr(phenotwin.calibration, "MIN_CLASSIFIER_ACCURACY", 0.0)
     from phenotwin.cli import main
     from phenotwin.synthetic import make_pairs, write_folders
     from phenotwin.testing import make_tiny_checkpoint
@@ -187,3 +191,31 @@ def test_calibrating_on_the_training_data_is_refused(tmp_path):
     before = (model / INFO_FILE).read_bytes()
     assert main(["calibrate", str(model), "--data", str(tmp_path / "data"), "--device", "cpu"]) == 2
     assert (model / INFO_FILE).read_bytes() == before
+
+
+def test_a_classifier_too_weak_to_tell_the_conditions_apart_chooses_nothing(tmp_path, torch_one_thread):
+    """On a phenotype the classifier cannot see, every setting "fails to flip" and the smallest
+    change (doing nothing) would win: the defaults are kept, and the record says why."""
+    from types import SimpleNamespace
+
+    from phenotwin import Translator
+    from phenotwin.calibration import apply, calibrate_steps
+    from phenotwin.checkpoint import read_info
+    from phenotwin.evaluate.translation import from_pairs
+    from phenotwin.progress import drive
+    from phenotwin.synthetic import make_pairs
+    from phenotwin.testing import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(tmp_path / "tiny", classes=("control", "nocodazole"),
+                                 normalization={"mode": "fixed", "low": [0, 0], "high": [65535, 65535]})
+    stored = json.loads((model / "phenotwin.json").read_text())
+    stored["defaults"]["steps"] = 3
+    (model / "phenotwin.json").write_text(json.dumps(stored))
+    weak = SimpleNamespace(held_out_accuracy=0.55, predict=lambda images: np.zeros(len(images), int))
+    record = drive(calibrate_steps(Translator(model, device="cpu"), from_pairs(make_pairs(2, size=32, seed=0, start=9)),
+                                   n=2, classifier=weak))
+    assert "chosen" not in record and "55%" in record["not_chosen"] and len(record["sweep"]) == 16
+    apply(model, record, None)
+    info = read_info(model)
+    assert info.defaults["strength"] == 1.0 and info.defaults["confine"] is False  # kept
+    assert (model / "training" / "calibration.png").is_file()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ GUIDANCES = (0.0, 1.0)
 CONFINES = (False, True)
 FLIP_TARGET = 0.9
 FLIP_SLACK = 0.05
+# Below this held-out accuracy the classifier cannot tell the conditions apart well enough for
+# its flip rates to choose anything: every setting "fails to flip" and the smallest change (none)
+# would win. The defaults are then kept, and the calibration says why.
+MIN_CLASSIFIER_ACCURACY = 0.8
 CALIBRATION_VERSION = 1
 
 
@@ -149,10 +154,18 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
         "reconstruction_psnr": {k: {s: sorted(v) for s, v in by.items()} for k, by in psnrs.items()},
     }
     if rows:
-        chosen = choose(rows)
         record.update(sweep=rows, classifier_accuracy=classifier.held_out_accuracy, criterion=(
             f"smallest mean change among settings with flip rate >= {FLIP_TARGET} (else the best flip rate - "
-            f"{FLIP_SLACK})"), chosen={k: chosen[k] for k in ("strength", "guidance", "confine")})
+            f"{FLIP_SLACK})"))
+        if classifier.held_out_accuracy >= MIN_CLASSIFIER_ACCURACY:
+            chosen = choose(rows)
+            record["chosen"] = {k: chosen[k] for k in ("strength", "guidance", "confine")}
+        else:
+            record["not_chosen"] = (
+                f"the model's defaults were kept: the condition classifier tells these held-out images apart only "
+                f"{classifier.held_out_accuracy:.0%} of the time (at least {MIN_CLASSIFIER_ACCURACY:.0%} needed), "
+                "so its flip rates cannot choose a setting. Calibrate on more held-out images per condition (-n and "
+                "more files), or the conditions differ too little in these images to be told apart.")
     return record
 
 
@@ -175,11 +188,11 @@ def apply(checkpoint: str | os.PathLike, record: dict[str, Any], statistics: dic
     if record.get("sweep"):
         rows = record["sweep"]
         write_csv(folder / TRAINING_DIR / "calibration.csv", list(rows[0]), rows)
-        _plot(rows, record["chosen"], folder / TRAINING_DIR / "calibration.png")
+        _plot(rows, record.get("chosen"), folder / TRAINING_DIR / "calibration.png")
     return folder / INFO_FILE
 
 
-def _plot(rows: list[dict[str, Any]], chosen: dict[str, Any], path: Path) -> None:
+def _plot(rows: list[dict[str, Any]], chosen: dict[str, Any] | None, path: Path) -> None:
     """Flip rate against the size of the change, one line per (guidance, confine) over strength."""
     from matplotlib.figure import Figure
 
@@ -193,9 +206,10 @@ def _plot(rows: list[dict[str, Any]], chosen: dict[str, Any], path: Path) -> Non
                           key=lambda r: r["strength"])
             axes.plot([r["mean_change"] for r in line], [r["flip_rate"] for r in line], marker="o",
                       label=f"guidance {guidance:g}{', confined' if confine else ''}")
-    pick = next(r for r in rows if all(r[k] == v for k, v in chosen.items()))
-    axes.scatter([pick["mean_change"]], [pick["flip_rate"]], s=160, facecolors="none", edgecolors="black",
-                 label=f"chosen: strength {pick['strength']:g}")
+    if chosen is not None:  # None: the classifier was too weak to choose (`not_chosen`)
+        pick = next(r for r in rows if all(r[k] == v for k, v in chosen.items()))
+        axes.scatter([pick["mean_change"]], [pick["flip_rate"]], s=160, facecolors="none", edgecolors="black",
+                     label=f"chosen: strength {pick['strength']:g}")
     axes.axhline(FLIP_TARGET, color="grey", linestyle=":", linewidth=1)
     axes.set_xlabel("mean change (heatmap, normalised units)")
     axes.set_ylabel("flip rate (held-out)")
@@ -245,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
         chosen = record["chosen"]
         print(f"defaults: strength {chosen['strength']:g}, guidance {chosen['guidance']:g}, "
               f"confine {'on' if chosen['confine'] else 'off'} ({record['criterion']})")
+    elif "not_chosen" in record:
+        print(f"warning: {record['not_chosen']}", file=sys.stderr)
     for steps, by_strength in record["reconstruction_psnr"].items():
         print(f"held-out reconstruction at {steps} steps: " + ", ".join(
             f"strength {float(s):g}: {np.median(v):.1f} dB (worst {min(v):.1f})" for s, v in by_strength.items()))

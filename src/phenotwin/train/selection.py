@@ -267,5 +267,7 @@ class Calibration:
             self.notes.append(f"defaults: strength {c['strength']:g}, guidance {c['guidance']:g}, confine "
                               f"{'on' if c['confine'] else 'off'} ({record['criterion']}); table in "
                               "training/calibration.csv")
+        elif "not_chosen" in record:
+            self.notes.append(record["not_chosen"])
         self.notes.append(f"calibration took {record['budget']['seconds']:.0f} s")
         return record
