@@ -25,7 +25,8 @@ def _assert_same(a: PairedCells, b: PairedCells, sl=slice(None)):
 @pytest.fixture(scope="module")
 def batches():
     """One shared batch per phenotype (64 px, 2 channels, half the cells changed)."""
-    return {ph: make_pairs(40, 64, 2, phenotype=ph, seed=11, changed_fraction=0.5) for ph in PHENOTYPES}
+    # the drawn phenotypes, whose cells change or not (changed_fraction); "texture" has its own test below
+    return {ph: make_pairs(40, 64, 2, phenotype=ph, seed=11, changed_fraction=0.5) for ph in ("obvious", "subtle")}
 
 
 def test_same_arguments_are_bit_identical():
@@ -244,3 +245,5 @@ def test_the_texture_phenotype_changes_real_microscopy_texture_only_inside_its_m
         assert 0.03 < pairs.change_mask[i].mean() < 0.3 and inside.mean() > 0.03
         assert outside.max() <= 0.02 + 1e-6  # nothing changes outside the mask but below the threshold
     assert not difference[:, 1].any()  # the second stain is never touched
+    with pytest.raises(ValueError, match="changed_fraction and redraw"):
+        make_pairs(2, phenotype="texture", changed_fraction=0.5)

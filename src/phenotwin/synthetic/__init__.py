@@ -187,6 +187,9 @@ def make_pairs(
     redraw = _as_int(redraw, "redraw")
     if redraw < 0:
         raise ValueError(f"redraw must be >= 0 (0: the phenotype as first drawn), got redraw={redraw}.")
+    if phenotype == "texture" and (changed_fraction != 1.0 or redraw):
+        raise ValueError("the texture phenotype changes one region of every image: changed_fraction and redraw "
+                         "apply to the drawn phenotypes (obvious, subtle) only.")
     ctrl = np.empty((n, channels, size, size), np.float32)
     trt = np.empty((n, channels, size, size), np.float32)
     mask = np.empty((n, size, size), bool)
