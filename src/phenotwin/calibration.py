@@ -85,14 +85,11 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     `calibration` record with the chosen `defaults`. Writes nothing. `classifier` (a trained
     `evaluate.classifier.ConditionClassifier`) replaces the one trained on `data`, e.g. one trained
     on the training images when only a few are held out."""
-    from phenotwin.evaluate.classifier import train_classifier
     from phenotwin.evaluate.metrics import auroc, counterfactual_ratio, smooth
+    from phenotwin.evaluate.translation import condition_classifier, require_conditions
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 
-    missing = [c for c in translator.classes if c not in data.classes]
-    if missing:
-        raise PhenotwinError(f"the calibration data have no folder for the condition(s) {', '.join(missing)}; give "
-                             f"held-out images of every condition the model knows ({', '.join(translator.classes)}).")
+    require_conditions(translator, data)
     if n < 2:
         raise PhenotwinError(f"calibration needs at least 2 images per condition (-n), got {n}.")
     base = translator.defaults
@@ -100,10 +97,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
 
     if sweep and classifier is None:
         yield Progress("classifier", 0, 1)
-        real = {c: translator.processor.to_model_range(data.images[c]) for c in translator.classes}
-        classifier = train_classifier(np.concatenate(list(real.values())),
-                                      np.concatenate([np.full(len(real[c]), i) for i, c in enumerate(translator.classes)]),
-                                      translator.classes, epochs=classifier_epochs, seed=seed)
+        classifier, _ = condition_classifier(translator, data, classifier_epochs, seed)
         yield Progress("classifier", 1, 1)
 
     total = unet_calls(translator, data, n, step_counts, sweep)

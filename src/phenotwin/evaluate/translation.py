@@ -130,6 +130,24 @@ def _directions(classes, source, target):
     return chosen
 
 
+def require_conditions(translator, data: EvalSet) -> None:
+    """Refuse data that lack a folder for one of the model's conditions."""
+    missing = [c for c in translator.classes if c not in data.classes]
+    if missing:
+        raise PhenotwinError(f"the data have no folder for the model's condition(s) {', '.join(missing)}; give "
+                             f"images of every condition it knows ({', '.join(translator.classes)}).")
+
+
+def condition_classifier(translator, data: EvalSet, epochs: int, seed: int):
+    """The condition classifier trained on `data`'s real images (model range), and those images by condition."""
+    from phenotwin.evaluate.classifier import train_classifier
+
+    real = {c: translator.processor.to_model_range(data.images[c]) for c in translator.classes}
+    labels = np.concatenate([np.full(len(real[c]), i) for i, c in enumerate(translator.classes)])
+    return train_classifier(np.concatenate(list(real.values())), labels, translator.classes, epochs=epochs,
+                            seed=seed), real
+
+
 def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None = None, n: int = 16,
                       steps: int | None = None, strengths=None, source: str | None = None, target: str | None = None,
                       inception_weights=None, seed: int = 0, guidance: float | None = None,
@@ -139,12 +157,8 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
     `classifier_data` (default: `data`) trains the condition classifier. Yields one `Progress`
     per diffusion step over the whole run ("translate"), after a "classifier" stage.
     """
-    from phenotwin.evaluate.classifier import train_classifier
 
-    missing = [c for c in translator.classes if c not in data.classes]
-    if missing:
-        raise PhenotwinError(f"the data have no folder for the model's condition(s) {', '.join(missing)}; "
-                             f"its conditions are {', '.join(translator.classes)}.")
+    require_conditions(translator, data)
     if n < 1:
         raise PhenotwinError(f"n must be at least 1, got {n}.")
     settings = translator.resolve(steps=steps, guidance=guidance, seed=seed, confine=confine)
@@ -156,10 +170,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
 
     yield Progress("classifier", 0, 1)
     reference = classifier_data or data
-    real = {c: translator.processor.to_model_range(reference.images[c]) for c in translator.classes}
-    classifier = train_classifier(np.concatenate(list(real.values())),
-                                  np.concatenate([np.full(len(real[c]), i) for i, c in enumerate(translator.classes)]),
-                                  translator.classes, epochs=classifier_epochs, seed=seed)
+    classifier, real = condition_classifier(translator, reference, classifier_epochs, seed)
     yield Progress("classifier", 1, 1)
 
     per_image = steps + sum(rung.used_steps for rung in rungs) + CONFINE_CALLS * confine
