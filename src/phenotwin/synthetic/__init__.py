@@ -27,7 +27,8 @@ benchmarks and the napari sample-data hook can call it without torch.
 
 Here: the public API (`make_pairs`, `PairedCells`, `as_camera_units`, `write_folders`),
 argument checks, channel composition, PSF blur and camera noise. `_render`: drawing the
-clean cells of one image pair.
+clean cells of one image pair. `synthetic.batches`: the same biology on several plates with
+known batch effects (`phenotwin synthetic --batches N`).
 """
 
 from __future__ import annotations
