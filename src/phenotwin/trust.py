@@ -26,6 +26,10 @@ GOOD_MARGIN_DB = 1.0
 POOR_MARGIN_DB = 3.0
 # Used only for a model without calibration, and said so: the old fixed thresholds.
 UNCALIBRATED_DB = (25.0, 32.0)
+# The reconstruction PSNR rises steeply with the step count (32 / 38 / 44 dB at 50 / 100 / 200 steps
+# on the demo model), so a result is ranked only against held-out images measured at nearly its own
+# step count (within this factor); at any other it is not judged, rather than called poor or good.
+STEP_TOLERANCE = 1.2
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ def held_out_psnrs(calibration: dict[str, Any] | None, steps: int, strength: flo
     if not table:
         return None
     step_key = _nearest(list(table), steps, log=True)
+    if abs(math.log(float(step_key) / steps)) > math.log(STEP_TOLERANCE):
+        return None
     strength_key = _nearest(list(table[step_key]), strength)
     values = [v for v in table[step_key][strength_key] if math.isfinite(v)]
     return (values, f"at {step_key} steps, strength {float(strength_key):g}") if values else None
@@ -71,6 +77,12 @@ def verdict(psnr: float, steps: int, strength: float, calibration: dict[str, Any
     reference = held_out_psnrs(calibration, steps, strength)
     if not math.isfinite(psnr) and psnr != math.inf:
         level, message, percentile = "uncalibrated", "Reconstruction not measured.", None
+    elif reference is None and (calibration or {}).get("reconstruction_psnr"):
+        calibrated = ", ".join(sorted(calibration["reconstruction_psnr"], key=float))
+        level, percentile = "uncalibrated", None
+        message = (f"Reconstruction {shown} at {steps} steps: not judged, as this model's held-out images were measured "
+                   f"at {calibrated} steps only and the PSNR depends on the step count. Use {calibrated} steps, or run "
+                   f"`phenotwin calibrate MODEL --data HELD_OUT --steps {steps} --no-sweep`.")
     elif reference is None:
         poor, fair = UNCALIBRATED_DB
         word = "poor" if psnr < poor else "fair" if psnr < fair else "good"
