@@ -207,6 +207,17 @@ def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_on
     verdicts = [translator.translate(im, "control", "nocodazole", channel_axis=0).trust.level for im in more]
     assert verdicts.count("good") >= 0.95 * len(verdicts)  # the model's own held-out distribution reads good
 
+    # A verdict-only calibration at another step count adds to the table; the sweep and defaults stay.
+    assert main(["calibrate", str(model), "--data", str(tmp_path / "held-out"), "-n", "2", "--steps", "3",
+                 "--no-sweep", "--device", "cpu"]) == 0
+    again = read_info(model)
+    assert sorted(again.calibration["reconstruction_psnr"], key=int) == ["3", "6"]
+    assert len(again.calibration["reconstruction_psnr"]["3"]["0.25"]) == 4  # 2 a condition (6 is measured again)
+    assert again.calibration["sweep"] == rows and again.calibration["chosen"] == chosen
+    assert again.defaults == info.defaults
+    assert Translator(model, device="cpu").translate(more[0], "control", "nocodazole", channel_axis=0,
+                                                     steps=3).trust.level != "uncalibrated"
+
 
 def test_calibrating_on_the_training_data_is_refused(tmp_path):
     from phenotwin.checkpoint import INFO_FILE

@@ -172,6 +172,12 @@ def apply(checkpoint: str | os.PathLike, record: dict[str, Any], statistics: dic
 
     folder = Path(checkpoint)
     info = read_info(folder)
+    previous = info.calibration or {}
+    if not record.get("sweep") and previous.get("sweep"):
+        # A verdict-only calibration (--no-sweep) adds step counts to the verdict's table; the
+        # sweep that chose the defaults, and the step counts it measured, stay.
+        record = {**previous, "reconstruction_psnr": {**previous.get("reconstruction_psnr", {}),
+                                                      **record["reconstruction_psnr"]}}
     defaults = {**info.defaults, **record.get("chosen", {})}
     provenance = {**info.provenance, "inference_defaults": (
         f"calibrated by phenotwin calibrate: {record['criterion']}" if "chosen" in record else
