@@ -174,6 +174,45 @@ def ours(translator, image, source: int, target: int, steps: int, reconstruct: b
     return [result.generated] + [result.reconstruction] * reconstruct
 
 
+def at_defaults(translator, images, source: int, target: int, runs: int, device) -> dict:
+    """Time to the first result and UNet calls per translation at the model's defaults, against the
+    whole inversion first (as before partial inversion); scrubs below and above the inverted depth."""
+    defaults = translator.resolve(source=source, target=target)
+    out = {"settings": {k: getattr(defaults, k) for k in ("steps", "strength", "guidance", "confine",
+                                                          "inversion_refinements", "used_steps")}}
+    fresh, inversions = iter(images * 2), []
+
+    def partial():
+        calls = translator.denoiser.calls
+        result = translator.translate(next(fresh), source, target, channel_axis=0)
+        sync(device)
+        inversions.append(result.inversion)  # one a run: each scrub above starts from a shallow one
+        return translator.denoiser.calls - calls
+
+    def full_first():
+        calls = translator.denoiser.calls
+        inversion = translator.invert(next(fresh), source, channel_axis=0)
+        translator.generate(inversion, target)
+        sync(device)
+        return translator.denoiser.calls - calls
+
+    out["first_result_s"], out["unet_calls"] = timed(partial, runs)
+    out["full_inversion_first_s"], out["unet_calls_full_inversion_first"] = timed(full_first, runs)
+    first = out["first_result_s"]["median"]
+    for label, strength in (("below", max(0.05, defaults.strength - 0.1)), ("above", min(1.0, defaults.strength + 0.1))):
+        cold = []
+        for inversion in inversions:
+            inversion.forget_generations()
+            calls = translator.denoiser.calls
+            start = time.perf_counter()
+            translator.generate(inversion, target, strength=strength, reconstruct=False)
+            sync(device)
+            cold.append(time.perf_counter() - start)
+        out[f"scrub_{label}"] = {"strength": strength, "seconds": summary(cold), "unet_calls": translator.denoiser.calls
+                                 - calls, "fraction_of_first": statistics.median(cold) / first}
+    return out
+
+
 # -- 6. FLOPs -------------------------------------------------------------------------------
 
 
@@ -290,6 +329,11 @@ def bench_model(name: str, args, device) -> dict:
     for key in ("cold_0.5_s", "cold_0.1_s", "cached_s"):
         scrub[key.replace("_s", "_fraction_of_first")] = scrub[key]["median"] / first["median"]
     out["scrub"] = scrub
+
+    # 7. At the model's own defaults (issue 17): a translation inverts only as deep as its strength
+    #    needs; what inverting all the way first costs; scrubs from that inversion, to strengths
+    #    below its depth (generation only) and above it (the missing inversion steps, then generation).
+    out["defaults"] = at_defaults(translator, images, source, target, runs, device)
 
     # 6. UNet throughput during the first translation and for bare forwards, vs the matmul peak.
     f1, f2 = unet_flops(translator, 1), unet_flops(translator, 2)
@@ -563,6 +607,13 @@ def markdown(results: dict) -> str:
         "≤ 10% of (1)")
     row(3, "precompute strengths 0.1, 0.2, ..., 1.0 (background)",
         lambda r: f"{r['scrub']['ladder_precompute_s']:.1f} s" if "ladder_precompute_s" in r["scrub"] else "–")
+    row(7, "at the model's defaults: first result (partial inversion) / whole inversion first", lambda r: (
+        f"{fmt(r['defaults']['first_result_s'])}, {r['defaults']['unet_calls']} UNet calls / "
+        f"{fmt(r['defaults']['full_inversion_first_s'])}, {r['defaults']['unet_calls_full_inversion_first']} calls"
+        if "defaults" in r else "–"), "≤ 1 s first, 2x fewer calls than 152")
+    row(7, "at the defaults: scrub 0.1 below / above the strength", lambda r: " / ".join(
+        f"{fmt(r['defaults'][k]['seconds'])} = {100 * r['defaults'][k]['fraction_of_first']:.0f}%"
+        for k in ("scrub_below", "scrub_above")) if "defaults" in r else "–", "≤ 10% of the first")
     row(6, "UNet GFLOP/s in the first translation", lambda r: (
         f"{r['throughput']['translation_gflop_per_s']:.1f} = "
         f"**{100 * r['throughput']['translation_gflop_per_s'] / peak['median']:.0f}%** of peak "

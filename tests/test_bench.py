@@ -32,6 +32,12 @@ def test_quick_benchmark_reports_every_section(tmp_path):
         scrub = model["scrub"]
         assert scrub["cached_s"]["median"] < scrub["cold_0.5_s"]["median"]
         assert model["throughput"]["translation_gflop_per_s"] > 0
+        defaults = model["defaults"]  # partial inversion: the steps the strength leaves out are not run
+        unused = defaults["settings"]["steps"] - defaults["settings"]["used_steps"]
+        assert defaults["unet_calls_full_inversion_first"] - defaults["unet_calls"] == unused * (
+            1 + defaults["settings"]["inversion_refinements"])
+        above = defaults["scrub_above"]
+        assert above["unet_calls"] >= round(above["strength"] * defaults["settings"]["steps"])
         assert {"1", "2"} <= set(model["throughput"]["unet_forward"])
     fields = results["fields"]
     assert set(fields["native"]) == {"demo", "sd-width"}

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from phenotwin import cost
 from phenotwin._napari.session import RunRequest, TranslationSession
 from phenotwin.pipeline import TranslationSettings
 
@@ -269,12 +270,10 @@ def test_the_verdict_is_the_librarys_and_per_cell_runs_show_the_worst():
 
 
 def test_a_runs_clock_counts_every_model_call_across_its_stages(session, runner, translator, cells):
-    from phenotwin._napari import cost
-
     calls = translator.denoiser.calls
     req = request(cells, confine=True, strength=0.5)
     plan = session.plan(req)
-    assert plan.calls == STEPS + 12 + STEPS // 2 and plan.tiles == 1  # invert, edit mask, generate
+    assert plan.calls == STEPS // 2 + 12 + STEPS // 2 and plan.tiles == 1  # invert (half way), edit mask, generate
     session.run(req)
     clock, done = session.clock, []
     while not runner.last.done:
@@ -282,7 +281,7 @@ def test_a_runs_clock_counts_every_model_call_across_its_stages(session, runner,
         done.append(clock.done)
     assert done == sorted(done) and done[-1] == clock.total == plan.calls  # one count: it never restarts
     assert translator.denoiser.calls - calls == plan.calls  # the count is the model's
-    assert clock.seconds_left() == 0 and clock.describe() == "21 of 21 model calls"
+    assert clock.seconds_left() == 0 and clock.describe() == "18 of 18 model calls"
     measured = cost.SECONDS_PER_CALL[translator.checkpoint_id]  # this run's rate, for the next estimate
     assert measured == pytest.approx(clock.seconds_per_call(), rel=0.1)
     again = session.plan(request(cells, confine=True, strength=0.5))  # the inversion is cached now
@@ -303,3 +302,55 @@ def test_the_precompute_is_opt_in_on_a_cpu_and_cancel_stops_it(session, runner, 
     assert prefetch.quit_requested
     prefetch.step()
     assert not session.prefetching and runner.last is prefetch  # and it does not start again by itself
+
+
+def test_a_run_inverts_as_deep_as_its_strength_and_a_deeper_scrub_extends_it(session, runner, translator, cells):
+    calls = translator.denoiser.calls
+    session.run(request(cells, strength=0.5))
+    runner.drain()
+    (result,) = results(session)
+    assert translator.denoiser.calls - calls == 3 + 3 and result.inversion.depth == 3  # half of 6 steps, then back
+    plan = session.plan(request(cells, strength=1.0))  # the same plane: its inversion is reused, 3 steps deep
+    assert plan.calls == 3 + STEPS
+    scrub_plan = cost.plan_scrub(translator, session.inversion, settings(strength=1.0))
+    calls = translator.denoiser.calls
+    session.scrub(settings(strength=1.0))
+    runner.drain()
+    assert translator.denoiser.calls - calls == scrub_plan.calls == 3 + STEPS  # the missing steps, none redone
+    direct = translator.translate(cells, settings=settings(strength=1.0), channel_axis=0)
+    assert np.array_equal(results(session)[-1].normalised, direct.normalised)
+    assert session.inversion.complete and session.inversion is result.inversion
+
+
+def test_the_prefetch_first_finishes_the_inversion_then_scrubbing_up_inverts_nothing(session, runner, translator,
+                                                                                       cells):
+    lines = []
+    session.events.prefetch_info.connect(lambda text, shown: lines.append(text))
+    session.set_prefetch(True)
+    session.run(request(cells, strength=0.5))
+    runner.workers[0].run()
+    prefetch = runner.last
+    assert session.prefetching and session.inversion.depth == 3
+    calls = translator.denoiser.calls
+    for _ in range(3):
+        prefetch.step()
+    assert translator.denoiser.calls - calls == 3 and session.inversion.complete  # the rest of the inversion first
+    assert lines[-1] == "Inverting the rest of the way in the background: step 3 of 3 (Cancel stops it)..."
+    prefetch.run()
+    calls = translator.denoiser.calls
+    session.scrub(settings(strength=1.0))  # beyond the prefetched strengths: its generation only
+    runner.drain()
+    assert translator.denoiser.calls - calls == STEPS
+    direct = translator.translate(cells, settings=settings(strength=1.0), channel_axis=0)
+    assert np.array_equal(results(session)[-1].normalised, direct.normalised)
+
+
+def test_a_cancelled_prefetch_keeps_the_inversion_it_extended(session, runner, translator, cells):
+    session.set_prefetch(True)
+    session.run(request(cells, strength=0.5))
+    runner.workers[0].run()
+    runner.last.step()  # one more inversion step, then Cancel
+    session.cancel()
+    runner.last.run()
+    assert session.inversion.depth == 4 and not session.prefetching
+    assert cost.plan_scrub(translator, session.inversion, settings(strength=1.0)).calls == 2 + STEPS

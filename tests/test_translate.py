@@ -170,7 +170,8 @@ def test_target_class_changes_the_result_and_guidance_counts(translators, cells)
 def test_progress_is_reported_per_step(translators, cells):
     events = []
     translators["pixel"].translate(cells, 0, 1, steps=8, strength=0.5, channel_axis=0, progress=events.append)
-    assert [(e.stage, e.step, e.total) for e in events] == [("invert", i, 8) for i in range(1, 9)] + [
+    # Half strength inverts only half the way (4 of 8 steps), then generates back down.
+    assert [(e.stage, e.step, e.total) for e in events] == [("invert", i, 4) for i in range(1, 5)] + [
         ("generate", i, 4) for i in range(1, 5)
     ]
 
@@ -203,7 +204,7 @@ def test_an_odd_step_count_on_the_demo_model_reports_and_runs_the_steps_it_says(
     translator.translate(image, "control", "nocodazole", steps=61, strength=0.5, channel_axis=0,
                          progress=events.append)
     assert all(e.step <= e.total for e in events)  # a widget's progress bar refuses anything else
-    assert [e.step for e in events if e.stage == "invert"] == list(range(1, 62))
+    assert [e.step for e in events if e.stage == "invert"] == list(range(1, round(0.5 * 61) + 1))  # as deep as needed
     assert [e.step for e in events if e.stage == "generate"] == list(range(1, round(0.5 * 61) + 1))
 
 

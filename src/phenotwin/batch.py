@@ -295,6 +295,8 @@ def run_batch(
             raise PhenotwinError(f"{misfits[0]} (it fits none of the {len(todo)} input(s); nothing was translated)")
     if state.is_main_process:
         prepare_folder(out, "--output")
+        if todo:
+            print(estimate(translator, settings, selection, todo), file=sys.stderr)
     result = BatchResult(already_done=len(jobs) - len(todo))
     state.wait_for_everyone()  # every process has judged completeness before anyone writes
     columns = summary_columns(translator)
@@ -340,6 +342,23 @@ def run_batch(
     result.done = sum(1 for job in todo if final[job] is not None and final[job]["status"] == "done")
     result.failed = statuses.count("failed")
     return result
+
+
+def estimate(translator, settings: TranslationSettings, selection: InputSelection, jobs: list[Job]) -> str:
+    """What the batch will cost, said before it starts: from the files' headers (no pixels read) and
+    one model call timed now. A file whose header cannot be read fails on its turn and is not counted."""
+    from phenotwin.cost import describe_batch, time_one_call
+
+    time_one_call(translator)
+    fields = []
+    for job in jobs:
+        try:
+            stack = _stack(job.input, read_header(job.input), selection)
+        except PhenotwinError:
+            continue
+        shape = stack.array.shape
+        fields.append((stack.plane_count, shape[stack.axes.index("Y")], shape[stack.axes.index("X")]))
+    return describe_batch(translator, settings, len(jobs), fields)
 
 
 def _refuse_output_over_inputs(out: Path, items: Sequence[str]) -> None:

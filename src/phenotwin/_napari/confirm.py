@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from phenotwin._napari import cost, layers
+from phenotwin import cost
+from phenotwin._napari import layers
 
 if TYPE_CHECKING:
     from phenotwin._napari.session import RunRequest

@@ -1,14 +1,18 @@
 """The Translate widget's state without Qt: the inversion being scrubbed, which job runs, what comes next.
 
 One job at a time, by priority: a run (Translate) > a scrub (the slider, target, guidance or
-confine moved: regenerate the cached inversion) > a prefetch (idle time spent generating
-the strengths around the slider's). A run interrupts a scrub and stops a prefetch; a scrub
-stops a prefetch; a scrub asked for while another runs waits, and only the latest value
-runs; after a run or scrub the prefetch starts again. Jobs run through an injected
+confine moved: regenerate the cached inversion) > a prefetch (idle time spent finishing the
+inversion, then generating the strengths around the slider's). A run inverts only as deep as
+its strength needs, so its result comes sooner; the prefetch then inverts the rest of the
+way, or (prefetch off) a scrub to a higher strength inverts the missing steps on demand. A
+run interrupts a scrub and stops a prefetch; a scrub stops a prefetch; a scrub asked for while
+another runs waits, and only the latest value runs; after a run or scrub the prefetch starts
+again. Jobs run through an injected
 `start_worker(steps, *, yielded, returned, errored, aborted, finished)` that returns a
 handle with `quit()` (napari's worker in the widget, a plain runner in the tests) and whose
 handlers run on the caller's (GUI) thread. The worker thread touches no state here: a run
-returns its inversion with its result, adopted when the result arrives. Everything the
+returns its inversion with its result, adopted when the result arrives (a scrub or prefetch
+adds to that inversion's caches and depth, one job at a time). Everything the
 widget shows comes as psygnal events. Imports neither Qt, napari nor torch.
 """
 
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psygnal import Signal, SignalGroup
 
-from phenotwin._napari import cost
+from phenotwin import cost
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -118,9 +122,9 @@ class TranslationSession:
     def plan(self, request: RunRequest) -> cost.RunPlan:
         """The model calls `request` would make (none for a cached inversion) and their estimated seconds."""
         key = (self.translator.checkpoint_id, request.fingerprint, request.settings.source, request.settings.steps)
-        inverted = request.labels is None and request.image.ndim == 3 and key == self._inversion_key
-        return cost.plan_run(self.translator, request.image, request.settings, request.labels,
-                             inverted and self.inversion is not None)
+        cached = request.labels is None and request.image.ndim == 3 and key == self._inversion_key
+        depth = self.inversion.depth if cached and self.inversion is not None else 0
+        return cost.plan_run(self.translator, request.image, request.settings, request.labels, depth)
 
     def set_translator(self, translator: Translator) -> None:
         """A model was loaded: nothing of the previous one can be scrubbed."""
@@ -239,7 +243,7 @@ class TranslationSession:
         key = (translator.checkpoint_id, request.fingerprint, settings.source, settings.steps)
         inversion = self.inversion if key == self._inversion_key else None
         inverting = None if inversion is not None else translator.invert_steps(
-            request.image, settings.source, settings.steps, channel_axis=0)
+            request.image, settings.source, settings.steps, channel_axis=0, strength=settings.strength)
         return _invert_then_generate(translator, inverting, inversion, settings), key
 
     def _start_run(self, request: RunRequest, built: tuple[Generator, tuple | None] | None = None) -> None:
@@ -326,14 +330,22 @@ class TranslationSession:
             return
         if max(inversion.normalised.shape[1:]) > self.translator.image_size:
             return  # a tiled field: each step takes seconds, too slow to give way to the user at once
-        steps = self.translator.prefetch_steps(inversion, self.prefetch_ladder(self.settings.strength),
-                                               settings=self.settings)
+        steps = _complete_then_prefetch(self.translator, inversion, self.prefetch_ladder(self.settings.strength),
+                                        self.settings)
         job = self._prefetch = _Job("prefetch")
         self._prefetched = False
         job.handle = self._start_worker(
-            steps, yielded=lambda event: self.events.prefetch_progress.emit(event.item, event.items),
+            steps, yielded=self._on_prefetch_progress,
             returned=lambda _: setattr(self, "_prefetched", True),
             errored=lambda err: self._on_prefetch_error(inversion, err), finished=self._on_prefetch_finished)
+
+    def _on_prefetch_progress(self, event) -> None:
+        if event.items:  # a strength of the ladder
+            self.events.prefetch_progress.emit(event.item, event.items)
+        elif event.step == 1 or event.step == event.total or event.step % max(1, event.total // 10) == 0:
+            # Finishing the inversion: ten lines at most (each line costs the viewer a layout).
+            self.events.prefetch_info.emit(f"Inverting the rest of the way in the background: step {event.step} of "
+                                           f"{event.total} (Cancel stops it)...", True)
 
     def _stop_prefetch(self) -> bool:
         """Give way: a running prefetch stops at its next step (what is queued starts then).
@@ -375,6 +387,14 @@ class TranslationSession:
         while high + STRENGTH_STEP <= STRENGTH_MAX + 1e-9 and ready(round(high + STRENGTH_STEP, 6)):
             high = round(high + STRENGTH_STEP, 6)
         return low, high
+
+
+def _complete_then_prefetch(translator: Translator, inversion: Inversion, strengths: list[float],
+                            settings: TranslationSettings):
+    """Runs in the worker thread: the inversion to full depth first (a scrub up then needs no
+    inversion step; stopped, it keeps the depth reached), then the strengths around the slider's."""
+    yield from translator.extend_steps(inversion)
+    return (yield from translator.prefetch_steps(inversion, strengths, settings=settings))
 
 
 def _invert_then_generate(translator: Translator, inverting, inversion, settings: TranslationSettings):

@@ -16,6 +16,7 @@ from phenotwin.pipeline.cache import GenerationCache, Key
 from phenotwin.pipeline.heatmap import difference_map, psnr
 from phenotwin.pipeline.schedulers import inversion_steps
 from phenotwin.pipeline.settings import TranslationSettings
+from phenotwin.pipeline.trajectory import TRAJECTORY_BUDGET
 from phenotwin.preprocessing import ImageLayout, ImageProcessor
 from phenotwin.trust import TrustVerdict, verdict
 
@@ -29,7 +30,9 @@ class Inversion:
 
     `states[k]` is the sample after k inversion steps (k = 0: the clean image or its latent),
     so a generation at strength s starts from state round(s * steps); a state that was not
-    kept is recomputed from the nearest kept one below it (`trajectory.kept_states`).
+    kept is recomputed from the nearest kept one below it (`trajectory.kept_states`). The
+    inversion may stop short of `steps` (`depth`: as deep as the first strength needed); a
+    deeper generation extends it from its deepest state (`Diffusion.extend`), never redoing a step.
     """
 
     source: str
@@ -43,6 +46,10 @@ class Inversion:
     checkpoint_id: str
     autoencoder_psnr: float | None = None
     refinements: int = 0  # fixed-point iterations per inversion step, to recompute states identically
+    trajectory_budget: int = TRAJECTORY_BUDGET  # bytes of states kept (besides the deepest), when extended too
+    # Inversion steps run so far (the deepest state); set by `Diffusion.extend` after the state is
+    # stored, so another thread reading it (a cost estimate) never sees the states mid-change.
+    depth: int = 0
     # Generated images (model range, cropped); under the source class they are the reconstructions.
     generated: GenerationCache = field(default_factory=GenerationCache, repr=False)
     # Edit masks (C, H, W) in [0, 1] by target class index (see `edit_mask.edit_mask_steps`).
@@ -52,6 +59,11 @@ class Inversion:
     def kept_states(self) -> list[int]:
         """Which inversion states are held (the others are recomputed when needed)."""
         return sorted(self.states)
+
+    @property
+    def complete(self) -> bool:
+        """Inverted all the way: no generation needs an inversion step any more."""
+        return self.depth == self.steps
 
     def key(self, condition: str | int, strength: float, guidance: float = 0.0) -> Key:
         index = condition if isinstance(condition, int) else self.classes.index(condition)

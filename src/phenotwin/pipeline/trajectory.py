@@ -1,9 +1,12 @@
 """DDIM one step at a time on one denoiser: inversion, its trajectory, generation, sampling.
 
 The inversion trajectory is what makes scrubbing cheap: a generation at strength s starts
-from the state after round(s * steps) inversion steps. On large fields only an evenly
-spaced subset of the states is kept (a memory budget); a state in between is recomputed
-exactly from the one below it, with the same computation that made it.
+from the state after round(s * steps) inversion steps. An inversion need not go all the way
+at once: it is run as deep as the first strength needs, and extended later (in the
+background, or on demand by a deeper generation) from its deepest state, with the same
+computation, so the states are bit-identical to a full inversion's. On large fields only an
+evenly spaced subset of the states is kept (a memory budget) and the deepest one; a state in
+between is recomputed exactly from the one below it, with the same computation that made it.
 
 Grad-mode contexts are thread-local state: one held open across a `yield` would leak into
 the caller (a GUI callback, another job on the same worker thread). So each model call
@@ -70,16 +73,26 @@ class Diffusion:
                 return sample, None
             return sample, psnr(model_input, den.decode(sample)[0].clamp(-1, 1).cpu().numpy())
 
-    def invert(self, sample, steps: int, source_index: int, refinements: int,
-               budget: int = TRAJECTORY_BUDGET) -> Steps[dict[int, torch.Tensor]]:
-        """A full inversion from the clean `sample`; returns the kept states by step."""
-        keep = set(kept_states(steps, sample.numel() * sample.element_size(), budget))
-        states = {0: sample}
-        for k, state in enumerate(self.inversion_states(sample, 0, steps, steps, source_index, refinements), start=1):
-            if k in keep:
-                states[k] = state
-            yield Progress("invert", k, steps)
-        return states
+    def extend(self, inversion: Inversion, depth: int) -> Steps[Inversion]:
+        """Invert `inversion` further, from its deepest state to state `depth` (at most its `steps`).
+
+        The first inversion is an extension from state 0; a later one starts where the last
+        stopped, so no step is ever computed twice. Each new state replaces the deepest one
+        unless the budget keeps that (`kept_states`): at every yield the inversion is whole, so a
+        cancelled extension leaves a shallower but valid inversion."""
+        start, stop = inversion.depth, min(depth, inversion.steps)
+        states = inversion.states
+        sample = states[start]
+        keep = set(kept_states(inversion.steps, sample.numel() * sample.element_size(), inversion.trajectory_budget))
+        new_states = self.inversion_states(sample, start, stop, inversion.steps, inversion.source_index,
+                                           inversion.refinements)
+        for k, state in enumerate(new_states, start=start + 1):
+            states[k] = state
+            inversion.depth = k
+            if k - 1 not in keep:
+                del states[k - 1]  # the previous deepest state, not one the budget keeps
+            yield Progress("invert", k - start, stop - start)
+        return inversion
 
     def inversion_states(self, sample, start: int, stop: int, steps: int, source_index: int, refinements: int):
         """Inversion states start+1 .. stop of a `steps`-step inversion from state `start`,
@@ -96,7 +109,10 @@ class Diffusion:
             yield sample
 
     def state(self, inversion: Inversion, k: int) -> Steps[torch.Tensor]:
-        """Inversion state k: kept, or recomputed from the nearest kept state below it."""
+        """Inversion state k: kept, recomputed from the nearest kept state below it, or (deeper than
+        the inversion went) reached by extending it."""
+        if k > inversion.depth:
+            yield from self.extend(inversion, k)
         if k in inversion.states:
             return inversion.states[k]
         start = max(j for j in inversion.states if j < k)
@@ -106,6 +122,26 @@ class Diffusion:
             state = sample  # the last one is state k
             yield Progress("invert", i, k - start)
         return state
+
+    def render(self, inversion: Inversion, target_index: int, used: int, guidance: float, seed: int | None,
+               reconstruct: bool) -> Steps[tuple[np.ndarray, np.ndarray | None]]:
+        """DDIM from the inversion's state `used`: (translation, reconstruction or None), both
+        cached on the inversion; the source class rides along in the batch when a reconstruction
+        at this depth is still missing."""
+        source_key = (inversion.source_index, used, guidance)
+        with_reconstruction = (reconstruct and target_index != inversion.source_index
+                               and source_key not in inversion.generated)
+        start = yield from self.state(inversion, used)
+        images = yield from self.generate(start, [target_index] + [inversion.source_index] * with_reconstruction,
+                                          inversion.steps, used, guidance, seed)
+        height, width = inversion.normalised.shape[1:]
+        # Drop the padding; copies, so a cached image does not hold the whole batch alive.
+        translated = images[0][:, :height, :width].copy()
+        inversion.generated.remember((target_index, used, guidance), translated)
+        reconstruction = images[1][:, :height, :width].copy() if with_reconstruction else None
+        if reconstruction is not None:
+            inversion.generated.remember(source_key, reconstruction)
+        return translated, reconstruction
 
     def generate(self, start, label_indices: list[int], steps: int, used_steps: int, guidance: float,
                  seed: int | None) -> Steps[np.ndarray]:

@@ -5,9 +5,12 @@ its own (source) condition, then regenerated under the target condition. Three p
 as in diffusers' DiffEdit pipeline: `invert_steps` (image -> `Inversion`), `edit_mask_steps`
 and `generate_steps` (`Inversion` -> `Translation`); `translate_steps` chains them. Another
 target or strength starts from the cached trajectory and costs only its generation steps
-(cheap scrubbing); an image already generated costs nothing. Every method takes one
-`TranslationSettings` (or its fields as keywords), checked by `resolve` before any work; each
-long method has a generator form (`*_steps`) and a plain one with progress and cancel.
+(cheap scrubbing); an image already generated costs nothing. `translate_steps` inverts only as
+deep as its strength needs (the first image sooner); a deeper strength later extends the
+inversion from where it stopped (`extend_steps`), the results bit-identical to a full one's.
+Every method takes one `TranslationSettings` (or its fields as keywords), checked by `resolve`
+before any work; each long method has a generator form (`*_steps`) and a plain one with
+progress and cancel.
 """
 
 from __future__ import annotations
@@ -94,22 +97,29 @@ class Translator:
     # -- inversion ---------------------------------------------------------------------
 
     def invert_steps(self, image: Any, source: str | int | None = None, steps: int | None = None,
-                     channel_axis: int | None = None, *, settings: TranslationSettings | None = None) -> Steps[Inversion]:
-        """Generator form of `invert`: yields a `Progress` per step, returns the `Inversion`."""
-        s = self.resolve(settings, source=source, steps=steps)
-        return self._invert(self.processor.preprocess(image, channel_axis, s.match_intensities), s)
+                     channel_axis: int | None = None, *, settings: TranslationSettings | None = None,
+                     strength: float | None = None) -> Steps[Inversion]:
+        """Generator form of `invert`: yields a `Progress` per step, returns the `Inversion`. With
+        `strength`, only as deep as that strength needs; a deeper generation extends it later."""
+        s = self.resolve(settings, source=source, steps=steps, strength=strength)
+        depth = s.steps if strength is None else s.used_steps
+        return self._invert(self.processor.preprocess(image, channel_axis, s.match_intensities), s, depth)
 
-    def _invert(self, prepared: PreparedImage, settings: TranslationSettings) -> Steps[Inversion]:
-        source_index = self.classes.index(settings.source)
+    def _invert(self, prepared: PreparedImage, settings: TranslationSettings, depth: int) -> Steps[Inversion]:
         sample, autoencoder_psnr = self.diffusion.encode(prepared.model_input)
-        states = yield from self.diffusion.invert(sample, settings.steps, source_index, settings.inversion_refinements,
-                                                  self.trajectory_budget)
-        return Inversion(
-            source=settings.source, source_index=source_index, classes=tuple(self.classes), steps=settings.steps,
-            states=states, model_input=prepared.model_input, normalised=prepared.normalised, layout=prepared.layout,
-            checkpoint_id=self.checkpoint_id, autoencoder_psnr=autoencoder_psnr,
-            refinements=settings.inversion_refinements, generated=GenerationCache(self.cache_budget), fit=prepared.fit,
+        inversion = Inversion(
+            source=settings.source, source_index=self.classes.index(settings.source), classes=tuple(self.classes),
+            steps=settings.steps, states={0: sample}, model_input=prepared.model_input,
+            normalised=prepared.normalised, layout=prepared.layout, checkpoint_id=self.checkpoint_id,
+            autoencoder_psnr=autoencoder_psnr, refinements=settings.inversion_refinements,
+            trajectory_budget=self.trajectory_budget, generated=GenerationCache(self.cache_budget), fit=prepared.fit,
         )
+        return (yield from self.diffusion.extend(inversion, depth))
+
+    def extend_steps(self, inversion: Inversion, strength: float = 1.0) -> Steps[Inversion]:
+        """Invert further, as deep as `strength` needs (1: all the way), from the deepest state reached:
+        the widget's background work after a first result, so that scrubbing up needs no inversion."""
+        return self.diffusion.extend(inversion, self._for(inversion, None, strength=strength).used_steps)
 
     # -- generation --------------------------------------------------------------------
 
@@ -119,12 +129,14 @@ class Translator:
                        settings: TranslationSettings | None = None) -> Steps[Translation]:
         """Generator form of `generate`: regenerate a cached inversion under the target condition.
 
-        Costs round(strength * steps) UNet calls, nothing for an image already generated, and
-        never re-inverts (a state not kept is rebuilt from the kept one below). The source
-        condition rides in the same batch (once per strength, then cached): it measures how
-        faithfully the model reproduces the input, and with reference "reconstruction" the
-        translation is relative to it; `reconstruct=False` skips it in "input" mode. `confine`
-        reuses the cached generations, so switching it costs no step.
+        Costs round(strength * steps) UNet calls, nothing for an image already generated, plus
+        the inversion steps still missing when the inversion is shallower than this strength (it
+        is extended from its deepest state); it never re-inverts (a state not kept is rebuilt
+        from the kept one below). The source condition rides in the same batch (once per
+        strength, then cached): it measures how faithfully the model reproduces the input, and
+        with reference "reconstruction" the translation is relative to it; `reconstruct=False`
+        skips it in "input" mode. `confine` reuses the cached generations, so switching it costs
+        no step.
         """
         resolved = self._for(inversion, settings, target=target, strength=strength, guidance=guidance, seed=seed,
                              signed=signed, sigma=sigma, confine=confine)
@@ -139,33 +151,14 @@ class Translator:
         reconstruction = inversion.generated.get(source_key)
         # DDIM with eta = 0 never draws noise, so the seed cannot change a cached image.
         if generated is None or ((reconstruct or relative) and reconstruction is None):
-            generated, made = yield from self._sample(inversion, target_index, used, s.guidance, s.seed,
-                                                      reconstruct or relative)
+            generated, made = yield from self.diffusion.render(inversion, target_index, used, s.guidance, s.seed,
+                                                               reconstruct or relative)
             if target_index == inversion.source_index:
                 reconstruction = generated
             elif made is not None:
                 reconstruction = made
         return compose(inversion, generated, reconstruction, mask, s, self.processor, self.checkpoint_id,
                        self.info.calibration)
-
-    def _sample(self, inversion: Inversion, target_index: int, used: int, guidance: float, seed: int | None,
-                reconstruct: bool) -> Steps[tuple[np.ndarray, np.ndarray | None]]:
-        """DDIM from the cached trajectory: (translation, reconstruction or None); the source class
-        rides along in the batch when a reconstruction at this strength is still missing."""
-        source_key = (inversion.source_index, used, guidance)
-        with_reconstruction = (reconstruct and target_index != inversion.source_index
-                               and source_key not in inversion.generated)
-        start = yield from self.diffusion.state(inversion, used)
-        images = yield from self.diffusion.generate(start, [target_index] + [inversion.source_index] * with_reconstruction,
-                                                    inversion.steps, used, guidance, seed)
-        height, width = inversion.normalised.shape[1:]
-        # Drop the padding; copies, so a cached image does not hold the whole batch alive.
-        translated = images[0][:, :height, :width].copy()
-        inversion.generated.remember((target_index, used, guidance), translated)
-        reconstruction = images[1][:, :height, :width].copy() if with_reconstruction else None
-        if reconstruction is not None:
-            inversion.generated.remember(source_key, reconstruction)
-        return translated, reconstruction
 
     def is_generated(self, inversion: Inversion, target: str | int | None = None, strength: float | None = None,
                      guidance: float | None = None, confine: bool | None = None, *,
@@ -195,7 +188,7 @@ class Translator:
         rungs = rungs[: max(0, inversion.generated.free_bytes() // (image_bytes * (1 + with_source)))]
         target_index = self.classes.index(s.target)
         for k, used in enumerate(rungs):
-            yield from tagged(self._sample(inversion, target_index, used, s.guidance, None, with_source),
+            yield from tagged(self.diffusion.render(inversion, target_index, used, s.guidance, None, with_source),
                               k + 1, len(rungs), "strength")
         return len(rungs)
 
@@ -218,7 +211,7 @@ class Translator:
         prepared = self.processor.preprocess(image, channel_axis, s.match_intensities)
 
         def run():
-            inversion = yield from self._invert(prepared, s)
+            inversion = yield from self._invert(prepared, s, s.used_steps)  # no deeper than this strength needs
             return (yield from self._generate(inversion, s, True))
 
         return run()
@@ -236,9 +229,14 @@ class Translator:
         """`count` images of condition `target` from seeded noise, (count, C, S, S) in model range [-1, 1]."""
         return drive(self.sample_steps(target, count, seed, steps, guidance), progress, cancel)
 
-    def invert(self, image, source, steps=None, channel_axis=None, progress=None, cancel: CancelFlag = None) -> Inversion:
-        """Invert `image` under its `source` condition (see `invert_steps`)."""
-        return drive(self.invert_steps(image, source, steps, channel_axis), progress, cancel)
+    def invert(self, image, source, steps=None, channel_axis=None, progress=None, cancel: CancelFlag = None, *,
+               strength=None) -> Inversion:
+        """Invert `image` under its `source` condition, all the way or as deep as `strength` needs (`invert_steps`)."""
+        return drive(self.invert_steps(image, source, steps, channel_axis, strength=strength), progress, cancel)
+
+    def extend(self, inversion, strength=1.0, progress=None, cancel: CancelFlag = None) -> Inversion:
+        """Invert `inversion` further, as deep as `strength` needs (see `extend_steps`)."""
+        return drive(self.extend_steps(inversion, strength), progress, cancel)
 
     def generate(self, inversion, target=None, strength=None, guidance=None, seed=None, reconstruct=True, signed=None,
                  sigma=None, confine=None, progress=None, cancel: CancelFlag = None, *, settings=None) -> Translation:

@@ -1,11 +1,13 @@
 """What a run costs, before and while it runs: its model calls counted up front, the seconds one
 call takes on this machine, and the run's clock (calls done across all its stages, time left).
 
-A run's calls per image (a cell, a plane): the inversion's steps (each 1 + refinements calls;
-none when the inversion is cached), `CONFINE_CALLS` for the edit mask when confine is on, and
-the generation's steps; a field larger than the model makes each call one per tile. The seconds
-per call are timed once when a model loads (`time_one_call`), then replaced by what the runs
-measure. Imports neither Qt, napari nor torch (until a model is timed or a field tiled).
+A run's calls per image (a cell, a plane): the inversion's steps as deep as the strength needs
+(each 1 + refinements calls; only the missing ones when the inversion is cached),
+`CONFINE_CALLS` for the edit mask when confine is on, and the generation's steps; a field larger
+than the model makes each call one per tile. The seconds per call are timed once when a model
+loads (`time_one_call`), then replaced by what the runs measure. The Translate widget asks
+before a long run with it, `phenotwin translate` prints it before a batch. Imports neither Qt,
+napari nor torch (until a model is timed or a field tiled).
 """
 
 from __future__ import annotations
@@ -66,31 +68,55 @@ def tiles_for(height: int, width: int, size: int) -> int:
     return len(tile_starts(max(height, size), size, overlap)) * len(tile_starts(max(width, size), size, overlap))
 
 
-def calls_per_image(settings: TranslationSettings, inverted: bool = False) -> int:
-    """Model calls of one image's translation with resolved `settings` (no inversion when cached)."""
-    inversion = 0 if inverted else settings.steps * (1 + settings.inversion_refinements)
-    return inversion + CONFINE_CALLS * bool(settings.confine) + settings.used_steps
+def inversion_calls(settings: TranslationSettings, depth: int = 0) -> int:
+    """Model calls of the inversion steps resolved `settings` still need from an inversion `depth` deep."""
+    return max(0, settings.used_steps - depth) * (1 + settings.inversion_refinements)
+
+
+def calls_per_image(settings: TranslationSettings, depth: int = 0) -> int:
+    """Model calls of one image's translation with resolved `settings`, from an inversion `depth` deep
+    (0: a new one; only as deep as the strength needs is inverted)."""
+    return inversion_calls(settings, depth) + CONFINE_CALLS * bool(settings.confine) + settings.used_steps
 
 
 def plan_run(translator: Translator, image: np.ndarray, settings: TranslationSettings,
-             labels: np.ndarray | None = None, inverted: bool = False) -> RunPlan:
-    """The plan of translating `image` (C, H, W) or a stack (C, ..., H, W), cell by cell with `labels`."""
+             labels: np.ndarray | None = None, depth: int = 0) -> RunPlan:
+    """The plan of translating `image` (C, H, W) or a stack (C, ..., H, W), cell by cell with `labels`;
+    `depth`: of the cached inversion of `image` a run reuses (0: none)."""
     resolved = translator.resolve(settings)
     size = translator.image_size
     if labels is not None:  # one model-sized window per cell
         items, tiles = int(np.count_nonzero(np.unique(labels))), 1
     else:
         items, tiles = math.prod(image.shape[1:-2]), tiles_for(*image.shape[-2:], size)
-    return RunPlan(items * calls_per_image(resolved, inverted), tiles, SECONDS_PER_CALL.get(translator.checkpoint_id))
+    return RunPlan(items * calls_per_image(resolved, depth), tiles, SECONDS_PER_CALL.get(translator.checkpoint_id))
+
+
+def describe_batch(translator: Translator, settings: TranslationSettings, images: int,
+                   fields: list[tuple[int, int, int]]) -> str:
+    """'3 images, 276 model calls (x 9 tiles), about 2 min on this machine': what `phenotwin translate`
+    says before a batch. `fields`: (planes, height, width) of each image whose header could be read."""
+    per_plane = calls_per_image(translator.resolve(settings))
+    tiles = [tiles_for(height, width, translator.image_size) for _, height, width in fields]
+    calls = sum(planes for planes, _, _ in fields) * per_plane
+    tile_calls = sum(planes * per_plane * count for (planes, _, _), count in zip(fields, tiles))
+    seconds = SECONDS_PER_CALL.get(translator.checkpoint_id)
+    if len(set(tiles)) > 1:  # fields of several sizes: their tiles summed over all calls
+        tiled = f" ({tile_calls} model-sized tiles in all)"
+    else:
+        tiled = f" (x {tiles[0]} tiles)" if tiles and tiles[0] > 1 else ""
+    time = "" if seconds is None else f", {about(tile_calls * seconds)} on this machine"
+    return f"{images} image{'s' * (images != 1)}, {calls} model calls{tiled}{time}"
 
 
 def plan_scrub(translator: Translator, inversion: Any, settings: TranslationSettings) -> RunPlan:
-    """The plan of regenerating a cached `inversion` at `settings`: what its caches do not hold yet."""
+    """The plan of regenerating a cached `inversion` at `settings`: what its caches do not hold yet,
+    and the inversion steps a strength deeper than the inversion went adds."""
     resolved = translator.resolve(settings)
     target = translator.classes.index(resolved.target)
     masking = resolved.confine and target != inversion.source_index and target not in inversion.edit_masks
-    generated = translator.is_generated(inversion, settings=settings.replace(confine=False))
-    calls = CONFINE_CALLS * masking + resolved.used_steps * (not generated)
+    generating = not translator.is_generated(inversion, settings=settings.replace(confine=False))
+    calls = CONFINE_CALLS * masking + (inversion_calls(resolved, inversion.depth) + resolved.used_steps) * generating
     return RunPlan(calls, tiles_for(*inversion.normalised.shape[-2:], translator.image_size),
                    SECONDS_PER_CALL.get(translator.checkpoint_id))
 

@@ -1,0 +1,272 @@
+"""Quality against cost: the judge metrics of a translation against the UNet calls it makes (issue 17).
+
+Each configuration (sampler and step count, guidance on or off, edit mask on or off) translates
+the same held-out images at the model's strength, judged by the code of `phenotwin evaluate
+translation` (`phenotwin.evaluate.translation.translation_steps`, the condition classifier
+trained once and shared by all configurations): flip rate, heatmap AUROC against the true change
+mask (raw and Gaussian sigma 2), counterfactual ratio, reconstruction PSNR. The cost is what one
+translation makes with the pipeline's partial inversion (only as deep as the strength needs; the
+outputs are bit-identical to a full inversion's, tests/test_partial_inversion.py), counted on
+the model for one image (for DDIM checked against `phenotwin.cost.calls_per_image`), in UNet calls
+(a batch counts once) and in image evaluations (guidance doubles each generation call's batch;
+the reconstruction rides in it too).
+
+DPM-Solver++ (diffusers' `DPMSolverMultistepInverseScheduler` / `DPMSolverMultistepScheduler`,
+second order) is not a pipeline setting: `SolverDiffusion` below swaps it in for the inversion and
+the generation of this study only (the edit mask keeps DDIM's clean-image estimate), to learn
+whether it would be worth one.
+
+    python benchmarks/quality_cost.py [--model DIR] [--data DIR [--classifier-data DIR]]
+        [--phenotype obvious|subtle|texture] [-n 8] [--configs ddim-10 ddim-50 ...]
+        [--json out.json] [--plot docs/images/quality-cost.png]
+
+Without --data the held-out pairs are synthetic (`make_pairs` of --phenotype from index 100 000,
+the classifier on other cells from index 200 000), as in benchmarks/demo_quality.py; with --data
+DIR/<condition>/* (aligned synthetic files for the mask metrics, see `phenotwin synthetic`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+# name -> (sampler, steps, guidance, confine); None: the model's default.
+CONFIGS = {
+    "ddim-10": ("ddim", 10, None, None),
+    "ddim-20": ("ddim", 20, None, None),
+    "ddim-50": ("ddim", 50, None, None),
+    "ddim-100": ("ddim", 100, None, None),
+    "ddim-20-no-guidance": ("ddim", 20, 0.0, None),
+    "ddim-20-no-mask": ("ddim", 20, None, False),
+    "ddim-100-no-guidance-no-mask": ("ddim", 100, 0.0, False),
+    "dpm++-10": ("dpm++", 10, None, None),
+    "dpm++-20": ("dpm++", 20, None, None),
+}
+METRICS = ("flip_rate", "auroc", "auroc_sigma2", "counterfactual_ratio", "reconstruction_psnr")
+
+
+def solver_diffusion(base):
+    """A `Diffusion` like `base` (same denoiser and schedule) that inverts and generates with DPM-Solver++."""
+    from phenotwin.pipeline.trajectory import Diffusion
+
+    class SolverDiffusion(Diffusion):
+        """Multistep solvers keep a history of model outputs, so a trajectory cannot restart mid-way:
+        every inversion runs from state 0 in one go (the study's evaluation inverts all the way,
+        keeping every state of a model-sized image) and every generation starts a fresh history."""
+
+        def __init__(self):
+            super().__init__(base.denoiser, base.scheduler_config)
+            self._solvers = {}
+
+        def solvers(self, steps: int):
+            """(inverse, sampler) on the model's noise schedule. diffusers' inverse solver has no
+            zero-terminal-SNR option: it gets the sampler's alphas (terminal 2**-24) as its betas."""
+            import torch
+            from diffusers import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler
+
+            if steps not in self._solvers:
+                config = {**self.scheduler_config, "algorithm_type": "dpmsolver++", "solver_order": 2}
+                sampler = DPMSolverMultistepScheduler.from_config(config)
+                cumulative = sampler.alphas_cumprod.double()
+                betas = 1 - cumulative / torch.cat([cumulative.new_ones(1), cumulative[:-1]])
+                inverse = DPMSolverMultistepInverseScheduler.from_config(
+                    {**config, "rescale_betas_zero_snr": False, "trained_betas": betas.tolist()})
+                self._solvers[steps] = inverse, sampler
+            return self._solvers[steps]
+
+        def inversion_states(self, sample, start, stop, steps, source_index, refinements):
+            if start != 0 or refinements:
+                raise RuntimeError("a DPM-Solver++ inversion runs from the clean image, without refinements")
+            inverse, _ = self.solvers(steps)
+            inverse.set_timesteps(steps)  # a fresh history
+            labels = self.labels([source_index])
+            for t in inverse.timesteps[start:stop]:
+                sample = self.step(inverse, sample, t, labels)
+                yield sample
+
+        def generate(self, start, label_indices, steps, used, guidance, seed):
+            """From the sampler's level equal to the inversion's after `used` steps (the inverse
+            solver's grid is one level off DDIM's: its last step stays at the top level)."""
+            import torch
+
+            from phenotwin.progress import Progress
+
+            inverse, sampler = self.solvers(steps)
+            inverse.set_timesteps(steps)
+            sampler.set_timesteps(steps)
+            begin = int(torch.argmin((sampler.sigmas[:-1] - inverse.sigmas[used]).abs()))
+            sampler.set_begin_index(begin)
+            labels = self.labels(label_indices)
+            sample = start.repeat(len(labels), 1, 1, 1)
+            levels = sampler.timesteps[begin:]
+            for i, t in enumerate(levels):
+                sample = self.step(sampler, sample, t, labels, guidance)
+                yield Progress("generate", i + 1, len(levels))
+            return self.decode(sample)
+
+    return SolverDiffusion()
+
+
+def image_evaluations(settings, calls: int, confine_calls: int) -> int:
+    """The images one translation of `calls` UNet calls pushes through the UNet: the inversion one a
+    step, the edit mask two a call, the generation two (target and reconstruction), twice that with
+    guidance."""
+    inversion = settings.used_steps * (1 + settings.inversion_refinements)
+    masking = confine_calls * settings.confine
+    generation = calls - inversion - masking
+    return inversion + 2 * masking + 2 * (2 if settings.guidance > 0 else 1) * generation
+
+
+def run(args) -> dict:
+    import phenotwin.evaluate.translation as evaluation
+    from phenotwin import Translator, cost
+    from phenotwin.assets import demo_model_path
+    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+    from phenotwin.progress import drive
+    from phenotwin.synthetic import make_pairs
+
+    translator = Translator(args.model or demo_model_path(), device=args.device)
+    size, channels = translator.image_size, translator.channels
+    if args.data is not None:
+        held_out = evaluation.load_eval_folder(args.data, size, channels, args.n)
+        reference = (evaluation.load_eval_folder(args.classifier_data, size, channels, 0)
+                     if args.classifier_data is not None else None)
+        data_name = str(args.data)
+    else:
+        held_out = evaluation.from_pairs(make_pairs(args.n, size=size, channels=channels, phenotype=args.phenotype,
+                                                    seed=0, start=100_000))
+        reference = evaluation.from_pairs(make_pairs(args.classifier_images, size=size, channels=channels,
+                                                     phenotype=args.phenotype, seed=0, start=200_000))
+        data_name = f"synthetic '{args.phenotype}' pairs from index 100 000"
+    source, target = args.source or held_out.classes[0], args.target or held_out.classes[1]
+
+    # One classifier for every configuration: trained once, so the configurations differ only in
+    # their translations (translation_steps would train its own each time).
+    trained = {}
+    train_once = evaluation.condition_classifier
+    evaluation.condition_classifier = lambda *a: trained.setdefault("classifier", train_once(*a))
+    ddim = translator.diffusion
+    cost.time_one_call(translator)
+    seconds_per_call = cost.SECONDS_PER_CALL[translator.checkpoint_id]
+    rows = []
+    try:
+        for name in args.configs:
+            sampler, steps, guidance, confine = CONFIGS[name]
+            settings = translator.resolve(source=source, target=target, steps=steps, guidance=guidance,
+                                          confine=confine, strength=args.strength)
+            translator.diffusion = solver_diffusion(ddim) if sampler == "dpm++" else ddim
+            started = time.perf_counter()
+            result = drive(evaluation.translation_steps(
+                translator, held_out, reference, n=args.n, steps=settings.steps, strengths=[settings.strength],
+                source=source, target=target, guidance=settings.guidance, confine=settings.confine, seed=0))
+            seconds = time.perf_counter() - started
+            (judged,) = result["results"]
+            before = translator.denoiser.calls  # what one translation makes (partial inversion)
+            translator.translate(held_out.images[source][0], settings=settings, channel_axis=0)
+            calls = translator.denoiser.calls - before
+            if sampler == "ddim" and calls != cost.calls_per_image(settings):
+                raise RuntimeError(f"{name}: {calls} UNet calls counted, {cost.calls_per_image(settings)} planned")
+            row = {
+                "config": name, "sampler": sampler, "steps": settings.steps, "strength": settings.strength,
+                "guidance": settings.guidance, "confine": settings.confine, "unet_calls": calls,
+                "image_evaluations": image_evaluations(settings, calls, CONFINE_CALLS),
+                "seconds_estimate": calls * seconds_per_call,
+                "flip_rate": judged["flip_rate"], "reconstruction_psnr": judged["reconstruction_psnr"],
+                "auroc": judged.get("heatmap_auroc"), "auroc_sigma2": judged.get("heatmap_auroc_by_sigma", {}).get("2"),
+                "counterfactual_ratio": judged.get("counterfactual_ratio"), "run_seconds": seconds,
+            }
+            rows.append(row)
+            print(format_row(row), flush=True)
+    finally:
+        evaluation.condition_classifier = train_once
+        translator.diffusion = ddim
+    classifier = trained["classifier"][0]
+    return {"model": translator.checkpoint_id, "data": data_name, "n": args.n, "source": source, "target": target,
+            "classifier_held_out_accuracy": classifier.held_out_accuracy, "seconds_per_call": seconds_per_call,
+            "device": translator.device.type, "rows": rows}
+
+
+def _number(value, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+HEADER = ("| config | steps | guidance | mask | UNet calls | image evals | flip rate | AUROC | AUROC σ2 "
+          "| ratio | PSNR dB |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def format_row(row) -> str:
+    return (f"| {row['config']} | {row['steps']} | {row['guidance']:g} | {'on' if row['confine'] else 'off'} "
+            f"| {row['unet_calls']} | {row['image_evaluations']} | {_number(row['flip_rate'], 2)} "
+            f"| {_number(row['auroc'], 3)} | {_number(row['auroc_sigma2'], 3)} "
+            f"| {_number(row['counterfactual_ratio'], 3)} | {_number(row['reconstruction_psnr'], 1)} |")
+
+
+def plot(study: dict, path: Path) -> None:
+    """Each metric against UNet calls, one marker per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from phenotwin.io import write_atomically
+
+    rows = study["rows"]
+    titles = {"flip_rate": "flip rate", "auroc": "heatmap AUROC (raw)", "auroc_sigma2": "heatmap AUROC (σ 2)",
+              "counterfactual_ratio": "counterfactual ratio (lower is better)",
+              "reconstruction_psnr": "reconstruction PSNR (dB)"}
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6), constrained_layout=True)
+    for axis, metric in zip(axes, METRICS):
+        for row in rows:
+            if row[metric] is None:
+                continue
+            marker = "s" if row["sampler"] == "dpm++" else ("o" if row["guidance"] > 0 and row["confine"] else "^")
+            axis.scatter(row["unet_calls"], row[metric], marker=marker, color="C1" if row["sampler"] == "dpm++" else "C0")
+            axis.annotate(row["config"], (row["unet_calls"], row[metric]), fontsize=6, xytext=(3, 3),
+                          textcoords="offset points")
+        axis.set_xscale("log")
+        axis.set_xlabel("UNet calls per translation")
+        axis.set_title(titles[metric], fontsize=9)
+    figure.suptitle(f"{study['model']} on {study['data']}, n = {study['n']} ({study['source']} → {study['target']})",
+                    fontsize=9)
+    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, format="png"))
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="a checkpoint folder (default: the shipped demo model)")
+    parser.add_argument("--data", type=Path, default=None, help="DIR/<condition>/* held-out images")
+    parser.add_argument("--classifier-data", type=Path, default=None, help="other images to train the classifier on")
+    parser.add_argument("--phenotype", default="obvious", help="synthetic phenotype without --data")
+    parser.add_argument("-n", type=int, default=8, help="held-out images (default: %(default)s)")
+    parser.add_argument("--classifier-images", type=int, default=400, help="per condition, synthetic data")
+    parser.add_argument("--strength", type=float, default=None, help="default: the model's")
+    parser.add_argument("--source", default=None)
+    parser.add_argument("--target", default=None)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(HEADER, flush=True)
+    study = run(args)
+    print(f"\nclassifier held-out accuracy {study['classifier_held_out_accuracy']:.3f}; "
+          f"{study['seconds_per_call'] * 1000:.1f} ms per UNet call on {study['device']}; n = {study['n']}")
+    if args.json:
+        from phenotwin.io import write_json
+
+        write_json(args.json, study)
+    if args.plot:
+        plot(study, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
