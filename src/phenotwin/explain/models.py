@@ -1,0 +1,163 @@
+"""Interpretable models of the condition from per-cell features, measured against a black box.
+
+After Soelistyo & Lowe (2024): a sparse model and a symbolic formula on a handful of readable
+variables can reach nearly a black box's accuracy, and can be read as an explanation.
+
+- **sparse**: L1 logistic regression on standardised features; the penalty is lowered along its
+  path until just before more than k features enter, then those features are refitted without
+  the L1 shrinkage (a relaxed lasso), so the coefficients are not biased towards 0;
+- **formula**: gplearn's SymbolicClassifier (genetic programming, pure Python on scikit-learn,
+  maintained, installs from the package registry with no second language runtime as PySR's Julia
+  would need) on the sparse model's features, a one-line formula whose sign is the condition;
+- **black box**: scikit-learn's HistGradientBoostingClassifier on all features.
+
+Every model is fitted on the same training cells and scored on the same held-out cells (a
+stratified split); accuracies are also given relative to the black box's.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from phenotwin.errors import PhenotwinError
+from phenotwin.explain.features import Feature
+
+MIN_CELLS_PER_CONDITION = 10
+TEST_FRACTION = 0.3
+
+
+@dataclass
+class ConditionModel:
+    name: str
+    accuracy: float  # held-out
+    n_features: int
+    features: list[str] = field(default_factory=list)  # keys, most important first
+    formula: str = ""  # readable: "nocodazole when 2.1 × golgi fragments + ... > 0"
+    terms: int = 0  # formula size: nonzero coefficients, or gplearn program length
+    relative_to_black_box: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _matrix(rows: list[dict[str, Any]], features: list[Feature]) -> np.ndarray:
+    return np.array([[float(row.get(f.key, np.nan)) for f in features] for row in rows], dtype=np.float64).reshape(
+        len(rows), len(features))
+
+
+def _prepared(rows_a, rows_b, features, conditions):
+    for rows, condition in zip((rows_a, rows_b), conditions):
+        if len(rows) < MIN_CELLS_PER_CONDITION:
+            raise PhenotwinError(f"{condition} has {len(rows)} cell(s); a model of the condition needs at least "
+                                 f"{MIN_CELLS_PER_CONDITION} cells of each condition (give more images).")
+    X = np.vstack([_matrix(rows_a, features), _matrix(rows_b, features)])
+    y = np.r_[np.zeros(len(rows_a), int), np.ones(len(rows_b), int)]
+    # features that vary between cells and are measured in most of them: a constant column says nothing
+    usable = [j for j in range(X.shape[1]) if np.isfinite(X[:, j]).mean() > 0.9 and np.nanstd(X[:, j]) > 0]
+    return X[:, usable], y, [features[j] for j in usable]
+
+
+def fit_models(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], features: list[Feature],
+               conditions: tuple[str, str], k: int = 5, seed: int = 0, formula: bool = True,
+               population: int = 1000, generations: int = 15) -> list[ConditionModel]:
+    """Black box, sparse model and (with `formula`) symbolic formula; held-out accuracy of each.
+    `population` and `generations` size the formula's search (its run time grows with their product)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if k < 1:
+        raise PhenotwinError(f"k (how many features the sparse model may use) must be 1 or more, got {k}.")
+    X, y, usable = _prepared(rows_a, rows_b, features, conditions)
+    if not usable:
+        raise PhenotwinError("no feature varies between the cells; nothing can tell the conditions apart.")
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=TEST_FRACTION, stratify=y, random_state=seed)
+    black_box = HistGradientBoostingClassifier(random_state=seed).fit(X_train, y_train)
+    reference = float(black_box.score(X_test, y_test))
+    models = [ConditionModel("black box (gradient boosting, all features)", reference, len(usable),
+                             [f.key for f in usable], terms=len(usable))]
+    scale = make_pipeline(SimpleImputer(strategy="median"), StandardScaler()).fit(X_train)
+    Z_train, Z_test = scale.transform(X_train), scale.transform(X_test)
+    chosen, sparse = _sparse(Z_train, y_train, Z_test, y_test, usable, conditions, k, seed)
+    models.append(sparse)
+    if formula:
+        models.append(_formula(Z_train[:, chosen], y_train, Z_test[:, chosen], y_test,
+                               [usable[j] for j in chosen], conditions, seed, population, generations))
+    for model in models:
+        model.relative_to_black_box = model.accuracy / reference if reference > 0 else float("nan")
+    return models
+
+
+def _sparse(Z_train, y_train, Z_test, y_test, usable, conditions, k, seed):
+    """Walk the L1 path from strong to weak penalty; keep the last support of at most k features."""
+    from sklearn.linear_model import LogisticRegression
+
+    chosen: list[int] = []
+    for C in np.logspace(-3, 2, 40):
+        model = LogisticRegression(l1_ratio=1.0, C=C, solver="liblinear", random_state=seed).fit(Z_train, y_train)
+        support = np.flatnonzero(model.coef_[0])
+        if len(support) > k:
+            break
+        if len(support):
+            chosen = sorted(support, key=lambda j: -abs(model.coef_[0][j]))
+    if not chosen:  # even the weakest penalty tried keeps no feature: take the best single one
+        chosen = [int(np.argmax(np.abs(np.corrcoef(Z_train.T, y_train)[-1, :-1])))]
+    refit = LogisticRegression(C=1e4, max_iter=2000).fit(Z_train[:, chosen], y_train)
+    weights = refit.coef_[0]
+    order = np.argsort(-np.abs(weights))
+    chosen, weights = [chosen[i] for i in order], weights[order]
+    terms = " ".join(f"{'+' if w >= 0 else '-'} {abs(w):.2g} × z({usable[j].words})" for j, w in zip(chosen, weights))
+    formula = f"{conditions[1]} when {terms.lstrip('+ ')} {'+' if refit.intercept_[0] >= 0 else '-'} " \
+              f"{abs(refit.intercept_[0]):.2g} > 0"
+    model = ConditionModel(f"sparse logistic regression (L1, k ≤ {k})", float(refit.score(Z_test[:, chosen], y_test)),
+                           len(chosen), [usable[j].key for j in chosen], formula, len(chosen) + 1)
+    return chosen, model
+
+
+def _formula(Z_train, y_train, Z_test, y_test, chosen: list[Feature], conditions, seed, population,
+             generations) -> ConditionModel:
+    from gplearn.genetic import SymbolicClassifier
+
+    names = [f"x{i}" for i in range(len(chosen))]
+    model = SymbolicClassifier(population_size=population, generations=generations, tournament_size=20,
+                               function_set=("add", "sub", "mul", "div"), parsimony_coefficient=0.005,
+                               feature_names=names, random_state=seed, n_jobs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gplearn's own FutureWarnings from scikit-learn, nothing the user can fix
+        model.fit(Z_train, y_train)
+    program = model._program
+    used = sorted({names[node] for node in program.program if isinstance(node, int)})
+    key = "; ".join(f"{name} = z({chosen[int(name[1:])].words})" for name in used)
+    readable = f"{conditions[1]} when {_infix(program.program, names)} > 0   ({key})"
+    return ConditionModel("symbolic formula (gplearn)", float(model.score(Z_test, y_test)), len(used),
+                          [chosen[int(name[1:])].key for name in used], readable, len(program.program))
+
+
+def _infix(program: list, names: list[str]) -> str:
+    """gplearn's prefix program (functions, feature indices, constants) as ordinary infix algebra."""
+    symbols = {"add": "+", "sub": "-", "mul": "×", "div": "/"}
+
+    def walk(position: int) -> tuple[str, int]:
+        node = program[position]
+        if isinstance(node, int):
+            return names[node], position + 1
+        if isinstance(node, float):
+            return f"{node:.3g}", position + 1
+        operands, position = [], position + 1
+        for _ in range(node.arity):
+            text, position = walk(position)
+            operands.append(text)
+        if node.name in symbols and node.arity == 2:
+            return f"({operands[0]} {symbols[node.name]} {operands[1]})", position
+        return f"{node.name}({', '.join(operands)})", position
+
+    text, _ = walk(0)
+    top = program[0]
+    bracketed = not isinstance(top, (int, float)) and top.name in symbols and top.arity == 2
+    return text[1:-1] if bracketed else text  # the outer brackets of the whole formula
