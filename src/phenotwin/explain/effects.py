@@ -83,7 +83,8 @@ def _statistics(before: np.ndarray, after: np.ndarray, paired: bool) -> tuple[np
         relative = np.where(mean_before != 0, mean_after / mean_before - 1, np.nan)
         spread = np.nanstd(before, axis=-1) if paired else np.sqrt(
             (np.nanvar(before, axis=-1) + np.nanvar(after, axis=-1)) / 2)
-        standardised = np.where(spread > 0, difference / spread, np.where(difference == 0, 0.0, np.nan))
+        # no spread before: no change is 0, any change is infinitely many spreads (ranked first)
+        standardised = np.where(spread > 0, difference / spread, np.where(difference == 0, 0.0, np.sign(difference) * np.inf))
     return difference, relative, standardised
 
 
@@ -125,7 +126,7 @@ def compare(before_rows: list[dict[str, Any]], after_rows: list[dict[str, Any]],
 
 def rank(effects: list[Effect]) -> list[Effect]:
     """Largest |standardised effect| first; features that cannot be measured (NaN) last."""
-    return sorted(effects, key=lambda e: -abs(e.standardised) if math.isfinite(e.standardised) else math.inf)
+    return sorted(effects, key=lambda e: math.inf if math.isnan(e.standardised) else -abs(e.standardised))
 
 
 def agreement(translation: list[Effect], real: list[Effect]) -> dict[str, Any]:
@@ -153,15 +154,20 @@ def forest_plot(path, effects: list[Effect], top: int = 15, reference: list[Effe
                 labels: tuple[str, str] = ("translation vs source", "between real conditions"), title: str = ""):
     """The `top` effects (their standardised size and 95% interval) as a forest plot PNG, written atomically.
     With `reference`, the same features' real between-condition effects beside them."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     from phenotwin.io import write_png_figure
 
-    shown = effects[:top]
-    figure = Figure(figsize=(7.5, 0.38 * len(shown) + 1.4))
+    figure = Figure(figsize=(7.5, 0.38 * min(top, len(effects)) + 1.4))
+    draw_forest(figure, effects, top, reference, labels, title)
+    return write_png_figure(path, figure)
+
+
+def draw_forest(figure, effects: list[Effect], top: int = 15, reference: list[Effect] | None = None,
+                labels: tuple[str, str] = ("translation vs source", "between real conditions"), title: str = "") -> None:
+    """Draw the forest plot into a matplotlib `Figure` (a file's or the napari dock's canvas)."""
+    figure.clear()
+    shown = [e for e in effects if np.isfinite(e.standardised)][:top]  # an infinite effect has no place on an axis
     axes = figure.subplots()
     ys = np.arange(len(shown))[::-1]
     series = [(shown, labels[0], "tab:blue", 0.0)]
@@ -179,4 +185,3 @@ def forest_plot(path, effects: list[Effect], top: int = 15, reference: list[Effe
     axes.set_xlabel("effect (cell-to-cell standard deviations), 95% bootstrap interval")
     axes.set_title(title or "What changed")
     axes.legend(loc="lower right", fontsize=8)
-    return write_png_figure(path, figure)

@@ -100,7 +100,7 @@ def _sparse(Z_train, y_train, Z_test, y_test, usable, conditions, k, seed):
 
     chosen: list[int] = []
     for C in np.logspace(-3, 2, 40):
-        model = LogisticRegression(l1_ratio=1.0, C=C, solver="liblinear", random_state=seed).fit(Z_train, y_train)
+        model = LogisticRegression(**_l1_penalty(), C=C, solver="liblinear", random_state=seed).fit(Z_train, y_train)
         support = np.flatnonzero(model.coef_[0])
         if len(support) > k:
             break
@@ -118,6 +118,14 @@ def _sparse(Z_train, y_train, Z_test, y_test, usable, conditions, k, seed):
     model = ConditionModel(f"sparse logistic regression (L1, k ≤ {k})", float(refit.score(Z_test[:, chosen], y_test)),
                            len(chosen), [usable[j].key for j in chosen], formula, len(chosen) + 1)
     return chosen, model
+
+
+def _l1_penalty() -> dict[str, Any]:
+    """scikit-learn 1.8 deprecated `penalty` for `l1_ratio`; before 1.8 liblinear ignores `l1_ratio`."""
+    import sklearn
+
+    major, minor = (int(part) for part in sklearn.__version__.split(".")[:2])
+    return {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
 
 
 def _formula(Z_train, y_train, Z_test, y_test, chosen: list[Feature], conditions, seed, population,
