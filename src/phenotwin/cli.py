@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--channels", type=int, default=2, choices=[1, 2, 3])
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--start", type=int, default=0, help="index of the first cell (disjoint sets: different starts)")
+    syn.add_argument("--batches", type=int, default=None, metavar="N",
+                     help="N >= 2 plates of -n pairs each, with known batch effects recorded in batches.csv "
+                     "(docs/embedding.md)")
 
     from phenotwin.train.commands import add_parser as add_train_parser
 
@@ -188,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     from phenotwin.calibration import add_parser as add_calibrate_parser
 
     add_calibrate_parser(commands)
+    from phenotwin.embed.commands import add_parser as add_embed_parser
+
+    add_embed_parser(commands)
+    from phenotwin.explain.commands import add_parser as add_explain_parser
+
+    add_explain_parser(commands)
     return parser
 
 
@@ -229,9 +238,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             from phenotwin.evaluate.commands import run as run_evaluate
 
             return run_evaluate(args)
+        if args.command == "explain":
+            from phenotwin.explain.commands import run as run_explain
+
+            return run_explain(args, argv)
+        if args.command == "embed":
+            from phenotwin.embed.commands import run as run_embed
+
+            return run_embed(args)
         if args.command == "synthetic":
             from phenotwin.synthetic import make_pairs, write_folders
 
+            if args.batches is not None:
+                from phenotwin.synthetic.batches import make_plates, write_plates
+
+                written = write_plates(args.out, make_plates(args.n, args.batches, size=args.size, channels=args.channels,
+                                                             phenotype=args.phenotype, seed=args.seed, start=args.start))
+                print(", ".join(f"{len(files)} {name}" for name, files in written.items())
+                      + f" images on {args.batches} plates in {args.out} (batches.csv)")
+                return 0
             pairs = make_pairs(args.n, size=args.size, channels=args.channels, phenotype=args.phenotype,
                                seed=args.seed, start=args.start)
             written = write_folders(args.out, pairs)

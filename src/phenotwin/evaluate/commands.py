@@ -51,6 +51,9 @@ def add_parser(commands) -> None:
     tr.add_argument("--target", default=None, help="only translate to this condition")
     tr.add_argument("--inception-weights", default=None,
                     help="torch-fidelity's InceptionV3 weights file for FID/KID (never downloaded)")
+    tr.add_argument("--features", default=None, metavar="ENCODER_DIR",
+                    help="also FID/KID in the features of an encoder of `phenotwin embed train` (offline; "
+                    "docs/embedding.md)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto")
 
@@ -82,9 +85,13 @@ def run(args: argparse.Namespace) -> int:
     result = drive(evaluate_folder_steps(
         args.checkpoint, args.data, args.classifier_data, n=args.n, steps=args.steps, strengths=args.strength,
         source=args.source, target=args.target, inception_weights=args.inception_weights, seed=args.seed,
-        device=args.device), bar)
+        device=args.device, features=args.features), bar)
     files = write_translation_report(result, args.out)
     for line in translation_verdicts(result):
         print(line, file=sys.stderr if line.startswith(("FID/KID skipped", "WARNING")) else sys.stdout)
+    if "encoder" in result["fid_kid"]:
+        from phenotwin.embed.fid import describe
+
+        print("\n".join(describe(result["fid_kid"]["encoder"])))
     print(f"wrote {files['report']} and {files['json']}")
     return 0

@@ -6,6 +6,7 @@ source condition are inverted once and regenerated under the target at each stre
   classifier is trained here on real images; its own held-out accuracy is reported);
 - reconstruction PSNR and SSIM: the input regenerated under its own condition;
 - FID/KID of translations vs real target images (torch-fidelity), when Inception weights exist;
+  and in a trained encoder's features (phenotwin.embed.fid), offline, when an encoder is given;
 - with synthetic paired data (the same cell in every condition folder): counterfactual ratio
   and heatmap AUROC against the true change mask.
 Images are evaluated as their central model-size crop.
@@ -109,7 +110,7 @@ def load_eval_folder(data, size: int, channels: int, n: int | None = None) -> Ev
 
 def evaluate_folder_steps(checkpoint, data, classifier_data=None, n: int = 16, steps: int | None = None,
                           strengths=None, source=None, target=None, inception_weights=None, seed: int = 0,
-                          device: str = "auto") -> Steps[dict]:
+                          device: str = "auto", features=None) -> Steps[dict]:
     """Load the model and the folders, then `translation_steps`: the whole check, for the CLI and napari."""
     from phenotwin import Translator
 
@@ -119,7 +120,8 @@ def evaluate_folder_steps(checkpoint, data, classifier_data=None, n: int = 16, s
     if classifier_data is not None:
         reference = load_eval_folder(classifier_data, translator.image_size, translator.channels, 0)
     return (yield from translation_steps(translator, images, reference, n=n, steps=steps, strengths=strengths,
-                                         source=source, target=target, inception_weights=inception_weights, seed=seed))
+                                         source=source, target=target, inception_weights=inception_weights, seed=seed,
+                                         features=features))
 
 
 def _directions(classes, source, target):
@@ -151,9 +153,10 @@ def condition_classifier(translator, data: EvalSet, epochs: int, seed: int):
 def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None = None, n: int = 16,
                       steps: int | None = None, strengths=None, source: str | None = None, target: str | None = None,
                       inception_weights=None, seed: int = 0, guidance: float | None = None,
-                      classifier_epochs: int = 8, confine: bool | None = None) -> Steps[dict]:
+                      classifier_epochs: int = 8, confine: bool | None = None, features=None) -> Steps[dict]:
     """Evaluate `translator` on `data` (see the module docstring); returns the JSON-ready result.
 
+    `features` (an encoder folder of `phenotwin embed train`) adds FID/KID in its feature space, offline.
     `classifier_data` (default: `data`) trains the condition classifier. Yields one `Progress`
     per diffusion step over the whole run ("translate"), after a "classifier" stage.
     """
@@ -167,6 +170,10 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
     strengths = [rung.strength for rung in rungs]
     directions = _directions(translator.classes, source, target)
     weights, fid_message = find_inception_weights(inception_weights)
+    if features is not None:  # a wrong encoder is said before the translations, not after
+        from phenotwin.embed.fid import check_encoder, encoder_fid_kid
+
+        encoder = check_encoder(features, translator)
 
     yield Progress("classifier", 0, 1)
     reference = classifier_data or data
@@ -234,6 +241,8 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
                               np.concatenate([real[t] for t in collected[s]]), weights)
             fid["by_strength"][str(s)] = {"by_target": by_target, "overall": overall}
             yield Progress("FID/KID", k + 1, len(strengths))
+    if features is not None:
+        fid["encoder"] = encoder_fid_kid(encoder, translator, collected, data, directions, n)
 
     trained_on = (translator.info.provenance or {}).get("data_fingerprint")
     return {

@@ -1,0 +1,15 @@
+"""Cell features that keep the biology and ignore batch effects (CDCL), and what uses them.
+
+Metadata-guided consistency learning (Fredin Haslum et al. 2022): a small CNN learns
+features in which an image lies close to images of the *same condition from other batches*
+(plates, days, microscopes), so what the batches add (gain, background, blur, illumination)
+cannot separate images while the condition still does. The same encoder trained with plain
+augmentation pairs (SimCLR) is the baseline it is measured against.
+
+data.py      images of a condition-folder data set with their batch (batches.csv), crops, the pairs
+model.py     the encoder (torch), saved as encoder.safetensors + encoder.json; features of images
+losses.py    the contrastive loss with a positive mask (NT-Xent / SupCon)
+trainer.py   `phenotwin embed train`: accelerate, resumable, progress per step
+metrics.py   kNN accuracy and silhouettes by condition and batch; Fréchet distance and KID of features
+commands.py  the `phenotwin embed` command
+"""

@@ -1,0 +1,81 @@
+"""The phenotype map: its points and arrows (Qt-free), and the dock in a real napari window."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tifffile
+
+from phenotwin.embed.phenomap import MAP_SPAN, map_steps
+from phenotwin.embed.trainer import EmbedConfig, train_steps
+from phenotwin.errors import PhenotwinError
+from phenotwin.progress import drive
+from phenotwin.synthetic.batches import make_plates, write_plates
+
+TINY = {"steps": 2, "batch_size": 8, "size": 16, "width": 8, "save_every": 2}
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("map")
+    write_plates(root / "cells", make_plates(3, 2, size=32, seed=4))
+    encoder = drive(train_steps(EmbedConfig(data=str(root / "cells"), out=str(root / "enc"), **TINY)))
+    # a "translation" of two control cells: the first nocodazole image written under their names
+    (root / "translated/control").mkdir(parents=True)
+    first_treated = tifffile.imread(sorted((root / "cells/nocodazole").glob("*.tif"))[0])
+    sources = sorted((root / "cells/control").glob("*.tif"))[:2]
+    for source in sources:
+        tifffile.imwrite(root / "translated/control" / f"{source.stem}_translated.tif", first_treated)
+    return root, encoder, first_treated
+
+
+def test_map_points_and_translation_arrows(material):
+    root, encoder, _ = material
+    result = drive(map_steps(encoder, root / "cells", root / "translated"))
+    assert result.coords.shape == (12, 2) and result.conditions.count("control") == 6
+    assert result.coords.min() == pytest.approx(0) and result.coords.max() == pytest.approx(MAP_SPAN)
+    assert len(result.arrows) == 2
+    treated = next(i for i, f in enumerate(result.files) if f.parent.name == "nocodazole")
+    for k, source in enumerate(result.arrow_sources):
+        assert result.conditions[source] == "control"
+        assert np.allclose(result.arrows[k, 0], result.coords[source])
+        # the arrow ends where the nocodazole image it copies lies on the map
+        assert np.allclose(result.arrows[k, 0] + result.arrows[k, 1], result.coords[treated], atol=1e-6)
+    with pytest.raises(PhenotwinError, match="named after a cell"):
+        drive(map_steps(encoder, root / "cells", root / "enc"))
+
+
+gui = pytest.mark.skipif(not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen",
+                         reason="needs a display: run under xvfb-run")
+
+
+@pytest.mark.gui
+@gui
+def test_map_dock_shows_points_and_selection_shows_the_cells(make_napari_viewer, qtbot, material):
+    pytest.importorskip("napari")
+    from phenotwin._napari.map_widget import PhenotypeMapWidget
+
+    root, encoder, _ = material
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-phenotwin", "Phenotype map")
+    assert isinstance(widget, PhenotypeMapWidget)
+    widget.encoder.value, widget.data.value = str(encoder), str(root / "cells")
+    widget.translations.value = str(root / "translated")
+    widget.start()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert widget.status.value == "Done: 12 cells, 2 translations."
+    points = viewer.layers["Phenotype map"]
+    assert len(points.data) == 12 and list(points.features["condition"]).count("nocodazole") == 6
+    colours = {tuple(np.round(c, 3)) for c in points.face_color}
+    assert len(colours) == 2  # one colour per condition
+    assert viewer.layers["Translations"].data.shape == (2, 2, 2)
+    points.selected_data = {3, 7}
+    assert viewer.dims.current_step[0] == 3
+    cells = viewer.layers["Map cells"].data
+    shown = viewer.layers["Selected cells"].data
+    assert np.array_equal(shown, np.concatenate([cells[3], cells[7]], axis=1))
