@@ -59,7 +59,7 @@ def test_table_appears_and_selecting_a_row_marks_the_cells_that_changed_most(mak
     widget.start()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=300_000)
     assert widget.changes is not None, widget.status.value
-    assert widget.table.rowCount() == len(widget.changes.effects) == 29
+    assert widget.table.rowCount() == len(widget.changes.effects) == 27
     row = next(r for r in range(widget.table.rowCount()) if widget.table.item(r, 0).text().startswith("golgi fragments"))
     assert widget.table.item(row, 0).text() == "golgi fragments per cell (count)"
     assert widget.table.item(row, 1).text().startswith("+2 [")  # cells gain 2, 0, 6, 0 spots: mean +2

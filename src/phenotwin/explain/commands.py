@@ -64,5 +64,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
     for model in result.models:
         print(f"{model.name}: held-out accuracy {model.accuracy:.3f} ({model.relative_to_black_box:.2f} of the black "
               f"box), {model.n_features} feature(s)")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {report} ({seconds:.0f} s)")
     return 0

@@ -57,6 +57,7 @@ class Explanation:
     paired: list[effects_module.Effect] | None  # translations vs their source cells
     agreement: dict[str, Any] | None
     models: list[Any]  # models.ConditionModel, on the real cells
+    notes: list[str] = field(default_factory=list)  # what was left out, and why
 
 
 def as_channels_first(image: np.ndarray, path: Path) -> np.ndarray:
@@ -208,13 +209,18 @@ def explain_steps(data: Path, translated: Path | None = None, labels_dir: Path |
         raise PhenotwinError("no cells were found in any image; check the labels (or the segmentation in labels/).")
     between = paired = agreement = None
     models: list[Any] = []
+    notes = []
     if cells[target]:
         between = effects_module.compare(cells[source], cells[target], features, paired=False, seed=seed)
-        models = fit_models(cells[source], cells[target], features, (source, target), k=k, seed=seed, formula=formula)
+        try:
+            models = fit_models(cells[source], cells[target], features, (source, target), k=k, seed=seed,
+                                formula=formula)
+        except PhenotwinError as err:  # the effects stand without a model; the report says why there is none
+            notes.append(f"no model of the condition: {err}")
     if translations:
         before = [r for t in translations for r in t.source.rows]
         after = [r for t in translations for r in t.rows]
         paired = effects_module.compare(before, after, features, paired=True, seed=seed)
         if between is not None:
             agreement = effects_module.agreement(paired, between)
-    return Explanation((source, target), features, samples, translations, between, paired, agreement, models)
+    return Explanation((source, target), features, samples, translations, between, paired, agreement, models, notes)

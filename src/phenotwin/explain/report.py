@@ -99,7 +99,7 @@ def write_explanation(result: Explanation, out: Path, overwrite: bool = False, c
                   "translated_cells": sum(len(s.rows) for s in result.translated),
                   "paired": [e.to_dict() for e in result.paired or []],
                   "between": [e.to_dict() for e in result.between or []],
-                  "agreement": result.agreement, "models": models}
+                  "agreement": result.agreement, "models": models, "notes": result.notes}
         written.append(write_json(out / RECORD, record).name)
         written.append(write_text(out / REPORT, report_markdown(result, record)).name)
         previous = owned_entries(out) if (out / MANIFEST_FILE).exists() else set()
@@ -148,6 +148,7 @@ def report_markdown(result: Explanation, record: dict[str, Any], top: int = 10) 
         lines += [f"| {m.name} | {m.accuracy:.3f} | {m.relative_to_black_box:.2f} | {m.n_features} | {m.terms} |"
                   for m in result.models]
         lines += [""] + [f"- {m.name}: `{m.formula}`" for m in result.models if m.formula]
+    lines += [f"\nNote: {note}" for note in result.notes]
     if record.get("seconds") is not None:
         lines += ["", f"Run time: {record['seconds']:.0f} s. Command: `{record['command']}`"]
     lines += ["", f"Files: {FEATURES_CSV} (one row per cell), {EFFECTS_CSV}, {MODELS_CSV}, {RECORD}, {FOREST}.", ""]
