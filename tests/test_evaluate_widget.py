@@ -57,6 +57,36 @@ def test_translation_check_shows_numbers_plots_and_writes_the_report(widget, qtb
     assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "translation.json").is_file()
 
 
+def test_a_flip_rate_no_higher_than_doing_nothing_is_not_called_a_change(widget, qtbot, material):
+    """The contradiction seen in the dock: '100% of translations look like control (100% of untranslated
+    images do) - the condition changes'. The same real result, with the classifier calling every image,
+    translated or not, the target: the line must say no change is shown."""
+    import copy
+
+    root, model = material
+    widget.model.value, widget.data.value = str(model), str(root / "held-out")
+    widget.n.value, widget.steps.value = 2, 3
+    run_and_wait(qtbot, widget)
+    result = copy.deepcopy(widget.result)
+    for row in result["results"]:
+        row["flip_rate"], row["untranslated_called_target"] = 1.0, 1.0
+    widget._on_done(result)
+    lines = [line for line in widget.verdicts.value.splitlines() if "of translations look like" in line]
+    assert len(lines) == 2
+    for line in lines:
+        assert "(100% of untranslated images do)" in line and "the condition changes" not in line
+        assert "no more than doing nothing: no change of condition is shown" in line
+        assert "already calls 100% of the untranslated images" in line
+    for row in result["results"]:  # beaten by a margin: a change, but the high baseline is said
+        row["flip_rate"], row["untranslated_called_target"] = 0.95, 0.6
+    widget._on_done(result)
+    assert widget.verdicts.value.count("more than doing nothing, but the classifier calls most untranslated") == 2
+    for row in result["results"]:  # a clean baseline: the plain verdict
+        row["flip_rate"], row["untranslated_called_target"] = 0.95, 0.0
+    widget._on_done(result)
+    assert widget.verdicts.value.count("(0% of untranslated images do) - the condition changes.") == 2
+
+
 def test_memorization_check_with_identical_models_shows_agreement(widget, qtbot, material):
     root, model = material
     widget.check.value = "memorization"

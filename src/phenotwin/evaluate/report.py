@@ -81,6 +81,27 @@ def main_rows(result: dict) -> list[dict]:
     return [row for row in result["results"] if row["strength"] == first]
 
 
+# A flip rate must beat doing nothing (the untranslated images' rate) by this much to count as a change.
+FLIP_MARGIN = 0.1
+
+
+def flip_verdict(name: str, target: str, flip: float, baseline: float) -> str:
+    """The flip-rate sentence, read against its baseline: untranslated images the classifier already calls
+    `target`. A translation that looks like the target no more often than its input did changes nothing
+    the classifier can see, however high the rate."""
+    said = (f"{name}: {flip:.0%} of translations look like {target} to the classifier "
+            f"({baseline:.0%} of untranslated images do) - ")
+    if not flip - baseline >= FLIP_MARGIN:
+        already = (f"; the classifier already calls {baseline:.0%} of the untranslated images {target}, so it cannot "
+                   "show a change here" if baseline >= 0.5 else "")
+        return said + f"no more than doing nothing: no change of condition is shown{already}."
+    if baseline >= 0.5:
+        return said + (f"more than doing nothing, but the classifier calls most untranslated images {target} too: "
+                       "read the change with care.")
+    return said + ("the condition changes." if flip >= 0.9 else "the condition changes only partly." if flip >= 0.5
+                   else "most translations do not change condition.")
+
+
 def translation_verdicts(result: dict) -> list[str]:
     """One sentence per check, saying what the number means for trusting the translations."""
     lines = []
@@ -91,11 +112,7 @@ def translation_verdicts(result: dict) -> list[str]:
         lines.append(f"The classifier tells the conditions apart only {accuracy:.0%} of the time: the flip rate means little.")
     for row in main_rows(result):
         name = f"{row['source']} -> {row['target']}"
-        flip = row["flip_rate"]
-        lines.append(f"{name}: {flip:.0%} of translations look like {row['target']} to the classifier "
-                     f"({row['untranslated_called_target']:.0%} of untranslated images do) - "
-                     + ("the condition changes." if flip >= 0.9 else "the condition changes only partly." if flip >= 0.5
-                        else "most translations do not change condition."))
+        lines.append(flip_verdict(name, row["target"], row["flip_rate"], row["untranslated_called_target"]))
         psnr = row["reconstruction_psnr"]
         lines.append(f"{name}: reconstruction {psnr:.1f} dB, SSIM {row['reconstruction_ssim']:.2f} - "
                      + ("the model reproduces these cells faithfully." if psnr >= 30 else
