@@ -125,9 +125,22 @@ def write_atomically(path: str | os.PathLike, write) -> Path:
     return path
 
 
-def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str, metadata: dict[str, Any] | None = None) -> Path:
-    """Write an OME-TIFF atomically (temp file + rename), provenance in its description."""
+def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str, metadata: dict[str, Any] | None = None,
+               physical_size: dict[str, float] | None = None, unit: str = "µm",
+               channel_names: list[str] | None = None) -> Path:
+    """Write an OME-TIFF atomically (temp file + rename), provenance in its description.
+
+    `physical_size` ({"X": 0.5, "Y": 0.5, "Z": 2.0}, in `unit`) and `channel_names` go into the
+    standard OME fields (Pixels PhysicalSizeX/Y/Z and their units, Channel Name), so that other OME
+    readers (Fiji, bioformats, bioio) see the scale and the channels, not only phenotwin's record.
+    """
     import tifffile
+
+    ome: dict[str, Any] = {"axes": axes, "Description": json.dumps(metadata or {}, default=str)}
+    for axis, size in (physical_size or {}).items():
+        ome[f"PhysicalSize{axis}"], ome[f"PhysicalSize{axis}Unit"] = float(size), unit
+    if channel_names:
+        ome["Channel"] = {"Name": [str(name) for name in channel_names]}
 
     def write(temp: str) -> None:
         tifffile.imwrite(
@@ -138,7 +151,7 @@ def write_tiff(path: str | os.PathLike, array: np.ndarray, axes: str, metadata: 
             # channels last (YXC) are stored as interleaved samples; without this tifffile
             # refuses the OME axes ("shape does not match stored shape")
             planarconfig="contig" if axes.endswith("C") else None,
-            metadata={"axes": axes, "Description": json.dumps(metadata or {}, default=str)},
+            metadata=ome,
         )
 
     return write_atomically(path, write)

@@ -62,6 +62,7 @@ class SourcePlanes:
     scale: tuple[float, ...]  # of the result layers: the last two axes, or all for a stack
     translate: tuple[float, ...]
     fingerprint: str
+    units: tuple[str, ...] = ()  # of the scale (napari's, e.g. 'micrometer'); () when this napari has none
     cells_name: str | None = None  # the Labels layer of a per-cell run
     labels: np.ndarray | None = None  # its plane shown (a copy)
 
@@ -229,7 +230,7 @@ def read_sources(viewer: napari.Viewer, choices: list, all_planes: bool = False,
     first, axes = layers[0], image.ndim - 1  # result layers have the planes' axes
     sources = SourcePlanes(layers=layers, names=names, rgb_index=rgb_index, image=image,
                            scale=tuple(first.scale[-axes:]), translate=tuple(first.translate[-axes:]),
-                           fingerprint=digest)
+                           fingerprint=digest, units=tuple(str(unit) for unit in getattr(first, "units", ())[-axes:]))
     if cells is not None:
         sources.cells_name, sources.labels = cells.name, current_plane(viewer, cells)
     return sources
@@ -339,13 +340,17 @@ def _put_layer(viewer, name: str, data: np.ndarray, kind: str, meta: dict[str, A
     if existing is not None and existing.data.shape != data.shape:  # a plane before, a stack now
         viewer.layers.remove(existing)
         existing = None
+    units = {"units": sources.units} if sources.units else {}  # the source's µm stay µm
     if existing is not None:
         existing.data = data
         existing.metadata = metadata
+        for key, value in {"scale": sources.scale, "translate": sources.translate, **units}.items():
+            setattr(existing, key, value)  # the source's geometry, should it have changed since
         if kind == "heatmap":
             existing.contrast_limits = style["contrast_limits"]
         return
-    viewer.add_image(data, name=name, scale=sources.scale, translate=sources.translate, metadata=metadata, **style)
+    viewer.add_image(data, name=name, scale=sources.scale, translate=sources.translate, metadata=metadata, **units,
+                     **style)
 
 
 def save_scores(result: CellTranslation | None, path) -> None:

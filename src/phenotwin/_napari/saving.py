@@ -44,9 +44,23 @@ def save_results(viewer, path: str | Path, result: Any) -> Path:
         "layers": [{"name": layer.name, "role": layer.metadata[KEY]["role"], "dtype": str(layer.data.dtype),
                     **_style(layer)} for layer in ours],
         "provenance": provenance, "settings": result.settings.to_dict(),
+        "units": [str(unit) for unit in getattr(first, "units", ())],  # napari's, restored by the reader
     }
+    # OME's own fields too: other OME readers see the scale and the channels' names
+    physical = dict(zip("TZ"[2 - leading:] + "YX", first.scale))
+    physical.pop("T", None)  # a time step is not a length
     # OME wants the channel axis after time and z: (*leading, C, H, W) on disk
-    return write_tiff(path, np.moveaxis(data, 0, leading), "TZ"[2 - leading:] + "CYX", {KEY: record})
+    return write_tiff(path, np.moveaxis(data, 0, leading), "TZ"[2 - leading:] + "CYX", {KEY: record},
+                      physical_size=physical, unit=ome_unit(first), channel_names=[layer.name for layer in ours])
+
+
+def ome_unit(layer) -> str:
+    """The OME unit of the layer's scale along Y and X: its napari unit's symbol ('µm', 'nm'); napari's
+    default 'pixel' (no reader said) counts as µm, the unit microscopy readers give napari scales in."""
+    units = getattr(layer, "units", None)
+    unit = units[-1] if units else None
+    symbol = f"{unit:~}" if unit is not None else "px"
+    return "µm" if symbol in ("px", "pixel") else symbol
 
 
 def _style(layer) -> dict[str, Any]:
@@ -100,7 +114,8 @@ def read_results(path: str | list[str]) -> list[tuple]:
         meta = {**record["provenance"], "role": f"kept {saved['role']}", "settings": record["settings"],
                 "saved_as": str(path)}
         style = {key: saved[key] for key in STYLE}
-        layers.append((plane.astype(saved["dtype"]), {"name": saved["name"], "scale": record["scale"],
+        units = {"units": record["units"]} if record.get("units") else {}
+        layers.append((plane.astype(saved["dtype"]), {"name": saved["name"], "scale": record["scale"], **units,
                                                        "translate": record["translate"], "metadata": {KEY: meta},
                                                        **style}, "image"))
     return layers
