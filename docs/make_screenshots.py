@@ -1,6 +1,7 @@
 """Regenerate the user guide's screenshots from a real napari window.
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py train   # that one only
 
 Needs a screen (Xvfb is fine); uses the shipped demo model and the demo scene.
 """
@@ -26,11 +27,10 @@ def wait(app, condition, timeout=600.0):
         time.sleep(0.01)
 
 
-def main() -> int:
+def main(only: str | None = None) -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from phenotwin._napari.train_widget import TrainWidget
     from phenotwin.assets import demo_model_path
 
     if demo_model_path() is None:
@@ -41,6 +41,10 @@ def main() -> int:
     viewer.window._qt_window.resize(1500, 950)
     app = QApplication.instance()
     viewer.open_sample("napari-phenotwin", "demo-scene")
+    if only == "train":
+        train_widget(app, viewer)
+        viewer.close()
+        return 0
     _, widget = viewer.window.add_plugin_dock_widget("napari-phenotwin", "Translate cells")
     wait(app, lambda: widget.translator is not None)
     viewer.reset_view()
@@ -68,16 +72,30 @@ def main() -> int:
     viewer.reset_view()
     viewer.screenshot(str(OUT / "translate-strength-0.5.png"), canvas_only=False)
 
-    trainer = TrainWidget(viewer)
-    train_dock = viewer.window.add_dock_widget(trainer, name="Train model", tabify=True)
-    wait(app, lambda: True)
-    viewer.screenshot(str(OUT / "train-widget.png"), canvas_only=False)
-
-    viewer.window.remove_dock_widget(train_dock)
+    viewer.window.remove_dock_widget(train_widget(app, viewer))
     per_cell(app, viewer, widget)
     viewer.close()
     print(f"screenshots in {OUT}")
     return 0
+
+
+def train_widget(app, viewer):
+    """The Train widget on the demo scene's layers: each condition's nucleus and golgi layers, the
+    channels guessed from their names and what training would get, said before Train."""
+    from napari.layers import Image
+
+    from phenotwin._napari.train_widget import TrainWidget
+
+    trainer = TrainWidget(viewer)
+    dock = viewer.window.add_dock_widget(trainer, name="Train model", tabify=True)
+    trainer.data_source.value = "image layers"
+    for row, condition in zip(trainer.layer_groups, ("control", "nocodazole")):
+        row[1].value = [layer for layer in viewer.layers if isinstance(layer, Image) and
+                        layer.metadata.get("phenotwin", {}).get("condition") == condition]
+    trainer.output.value = str(Path.home() / "my-model")
+    wait(app, lambda: True)
+    viewer.screenshot(str(OUT / "train-widget.png"), canvas_only=False)
+    return dock
 
 
 def per_cell(app, viewer, widget) -> None:
@@ -108,4 +126,4 @@ def per_cell(app, viewer, widget) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(*sys.argv[1:2]))

@@ -627,6 +627,14 @@ def test_train_widget_stop_saves(train_viewer, qtbot, tmp_path):
     wait_until(qtbot, lambda: "Stopped at step" in widget.status.value, timeout=120_000)
     saved = read_info(tmp_path / "model").provenance["steps"]
     assert 2 <= saved < 100_000 and "Stopped at step" in widget.status.value
+    # how to continue, in the dock's own words (no command-line flag)
+    assert "--" not in widget.status.value and "set If the folder has a model to 'continue its training'" in \
+        widget.status.value and widget.open_button.enabled
+    wait_until(qtbot, lambda: widget._worker is None and widget.train_button.enabled)
+    widget.existing.value, widget.steps.value = "continue its training", saved + 2  # as the dock says
+    widget.start()
+    wait_until(qtbot, lambda: widget._worker is None, timeout=180_000)
+    assert read_info(tmp_path / "model").provenance["steps"] == saved + 2
 
 
 @requires_display
@@ -640,7 +648,7 @@ def test_train_widget_reports_bad_data(train_viewer, qtbot, tmp_path, monkeypatc
     widget = TrainWidget(viewer)
     configure_from_layers(widget, control, [], tmp_path / "model", steps=4)
     widget.start()
-    assert widget._worker is None and "nocodazole has no images" in shown[-1]
+    assert widget._worker is None and "'nocodazole' has no layers: pick its image layers" in shown[-1]
 
 
 @requires_display
@@ -855,7 +863,7 @@ def test_one_progress_bar_counts_the_runs_model_calls_with_the_time_left(viewer_
     bar.valueChanged.connect(lambda value: seen.append((value, bar.maximum(), bar.format())))
     calls = widget.translator.denoiser.calls
     run_and_wait(qtbot, widget)
-    total = 20 + 12 + 10  # inversion, edit mask, generation at half strength: known before it starts
+    total = 10 + 12 + 10  # inversion (half way), edit mask, generation at half strength: known before it starts
     assert widget.translator.denoiser.calls - calls == total
     values = [value for value, _, _ in seen if value]
     assert len(values) >= 3 and values == sorted(values) and values[-1] == total  # never restarts at a stage
@@ -866,7 +874,8 @@ def test_one_progress_bar_counts_the_runs_model_calls_with_the_time_left(viewer_
 
 @requires_display
 def test_a_long_run_asks_first_and_can_translate_the_view_instead(viewer_and_widget, qtbot, monkeypatch):
-    from phenotwin._napari import confirm, cost
+    from phenotwin import cost
+    from phenotwin._napari import confirm
 
     viewer, widget, _ = viewer_and_widget
     field = np.random.default_rng(4).integers(0, 4000, (2, 96, 96)).astype(np.uint16)
@@ -938,3 +947,164 @@ def test_save_results_writes_ome_tiff_that_napari_reopens_with_settings_and_colo
         np.testing.assert_allclose(layer.scale, (0.5, 0.5))
         np.testing.assert_allclose(layer.translate, (10, 20))
     assert all(layer.name not in [name for name, _ in image_choices(viewer)] for layer in reopened)
+
+
+def ome_pixels(path):
+    """The OME-XML Pixels element of a file, and its channels' names, as another OME reader sees them."""
+    import xml.etree.ElementTree as ElementTree
+
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        root = ElementTree.fromstring(tif.ome_metadata)
+    pixels = next(e for e in root.iter() if e.tag.endswith("}Pixels"))
+    return pixels.attrib, [c.attrib.get("Name") for c in pixels if c.tag.endswith("}Channel")]
+
+
+@requires_display
+def test_saved_results_carry_the_standard_ome_scale_units_and_channel_names(viewer_and_widget, qtbot, tmp_path):
+    viewer, widget, sources = viewer_and_widget
+    widget.steps.value = 4
+    run_and_wait(qtbot, widget)
+    pixels, channels = ome_pixels(widget.results.save(tmp_path / "pixels.ome.tif"))
+    # napari's default unit (pixel: no reader said) is written as µm, the microscopy readers' unit of scale
+    assert (float(pixels["PhysicalSizeX"]), float(pixels["PhysicalSizeY"])) == (0.5, 0.5)
+    assert pixels["PhysicalSizeXUnit"] == pixels["PhysicalSizeYUnit"] == "µm"
+    assert channels == ["ctrl nucleus → nocodazole", "ctrl golgi → nocodazole", "ctrl Δ"]
+
+    for layer in sources:  # a reader that said nanometres, and another scale
+        layer.units, layer.scale = ("nm", "nm"), (65.0, 65.0)
+    run_and_wait(qtbot, widget)
+    assert [str(u) for u in widget.result_layers("translation")[0].units] == ["nanometer", "nanometer"]
+    path = widget.results.save(tmp_path / "nm.ome.tif")
+    pixels, _ = ome_pixels(path)
+    assert (float(pixels["PhysicalSizeX"]), pixels["PhysicalSizeXUnit"]) == (65.0, "nm")
+    reopened = viewer.open(path, plugin="napari-phenotwin")
+    assert [str(u) for u in reopened[0].units] == ["nanometer", "nanometer"]
+    np.testing.assert_allclose(reopened[0].scale, (65.0, 65.0))
+
+
+@pytest.fixture
+def two_channel_viewer(make_napari_viewer):
+    """Per-channel layers as the plugin's sample makes them: 'control nucleus 0', 'control golgi 0', ...,
+    with the condition in their metadata; two images per condition."""
+    from phenotwin.synthetic import make_pairs
+
+    viewer = make_napari_viewer(show=True)
+    pairs = make_pairs(2, size=40, channels=2, seed=2)
+    chosen = {}
+    for condition, images in (("control", pairs.control), ("nocodazole", pairs.treated)):
+        chosen[condition] = [viewer.add_image((image[c] * 4000).astype(np.uint16), name=f"{condition} {channel} {i}",
+                                              metadata={"phenotwin": {"condition": condition}})
+                             for i, image in enumerate(images) for c, channel in enumerate(("nucleus", "golgi"))]
+    return viewer, chosen
+
+
+@requires_display
+def test_train_from_per_channel_layers_makes_a_two_channel_model_and_says_so(two_channel_viewer, qtbot, tmp_path):
+    from qtpy.QtWidgets import QApplication
+
+    from phenotwin._napari import train_widget as tw_train
+    from phenotwin.checkpoint import read_info
+
+    viewer, chosen = two_channel_viewer
+    widget = tw_train.TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Train model")
+    widget.data_source.value = "image layers"
+    first, second = widget.layer_groups
+    first[1].value, second[1].value = chosen["control"], chosen["nocodazole"]
+    # the names come from the layers' metadata, the channels from their names; said before training
+    assert [first[0].value, second[0].value] == ["control", "nocodazole"]
+    assert widget.channels.value == "nucleus, golgi"
+    assert widget.built.value == ("Training data: 2-channel images (nucleus, golgi): control 2 images, "
+                                  "nocodazole 2 images.") and not widget.built.native.isHidden()
+    for _ in range(10):
+        QApplication.processEvents()
+    for box in (first[0], second[0]):  # the condition's name reads whole, not 'codazole'
+        assert box.native.width() >= box.native.fontMetrics().horizontalAdvance(box.value) + 8
+    widget.size.value, widget.steps.value, widget.output.value = 32, 2, str(tmp_path / "model")
+    widget.start()
+    wait_until(qtbot, lambda: widget._worker is None, timeout=180_000)
+    info = read_info(tmp_path / "model")
+    assert info.channels == 2 and info.channel_names == ["nucleus", "golgi"]
+    assert info.classes == ["control", "nocodazole"]
+    assert widget.built.value.startswith("Training data: 2-channel images (nucleus, golgi): control ")
+    assert widget.open_button.enabled and widget.open_button.text == tw_train.OPEN_TEXT
+
+    # the next run: while it trains, Open in Translate is off and says why (never the last model, nor this one)
+    widget.steps.value, widget.output.value = 100_000, str(tmp_path / "next")
+    widget.start()
+    assert widget._worker is not None and not widget.open_button.enabled
+    assert "when training has finished" in widget.open_button.text and widget.trained is None
+    widget.open_in_translate()  # even when asked in code: nothing opens
+    assert model_registry.translate_widget_of(viewer) is None
+    wait_until(qtbot, lambda: len(widget.plot.steps) >= 1, timeout=180_000)
+    widget.stop()
+    wait_until(qtbot, lambda: "Stopped at step" in widget.status.value, timeout=180_000)
+    assert widget.open_button.enabled and widget.trained.resolve() == (tmp_path / "next").resolve()
+
+
+@requires_display
+def test_train_widget_errors_name_its_own_controls_not_command_line_flags(train_viewer, qtbot, tmp_path, monkeypatch):
+    from phenotwin._napari import train_widget as tw_train
+    from phenotwin.testing import make_tiny_checkpoint
+
+    shown = []
+    monkeypatch.setattr(tw_train, "show_error", shown.append)
+    viewer, control, treated = train_viewer
+    widget = tw_train.TrainWidget(viewer)
+    make_tiny_checkpoint(tmp_path / "model", kind="pixel", channels=1, size=32)  # a model already there
+    configure_from_layers(widget, control, treated, tmp_path / "model", steps=2)
+    widget.start()
+    assert widget._worker is None and "already holds a model" in shown[-1]
+    assert "--" not in shown[-1] and "set If the folder has a model to 'replace it'" in shown[-1]
+    widget.existing.value = tw_train.CONTINUE  # nothing to continue there: said in the dock's words too
+    widget.start()
+    assert widget._worker is None and "nothing to resume" in shown[-1] and "--" not in shown[-1]
+    assert "Set If the folder has a model to 'stop and say so'" in shown[-1]
+    assert not widget.open_button.enabled
+
+
+def add_layer_data(viewer, layer_data):
+    for data, kwargs, kind in layer_data:
+        (viewer.add_image if kind == "image" else viewer.add_labels)(data, **kwargs)
+
+
+@requires_display
+def test_layers_of_conditions_the_model_lacks_load_a_model_that_knows_them(viewer_and_widget, qtbot, tmp_path):
+    """The subtle sample shows control and treated; the loaded model knows control and nocodazole. A model
+    met in this process (here built by the test, as the Train widget would) knows them: the dock loads it."""
+    from phenotwin._napari.samples import _pairs_layers
+    from phenotwin.testing import make_tiny_checkpoint
+
+    viewer, widget, _ = viewer_and_widget
+    subtle = make_tiny_checkpoint(tmp_path / "subtle-model", kind="pixel", channels=2, size=32,
+                                  classes=("control", "treated"))
+    model_registry.remember_model(subtle)
+    add_layer_data(viewer, _pairs_layers("subtle", 32))  # 'control nucleus', ..., 'treated golgi'
+    wait_until(qtbot, lambda: widget.translator.classes == ["control", "treated"])
+    wait_until(qtbot, lambda: widget.source.value == "control" and widget.target.value == "treated")
+    assert widget.model_path.value.resolve() == subtle.resolve()
+    assert "which knows these layers' conditions (control, treated)" in widget.conditions_note.value
+    assert not widget.conditions_note.native.isHidden()
+
+
+@requires_display
+def test_no_loaded_model_knows_the_layers_conditions_and_the_dock_says_what_to_do(viewer_and_widget, qtbot,
+                                                                                  monkeypatch, cells):
+    from phenotwin._napari import model_match
+
+    warned = []
+    monkeypatch.setattr(model_match, "show_warning", warned.append)
+    viewer, widget, _ = viewer_and_widget
+    before = widget.translator
+    viewer.add_image(cells, channel_axis=0, name=["bfa nucleus", "bfa golgi"],
+                     metadata={"phenotwin": {"condition": "brefeldin"}})
+    note = widget.conditions_note
+    assert "No loaded model knows brefeldin" in note.value and not note.native.isHidden()
+    assert "these layers show control, brefeldin" in note.value and "Train model" in note.value
+    assert "Load model" in note.value and len(warned) == 1 and warned[0] == note.value
+    assert widget.translator is before  # nothing better to load: the model stays, and the dock has said why
+    viewer.layers.remove("bfa golgi")
+    viewer.layers.remove("bfa nucleus")
+    assert note.native.isHidden() and len(warned) == 1

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 _loaded_translators: dict[str, Translator] = {}
 _open_widgets: list[Any] = []  # Translate widgets, so the Train widget can hand a new model over
+_remembered: list[str] = []  # model folders met in this process (loaded or trained), newest first
 
 
 def load_translator(path: str | Path) -> Translator:
@@ -23,11 +24,33 @@ def load_translator(path: str | Path) -> Translator:
 
     key = str(Path(path).resolve())
     if key not in _loaded_translators:
-        from phenotwin._napari.cost import time_one_call
+        from phenotwin.cost import time_one_call
 
         translator = _loaded_translators[key] = Translator(key)
         time_one_call(translator)  # the cost estimate before a run: seconds per model call on this machine
+    remember_model(key)
     return _loaded_translators[key]
+
+
+def remember_model(path: str | Path) -> None:
+    """A model folder this process has met (loaded, or trained by the Train widget): a candidate when the
+    layers show conditions the loaded model does not know."""
+    key = str(Path(path).resolve())
+    if key in _remembered:
+        _remembered.remove(key)
+    _remembered.insert(0, key)
+
+
+def model_for_conditions(conditions, exclude: str | Path | None = None) -> Path | None:
+    """A model that knows all of `conditions`: one met in this process first, then a shipped one."""
+    from phenotwin.assets import model_for_conditions as knows
+    from phenotwin.assets import shipped_models
+
+    if not conditions:
+        return None
+    skip = str(Path(exclude).resolve()) if exclude else None
+    candidates = dict.fromkeys([*_remembered, *(str(p.resolve()) for p in shipped_models())])
+    return knows(conditions, [path for path in candidates if path != skip and Path(path).is_dir()])
 
 
 def forget_translator(path: str | Path) -> None:

@@ -15,8 +15,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
 from superqt.utils import qdebounced
 
-from phenotwin._napari import confirm, layers
-from phenotwin._napari import model_registry as registry
+from phenotwin._napari import confirm, layers, model_match, model_registry
 from phenotwin._napari.layout import ScrollableDock, explain, help_button, shortcut
 from phenotwin._napari.results_panel import ResultsPanel
 from phenotwin._napari.session import STRENGTH_MAX, STRENGTH_MIN, STRENGTH_STEP, RunRequest, TranslationSession
@@ -65,6 +64,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.model_path = widgets.FileEdit(mode="d", label="Model folder", value=str(demo) if demo else "")
         self.load_button = widgets.PushButton(text="Load model")
         self.model_info = widgets.Label(value="No model loaded.")
+        self.conditions_note = model_match.ConditionsNote()  # the layers' conditions, when this model lacks them
         self.channel_pickers = layers.ChannelPickers(self.viewer, on_change=self._on_layers_picked, warn=show_warning)
         self.axes_info = widgets.Label(value="", visible=False)
         # callable choices: static ones are reset when the widget is docked
@@ -103,10 +103,10 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self._prefetch_line = DockProgress(self.prefetch_info, reveal=True)
         self.help = help_button("Translate cells", "Translate layers to another condition and read the result.")
         self.extend([
-            self.help, self.model_path, self.load_button, self.model_info, self.channel_pickers, self.channel_pickers.note,
-            self.axes_info, self.planes, self.cells, self.source, self.target, self.strength, self.slider_info,
-            self.prefetch, self.prefetch_info, self.steps, self.guidance,
-            self.confine, self.seed, self.run_button, self.cancel_button, self.progress_bar, self.status, self.results,
+            self.help, self.model_path, self.load_button, self.model_info, self.conditions_note, self.channel_pickers,
+            self.channel_pickers.note, self.axes_info, self.planes, self.cells, self.source, self.target, self.strength,
+            self.slider_info, self.prefetch, self.prefetch_info, self.steps, self.guidance, self.confine, self.seed,
+            self.run_button, self.cancel_button, self.progress_bar, self.status, self.results,
         ])
         for label in (self.model_info, self.status, self.prefetch_info, self.axes_info, self.slider_info):
             label.native.setWordWrap(True)
@@ -115,7 +115,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.shortcuts = [shortcut(self.native, keys, action) for keys, action in (
             (TRANSLATE_KEYS, self.run), (CANCEL_KEYS, self.cancel), (BEFORE_AFTER_KEYS, self.results.toggle_before_after))]
 
-        self.load_button.changed.connect(lambda: self.load_model(str(self.model_path.value)))
+        self.load_button.changed.connect(lambda: self.load_model(str(self.model_path.value), chosen=True))
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         for control in (self.strength, self.target, self.guidance, self.confine):
@@ -143,12 +143,13 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.viewer.layers.events.reordered.connect(self._refresh_layer_choices)
         self.native.destroyed.connect(self._on_destroyed)
-        registry.register_widget(self)
+        model_registry.register_widget(self)
         self.channel_pickers.build(["image"])
         if demo:
             self.load_model(str(demo))
 
     translator = property(lambda self: self.session.translator)
+    requested_model = property(lambda self: self._requested_model)  # the model loading or loaded
     last_result = property(lambda self: self.session.last_result)
 
     def settings(self) -> TranslationSettings:
@@ -159,15 +160,15 @@ class TranslateWidget(ScrollableDock, widgets.Container):
 
     # -- model and layer choices --------------------------------------------------------------
 
-    def load_model(self, path: str) -> None:
-        """Load a checkpoint in a worker (first time only), then fill the pickers from it."""
+    def load_model(self, path: str, chosen: bool = False) -> None:
+        """Load a checkpoint in a worker (first time only); one `chosen` by the user stays for these layers."""
         if not path or not Path(path).is_dir():
             show_error(f"Model folder {path!r} does not exist. Choose the folder that contains phenotwin.json.")
             return
-        self.model_info.value = f"Loading {Path(path).name}..."
-        self.load_button.enabled = False
+        self.model_info.value, self.load_button.enabled = f"Loading {Path(path).name}...", False
         self._requested_model = str(Path(path).resolve())
-        self._loader = start_worker(registry.load_translator, path, returned=self._on_model_loaded,
+        self.conditions_note.chosen_path = self._requested_model if chosen else self.conditions_note.chosen_path
+        self._loader = start_worker(model_registry.load_translator, path, returned=self._on_model_loaded,
                                     errored=lambda err: self._on_error(err, "Could not load the model"),
                                     finished=lambda: self._closed or setattr(self.load_button, "enabled", True))
 
@@ -179,10 +180,10 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         for combo, condition in ((self.source, classes[0]), (self.target, classes[1])):
             combo.reset_choices()
             combo.value = condition
-        self.channel_pickers.build(registry.channel_names(translator))
+        self.channel_pickers.build(model_registry.channel_names(translator))
         self._show_defaults(defaults)
         self.prefetch.value = self.session.prefetch_enabled  # the session's default for this device
-        self.model_info.value = registry.describe(translator)
+        self.model_info.value = model_registry.describe(translator)
         self._on_layers_picked()
         self.model_loaded.emit(translator)
 
@@ -196,6 +197,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
     def _refresh_layer_choices(self, *_) -> None:
         self.channel_pickers.refresh()
         self.cells.reset_choices()
+        self.conditions_note.check(self)
 
     def _on_layers_picked(self, *_):
         self.strength.enabled, self.slider_info.visible = True, False  # new inputs: the slider sets the next run
@@ -206,6 +208,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
                                                  self.target.value)
             if conditions is not None:
                 self.source.value, self.target.value = conditions
+        self.conditions_note.check(self)  # the layers name conditions this model lacks: another model, or say so
 
     def _on_layer_removed(self, event) -> None:
         context = self.session.context
@@ -276,7 +279,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self._closed = self._dock.closed = self._prefetch_line.closed = True
         self._scrub_later.cancel()
         self.session.close()
-        registry.unregister_widget(self)
+        model_registry.unregister_widget(self)
 
     # -- results ---------------------------------------------------------------------------------
 
