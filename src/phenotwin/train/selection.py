@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from phenotwin.calibration import FLIP_SLACK
+from phenotwin.calibration import CLASSIFIER_EPOCHS, CLASSIFIER_IMAGES, FLIP_SLACK
 from phenotwin.checkpoint import TRAINING_DIR
 from phenotwin.train.config import TrainProgress
 from phenotwin.train.state import CANDIDATES_DIR, seconds_per_step
@@ -33,7 +33,6 @@ CALIBRATION_SHARE = 0.15
 MOST_IMAGES = 8  # per condition: what `phenotwin calibrate` uses by default
 PROBE_STEPS = 4  # inversion + generation steps timed to learn the seconds per UNet call
 MIN_SECONDS = 5.0  # a budget below this cannot hold a calibration: skip it before loading anything
-CLASSIFIER_IMAGES = 64  # training images per condition the flip-rate classifier learns from
 SELECTION_CRITERION = ("the highest median held-out reconstruction PSNR (default steps, strength 1) among the saves "
                        f"whose flip rate at the default settings is within {FLIP_SLACK} of the best save's")
 CANDIDATE_FIELDS = ["step", "reconstruction_psnr", "flip_rate", "images", "kept"]
@@ -172,7 +171,7 @@ class Calibration:
         picked = [i for c in range(len(data.classes)) for i in np.flatnonzero(data.labels == c)[:CLASSIFIER_IMAGES]]
         crops = np.stack([_centre_crop(data.images[i], size) for i in picked])
         return train_classifier(translator.processor.to_model_range(crops), data.labels[picked], data.classes,
-                                seed=self.trainer.config.seed)
+                                epochs=CLASSIFIER_EPOCHS, seed=self.trainer.config.seed)
 
     def _time_calls(self, translator, data):
         """Seconds per UNet call, timed on a short inversion and generation of one held-out image."""
