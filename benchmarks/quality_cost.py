@@ -146,7 +146,13 @@ def run(args) -> dict:
     # their translations (translation_steps would train its own each time).
     trained = {}
     train_once = evaluation.condition_classifier
-    evaluation.condition_classifier = lambda *a: trained.setdefault("classifier", train_once(*a))
+
+    def shared_classifier(*arguments):
+        if "classifier" not in trained:
+            trained["classifier"] = train_once(*arguments)
+        return trained["classifier"]
+
+    evaluation.condition_classifier = shared_classifier
     ddim = translator.diffusion
     cost.time_one_call(translator)
     seconds_per_call = cost.SECONDS_PER_CALL[translator.checkpoint_id]
