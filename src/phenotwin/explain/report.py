@@ -53,7 +53,7 @@ def _effect_rows(effects, comparison: str) -> list[dict[str, Any]]:
 
 
 def write_explanation(result: Explanation, out: Path, overwrite: bool = False, command: str = "",
-                      seconds: float | None = None) -> Path:
+                      seconds: float | None = None, cpu_seconds: float | None = None) -> Path:
     """Write everything into `out` (see the module docstring); returns the report's path."""
     out = Path(out)
     check_output(out, overwrite)
@@ -93,6 +93,7 @@ def write_explanation(result: Explanation, out: Path, overwrite: bool = False, c
                         title=title)
             written.append(FOREST)
         record = {"conditions": {"source": source, "target": target}, "command": command, "seconds": seconds,
+              "cpu_seconds": cpu_seconds,
                   "images": {c: sum(1 for s in result.samples if s.condition == c) for c in (source, target)},
                   "translations": len(result.translated), "segmented_here": len(segmented),
                   "cells": {c: sum(len(s.rows) for s in result.samples if s.condition == c) for c in (source, target)},
@@ -150,6 +151,7 @@ def report_markdown(result: Explanation, record: dict[str, Any], top: int = 10) 
         lines += [""] + [f"- {m.name}: `{m.formula}`" for m in result.models if m.formula]
     lines += [f"\nNote: {note}" for note in result.notes]
     if record.get("seconds") is not None:
-        lines += ["", f"Run time: {record['seconds']:.0f} s. Command: `{record['command']}`"]
+        cpu = f" ({record['cpu_seconds']:.0f} s of CPU)" if record.get("cpu_seconds") is not None else ""
+        lines += ["", f"Run time: {record['seconds']:.0f} s{cpu}. Command: `{record['command']}`"]
     lines += ["", f"Files: {FEATURES_CSV} (one row per cell), {EFFECTS_CSV}, {MODELS_CSV}, {RECORD}, {FOREST}.", ""]
     return "\n".join(lines)
