@@ -11,5 +11,9 @@ model.py     the encoder (torch), saved as encoder.safetensors + encoder.json; f
 losses.py    the contrastive loss with a positive mask (NT-Xent / SupCon)
 trainer.py   `phenotwin embed train`: accelerate, resumable, progress per step
 metrics.py   kNN accuracy and silhouettes by condition and batch; Fréchet distance and KID of features
+fid.py       FID/KID of translations in the encoder's features (`phenotwin evaluate translation --features`)
+affinity_vae.py  the phenotype map: a VAE with a pose angle, cyclical beta and the affinity loss
+map_check.py `phenotwin embed map-check`: the Affinity-VAE against a plain VAE on synthetic cells
+phenomap.py  what the Phenotype map dock shows: cells and translations projected to 2-D (Qt-free)
 commands.py  the `phenotwin embed` command
 """

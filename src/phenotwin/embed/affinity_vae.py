@@ -195,7 +195,7 @@ def train_vae_steps(images: np.ndarray, labels: np.ndarray, config: VAEConfig,
         loss.backward()
         optimizer.step()
         for key, value in (("reconstruction", reconstruction), ("kl", kl), ("affinity", affine)):
-            history[key].append(float(value))
+            history[key].append(value.item())
         yield Progress("train map", step + 1, config.steps)
     return model.eval(), history
 
