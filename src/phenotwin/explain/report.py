@@ -89,8 +89,10 @@ def write_explanation(result: Explanation, out: Path, overwrite: bool = False, c
 
             title = (f"{source} -> {target}: translation vs source" if result.paired is not None
                      else f"{target} vs {source} (real cells)")
+            labels = ((f"translation vs {source}, same cells", "real cells") if result.paired is not None
+                      else ("real cells", ""))
             forest_plot(out / FOREST, main, reference=result.between if result.paired is not None else None,
-                        title=title)
+                        labels=labels, title=title)
             written.append(FOREST)
         record = {"conditions": {"source": source, "target": target}, "command": command, "seconds": seconds,
               "cpu_seconds": cpu_seconds,
