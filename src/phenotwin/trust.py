@@ -55,10 +55,12 @@ def _nearest(keys: list[str], value: float, log: bool = False) -> str:
     return min(keys, key=distance)
 
 
-def held_out_psnrs(calibration: dict[str, Any] | None, steps: int, strength: float) -> tuple[list[float], str] | None:
+def held_out_psnrs(calibration: dict[str, Any] | None, steps: int, strength: float,
+                   guidance: float = 0.0) -> tuple[list[float], str] | None:
     """The calibrated PSNRs nearest to these settings, and a phrase naming the settings they were measured at."""
     table = (calibration or {}).get("reconstruction_psnr") or {}
-    if not table:
+    measured = calibration.get("reconstruction_guidance") if table else None  # None: a record from before guidance was kept
+    if not table or (measured is not None and not math.isclose(guidance, measured)):
         return None
     step_key = _nearest(list(table), steps, log=True)
     if abs(math.log(float(step_key) / steps)) > math.log(STEP_TOLERANCE):
@@ -69,20 +71,27 @@ def held_out_psnrs(calibration: dict[str, Any] | None, steps: int, strength: flo
 
 
 def verdict(psnr: float, steps: int, strength: float, calibration: dict[str, Any] | None,
-            fit: FitReport | None = None) -> TrustVerdict:
-    """The trust verdict of a result with reconstruction `psnr` at (`steps`, `strength`)."""
+            fit: FitReport | None = None, guidance: float = 0.0) -> TrustVerdict:
+    """The trust verdict of a result with reconstruction `psnr` at (`steps`, `strength`, `guidance`)."""
     shown = "not measured" if not math.isfinite(psnr) and psnr != math.inf else f"{psnr:.1f} dB"
     if fit is not None and fit.level == "does-not-fit":
         return TrustVerdict("does-not-fit", f"Reconstruction {shown}. {fit.message}", psnr)
-    reference = held_out_psnrs(calibration, steps, strength)
+    reference = held_out_psnrs(calibration, steps, strength, guidance)
     if not math.isfinite(psnr) and psnr != math.inf:
         level, message, percentile = "uncalibrated", "Reconstruction not measured.", None
     elif reference is None and (calibration or {}).get("reconstruction_psnr"):
         calibrated = ", ".join(sorted(calibration["reconstruction_psnr"], key=float))
+        measured_guidance = calibration.get("reconstruction_guidance")
         level, percentile = "uncalibrated", None
-        message = (f"Reconstruction {shown} at {steps} steps: not judged, as this model's held-out images were measured "
-                   f"at {calibrated} steps only and the PSNR depends on the step count. Use {calibrated} steps, or run "
-                   f"`phenotwin calibrate MODEL --data HELD_OUT --steps {steps} --no-sweep`.")
+        if measured_guidance is not None and not math.isclose(guidance, measured_guidance):
+            message = (f"Reconstruction {shown} at guidance {guidance:g}: not judged, as this model's held-out images "
+                       f"were measured at guidance {measured_guidance:g} and guidance changes the reconstruction. Use "
+                       f"guidance {measured_guidance:g}, or make {guidance:g} the model's default and run "
+                       f"`phenotwin calibrate MODEL --data HELD_OUT --no-sweep`.")
+        else:
+            message = (f"Reconstruction {shown} at {steps} steps: not judged, as this model's held-out images were "
+                       f"measured at {calibrated} steps only and the PSNR depends on the step count. Use {calibrated} "
+                       f"steps, or run `phenotwin calibrate MODEL --data HELD_OUT --steps {steps} --no-sweep`.")
     elif reference is None:
         poor, fair = UNCALIBRATED_DB
         word = "poor" if psnr < poor else "fair" if psnr < fair else "good"
