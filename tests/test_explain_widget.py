@@ -35,12 +35,12 @@ def drawn_field():
     for label, (cy, cx) in centres.items():
         labels[np.hypot(yy - cy, xx - cx) <= 26] = label
         nucleus += 0.7 * (np.hypot(yy - cy, xx - cx) <= 6)
-        for dx in (0, 8)[: 1 + label % 2]:
-            golgi += spot(cy + 12, cx + dx)
-            translated += spot(cy + 12, cx + dx)
+        for dy in (10, -10)[: 1 + label % 2]:  # well apart from the added spots (20 px from the centre)
+            golgi += spot(cy + dy, cx)
+            translated += spot(cy + dy, cx)
         extra = {3: 6, 1: 2}.get(label, 0)
         for angle in np.linspace(0, 2 * np.pi, extra, endpoint=False):
-            translated += spot(cy + 18 * np.sin(angle), cx + 18 * np.cos(angle))
+            translated += spot(cy + 20 * np.sin(angle), cx + 20 * np.cos(angle))
     return np.stack([nucleus + 0.02, golgi]), np.stack([nucleus + 0.02, translated]), labels
 
 
