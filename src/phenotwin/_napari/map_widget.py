@@ -87,7 +87,7 @@ class PhenotypeMapWidget(Container):
             arrows = result.arrows.copy()
             arrows[:, 0] += offset
             self.viewer.add_vectors(arrows, name="Translations", edge_width=1.5, edge_color="white", vector_style="arrow")
-        self.points.selected_data.events.changed.connect(self._selected)
+        self.points.selected_data.events.items_changed.connect(self._selected)
         self.points.mode = "select"
         self.status.value = f"Done: {len(result.coords)} cells" + (f", {len(result.arrows)} translations."
                                                                    if len(result.arrows) else ".")
