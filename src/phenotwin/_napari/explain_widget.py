@@ -47,9 +47,9 @@ class ExplainWidget(ScrollableDock, Container):
 
         super().__init__(labels=True, scrollable=True)
         self.viewer = napari_viewer
-        self.source = ComboBox(label="Source image", choices=self._images)
-        self.translated = ComboBox(label="Translation", choices=self._images)
-        self.cells = ComboBox(label="Cells", choices=self._labels)
+        self.source = ComboBox(label="Source image", choices=self._image_layers)
+        self.translated = ComboBox(label="Translation", choices=self._image_layers)
+        self.cells = ComboBox(label="Cells", choices=self._label_layers)
         self.channel_names = LineEdit(label="Channel names", value="")
         self.nucleus_channel = SpinBox(label="Nucleus channel", min=-1, max=3, value=0)
         self.real_data = FileEdit(mode="d", label="Real images (optional)")
@@ -83,12 +83,12 @@ class ExplainWidget(ScrollableDock, Container):
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_choices)
 
-    def _images(self, _=None):
+    def _image_layers(self, _=None):
         from napari.layers import Image
 
         return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
 
-    def _labels(self, _=None):
+    def _label_layers(self, _=None):
         from napari.layers import Labels
 
         return [(SEGMENT, None)] + [(layer.name, layer) for layer in self.viewer.layers
