@@ -78,3 +78,27 @@ def test_the_headless_demo_translates_each_cell_faithfully(tmp_path, torch_one_t
         assert image["reconstruction_psnr"] >= 30, image
         assert image["heatmap_auroc"] >= 0.85, image
         assert image["settings"]["steps"] == 100  # the model's own defaults
+
+
+def test_the_subtle_model_knows_the_subtle_sample_and_was_calibrated_not_hand_set():
+    """The second shipped model: trained by `phenotwin train` at its defaults on the subtle phenotype,
+    its best save kept and its defaults chosen by the calibration (docs/evaluation.md)."""
+    from phenotwin import Translator
+    from phenotwin._napari.samples import _pairs_layers
+    from phenotwin.assets import SUBTLE_MODEL, model_for_conditions
+    from phenotwin.checkpoint import read_info
+
+    assert model_for_conditions(["control", "treated"]) == SUBTLE_MODEL
+    size = sum(f.stat().st_size for f in SUBTLE_MODEL.rglob("*") if f.is_file())
+    demo_size = sum(f.stat().st_size for f in demo_model_path().rglob("*") if f.is_file())
+    assert size + demo_size <= 30 * 2**20 and not (SUBTLE_MODEL / "training").exists()
+    info = read_info(SUBTLE_MODEL)
+    assert info.classes == ["control", "treated"] and info.channel_names == ["nucleus", "golgi"]
+    assert info.provenance["command"].startswith("phenotwin train ") and info.provenance["steps"] == 3000
+    assert info.provenance["selection"]["kept_step"] == 1000  # not the last save
+    chosen = info.calibration["chosen"]
+    assert {key: info.defaults[key] for key in chosen} == chosen and info.calibration["classifier_accuracy"] >= 0.8
+    assert info.calibration["reconstruction_guidance"] == info.defaults["guidance"]
+    translator = Translator(SUBTLE_MODEL, device="cpu")
+    control = next(data for data, kwargs, _ in _pairs_layers("subtle", 64) if "control nucleus" in kwargs["name"])
+    assert translator.processor.preprocess(control, 0).fit.level == "ok"  # the sample's camera units fit
