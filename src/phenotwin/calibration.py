@@ -81,6 +81,11 @@ def _plan(translator, data, n: int, step_counts: list[int] | None, sweep: bool):
     return step_counts, rungs, grid, directions, counts
 
 
+def _guidances(base_guidance: float, swept: bool) -> list[float]:
+    """The guidances generated at: the sweep's, plus the model's own (its verdict table needs it)."""
+    return sorted({*GUIDANCES, base_guidance}) if swept else [base_guidance]
+
+
 def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True) -> int:
     """How many UNet calls `calibrate_steps` makes with these arguments: what a time budget plans with."""
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
@@ -90,7 +95,7 @@ def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = Non
 
     def cost(steps: int, swept: bool) -> int:
         generations = sum(translator.resolve(steps=steps, strength=s).used_steps for s in rungs)
-        return steps + generations * (len(GUIDANCES) if swept else 1) + CONFINE_CALLS * swept
+        return steps + generations * len(_guidances(translator.defaults.guidance, swept)) + CONFINE_CALLS * swept
 
     return sum(counts[src] * cost(steps, sweep and steps == base) for src, _ in directions for steps in step_counts)
 
@@ -129,7 +134,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
                 if swept:
                     yield from relabel(translator.edit_mask_steps(inversion, tgt), "calibrate", done, total)
                     done += CONFINE_CALLS
-                for guidance in GUIDANCES if swept else (base.guidance,):
+                for guidance in _guidances(base.guidance, swept):
                     for strength in rungs:
                         rung = translator.resolve(source=src, target=tgt, steps=steps, strength=strength,
                                                   guidance=guidance, seed=seed, confine=False)
@@ -140,7 +145,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
                             if not confine:  # the edit mask leaves the reconstruction as it is
                                 psnrs.setdefault(guidance, {}).setdefault(str(steps), {}).setdefault(
                                     repr(strength), []).append(float(result.reconstruction_psnr))
-                            if swept:
+                            if (strength, guidance, confine) in outcomes:
                                 outcomes[(strength, guidance, confine)].append((src, tgt, i, result))
                         done += rung.used_steps
     rows = []
