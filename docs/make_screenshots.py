@@ -2,6 +2,7 @@
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py train   # that one only
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py reopened   # likewise
 
 Needs a screen (Xvfb is fine); uses the shipped demo model and the demo scene.
 """
@@ -48,10 +49,15 @@ def main(only: str | None = None) -> int:
     _, widget = viewer.window.add_plugin_dock_widget("napari-phenotwin", "Translate cells")
     wait(app, lambda: widget.translator is not None)
     viewer.reset_view()
-    viewer.screenshot(str(OUT / "translate-widget-loaded.png"), canvas_only=False)
+    if only != "reopened":
+        viewer.screenshot(str(OUT / "translate-widget-loaded.png"), canvas_only=False)
 
     widget.run()
     wait(app, lambda: widget.last_result is not None and widget.session.running is None)
+    if only == "reopened":
+        reopened(app, viewer, widget)
+        viewer.close()
+        return 0
     for layer in viewer.layers:
         layer.visible = layer.name.startswith("control") and "→" not in layer.name or "Δ" in layer.name
     viewer.screenshot(str(OUT / "translate-heatmap.png"), canvas_only=False)
@@ -73,6 +79,7 @@ def main(only: str | None = None) -> int:
     viewer.screenshot(str(OUT / "translate-strength-0.5.png"), canvas_only=False)
 
     viewer.window.remove_dock_widget(train_widget(app, viewer))
+    reopened(app, viewer, widget)
     per_cell(app, viewer, widget)
     viewer.close()
     print(f"screenshots in {OUT}")
@@ -96,6 +103,22 @@ def train_widget(app, viewer):
     wait(app, lambda: True)
     viewer.screenshot(str(OUT / "train-widget.png"), canvas_only=False)
     return dock
+
+
+def reopened(app, viewer, widget) -> None:
+    """The result saved with Save results… and opened again by the plugin's reader, in a bare viewer."""
+    import tempfile
+
+    from phenotwin._napari.saving import save_results
+
+    path = save_results(viewer, Path(tempfile.mkdtemp()) / "translation.ome.tif", widget.results.result)
+    for layer in list(viewer.layers):
+        viewer.layers.remove(layer)
+    viewer.open(str(path), plugin="napari-phenotwin")
+    viewer.layers.selection.active = viewer.layers[0]
+    viewer.reset_view()
+    wait(app, lambda: True)
+    viewer.screenshot(str(OUT / "saved-results-reopened.png"), canvas_only=False)
 
 
 def per_cell(app, viewer, widget) -> None:
