@@ -63,7 +63,7 @@ def choose(rows: list[dict[str, Any]], classifier_accuracy: float = 1.0) -> dict
     smallest mean change. Strength first, as the mean change cannot see a redrawn cell: on the
     subtle phenotype strength 0.75 with the edit mask changed no more on average than 0.5 with
     guidance and mask, yet lay 1.44 times further from the true counterfactual than the input
-    did (0.72 at 0.5): past about 0.6 the model redraws the cell instead of changing it."""
+    did (0.72 at 0.5): somewhere between 0.5 and 0.75 the model starts to redraw the cell instead of changing it."""
     bar = flip_bar(rows, classifier_accuracy)
     flipping = [row for row in rows if row["flip_rate"] >= bar]
     return min(flipping, key=lambda row: (row["strength"], row["mean_change"], -row["flip_rate"]))
