@@ -15,7 +15,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label,
 from napari.utils.notifications import show_error, show_info
 
 from phenotwin._napari.layout import PLOT_MIN_HEIGHT, ScrollableDock, explain, help_button
-from phenotwin._napari.workers import DockProgress, start_worker
+from phenotwin._napari.workers import DockProgress, DockRun
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
@@ -88,13 +88,13 @@ class EvaluateWidget(ScrollableDock, Container):
             label.native.setWordWrap(True)
 
         self.result: dict | None = None
-        self._worker = None
-        self._dock = DockProgress(self.status)  # progress lines and the activity bar
+        self._run = DockRun(DockProgress(self.status), self.run_button, self.cancel_button, "Evaluation failed",
+                            notify=lambda text: show_error(text), returned=self._on_done, yielded=self._on_progress)
+        self._dock = self._run.dock  # progress lines and the activity bar
         self._stage = None
-        self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
         self.check.changed.connect(self._on_check)
         self.run_button.changed.connect(self.start)
-        self.cancel_button.changed.connect(self.cancel)
+        self.cancel_button.changed.connect(self._run.cancel)
         self.report_button.changed.connect(self.write_report)
         self.native.destroyed.connect(self._on_destroyed)
 
@@ -124,27 +124,16 @@ class EvaluateWidget(ScrollableDock, Container):
         return memorization_steps(_path(self.model_a), _path(self.model_b), _path(self.train_a), _path(self.held_out),
                                   count=self.count.value, steps=self.steps.value)
 
+    _worker = property(lambda self: self._run.worker)  # None when nothing runs
+
     def start(self, *_) -> None:
-        if self._worker is not None:
-            return
-        try:
-            job = self._job()
-        except PhenotwinError as err:
-            show_error(f"Cannot evaluate: {err}")
-            return
-        self._stage = None
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        self.report_button.enabled = False
-        self.status.value = f"Evaluating ({self.check.value})..."
-        self._worker = start_worker(job, yielded=self._on_progress, returned=self._on_done, errored=self._on_error,
-                                    aborted=self._on_cancelled, finished=self._on_finished)
+        if self._run.start(self._job, "Cannot evaluate", f"Evaluating ({self.check.value})..."):
+            self._stage = None  # (its first step arrives after this returns: it is queued to this thread)
+            self.report_button.enabled = False
 
     def cancel(self, *_) -> None:
         """Stop at the next diffusion step."""
-        if self._worker is not None:
-            self._dock.say("Cancelling...")
-            self._worker.quit()
+        self._run.cancel()
 
     def _on_progress(self, event) -> None:
         new_stage = event.stage != self._stage
@@ -153,8 +142,6 @@ class EvaluateWidget(ScrollableDock, Container):
                         force=new_stage or event.step == event.total)
 
     def _on_done(self, result: dict) -> None:
-        if self._closed:
-            return
         from phenotwin.evaluate.report import draw_memorization, draw_translation_metrics, translation_verdicts
 
         self.result = result
@@ -170,28 +157,9 @@ class EvaluateWidget(ScrollableDock, Container):
         self._dock.say("Done.")
         self.report_button.enabled = True
 
-    def _on_cancelled(self) -> None:
-        self._dock.say("Cancelled.")
-
-    def _on_error(self, err: Exception) -> None:
-        if self._closed:
-            return
-        self._dock.say("Evaluation failed.")
-        show_error(f"Evaluation failed: {err}")
-
-    def _on_finished(self) -> None:
-        self._worker = None
-        self._dock.close()  # before the check: no bar stays in the dock
-        if self._closed:
-            return
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
-
     def _on_destroyed(self, *_) -> None:
         """napari is closing: stop the run; the widgets are already gone, so touch none."""
-        self._closed = self._dock.closed = True
-        if self._worker is not None:
-            self._worker.quit()
+        self._run.close()
 
     # -- report ------------------------------------------------------------------------------
 

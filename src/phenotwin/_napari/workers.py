@@ -111,6 +111,66 @@ def start_worker(work: Generator | Callable, *args: Any, yielded=None, returned=
     return worker
 
 
+class DockRun:
+    """A dock's one background job with its Run and Cancel buttons: the wiring the Evaluate and
+    Explain docks shared line for line (refuse a second start, say a bad setting as a notification,
+    Cancel at the next step, say the failure, give the buttons back), kept in one place so the two
+    cannot drift. Results reach `returned` only while the dock exists (`close` when it goes).
+    `notify` shows an error (the widget passes its own, so tests can catch it there)."""
+
+    def __init__(self, dock: DockProgress, run_button, cancel_button, failed: str, notify: Callable[[str], Any],
+                 returned: Callable[[Any], Any], yielded: Callable[[Any], Any] | None = None) -> None:
+        self.dock, self.run_button, self.cancel_button = dock, run_button, cancel_button
+        self.failed, self.notify, self.returned = failed, notify, returned  # failed: "Evaluation failed"
+        self.yielded = yielded or dock.step
+        self.worker = None
+        self.closed = False
+
+    def start(self, make_job: Callable[[], Generator], cannot: str, starting: str) -> bool:
+        """Start the job `make_job` builds (on the GUI thread: it reads the controls); False when one
+        runs already or the settings are refused (`PhenotwinError`, said as '<cannot>: why')."""
+        if self.worker is not None:
+            return False
+        try:
+            job = make_job()
+        except PhenotwinError as err:
+            self.notify(f"{cannot}: {err}")
+            return False
+        self.run_button.enabled, self.cancel_button.enabled = False, True
+        self.dock.say(starting)
+        self.worker = start_worker(job, yielded=self.yielded, returned=self._returned, errored=self._errored,
+                                   aborted=lambda: self.dock.say("Cancelled."), finished=self._finished)
+        return True
+
+    def cancel(self, *_) -> None:
+        """Stop at the next step."""
+        if self.worker is not None:
+            self.dock.say("Cancelling...")
+            self.worker.quit()
+
+    def close(self) -> None:
+        """The dock is gone: stop the job and touch none of its controls."""
+        self.closed = self.dock.closed = True
+        if self.worker is not None:
+            self.worker.quit()
+
+    def _returned(self, result) -> None:
+        if not self.closed:
+            self.returned(result)
+
+    def _errored(self, err: Exception) -> None:
+        if self.closed:
+            return
+        self.dock.say(f"{self.failed}.")
+        self.notify(f"{self.failed}: {err}")
+
+    def _finished(self) -> None:
+        self.worker = None
+        self.dock.close()  # first, even when closed: no bar stays in the activity dock
+        if not self.closed:
+            self.run_button.enabled, self.cancel_button.enabled = True, False
+
+
 def dock_throttled(function: Callable[..., Any], interval_ms: int = DOCK_UPDATE_MS):
     """`function` at most once per interval, always with the newest arguments; `.flush()` runs a
     pending call now (a stage's first and last step must show), `.cancel()` drops it."""
