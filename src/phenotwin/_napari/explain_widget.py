@@ -5,32 +5,38 @@ Pick the source image, its translation and (optionally) the cells' Labels layer;
 a table and a forest plot. Selecting a feature's row marks the cells where that feature changed
 most in a Labels layer of their own. With a folder of real images of both conditions, the model
 of the condition (sparse model, formula, against a black box) is fitted on them too.
+The Translate dock's "Explain change…" (per-cell runs) opens this dock on its run: the source's
+channel layers, their translations and the run's cells, each side offered as one choice 'a + b'.
 The layers are read, never changed; the results are new layers.
 """
 
 from __future__ import annotations
 
+import re
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton, SpinBox
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_warning
 from qtpy.QtWidgets import QAbstractItemView, QTableWidget, QTableWidgetItem
 
 from phenotwin._napari.layout import PLOT_MIN_HEIGHT, ScrollableDock, explain
-from phenotwin._napari.workers import DockProgress, start_worker
+from phenotwin._napari.workers import DockProgress, DockRun
 from phenotwin.errors import PhenotwinError
 
 if TYPE_CHECKING:
     import napari
 
 SEGMENT = "(segment here)"
+NUCLEAR = re.compile(r"nucle|dapi|hoechst|dna", re.IGNORECASE)  # channel names of a nuclear stain
 HIGHLIGHT_LAYER = "Explain: largest change"
 CELLS_LAYER = "Explain: cells (check)"
 TOOLTIPS = {
-    "source": "The real image (channels first or last, or grayscale).",
-    "translated": "Its translation (e.g. a result of Translate cells).",
+    "source": "The real image (channels first or last, or grayscale); 'a + b': one layer per channel.",
+    "translated": "Its translation (e.g. a result of Translate cells; its Explain change… fills this dock in).",
     "cells": "Cell labels of the source; '(segment here)' segments it and adds the labels to check.",
     "channel_names": "One name per channel, used in the feature names (e.g. nucleus golgi).",
     "nucleus_channel": "Index of the nuclear stain; -1 for none.",
@@ -40,6 +46,57 @@ TOOLTIPS = {
 }
 
 
+_open_docks: weakref.WeakSet[ExplainWidget] = weakref.WeakSet()  # of every viewer; holds none alive
+
+
+def _unwrapped(obj):
+    """napari hands each plugin widget a proxy of the viewer (and of its layers): compare what they wrap."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def _channel_layer(choice):
+    """The layer behind a choice (an RGB channel's layer)."""
+    return getattr(choice, "layer", choice)
+
+
+@dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """Several one-channel layers (or RGB channels) read as one image, a channel each: how Translate
+    shows a multichannel source and its translation. Offered in the pickers as 'a + b'."""
+
+    members: tuple
+
+    @property
+    def name(self) -> str:
+        return " + ".join(member.name for member in self.members)
+
+    def key(self) -> tuple:
+        return tuple((id(_unwrapped(_channel_layer(m))), getattr(m, "index", None)) for m in self.members)
+
+    def layer_ids(self) -> set[int]:
+        return {id(_unwrapped(_channel_layer(m))) for m in self.members}
+
+
+def as_channels_first_layer(layer) -> np.ndarray:
+    from phenotwin.explain.pipeline import as_channels_first
+
+    return as_channels_first(np.asarray(layer.data), Path(layer.name))
+
+
+def explain_dock(viewer: napari.Viewer) -> ExplainWidget:
+    """The viewer's Explain change dock, shown and raised; opened through the plugin when there is none."""
+    widget = next((w for w in _open_docks if _unwrapped(w.viewer) is _unwrapped(viewer)), None)
+    if widget is None:
+        _, widget = viewer.window.add_plugin_dock_widget("napari-phenotwin", "Explain change")
+    dock = widget.native.parent()
+    while dock is not None and not hasattr(dock, "setFloating"):  # the QDockWidget around it
+        dock = dock.parent()
+    if dock is not None:
+        dock.show()
+        dock.raise_()
+    return widget
+
+
 class ExplainWidget(ScrollableDock, Container):
     def __init__(self, napari_viewer: napari.Viewer):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -47,6 +104,7 @@ class ExplainWidget(ScrollableDock, Container):
 
         super().__init__(labels=True, scrollable=True)
         self.viewer = napari_viewer
+        self._groups: list[ChannelGroup] = []  # several layers as one multichannel image (a Translate run's)
         self.source = ComboBox(label="Source image", choices=self._image_layers)
         self.translated = ComboBox(label="Translation", choices=self._image_layers)
         self.cells = ComboBox(label="Cells", choices=self._label_layers)
@@ -75,18 +133,30 @@ class ExplainWidget(ScrollableDock, Container):
         self.add_native(self.canvas)
         self.changes = None  # explain.cells.CellChanges of the last run
         self.explanation = None  # explain.pipeline.Explanation of the real images, if given
-        self._worker = None
-        self._dock = DockProgress(self.status)
+        self._run = DockRun(DockProgress(self.status), self.run_button, self.cancel_button, "Explain change failed",
+                            notify=lambda text: show_error(text), returned=self._on_done)
+        self._dock = self._run.dock
         self.run_button.changed.connect(self.start)
-        self.cancel_button.changed.connect(self.cancel)
+        self.cancel_button.changed.connect(self._run.cancel)
         self.table.itemSelectionChanged.connect(self._on_row)
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_choices)
+        _open_docks.add(self)
+        self.native.destroyed.connect(self._on_destroyed)
+
+    _worker = property(lambda self: self._run.worker)  # None when nothing runs
+
+    def _on_destroyed(self, *_) -> None:
+        """The dock was closed: stop the run, touch no (deleted) control, and be found no more."""
+        self._run.close()
+        _open_docks.discard(self)
 
     def _image_layers(self, _=None):
         from napari.layers import Image
 
-        return [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
+        present = {id(_unwrapped(layer)) for layer in self.viewer.layers}
+        groups = [(group.name, group) for group in self._groups if group.layer_ids() <= present]
+        return groups + [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Image)]
 
     def _label_layers(self, _=None):
         from napari.layers import Labels
@@ -95,6 +165,8 @@ class ExplainWidget(ScrollableDock, Container):
                                     if isinstance(layer, Labels) and layer.name != HIGHLIGHT_LAYER]
 
     def _refresh_choices(self, *_) -> None:
+        present = {id(_unwrapped(layer)) for layer in self.viewer.layers}
+        self._groups = [group for group in self._groups if group.layer_ids() <= present]  # a layer gone: the group too
         for combo in (self.source, self.translated, self.cells):
             combo.reset_choices()
 
@@ -102,14 +174,13 @@ class ExplainWidget(ScrollableDock, Container):
 
     def _job(self):
         from phenotwin.explain.cells import explain_cells_steps
-        from phenotwin.explain.pipeline import as_channels_first, explain_steps, feature_key
+        from phenotwin.explain.pipeline import explain_steps, feature_key
 
         if self.source.value is None or self.translated.value is None:
             raise PhenotwinError("choose the source image and its translation (image layers).")
         if self.source.value is self.translated.value:
             raise PhenotwinError("the source and the translation are the same layer; choose the translation's layer.")
-        source = as_channels_first(np.asarray(self.source.value.data), Path(self.source.value.name))
-        translated = as_channels_first(np.asarray(self.translated.value.data), Path(self.translated.value.name))
+        source, translated = (self._read(combo.value) for combo in (self.source, self.translated))
         labels = None if self.cells.value is None else np.asarray(self.cells.value.data)
         names = self.channel_names.value.split() or [f"channel {c + 1}" for c in range(source.shape[0])]
         if len(names) != source.shape[0]:
@@ -125,34 +196,67 @@ class ExplainWidget(ScrollableDock, Container):
 
         return job()
 
-    def start(self, *_) -> None:
-        if self._worker is not None:
-            return
-        try:
-            job = self._job()
-        except PhenotwinError as err:
-            show_error(f"Cannot explain: {err}")
-            return
-        self.run_button.enabled, self.cancel_button.enabled = False, True
-        self.status.value = "Measuring cells..."
-        self._worker = start_worker(job, yielded=self._dock.step, returned=self._on_done, errored=self._on_error,
-                                    aborted=self._on_cancelled, finished=self._on_finished)
+    def _read(self, choice) -> np.ndarray:
+        """(C, H, W) of a layer (channels first or last), or of a group of one-channel layers."""
+        if isinstance(choice, ChannelGroup):
+            from phenotwin._napari.layers import read_sources
+
+            return read_sources(self.viewer, list(choice.members)).image  # the plane shown, as Translate reads it
+        return as_channels_first_layer(choice)
+
+    def start(self, *_) -> bool:
+        """Measure in the background; False when a run is under way or the choices are refused."""
+        return self._run.start(self._job, "Cannot explain", "Measuring cells...")
 
     def cancel(self, *_) -> None:
+        self._run.cancel()
+
+    def explain_run(self, sources: list, translations: list, cells, channel_names: list[str]) -> bool:
+        """Choose a Translate run's layers (its source channels, their translations, its cells) and
+        explain them; False (nothing changed) while a run of this dock is under way.
+
+        Several one-channel layers become one choice, 'a + b', read as one image (as Translate read
+        them); `channel_names` are the model's. A layer of this viewer is looked up by name (napari
+        hands each dock its own proxy of the viewer), and refused if it is gone."""
         if self._worker is not None:
-            self._dock.say("Cancelling...")
-            self._worker.quit()
+            show_warning("Explain change is still measuring; Cancel it or wait, then press Explain change again.")
+            return False
+        source, translated = (self._choose(members) for members in (sources, translations))
+        cell_layer = self._own(cells)
+        self._refresh_choices()
+        self.source.value, self.translated.value, self.cells.value = source, translated, cell_layer
+        from phenotwin.explain.pipeline import feature_key
 
-    def _on_error(self, err) -> None:
-        self._dock.say(f"Failed: {err}")
-        show_error(f"Explain change failed: {err}")
+        self.channel_names.value = " ".join(feature_key(name) for name in channel_names)  # one word each
+        nucleus = next((c for c, name in enumerate(channel_names) if NUCLEAR.search(name)), None)
+        if nucleus is not None:  # else the dock's own setting stays: the names do not say
+            self.nucleus_channel.value = nucleus
+        return self.start()
 
-    def _on_cancelled(self) -> None:
-        self._dock.say("Cancelled.")
+    def _own(self, layer):
+        """The layer of this dock's viewer that `layer` (maybe from another proxy) is."""
+        from phenotwin._napari.layers import RGBChannel
 
-    def _on_finished(self) -> None:
-        self._worker = None
-        self.run_button.enabled, self.cancel_button.enabled = True, False
+        if isinstance(layer, RGBChannel):
+            return RGBChannel(self._own(layer.layer), layer.index)
+        mine = self.viewer.layers[layer.name] if layer.name in self.viewer.layers else None
+        if mine is None or _unwrapped(mine) is not _unwrapped(layer):
+            raise PhenotwinError(f"layer {layer.name!r} of that result is gone; translate again.")
+        return mine
+
+    def _choose(self, members: list):
+        """One 2-D layer as itself; several (or a plane of a stack, an RGB channel) as a group, read as
+        Translate read them: the plane shown. A group is kept, and offered while its layers exist."""
+        from napari.layers import Image
+
+        members = [self._own(member) for member in members]
+        if len(members) == 1 and isinstance(members[0], Image) and members[0].ndim == 2 and not members[0].rgb:
+            return members[0]
+        group = ChannelGroup(tuple(members))
+        same = next((g for g in self._groups if g.key() == group.key()), None)
+        if same is None:
+            self._groups.append(group)
+        return same or group
 
     def _on_done(self, result) -> None:
         from phenotwin.explain.effects import draw_forest
