@@ -790,6 +790,58 @@ def test_per_cell_mode_scores_cells_in_a_new_labels_layer(viewer_and_widget, qtb
 
 
 @requires_display
+def test_explain_change_opens_the_explain_dock_on_the_per_cell_result(viewer_and_widget, qtbot):
+    """The results' "Explain change…" hands a per-cell run to the Explain change dock: its pickers name
+    the run's layers (a channel layer each, as one choice), it measures the run's very cells, and a
+    second press reuses the dock. A whole-image result has nothing to explain cell by cell."""
+    from phenotwin._napari import explain_widget
+    from phenotwin.explain.pipeline import feature_key
+
+    viewer, widget, sources = viewer_and_widget
+    cells = np.zeros((32, 32), dtype=np.int32)
+    for label, (y, x) in {1: (2, 2), 2: (2, 17), 4: (17, 2), 7: (17, 17)}.items():
+        cells[y:y + 13, x:x + 13] = label
+    user_labels = viewer.add_labels(cells, name="cells", scale=(0.5, 0.5), translate=(10, 20))
+    widget.cells.value = user_labels
+    widget.steps.value = 4
+    assert not widget.results.explain_button.enabled  # nothing translated yet
+    run_and_wait(qtbot, widget)
+    result = widget.last_result
+    assert widget.results.explain_button.enabled
+    widget.results.explain_button.native.click()
+    docks = [w for w in explain_widget._open_docks if w.viewer.__wrapped__ is viewer]
+    assert len(docks) == 1
+    dock = docks[0]
+    assert dock.source.value.name == "ctrl nucleus + ctrl golgi"
+    assert dock.translated.value.name == "ctrl nucleus → nocodazole + ctrl golgi → nocodazole"
+    assert dock.cells.value.name == "cells scores"  # the run's own cells (the plane it scored)
+    names = model_registry.channel_names(widget.translator)
+    assert dock.channel_names.value.split() == [feature_key(name) for name in names]
+    qtbot.waitUntil(lambda: dock._worker is None, timeout=120_000)
+    changes = dock.changes
+    assert changes is not None, dock.status.value
+    assert [int(row["label"]) for row in changes.before] == [row["label"] for row in result.scores] == [1, 2, 4, 7]
+    np.testing.assert_array_equal(changes.labels, cells)
+    assert not changes.segmented and explain_widget.CELLS_LAYER not in viewer.layers
+    np.testing.assert_array_equal(dock._read(dock.translated.value), result.image)  # the translation of this run
+    np.testing.assert_array_equal(dock._read(dock.source.value), np.stack([layer.data for layer in sources]))
+    assert dock.table.rowCount() == len(changes.effects) > 0
+    shown = {dock.table.item(row, 0).text().split(" ")[0] for row in range(dock.table.rowCount())}
+    assert {feature_key(name) for name in names} <= shown  # every channel's features, by the model's names
+    assert dock.status.value.startswith("4 cells measured")
+    np.testing.assert_array_equal(user_labels.data, cells)  # the user's layers are never changed
+    assert "phenotwin" not in user_labels.metadata
+
+    widget.results.explain_button.native.click()  # again: the same dock, run again
+    assert [w for w in explain_widget._open_docks if w.viewer.__wrapped__ is viewer] == [dock]
+    qtbot.waitUntil(lambda: dock._worker is None, timeout=120_000)
+
+    widget.cells.value = None  # a whole image: the button is off
+    run_and_wait(qtbot, widget)
+    assert widget.last_result is not result and not widget.results.explain_button.enabled
+
+
+@requires_display
 def test_all_planes_of_a_stack_give_results_of_the_stack_shape(viewer_and_widget, qtbot, cells):
     viewer, widget, _ = viewer_and_widget
     rng = np.random.default_rng(1)

@@ -10,7 +10,7 @@ layer that happens to share a name is never touched.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -271,6 +271,8 @@ class Shown:
     status: str
     several: bool  # many cells or planes: the dock's verdict is the worst of them
     top_cells: str | None = None  # per-cell runs: the most changed cells, and the colours' legend
+    translations: list[Image] = field(default_factory=list)  # a layer per channel, in channel order
+    cells: Labels | None = None  # per-cell runs: the cells scored (the plane's labels), coloured by change
 
 
 def show_result(viewer: napari.Viewer, result, sources: SourcePlanes) -> Shown:
@@ -278,35 +280,39 @@ def show_result(viewer: napari.Viewer, result, sources: SourcePlanes) -> Shown:
     from phenotwin.stacks import StackTranslation
 
     meta = result.metadata() if callable(result.metadata) else result.metadata
-    top_cells = None
+    top_cells = cells = None
     if sources.labels is not None:  # a CellTranslation
         meta = {**meta, "cells_layer": sources.cells_name}
-        _show_images(viewer, result.image, result.heatmap, meta, sources)
-        top_cells = _show_cells(viewer, result, meta, sources)
+        translations = _show_images(viewer, result.image, result.heatmap, meta, sources)
+        top_cells, cells = _show_cells(viewer, result, meta, sources)
         described = f"{len(result.scores)} cells"
     else:
-        _show_images(viewer, result.image, result.heatmap, meta, sources)
+        translations = _show_images(viewer, result.image, result.heatmap, meta, sources)
         described = f"{meta['planes']} planes" if isinstance(result, StackTranslation) else "image"
     status = (f"{described.capitalize()}: {meta['source']} → {meta['target']} at strength "
               f"{meta['strength']:.2f} ({meta['steps']} steps).")
-    return Shown(status, described != "image", top_cells)
+    return Shown(status, described != "image", top_cells, translations, cells)
 
 
-def _show_images(viewer, translated: np.ndarray, heat: np.ndarray, meta: dict[str, Any], sources: SourcePlanes):
-    """Translation layers (one per channel, styled like its source) and the heatmap."""
+def _show_images(viewer, translated: np.ndarray, heat: np.ndarray, meta: dict[str, Any], sources: SourcePlanes
+                 ) -> list[Image]:
+    """Translation layers (one per channel, styled like its source) and the heatmap; the translation layers."""
     meta = {**meta, "source_layers": sources.names}
+    shown = []
     for c, (layer, name, rgb) in enumerate(zip(sources.layers, sources.names, sources.rgb_index)):
         style = {"colormap": layer.colormap, "blending": layer.blending} if rgb is None else \
             {"colormap": RGB_COLORMAPS[rgb], "blending": "additive"}
-        _put_layer(viewer, f"{name} → {meta['target']}", translated[c], "translation", meta, sources,
-                   contrast_limits=layer.contrast_limits, gamma=layer.gamma, **style)
+        shown.append(_put_layer(viewer, f"{name} → {meta['target']}", translated[c], "translation", meta, sources,
+                                contrast_limits=layer.contrast_limits, gamma=layer.gamma, **style))
     top = float(np.percentile(heat, 99.5)) if heat.size else 0.0
     _put_layer(viewer, f"{_common_name(sources.names)} Δ", heat, "heatmap", meta, sources, colormap="inferno",
                blending="additive", opacity=0.8, contrast_limits=(0.0, max(top, 1e-3)))
+    return shown
 
 
-def _show_cells(viewer, result: CellTranslation, meta: dict[str, Any], sources: SourcePlanes) -> str:
-    """A new Labels layer (the user's is never touched) with the scores as features, coloured by change."""
+def _show_cells(viewer, result: CellTranslation, meta: dict[str, Any], sources: SourcePlanes) -> tuple[str, Labels]:
+    """A new Labels layer (the user's is never touched) with the scores as features, coloured by change;
+    the most changed cells in words, and the layer."""
     from matplotlib import colormaps
     from napari.utils.colormaps import DirectLabelColormap
 
@@ -321,18 +327,19 @@ def _show_cells(viewer, result: CellTranslation, meta: dict[str, Any], sources: 
     existing = viewer.layers[layer_name] if layer_name in viewer.layers else None
     if existing is not None and role(existing) == "cell-scores":
         viewer.layers.remove(existing)
-    viewer.add_labels(sources.labels, name=layer_name, features=features,
+    layer = viewer.add_labels(sources.labels, name=layer_name, features=features,
                       metadata={ROLE_KEY: {"role": "cell-scores", **meta}}, opacity=0.6,
                       colormap=DirectLabelColormap(color_dict=colors), scale=sources.scale,
                       translate=sources.translate)
     ranked = sorted(result.scores, key=lambda row: row["change"], reverse=True)[:TOP_CELLS]
     return (f"Cell colours (viridis): dark purple = no change, yellow = the most, {top:.3f}.\n"
-            "Most changed cells (label: change):\n" + "\n".join(f"{row['label']}: {row['change']:.3f}" for row in ranked))
+            "Most changed cells (label: change):\n" + "\n".join(f"{row['label']}: {row['change']:.3f}" for row in ranked)
+            ), layer
 
 
 def _put_layer(viewer, name: str, data: np.ndarray, kind: str, meta: dict[str, Any], sources: SourcePlanes,
-               **style) -> None:
-    """Update our result layer in place if it still exists, else add it with the source's geometry."""
+               **style):
+    """Update our result layer in place if it still exists, else add it with the source's geometry; the layer."""
     metadata = {ROLE_KEY: {"role": kind, **meta}}
     existing = viewer.layers[name] if name in viewer.layers else None
     if existing is not None and role(existing) != kind:
@@ -348,8 +355,8 @@ def _put_layer(viewer, name: str, data: np.ndarray, kind: str, meta: dict[str, A
             setattr(existing, key, value)  # the source's geometry, should it have changed since
         if kind == "heatmap":
             existing.contrast_limits = style["contrast_limits"]
-        return
-    viewer.add_image(data, name=name, scale=sources.scale, translate=sources.translate, metadata=metadata, **units,
+        return existing
+    return viewer.add_image(data, name=name, scale=sources.scale, translate=sources.translate, metadata=metadata, **units,
                      **style)
 
 

@@ -3,7 +3,8 @@
 Two lines judge the result in the library's words (`verdict`): the input's fit and the
 model's trust verdict; a bad fit is also a napari notification, once per run. The view
 controls are one `views.ResultView` state: Before / after (two states), the heatmap's own
-toggle, side by side. Per-cell runs add their most changed cells and a CSV export.
+toggle, side by side. Per-cell runs add their most changed cells, a CSV export, and "Explain change…",
+which hands the run's layers to the Explain change dock.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class ResultsPanel(widgets.Container):
         self.sources: layers.SourcePlanes | None = None  # of the result shown
         self.result = None  # the result shown (its settings are saved with it)
         self.cell_result = None
+        self._cell_run: tuple | None = None  # (sources, Shown, channel names) of the per-cell result shown
         self.verdict: Verdict | None = None
         self._notified: tuple | None = None
         self.fit_line = widgets.Label(value="", visible=False)
@@ -52,6 +54,10 @@ class ResultsPanel(widgets.Container):
                     "to the window. Your other layers are hidden meanwhile and shown again afterwards.")
         self.export_button = widgets.PushButton(
             text="Export CSV…", enabled=False, tooltip="Save the per-cell scores, with the settings, as CSV.")
+        self.explain_button = widgets.PushButton(
+            text="Explain change…", enabled=False,
+            tooltip="What changed in each cell (size, shape, intensity, texture, fragments...), with confidence "
+                    "intervals: opens the Explain change dock on this run's images, translation and cells.")
         self.keep_button = widgets.PushButton(
             text="Keep this result", enabled=False,
             tooltip="Pin the result as layers of its own: the next run makes new layers instead of updating these.")
@@ -60,13 +66,14 @@ class ResultsPanel(widgets.Container):
             tooltip="Save the translation and the heatmap as one OME-TIFF with every setting and the provenance; "
                     "File › Open (this plugin's reader) shows it again, styled, with its metadata.")
         self.extend([self.fit_line, self.quality, self.top_cells, self.before_after, self.heatmap, self.side_by_side,
-                     self.export_button, self.keep_button, self.save_button])
+                     self.export_button, self.explain_button, self.keep_button, self.save_button])
         for label in (self.fit_line, self.quality, self.top_cells):
             label.native.setWordWrap(True)
         self.before_after.changed.connect(lambda value: self._set(after=value == AFTER))
         self.heatmap.changed.connect(lambda on: self._set(heatmap=on))
         self.side_by_side.changed.connect(lambda on: self._set(grid=on))
         self.export_button.changed.connect(self._ask_csv_path)
+        self.explain_button.changed.connect(self.explain)
         self.keep_button.changed.connect(self.keep)
         self.save_button.changed.connect(self._ask_tiff_path)
 
@@ -83,12 +90,41 @@ class ResultsPanel(widgets.Container):
             show_warning(judged.fit_line or judged.quality_line)
         for control in (self.before_after, self.heatmap, self.side_by_side, self.keep_button, self.save_button):
             control.enabled = True
+        if self.cell_result is not result:  # a whole image or a stack: nothing cell by cell to explain
+            self._cell_run = None
+        self.explain_button.enabled = self._cell_run is not None
         self.apply()
 
-    def show_cells(self, result, top_cells: str) -> None:
+    def show_cells(self, result, shown: layers.Shown, sources: layers.SourcePlanes, channel_names: list[str]) -> None:
+        """A per-cell result (before `show_result`): its most changed cells, and what Explain will need."""
         self.cell_result = result
-        self.top_cells.value, self.top_cells.visible = top_cells, True
+        self._cell_run = (sources, shown, list(channel_names))
+        self.top_cells.value, self.top_cells.visible = shown.top_cells, True
         self.export_button.enabled = True
+
+    def explain(self, *_):
+        """Open (or reuse) the viewer's Explain change dock on the per-cell run shown; the dock, or None.
+
+        It starts at once rather than waiting for its own button: the user asked to explain this
+        result, everything the dock needs is known from the run (its layers, cells and the model's
+        channel names), and measuring the cells is quick, runs in the background and can be
+        cancelled. Real images of both conditions, for the model of the condition, can be added
+        there and the dock run again."""
+        from phenotwin._napari.explain_widget import explain_dock
+
+        if self._cell_run is None:
+            show_warning("Explain change needs a per-cell result: choose a Cells (labels) layer and press Translate.")
+            return None
+        sources, shown, names = self._cell_run
+        choices = [layer if index is None else layers.RGBChannel(layer, index)
+                   for layer, index in zip(sources.layers, sources.rgb_index)]
+        try:
+            dock = explain_dock(self.viewer)
+            dock.explain_run(choices, shown.translations, shown.cells, names)
+        except PhenotwinError as err:
+            show_error(f"Cannot explain: {err}")
+            return None
+        return dock
 
     def _set(self, **state) -> None:
         for name, value in state.items():

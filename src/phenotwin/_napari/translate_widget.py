@@ -292,7 +292,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.strength.enabled, self.slider_info.visible = not shown.several, shown.several
         self.slider_info.value = SLIDER_OFF
         if shown.top_cells is not None:
-            self.results.show_cells(result, shown.top_cells)
+            self.results.show_cells(result, shown, sources, model_registry.channel_names(self.translator))
         self.results.show_result(result, sources, shown.several)
         self.translated.emit(result)
 
