@@ -218,6 +218,8 @@ class ExplainWidget(ScrollableDock, Container):
         Several one-channel layers become one choice, 'a + b', read as one image (as Translate read
         them); `channel_names` are the model's. A layer of this viewer is looked up by name (napari
         hands each dock its own proxy of the viewer), and refused if it is gone."""
+        from phenotwin.explain.pipeline import feature_key
+
         if self._worker is not None:
             show_warning("Explain change is still measuring; Cancel it or wait, then press Explain change again.")
             return False
@@ -225,11 +227,9 @@ class ExplainWidget(ScrollableDock, Container):
         cell_layer = self._own(cells)
         self._refresh_choices()
         self.source.value, self.translated.value, self.cells.value = source, translated, cell_layer
-        from phenotwin.explain.pipeline import feature_key
-
         self.channel_names.value = " ".join(feature_key(name) for name in channel_names)  # one word each
         nucleus = next((c for c, name in enumerate(channel_names) if NUCLEAR.search(name)), None)
-        if nucleus is not None:  # else the dock's own setting stays: the names do not say
+        if nucleus is not None and nucleus <= self.nucleus_channel.max:  # else the dock's setting stays
             self.nucleus_channel.value = nucleus
         return self.start()
 
