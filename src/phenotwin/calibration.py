@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from phenotwin.errors import PhenotwinError
+from phenotwin.evaluate.classifier import CLASSIFIER_EPOCHS, CLASSIFIER_IMAGES
 from phenotwin.progress import Progress, Steps, relabel
 
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)
@@ -42,10 +43,6 @@ FLIP_SLACK = 0.05
 # its flip rates to choose anything: every setting "fails to flip" and the smallest change (none)
 # would win. The defaults are then kept, and the calibration says why.
 MIN_CLASSIFIER_ACCURACY = 0.8
-# What the flip-rate classifier learns from: 64 images a condition for 8 epochs told the subtle
-# phenotype apart 65% of the time (held out), 400 for 20 epochs 86% (75 s on a busy 2-core CPU).
-CLASSIFIER_IMAGES = 400
-CLASSIFIER_EPOCHS = 20
 CALIBRATION_VERSION = 1
 
 
@@ -118,7 +115,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
 
     if sweep and classifier is None:
         yield Progress("classifier", 0, 1)
-        classifier, _ = condition_classifier(translator, data, classifier_epochs, seed)
+        classifier, _ = condition_classifier(translator, data, seed, classifier_epochs)
         yield Progress("classifier", 1, 1)
 
     total = unet_calls(translator, data, n, step_counts, sweep)
@@ -283,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
 
         examples = load_eval_folder(args.classifier_data or args.data, translator.image_size, translator.channels,
                                     CLASSIFIER_IMAGES)
-        classifier, _ = condition_classifier(translator, examples, CLASSIFIER_EPOCHS, args.seed)
+        classifier, _ = condition_classifier(translator, examples, args.seed)
     record = drive(calibrate_steps(translator, data, n=args.n, step_counts=args.steps, sweep=not args.no_sweep,
                                    seed=args.seed, classifier=classifier), tqdm_steps("calibrate"))
     statistics, normalization = None, translator.info.normalization

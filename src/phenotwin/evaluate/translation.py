@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from phenotwin.errors import PhenotwinError
+from phenotwin.evaluate.classifier import CLASSIFIER_EPOCHS, CLASSIFIER_IMAGES
 from phenotwin.evaluate.metrics import (
     auroc,
     counterfactual_ratio,
@@ -140,11 +141,12 @@ def require_conditions(translator, data: EvalSet) -> None:
                              f"images of every condition it knows ({', '.join(translator.classes)}).")
 
 
-def condition_classifier(translator, data: EvalSet, epochs: int, seed: int):
-    """The condition classifier trained on `data`'s real images (model range), and those images by condition."""
+def condition_classifier(translator, data: EvalSet, seed: int, epochs: int = CLASSIFIER_EPOCHS):
+    """The condition classifier trained on up to CLASSIFIER_IMAGES of each condition of `data` (model
+    range), and those images by condition."""
     from phenotwin.evaluate.classifier import train_classifier
 
-    real = {c: translator.processor.to_model_range(data.images[c]) for c in translator.classes}
+    real = {c: translator.processor.to_model_range(data.images[c][:CLASSIFIER_IMAGES]) for c in translator.classes}
     labels = np.concatenate([np.full(len(real[c]), i) for i, c in enumerate(translator.classes)])
     return train_classifier(np.concatenate(list(real.values())), labels, translator.classes, epochs=epochs,
                             seed=seed), real
@@ -153,7 +155,7 @@ def condition_classifier(translator, data: EvalSet, epochs: int, seed: int):
 def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None = None, n: int = 16,
                       steps: int | None = None, strengths=None, source: str | None = None, target: str | None = None,
                       inception_weights=None, seed: int = 0, guidance: float | None = None,
-                      classifier_epochs: int = 8, confine: bool | None = None, features=None) -> Steps[dict]:
+                      classifier_epochs: int = CLASSIFIER_EPOCHS, confine: bool | None = None, features=None) -> Steps[dict]:
     """Evaluate `translator` on `data` (see the module docstring); returns the JSON-ready result.
 
     `features` (an encoder folder of `phenotwin embed train`) adds FID/KID in its feature space, offline.
@@ -177,7 +179,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
 
     yield Progress("classifier", 0, 1)
     reference = classifier_data or data
-    classifier, real = condition_classifier(translator, reference, classifier_epochs, seed)
+    classifier, real = condition_classifier(translator, reference, seed, classifier_epochs)
     yield Progress("classifier", 1, 1)
 
     per_image = steps + sum(rung.used_steps for rung in rungs) + CONFINE_CALLS * confine

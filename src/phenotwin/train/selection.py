@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from phenotwin.calibration import CLASSIFIER_EPOCHS, CLASSIFIER_IMAGES, FLIP_SLACK
+from phenotwin.calibration import FLIP_SLACK
 from phenotwin.checkpoint import TRAINING_DIR
+from phenotwin.evaluate.classifier import CLASSIFIER_EPOCHS, CLASSIFIER_IMAGES
 from phenotwin.train.config import TrainProgress
 from phenotwin.train.state import CANDIDATES_DIR, seconds_per_step
 
