@@ -516,6 +516,33 @@ def test_a_garbage_input_never_reads_fair_or_good(make_napari_viewer, qtbot, mon
 
 
 @requires_display
+def test_the_match_intensities_box_fits_a_rescaled_image_and_says_so(make_napari_viewer, qtbot):
+    """A real cell exported as a [0, 1] float does not fit the demo model; ticking Match intensities
+    maps its percentiles onto the training range: it fits, a new inversion is made (the cached one
+    saw other pixels), the result records the matching, and the user's layer is left as it was."""
+    from phenotwin.synthetic import make_pairs
+
+    viewer = make_napari_viewer()
+    cell = make_pairs(1, size=64, channels=2, seed=0, start=100_000).control[0].astype(np.float32)  # [0, 1]
+    layers = viewer.add_image(cell.copy(), channel_axis=0, name=["nucleus", "golgi"])
+    widget = TranslateWidget(viewer)
+    widget.prefetch.value = False
+    viewer.window.add_dock_widget(widget)
+    wait_until(qtbot, lambda: widget.translator is not None)
+    widget.steps.value = 2
+    run_and_wait(qtbot, widget)
+    assert widget.last_result.fit.level == "does-not-fit" and "does not fit" in widget.results.fit_line.value
+    unmatched = widget.last_result.inversion
+    widget.match_intensities.value = True
+    run_and_wait(qtbot, widget)
+    result = widget.last_result
+    assert result.fit.level == "ok" and result.fit.matched and result.inversion is not unmatched
+    assert result.metadata()["match_intensities"] is True
+    assert "does not fit" not in widget.results.fit_line.value
+    np.testing.assert_array_equal(np.stack([layer.data for layer in layers]), cell)
+
+
+@requires_display
 def test_plugin_machinery_opens_the_widget_and_loads_sample_data(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-phenotwin", "demo-scene")

@@ -121,7 +121,7 @@ class TranslationSession:
 
     def plan(self, request: RunRequest) -> cost.RunPlan:
         """The model calls `request` would make (none for a cached inversion) and their estimated seconds."""
-        key = (self.translator.checkpoint_id, request.fingerprint, request.settings.source, request.settings.steps)
+        key = self._inversion_key(self.translator, request)
         cached = request.labels is None and request.image.ndim == 3 and key == self._inversion_key
         depth = self.inversion.depth if cached and self.inversion is not None else 0
         return cost.plan_run(self.translator, request.image, request.settings, request.labels, depth)
@@ -227,6 +227,13 @@ class TranslationSession:
             settings, self._pending_scrub = self._pending_scrub, None
             self._start_scrub(settings)
 
+    @staticmethod
+    def _inversion_key(translator: Translator, request: RunRequest) -> tuple:
+        """What a cached inversion depends on: the model, the pixels, the source condition, the steps
+        and whether the intensities were matched (matching changes what the model sees)."""
+        s = request.settings
+        return translator.checkpoint_id, request.fingerprint, s.source, s.steps, s.match_intensities
+
     def _build(self, request: RunRequest) -> tuple[Generator, tuple | None]:
         """The run's steps, its inputs checked now; and the inversion key when its inversion can be scrubbed."""
         translator, settings = self.translator, request.settings
@@ -240,10 +247,10 @@ class TranslationSession:
             from phenotwin.stacks import translate_stack_steps
 
             return translate_stack_steps(translator, request.image, settings), None
-        key = (translator.checkpoint_id, request.fingerprint, settings.source, settings.steps)
+        key = self._inversion_key(translator, request)
         inversion = self.inversion if key == self._inversion_key else None
         inverting = None if inversion is not None else translator.invert_steps(
-            request.image, settings.source, settings.steps, channel_axis=0, strength=settings.strength)
+            request.image, channel_axis=0, settings=settings, strength=settings.strength)
         return _invert_then_generate(translator, inverting, inversion, settings), key
 
     def _start_run(self, request: RunRequest, built: tuple[Generator, tuple | None] | None = None) -> None:

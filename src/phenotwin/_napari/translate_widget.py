@@ -93,6 +93,11 @@ class TranslateWidget(ScrollableDock, widgets.Container):
             tooltip="Keep the change only where the model's predictions under the two conditions disagree (a soft "
                     "mask per channel): what the condition does not touch stays (almost) as it was. Switching it "
                     "costs no new diffusion steps.")
+        self.match_intensities = widgets.CheckBox(
+            text="Match intensities to the training images", value=False,
+            tooltip="For images from another microscope setting: map the image's own percentiles onto the "
+                    "intensities the model was trained on. Off by default; recorded with the result. Use it only when "
+                    "the Input line says the image does not fit and re-acquiring is not possible.")
         self.seed = widgets.SpinBox(label="Seed", min=0, max=2**31 - 1)
         self.run_button = widgets.PushButton(text="Translate")
         self.cancel_button = widgets.PushButton(text="Cancel", enabled=False)
@@ -105,8 +110,8 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.extend([
             self.help, self.model_path, self.load_button, self.model_info, self.conditions_note, self.channel_pickers,
             self.channel_pickers.note, self.axes_info, self.planes, self.cells, self.source, self.target, self.strength,
-            self.slider_info, self.prefetch, self.prefetch_info, self.steps, self.guidance, self.confine, self.seed,
-            self.run_button, self.cancel_button, self.progress_bar, self.status, self.results,
+            self.slider_info, self.prefetch, self.prefetch_info, self.steps, self.guidance, self.confine, self.match_intensities,
+            self.seed, self.run_button, self.cancel_button, self.progress_bar, self.status, self.results,
         ])
         for label in (self.model_info, self.status, self.prefetch_info, self.axes_info, self.slider_info):
             label.native.setWordWrap(True)
@@ -156,7 +161,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         """The controls as the one settings object (read on the GUI thread, never from a worker)."""
         return TranslationSettings(source=self.source.value, target=self.target.value, strength=self.strength.value,
                                    steps=self.steps.value, guidance=self.guidance.value, confine=self.confine.value,
-                                   seed=self.seed.value)
+                                   seed=self.seed.value, match_intensities=self.match_intensities.value)
 
     # -- model and layer choices --------------------------------------------------------------
 
