@@ -7,7 +7,13 @@ ranks. Model calls per image: the inversion's steps x (1 + refinements) plus the
 generation's steps (the reconstruction rides in the batch of the target's generation).
 
     python benchmarks/reconstruction_levers.py [--checkpoint DIR] [--data DIR] [-n 6]
-        [--steps 50 100 200] [--refinements 0 1 2] [--strengths 0.5 1.0] [--json out.json]
+        [--steps 50 100 200] [--refinements 0 1 2] [--strengths 0.5 1.0] [--exact] [--json out.json]
+
+`--exact` adds an exact inversion (BDIA-DDIM, Zhang et al. 2023: a leapfrog of DDIM moves that can
+be run backwards exactly, the same model calls as DDIM) at full strength, on the held-out images
+and on inputs the model was never made for (noise, a flat image, scikit-image's `cell()`): the
+question is not only how high the PSNR goes, but whether the reconstruction still tells a good
+input from garbage, since it is the trust signal every result reports.
 
 Without --data the held-out cells are synthetic pairs of the model's phenotype in camera
 units (indices from 500 000, never trained on). With --data (one subfolder per condition),
@@ -70,6 +76,93 @@ def measure(checkpoint, images, steps_list, refinements_list, strengths) -> list
     return rows
 
 
+def _ddim_move(scheduler, output, sample, t_from: int, t_to: int | None):
+    """DDIM from level t_from to t_to (None: the clean image) with the model's output at t_from."""
+    alphas = scheduler.alphas_cumprod.to(sample.device, sample.dtype)
+    a_from = alphas[t_from]
+    a_to = alphas.new_tensor(1.0) if t_to is None else alphas[t_to]
+    if scheduler.config.prediction_type == "v_prediction":
+        x0 = a_from.sqrt() * sample - (1 - a_from).sqrt() * output
+        eps = a_from.sqrt() * output + (1 - a_from).sqrt() * sample
+    else:
+        eps = output
+        x0 = (sample - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+    return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
+
+
+def bdia_reconstruction(translator, image, source: str, steps: int) -> float:
+    """Reconstruction PSNR of an exact (BDIA, gamma = 1) inversion and regeneration under `source`, full depth.
+
+    Written here, not in the pipeline, to measure the lever: z_(i+1) = z_(i-1) + D(z_i: t_i -> t_(i+1))
+    - D(z_i: t_i -> t_(i-1)) inverts the leapfrog z_(i-1) = z_(i+1) - D(..-> t_(i+1)) + D(..-> t_(i-1))
+    exactly; only the first inversion step (a plain inverse DDIM step) is approximate."""
+    import torch
+
+    from phenotwin.pipeline.heatmap import psnr
+
+    diffusion = translator.diffusion
+    _, sampler = diffusion.schedulers(steps)
+    levels = [int(t) for t in sampler.timesteps.flip(0)]  # rising: level of state 1 .. state `steps`
+    label = diffusion.labels([translator.classes.index(source)])
+    prepared = translator.processor.preprocess(image, 0)
+    clean, _ = diffusion.encode(prepared.model_input)
+
+    def level(i):  # state i's noise level; state 0 is the clean image
+        return None if i == 0 else levels[i - 1]
+
+    def model(z, i):
+        with torch.inference_mode():
+            return diffusion.denoiser.predict(z, level(i), label)
+
+    def move(z, out, i, j):
+        return _ddim_move(sampler, out, z, level(i), level(j))
+
+    inverse, _ = diffusion.schedulers(steps)
+    states = [clean, diffusion.step(inverse, clean, inverse.timesteps[0], label)]  # the pipeline's first step
+    for i in range(1, steps):
+        out = model(states[i], i)
+        states.append(states[i - 1] + move(states[i], out, i, i + 1) - move(states[i], out, i, i - 1))
+    z_next, z = states[steps], states[steps - 1]  # generation runs the leapfrog back down from the top pair
+    for i in range(steps - 1, 0, -1):
+        out = model(z, i)
+        z_next, z = z, z_next - move(z, out, i, i + 1) + move(z, out, i, i - 1)
+    reconstruction = diffusion.decode(z)[0]
+    return float(psnr(prepared.model_input, reconstruction))
+
+
+def exact_inversion(translator, images, steps_list) -> list[dict]:
+    """BDIA against DDIM at full strength, on held-out images and on garbage of the model's shape."""
+    import numpy as np
+    from skimage import data as skdata
+    from skimage.transform import resize
+
+    size, channels = translator.image_size, translator.channels
+    rng = np.random.default_rng(0)
+    low, high = (np.asarray(translator.info.normalization[k], float) for k in ("low", "high"))
+    span = (high - low)[:, None, None]
+    cell = resize(skdata.cell().astype(float) / 255, (size, size), anti_aliasing=True)
+    garbage = {
+        "noise": low[:, None, None] + span * rng.random((channels, size, size)),
+        "flat": low[:, None, None] + 0.5 * span * np.ones((channels, size, size)),
+        "skimage cell()": low[:, None, None] + span * np.stack([cell] * channels),
+    }
+    source = translator.classes[0]
+    rows = []
+    for steps in steps_list:
+        for name, inputs in [("held-out", [im for batch in images.values() for im in batch])] + [
+                (key, [value]) for key, value in garbage.items()]:
+            ddim = [float(translator.translate(im, source, translator.classes[1], strength=1.0, steps=steps,
+                                               guidance=0.0, confine=False, channel_axis=0).reconstruction_psnr)
+                    for im in inputs]
+            exact = [bdia_reconstruction(translator, im, source, steps) for im in inputs]
+            rows.append({"steps": steps, "input": name, "images": len(inputs), "ddim_psnr_mean": float(np.mean(ddim)),
+                         "ddim_psnr_min": float(np.min(ddim)), "exact_psnr_mean": float(np.mean(exact)),
+                         "exact_psnr_min": float(np.min(exact))})
+            print(f"steps {steps} {name}: DDIM {np.mean(ddim):.1f} dB, exact (BDIA) {np.mean(exact):.1f} dB",
+                  flush=True)
+    return rows
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| steps | refinements | strength | model calls per image | PSNR mean (min) |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["strength"], r["calls"])):
@@ -86,6 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--refinements", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument("--exact", action="store_true", help="also an exact (BDIA) inversion, on garbage too")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -95,11 +189,19 @@ def main(argv=None) -> int:
     checkpoint = args.checkpoint or demo_model_path()
     from phenotwin import Translator
 
-    images = held_out(Translator(checkpoint, device="cpu"), args.data, args.n)
+    translator = Translator(checkpoint, device="cpu")
+    images = held_out(translator, args.data, args.n)
+    exact = []
+    if args.exact:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the garbage inputs do not fit, on purpose
+            exact = exact_inversion(translator, images, args.steps)
     rows = measure(checkpoint, images, args.steps, args.refinements, args.strengths)
     print(markdown(rows))
     if args.json:
-        write_json(args.json, {"checkpoint": str(checkpoint), "rows": rows})
+        write_json(args.json, {"checkpoint": str(checkpoint), "rows": rows, "exact": exact})
     return 0
 
 
