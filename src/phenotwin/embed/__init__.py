@@ -15,5 +15,6 @@ fid.py       FID/KID of translations in the encoder's features (`phenotwin evalu
 affinity_vae.py  the phenotype map: a VAE with a pose angle, cyclical beta and the affinity loss
 map_check.py `phenotwin embed map-check`: the Affinity-VAE against a plain VAE on synthetic cells
 phenomap.py  what the Phenotype map dock shows: cells and translations projected to 2-D (Qt-free)
+datamap.py   `phenotwin embed map`: a data folder on the map (same projection), measured, written with a report
 commands.py  the `phenotwin embed` command
 """

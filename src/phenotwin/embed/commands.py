@@ -1,4 +1,4 @@
-"""`phenotwin embed train` and `phenotwin embed evaluate`: the batch-robust encoder on the command line."""
+"""`phenotwin embed train | evaluate | map | map-check`: the batch-robust encoder and the phenotype map."""
 
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ def add_parser(commands) -> None:
     evaluate.add_argument("--data", type=Path, required=True, help="DIR/<condition>/*.tif with DIR/batches.csv")
     evaluate.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
 
+    add_map_parser(actions)
+
     check = actions.add_parser("map-check", help="the Affinity-VAE phenotype map against a plain VAE on synthetic "
                                "single cells of known rotation")
     check.add_argument("--json", type=Path, required=True, help="file for the measured numbers")
@@ -52,6 +54,54 @@ def add_parser(commands) -> None:
     check.add_argument("--steps", type=int, default=400, help="steps per model (default: %(default)s)")
     check.add_argument("--gamma", type=float, default=1.0, help="weight of the affinity loss (default: %(default)s)")
     check.add_argument("--seed", type=int, default=0)
+
+
+def add_map_parser(actions) -> None:
+    mapping = actions.add_parser(
+        "map", help="a phenotype map of your data: map.png, map.csv, map.json (silhouettes, kNN) and report.md",
+        description="Project the images of DIR/<condition>/* (batches from DIR/batches.csv when present) to 2-D in "
+        "the features of a trained encoder, or of an Affinity-VAE trained here; measure how well the features "
+        "tell conditions and batches apart. See docs/embedding.md.")
+    mapping.add_argument("--data", type=Path, required=True,
+                         help="DIR/<condition>/*.tif, optionally with DIR/batches.csv (file,condition,batch)")
+    mapping.add_argument("--out", type=Path, required=True, help="folder for map.png, map.csv, map.json, report.md")
+    features = mapping.add_mutually_exclusive_group(required=True)
+    features.add_argument("--encoder", type=Path, help="folder written by `phenotwin embed train`")
+    features.add_argument("--vae", action="store_true", help="train an Affinity-VAE on the data and map its content "
+                          "latents (pose left out)")
+    mapping.add_argument("--affinity", type=Path, default=None,
+                         help="with --vae: the conditions' affinity matrix, a CSV (header of condition names)")
+    mapping.add_argument("--affinity-from", type=Path, default=None,
+                         help="with --vae: an encoder folder whose class-mean feature similarities are the affinity")
+    mapping.add_argument("--gamma", type=float, default=1.0,
+                         help="with --vae and an affinity: weight of the affinity loss (default: %(default)s)")
+    mapping.add_argument("--vae-steps", type=int, default=400, help="with --vae: training steps (default: %(default)s)")
+    mapping.add_argument("--vae-size", type=int, default=32,
+                         help="with --vae: the images are resized to this square, a multiple of 8 (default: %(default)s)")
+    mapping.add_argument("--seed", type=int, default=0, help="with --vae: the random stream (default: %(default)s)")
+    mapping.add_argument("--overwrite", action="store_true",
+                         help="replace a map phenotwin wrote in --out (other files there are never replaced)")
+
+
+def run_map(args: argparse.Namespace) -> int:
+    from phenotwin.embed import datamap
+    from phenotwin.errors import PhenotwinError
+    from phenotwin.progress import drive, tqdm_steps
+
+    if not args.vae and (args.affinity or args.affinity_from):
+        raise PhenotwinError("--affinity and --affinity-from shape the Affinity-VAE: add --vae, or leave them out.")
+    datamap.check_out(args.out, args.data, args.overwrite)  # before any work
+    if args.vae:
+        steps = datamap.vae_map_steps(args.data, args.vae_steps, args.vae_size, args.affinity, args.affinity_from,
+                                      args.gamma, args.seed)
+    else:
+        steps = datamap.encoder_map_steps(args.data, args.encoder)
+    result = drive(steps, tqdm_steps("embed map"))
+    report = datamap.write_map(result, args.out, args.overwrite, "phenotwin " + " ".join(sys.argv[1:]))
+    for line in describe(result.metrics):
+        print(line)
+    print(f"wrote {report.parent}")
+    return 0
 
 
 def describe(metrics: dict) -> list[str]:
@@ -81,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         print(f"wrote {out}")
         return 0
+    if args.embed_command == "map":
+        return run_map(args)
     if args.embed_command == "map-check":
         from phenotwin.embed.map_check import map_check_steps
         from phenotwin.io import write_json

@@ -53,16 +53,17 @@ class BatchedImages:
 
 
 def load_batched(root: str | os.PathLike, min_size: int, normalization: dict | None = None,
-                 require_batches: bool = True) -> BatchedImages:
+                 require_batches: bool = True, min_batches: int = 2) -> BatchedImages:
     """DIR/<condition>/* with DIR/batches.csv; `normalization` (an encoder's) replaces the data's own range.
 
-    Without `require_batches` a folder without batches.csv is one batch, "all" (plain SimCLR needs none)."""
+    Without `require_batches` a folder without batches.csv is one batch, "all" (plain SimCLR and a map need
+    none); `min_batches` is how many batches.csv must name (a map can show one)."""
     root = Path(root)
     images = load_condition_folders(root, min_size)
     if not require_batches and not (root / BATCHES_FILE).is_file():
         names = ["all"] * len(images.files)
     else:
-        batch_of = read_batches(root)
+        batch_of = read_batches(root, min_batches)
         names = [batch_of[f.relative_to(root).as_posix()] for f in images.files]
     batch_names = sorted(set(names))
     if normalization is not None:

@@ -29,8 +29,11 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5, folds: in
     return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), _unit(features), labels, cv=split).mean())
 
 
-def feature_report(features: np.ndarray, conditions: np.ndarray, batches: np.ndarray, k: int = 5) -> dict:
-    """kNN accuracy and silhouette (cosine) by condition and by batch, with the chance levels."""
+def feature_report(features: np.ndarray, conditions: np.ndarray, batches: np.ndarray | None = None,
+                   k: int = 5) -> dict:
+    """kNN accuracy and silhouette (cosine) by condition and by batch, with the chance levels.
+
+    Without batches, or with one batch, the batch numbers are left out: nothing to tell apart."""
     from sklearn.metrics import silhouette_score
 
     unit = _unit(features)
@@ -38,13 +41,13 @@ def feature_report(features: np.ndarray, conditions: np.ndarray, batches: np.nda
     def chance(labels):
         return float(np.bincount(np.unique(labels, return_inverse=True)[1]).max() / len(labels))
 
-    return {
-        "images": int(len(features)),
-        "knn_condition_accuracy": knn_accuracy(unit, conditions, k), "condition_chance": chance(conditions),
-        "knn_batch_accuracy": knn_accuracy(unit, batches, k), "batch_chance": chance(batches),
-        "silhouette_condition": float(silhouette_score(unit, conditions, metric="cosine")),
-        "silhouette_batch": float(silhouette_score(unit, batches, metric="cosine")),
-    }
+    report = {"images": int(len(features)),
+              "knn_condition_accuracy": knn_accuracy(unit, conditions, k), "condition_chance": chance(conditions),
+              "silhouette_condition": float(silhouette_score(unit, conditions, metric="cosine"))}
+    if batches is not None and len(np.unique(batches)) > 1:
+        report.update({"knn_batch_accuracy": knn_accuracy(unit, batches, k), "batch_chance": chance(batches),
+                       "silhouette_batch": float(silhouette_score(unit, batches, metric="cosine"))})
+    return report
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -75,6 +75,27 @@ class Encoder:
         span = (np.asarray(norm["high"], np.float32) - np.asarray(norm["low"], np.float32))[None, :, None, None]
         return np.clip((np.asarray(raw, np.float32) - low) / span, 0, 1) * 2 - 1
 
+    def check_fits(self, images: list[np.ndarray], files: list[Path]) -> None:
+        """Refuse (C, H, W) images of another channel count or size than the training images, naming one:
+        features of another size (another scale, another field of view) are not comparable."""
+        where = f"the encoder {self.path}" if self.path else "the encoder"
+        channels = int(self.info["channels"])
+        other = next((k for k, image in enumerate(images) if image.shape[0] != channels), None)
+        if other is not None:
+            raise PhenotwinError(f"{where} was trained on {channels}-channel images; {files[other]} has "
+                                 f"{images[other].shape[0]}. Choose the encoder trained on this kind of image, or "
+                                 "train an encoder on these images (`phenotwin embed train --data DIR --out NEW`).")
+        size = self.info.get("image_size")  # absent in encoders written before it was recorded
+        crop = int(self.info.get("size", 1))
+        other = next((k for k, image in enumerate(images) if (size and list(image.shape[1:]) != list(size))
+                      or min(image.shape[1:]) < crop), None)
+        if other is not None:
+            trained = f"{size[0]}x{size[1]} images" if size else f"{crop}x{crop} crops"
+            raise PhenotwinError(f"{where} was trained on {trained}; {files[other]} is {images[other].shape[1]}x"
+                                 f"{images[other].shape[2]}. Its features are only comparable at the size it learnt: "
+                                 "crop or resize the images to that size, or train an encoder on these images "
+                                 "(`phenotwin embed train --data DIR --out NEW`).")
+
     def features(self, images: np.ndarray, raw: bool = True, batch_size: int = 64) -> np.ndarray:
         """(N, D) float64 features of (N, C, H, W) images (raw units, or model range with raw=False)."""
         import torch

@@ -30,6 +30,34 @@ class PhenotypeMap:
     arrow_sources: list[int]  # the source cell of each arrow
 
 
+@dataclass
+class Projection:
+    """The map's 2-D projection: a PCA (scikit-learn) of the cells' features, shifted and scaled so the
+    cells span [0, span] along the longer axis. The one projection of the dock and of `phenotwin embed map`;
+    translations are placed with the cells' own PCA, so an arrow shows a move in the same space."""
+
+    pca: object
+    origin: np.ndarray
+    scale: float
+
+    @classmethod
+    def fit(cls, features: np.ndarray, span: float = MAP_SPAN) -> Projection:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2, random_state=0).fit(features)
+        coords = pca.transform(features)
+        return cls(pca, coords.min(0), span / max(float(np.ptp(coords, axis=0).max()), 1e-12))
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        """(N, 2) map positions of (N, D) features."""
+        return (self.pca.transform(features) - self.origin) * self.scale
+
+    @property
+    def explained(self) -> list[float]:
+        """The share of the features' variance each of the two axes shows."""
+        return [float(v) for v in self.pca.explained_variance_ratio_]
+
+
 def load_cells(folder) -> tuple[np.ndarray, list[str], list[Path]]:
     """(raw (N, C, H, W) images cropped to the smallest size, their conditions, their files)."""
     from phenotwin.train.data import load_condition_folders
@@ -64,16 +92,12 @@ def _translations(folder, files: list[Path]) -> tuple[list[int], list[Path]]:
 
 def map_steps(encoder_dir, data_folder, translations_folder=None) -> Steps[PhenotypeMap]:
     """Encode the cells (and translations), project them to 2-D; yields a Progress per image."""
-    from sklearn.decomposition import PCA
-
     from phenotwin.embed.model import load_encoder
     from phenotwin.io import read_image
 
     encoder = load_encoder(encoder_dir)
     raw, conditions, files = load_cells(data_folder)
-    if raw.shape[1] != encoder.info["channels"]:
-        raise PhenotwinError(f"the cells have {raw.shape[1]} channel(s), the encoder takes {encoder.info['channels']}; "
-                             "choose the encoder trained on this kind of image.")
+    encoder.check_fits(list(raw), files)
     sources, translated_files = ([], []) if translations_folder is None else _translations(translations_folder, files)
     total = len(raw) + len(translated_files)
     features = []
@@ -87,12 +111,10 @@ def map_steps(encoder_dir, data_folder, translations_folder=None) -> Steps[Pheno
         translated.append(encoder.features(image[None])[0])
         yield Progress("map", len(raw) + k + 1, total)
     features = np.stack(features)
-    pca = PCA(n_components=2, random_state=0).fit(features)
-    coords = pca.transform(features)
-    scale = MAP_SPAN / max(float(np.ptp(coords, axis=0).max()), 1e-12)
-    coords = (coords - coords.min(0)) * scale
+    projection = Projection.fit(features)
+    coords = projection(features)
     arrows = np.zeros((0, 2, 2))
     if translated:
-        ends = (pca.transform(np.stack(translated)) - pca.transform(features).min(0)) * scale
+        ends = projection(np.stack(translated))
         arrows = np.stack([coords[sources], ends - coords[sources]], axis=1)
     return PhenotypeMap(coords, conditions, files, encoder.normalise(raw), arrows, sources)

@@ -121,6 +121,7 @@ def train_steps(config: EmbedConfig, command: str | None = None) -> Steps[Path]:
     info = {"method": config.method, "classes": data.classes, "batches": data.batch_names,
             "channels": data.images.channels, "size": config.size, "width": config.width,
             "projection": config.projection, "normalization": data.images.normalization(),
+            "image_size": image_size(data.images.images),
             "provenance": {"command": command,
                            "data": str(config.data), "data_fingerprint": data.images.fingerprint,
                            "config": asdict(config)}}
@@ -156,6 +157,12 @@ def train_steps(config: EmbedConfig, command: str | None = None) -> Steps[Path]:
     return out
 
 
+def image_size(images) -> list[int] | None:
+    """[height, width] of the training images when they share one (what `embed map` compares), else None."""
+    sizes = {tuple(image.shape[1:]) for image in images}
+    return list(sizes.pop()) if len(sizes) == 1 else None
+
+
 def measure(module, data, device) -> dict:
     """The feature report of every image of `data` (whole images) under `module`."""
     from phenotwin.embed.metrics import feature_report
@@ -164,7 +171,4 @@ def measure(module, data, device) -> dict:
     encoder = Encoder({"channels": data.images.channels, "width": 0}, module.eval())
     features = encoder.features(data.stacked(), raw=False)
     module.train()
-    if len(data.batch_names) < 2:
-        report = feature_report(features, data.labels, data.labels)
-        return {k: v for k, v in report.items() if "batch" not in k}
     return feature_report(features, data.labels, data.batches)
