@@ -44,7 +44,8 @@ def test_explain_writes_the_ranked_change_its_intervals_and_the_models(folders, 
     root, pairs = folders
     out = root / "out"
     code = main(["explain", "--data", str(root / "data"), "--labels", str(root / "labels"), "--translated",
-                 str(root / "trans"), "--out", str(out), "--channel-names", "nucleus", "golgi", "--no-formula"])
+                 str(root / "trans"), "--out", str(out), "--channel-names", "nucleus", "golgi", "--no-formula",
+                 "--vae-steps", "100"])  # the image models at their defaults, but a short β-VAE
     assert code == 0
     cells = int((pairs.cell_labels.reshape(N, -1).max(axis=1)).sum())
     table = rows(out / "features.csv")
@@ -65,9 +66,17 @@ def test_explain_writes_the_ranked_change_its_intervals_and_the_models(folders, 
     top = record["paired"][0]
     report = (out / "report.md").read_text()
     assert f"golgi fragments per cell: {top['difference']:+.3g} [{top['difference_ci'][0]:.3g}," in report
-    models = rows(out / "models.csv")
-    assert [m["name"].split(" ")[0] for m in models] == ["black", "sparse"]
-    assert float(models[1]["relative_to_black_box"]) >= 0.9 and int(models[1]["n_features"]) <= 5
+    forest, cnn, sparse, vae = rows(out / "models.csv")
+    assert forest["name"].startswith("black box (random forest") and cnn["name"].startswith("black box (CNN")
+    assert float(sparse["relative_to_black_box"]) >= 0.9 and int(sparse["n_features"]) <= 5
+    assert 0.5 < float(cnn["accuracy"]) <= 1 and float(cnn["relative_to_cnn"]) == 1.0
+    for model in (forest, sparse, vae):  # every model against both black boxes, on the same held-out cells
+        assert float(model["relative_to_cnn"]) == pytest.approx(float(model["accuracy"]) / float(cnn["accuracy"]))
+        assert float(model["relative_to_black_box"]) == pytest.approx(float(model["accuracy"]) / float(forest["accuracy"]))
+    assert vae["name"].startswith("sparse logistic regression on β-VAE factors") and 1 <= int(vae["n_features"]) <= 5
+    assert record["vae"]["steps"] == 100 and len(record["vae"]["kl_per_factor"]) == 8
+    assert "## β-VAE of the cell crops" in report and "of the CNN" in report
+    assert (out / "vae.png").stat().st_size > 20_000
     assert (out / "forest.png").stat().st_size > 10_000 and not (out / "labels").exists()
     assert "golgi fragments per cell" in capsys.readouterr().out
 
@@ -75,8 +84,8 @@ def test_explain_writes_the_ranked_change_its_intervals_and_the_models(folders, 
 def test_explain_segments_when_no_labels_are_given_and_keeps_them_for_checking(folders):
     root, pairs = folders
     out = root / "segmented"
-    assert main(["explain", "--data", str(root / "data"), "--out", str(out), "-n", "12", "--no-formula",
-                 "--channel-names", "nucleus", "golgi"]) == 0
+    assert main(["explain", "--data", str(root / "data"), "--out", str(out), "-n", "12", "--no-formula", "--no-vae",
+                 "--no-cnn", "--channel-names", "nucleus", "golgi"]) == 0
     labels = tifffile.imread(out / "labels" / "control" / "obvious_0_00000.tif")
     truth = pairs.cell_labels[0]
     assert labels.shape == truth.shape and labels.max() == truth.max()
@@ -88,7 +97,8 @@ def test_explain_segments_when_no_labels_are_given_and_keeps_them_for_checking(f
 
 def test_output_folder_rules(folders, capsys):
     root, _ = folders
-    args = ["explain", "--data", str(root / "data"), "--labels", str(root / "labels"), "-n", "12", "--no-formula"]
+    args = ["explain", "--data", str(root / "data"), "--labels", str(root / "labels"), "-n", "12", "--no-formula",
+            "--no-vae", "--no-cnn"]
     out = root / "rules"
     assert main([*args, "--out", str(out)]) == 0
     (out / "notes.txt").write_text("mine")

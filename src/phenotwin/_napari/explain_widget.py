@@ -40,7 +40,8 @@ TOOLTIPS = {
     "cells": "Cell labels of the source; '(segment here)' segments it and adds the labels to check.",
     "channel_names": "One name per channel, used in the feature names (e.g. nucleus golgi).",
     "nucleus_channel": "Index of the nuclear stain; -1 for none.",
-    "real_data": "Optional: DIR/<condition>/*.tif of real images of both conditions, for the model of the condition.",
+    "real_data": "Optional: DIR/<condition>/*.tif of real images of both conditions, for the model of the condition "
+                 "(with a CNN black box and a β-VAE of the cell crops: about a minute more of CPU).",
     "run_button": "Measure every cell of both images in the background.",
     "cancel_button": "Stop at the next step.",
 }
@@ -277,7 +278,8 @@ class ExplainWidget(ScrollableDock, Container):
         self.canvas.draw_idle()
         lines = []
         if self.explanation is not None:
-            lines = [f"{m.name}: held-out accuracy {m.accuracy:.2f} ({m.relative_to_black_box:.2f} of the black box)"
+            lines = [f"{m.name}: held-out accuracy {m.accuracy:.2f} ({m.relative_to_black_box:.2f} of the random forest"
+                     + (f", {m.relative_to_cnn:.2f} of the CNN" if np.isfinite(m.relative_to_cnn) else "") + ")"
                      + (f"; {m.formula}" if m.formula else "") for m in self.explanation.models]
         self.formula.value = "\n".join(lines)
         self._dock.say(f"{len(changes.before)} cells measured; select a row to mark the cells that changed most.")

@@ -7,6 +7,9 @@ Qt-free (napari's "Explain change" widget and `phenotwin explain` both call it):
 - `effects`: paired effect sizes of a translation against its source and between the real
   conditions, with bootstrap confidence intervals, their agreement, and a forest plot;
 - `models`: a sparse (L1) logistic regression choosing k features, a one-line symbolic
-  formula (gplearn) and a black-box baseline on the same features, with held-out accuracy;
+  formula (gplearn) and two black boxes (a random forest on the same features, `phenotwin
+  evaluate`'s CNN on the cell crops), with held-out accuracy;
+- `crops`, `vae`: the cells' crops and a small β-VAE of them, whose latent factors get the
+  sparse model too, with reconstructions and latent traversals as a figure;
 - `commands`: `phenotwin explain` (folders of images and labels, or `phenotwin translate`'s output).
 """

@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 def add_parser(commands) -> None:
+    from phenotwin.explain.vae import VAE_CPU_SECONDS, VAE_STEPS  # numpy only: torch is imported when it trains
+
     explain = commands.add_parser(
         "explain", help="what changed in each cell, with confidence intervals, and a sparse model and formula",
         description="Measure per-cell features in plain words (shape, intensity, texture, fragments, distance from "
@@ -37,6 +39,13 @@ def add_parser(commands) -> None:
     explain.add_argument("-k", type=int, default=5, help="features the sparse model may use (default: %(default)s)")
     explain.add_argument("--no-formula", action="store_true", help="skip the symbolic formula (its search is the "
                          "slowest part)")
+    explain.add_argument("--no-cnn", action="store_true", help="skip the image black box (the CNN of phenotwin "
+                         "evaluate on the cell crops)")
+    explain.add_argument("--no-vae", action="store_true", help="skip the β-VAE of the cell crops and the sparse "
+                         "model on its factors (about a minute of CPU at the default budget)")
+    explain.add_argument("--vae-steps", type=int, default=None, metavar="STEPS",
+                         help=f"the β-VAE's training steps (default: {VAE_STEPS}, about {VAE_CPU_SECONDS} s of CPU "
+                         "for any number of cells)")
     explain.add_argument("-n", type=int, default=None, help="at most this many images per condition")
     explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--overwrite", action="store_true",
@@ -53,7 +62,8 @@ def run(args: argparse.Namespace, argv=None) -> int:
     nucleus = None if args.nucleus_channel is not None and args.nucleus_channel < 0 else args.nucleus_channel
     result = drive(explain_steps(args.data, translated=args.translated, labels_dir=args.labels, source=args.source,
                                  target=args.target, channel_names=args.channel_names, nucleus_channel=nucleus,
-                                 k=args.k, formula=not args.no_formula, seed=args.seed, max_images=args.n),
+                                 k=args.k, formula=not args.no_formula, seed=args.seed, max_images=args.n,
+                                 cnn=not args.no_cnn, vae=not args.no_vae, vae_steps=args.vae_steps),
                    tqdm_steps("explain"))
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started  # what the work cost, whatever else shares the CPU
@@ -64,8 +74,8 @@ def run(args: argparse.Namespace, argv=None) -> int:
         if effects:
             print(f"{effects[0].kind}: " + "; ".join(e.text() for e in effects[:3]))
     for model in result.models:
-        print(f"{model.name}: held-out accuracy {model.accuracy:.3f} ({model.relative_to_black_box:.2f} of the black "
-              f"box), {model.n_features} feature(s)")
+        print(f"{model.name}: held-out accuracy {model.accuracy:.3f} ({model.relative_to_black_box:.2f} of the random "
+              f"forest, {model.relative_to_cnn:.2f} of the CNN), {model.n_features} feature(s)")
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {report} ({seconds:.0f} s, {cpu_seconds:.0f} s of CPU)")

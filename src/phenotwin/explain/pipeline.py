@@ -6,7 +6,12 @@ each translation came from). Cells come from labels files that mirror the images
 from `features.segment_cells`, whose labels are kept so the user can check them. A translation
 is measured with its source's labels and nuclei: the same cells, so the comparison is paired.
 
-`explain_steps` is a step generator (a `Progress` per image) for the CLI and the napari widget.
+The model of the condition is fitted on the real cells: on their features (`models.fit_models`),
+and on their crops (`crops`): the CNN black box and the β-VAE (`vae`), whose latent factors get
+the same sparse model. All of them use one split of the cells (`models.split`).
+
+`explain_steps` is a step generator (a `Progress` per image, then per stretch of the β-VAE's
+training) for the CLI and the napari widget.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Explanation:
     agreement: dict[str, Any] | None
     models: list[Any]  # models.ConditionModel, on the real cells
     notes: list[str] = field(default_factory=list)  # what was left out, and why
+    vae: Any = None  # vae.VAESummary of the β-VAE on the real cells' crops, if trained
 
 
 def as_channels_first(image: np.ndarray, path: Path) -> np.ndarray:
@@ -137,10 +143,14 @@ def feature_key(name: str) -> str:
 def explain_steps(data: Path, translated: Path | None = None, labels_dir: Path | None = None,
                   source: str | None = None, target: str | None = None, channel_names: list[str] | None = None,
                   nucleus_channel: int | None = 0, k: int = 5, formula: bool = True, seed: int = 0,
-                  max_images: int | None = None) -> Steps[Explanation]:
-    """Read, segment, measure, compare and model; yields a `Progress` per image measured."""
+                  max_images: int | None = None, cnn: bool = True, vae: bool = True,
+                  vae_steps: int | None = None) -> Steps[Explanation]:
+    """Read, segment, measure, compare and model; yields a `Progress` per image measured.
+    `cnn` and `vae` train the image models on the cells' crops (`vae_steps`: the β-VAE's budget)."""
     from phenotwin.explain.models import fit_models
 
+    if vae_steps is not None and vae_steps < 1:
+        raise PhenotwinError(f"--vae-steps must be 1 or more (got {vae_steps}); use --no-vae to skip the β-VAE.")
     conditions = read_conditions(data)
     pairs = read_translations(translated) if translated is not None else []
     if pairs:
@@ -207,7 +217,7 @@ def explain_steps(data: Path, translated: Path | None = None, labels_dir: Path |
     cells = {c: [r for s in samples if s.condition == c for r in s.rows] for c in (source, target)}
     if not any(cells.values()):
         raise PhenotwinError("no cells were found in any image; check the labels (or the segmentation in labels/).")
-    between = paired = agreement = None
+    between = paired = agreement = summary = None
     models: list[Any] = []
     notes = []
     if cells[target]:
@@ -217,10 +227,42 @@ def explain_steps(data: Path, translated: Path | None = None, labels_dir: Path |
                                 formula=formula)
         except PhenotwinError as err:  # the effects stand without a model; the report says why there is none
             notes.append(f"no model of the condition: {err}")
+        if models and (cnn or vae):
+            summary = yield from _image_models(models, [s for s in samples if s.condition in (source, target)],
+                                               ranges, (source, target), channel_names, k, seed, cnn, vae, vae_steps)
     if translations:
         before = [r for t in translations for r in t.source.rows]
         after = [r for t in translations for r in t.rows]
         paired = effects_module.compare(before, after, features, paired=True, seed=seed)
         if between is not None:
             agreement = effects_module.agreement(paired, between)
-    return Explanation((source, target), features, samples, translations, between, paired, agreement, models, notes)
+    return Explanation((source, target), features, samples, translations, between, paired, agreement, models, notes,
+                       summary)
+
+
+def _image_models(models: list[Any], samples: list[Sample], ranges: np.ndarray, conditions: tuple[str, str],
+                  channel_names: list[str], k: int, seed: int, cnn: bool, vae: bool, vae_steps: int | None):
+    """Add the CNN black box and the sparse model on the β-VAE's factors to `models` (on the real cells'
+    crops, in the cells' order of `fit_models`, so `split` draws the same cells); return the β-VAE's summary."""
+    from phenotwin.explain.crops import cell_crops, crop_window
+    from phenotwin.explain.models import cnn_black_box, latent_model, relate, split
+    from phenotwin.explain.vae import VAE_STEPS, train_vae_steps
+
+    window = crop_window([s.labels for s in samples])
+    crops = np.concatenate([cell_crops(s.image, s.labels, [r["label"] for r in s.rows], ranges, window)
+                            for c in conditions for s in samples if s.condition == c])
+    y = np.r_[[0] * sum(len(s.rows) for s in samples if s.condition == conditions[0]),
+              [1] * sum(len(s.rows) for s in samples if s.condition == conditions[1])]
+    train, test = split(y, seed)
+    summary = None
+    if cnn:
+        yield Progress("train CNN black box", 0, 1)
+        models.insert(1, cnn_black_box(crops, y, train, test, conditions, seed))
+        yield Progress("train CNN black box", 1, 1)
+    if vae:
+        shown = np.r_[test[y[test] == 0][:3], test[y[test] == 1][:3]]  # held-out cells of both conditions
+        summary = yield from train_vae_steps(crops, train, channel_names, steps=vae_steps or VAE_STEPS, seed=seed,
+                                             examples=shown)
+        models.append(latent_model(summary.latents, y, train, test, conditions, k, seed, summary.active()))
+    relate(models)
+    return summary

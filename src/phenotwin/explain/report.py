@@ -1,4 +1,5 @@
-"""Writing an explanation into an output folder: report.md, CSV tables, JSON, the forest plot, labels.
+"""Writing an explanation into an output folder: report.md, CSV tables, JSON, the forest plot, the β-VAE's
+figure, labels.
 
 Every file is written atomically (`phenotwin.io`), and the folder's manifest
 (`.phenotwin-manifest.json`, the format `phenotwin.checkpoint.owned_entries` reads) lists what
@@ -17,12 +18,14 @@ import numpy as np
 
 from phenotwin.checkpoint import MANIFEST_FILE, owned_entries
 from phenotwin.errors import PhenotwinError
+from phenotwin.explain.models import CNN
 from phenotwin.explain.pipeline import Explanation
+from phenotwin.explain.vae import ACTIVE_KL
 from phenotwin.io import prepare_folder, safe_name, write_csv, write_json, write_text, write_tiff, writing_into
 
 REPORT, FEATURES_CSV, EFFECTS_CSV, MODELS_CSV, RECORD = "report.md", "features.csv", "effects.csv", "models.csv", "explain.json"
-FOREST, LABELS = "forest.png", "labels"
-ENTRIES = (REPORT, FEATURES_CSV, EFFECTS_CSV, MODELS_CSV, RECORD, FOREST, LABELS, MANIFEST_FILE)
+FOREST, VAE_FIGURE, LABELS = "forest.png", "vae.png", "labels"
+ENTRIES = (REPORT, FEATURES_CSV, EFFECTS_CSV, MODELS_CSV, RECORD, FOREST, VAE_FIGURE, LABELS, MANIFEST_FILE)
 EFFECT_COLUMNS = ["comparison", "rank", "feature", "words", "unit", "cells_before", "cells_after", "before", "after",
                   "difference", "difference_low", "difference_high", "relative", "relative_low", "relative_high",
                   "standardised", "standardised_low", "standardised_high"]
@@ -80,8 +83,8 @@ def write_explanation(result: Explanation, out: Path, overwrite: bool = False, c
             effect_rows += _effect_rows(result.between, f"{target} vs {source}, real cells")
         written.append(write_csv(out / EFFECTS_CSV, EFFECT_COLUMNS, effect_rows).name)
         models = [m.to_dict() for m in result.models]
-        written.append(write_csv(out / MODELS_CSV, ["name", "accuracy", "relative_to_black_box", "n_features", "terms",
-                                                    "features", "formula"],
+        written.append(write_csv(out / MODELS_CSV, ["name", "accuracy", "relative_to_black_box", "relative_to_cnn",
+                                                    "n_features", "terms", "features", "formula"],
                                  [{**m, "features": " ".join(m["features"])} for m in models]).name)
         main = result.paired if result.paired is not None else result.between
         if main:
@@ -94,6 +97,11 @@ def write_explanation(result: Explanation, out: Path, overwrite: bool = False, c
             forest_plot(out / FOREST, main, reference=result.between if result.paired is not None else None,
                         labels=labels, title=title)
             written.append(FOREST)
+        if result.vae is not None:
+            from phenotwin.explain.vae import vae_figure
+
+            vae_figure(out / VAE_FIGURE, result.vae)
+            written.append(VAE_FIGURE)
         record = {"conditions": {"source": source, "target": target}, "command": command, "seconds": seconds,
               "cpu_seconds": cpu_seconds,
                   "images": {c: sum(1 for s in result.samples if s.condition == c) for c in (source, target)},
@@ -102,7 +110,8 @@ def write_explanation(result: Explanation, out: Path, overwrite: bool = False, c
                   "translated_cells": sum(len(s.rows) for s in result.translated),
                   "paired": [e.to_dict() for e in result.paired or []],
                   "between": [e.to_dict() for e in result.between or []],
-                  "agreement": result.agreement, "models": models, "notes": result.notes}
+                  "agreement": result.agreement, "models": models, "notes": result.notes,
+                  "vae": result.vae.to_dict() if result.vae is not None else None}
         written.append(write_json(out / RECORD, record).name)
         written.append(write_text(out / REPORT, report_markdown(result, record)).name)
         previous = owned_entries(out) if (out / MANIFEST_FILE).exists() else set()
@@ -121,6 +130,10 @@ def _table(effects, top: int) -> list[str]:
                      f"[{e.difference_ci[0]:.3g}, {e.difference_ci[1]:.3g}] | {relative} | {e.standardised:+.2f} "
                      f"[{e.standardised_ci[0]:.2f}, {e.standardised_ci[1]:.2f}] |")
     return lines
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}" if math.isfinite(value) else "–"
 
 
 def report_markdown(result: Explanation, record: dict[str, Any], top: int = 10) -> str:
@@ -147,13 +160,32 @@ def report_markdown(result: Explanation, record: dict[str, Any], top: int = 10) 
                   "between the real conditions (interval excludes 0)."]
     if result.models:
         lines += ["", f"## What tells {source} from {target} (held-out cells)", "",
-                  "| model | held-out accuracy | of the black box | features | terms |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {m.name} | {m.accuracy:.3f} | {m.relative_to_black_box:.2f} | {m.n_features} | {m.terms} |"
-                  for m in result.models]
+                  "| model | held-out accuracy | of the random forest | of the CNN | features | terms |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {m.name} | {m.accuracy:.3f} | {_ratio(m.relative_to_black_box)} | {_ratio(m.relative_to_cnn)} | "
+                  f"{m.n_features} | {m.terms} |" for m in result.models]
+        if any(m.kind == CNN for m in result.models):
+            lines += ["", "Two black boxes: the random forest sees the features the sparse model and the formula "
+                      "choose from; the CNN (the classifier of `phenotwin evaluate`) sees the cells' pixels, as the "
+                      "β-VAE does. For the CNN, features are its input values (channels × pixels) and terms its "
+                      "parameters."]
         lines += [""] + [f"- {m.name}: `{m.formula}`" for m in result.models if m.formula]
+    if result.vae is not None:
+        v = record["vae"]
+        informative = (f"{len(v['active_factors'])} factor(s) carry information (KL ≥ {ACTIVE_KL:g} nats: "
+                       f"{', '.join(v['active_factors'])}), the only ones the sparse model may use"
+                       if result.vae.kl.max() >= ACTIVE_KL else
+                       f"no factor carries information (KL ≥ {ACTIVE_KL:g} nats): the β-VAE learned little of these "
+                       "cells, so its sparse model means little")
+        lines += ["", "## β-VAE of the cell crops", "",
+                  f"{v['latent_dims']} latent factors, β = {v['beta']:g}, {v['crop_size']} px crops, {v['steps']} "
+                  f"training steps on the training cells ({v['cpu_seconds']:.0f} s of CPU); {informative}. "
+                  f"`{VAE_FIGURE}`: held-out cells and their reconstructions, then each factor varied from −2.5 to "
+                  "+2.5 s.d. (of the cells' latent means) with the others at the cells' mean, most informative first."]
     lines += [f"\nNote: {note}" for note in result.notes]
     if record.get("seconds") is not None:
         cpu = f" ({record['cpu_seconds']:.0f} s of CPU)" if record.get("cpu_seconds") is not None else ""
         lines += ["", f"Run time: {record['seconds']:.0f} s{cpu}. Command: `{record['command']}`"]
-    lines += ["", f"Files: {FEATURES_CSV} (one row per cell), {EFFECTS_CSV}, {MODELS_CSV}, {RECORD}, {FOREST}.", ""]
+    figures = f"{FOREST}, {VAE_FIGURE}" if result.vae is not None else FOREST
+    lines += ["", f"Files: {FEATURES_CSV} (one row per cell), {EFFECTS_CSV}, {MODELS_CSV}, {RECORD}, {figures}.", ""]
     return "\n".join(lines)
