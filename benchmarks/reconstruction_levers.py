@@ -7,7 +7,7 @@ ranks. Model calls per image: the inversion's steps x (1 + refinements) plus the
 generation's steps (the reconstruction rides in the batch of the target's generation).
 
     python benchmarks/reconstruction_levers.py [--checkpoint DIR] [--data DIR] [-n 6]
-        [--steps 50 100 200] [--refinements 0 1 2] [--strengths 0.5 1.0] [--exact] [--json out.json]
+        [--steps 50 100 200] [--refinements 0 1 2] [--strengths 0.5 1.0] [--exact [STEPS ...]] [--json out.json]
 
 `--exact` adds an exact inversion (BDIA-DDIM, Zhang et al. 2023: a leapfrog of DDIM moves that can
 be run backwards exactly, the same model calls as DDIM) at full strength, on the held-out images
@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 100, 200])
     parser.add_argument("--refinements", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0])
-    parser.add_argument("--exact", action="store_true", help="also an exact (BDIA) inversion, on garbage too")
+    parser.add_argument("--exact", type=int, nargs="*", default=None, metavar="STEPS",
+                        help="also an exact (BDIA) inversion at these step counts (default 50), on garbage too")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -192,12 +193,12 @@ def main(argv=None) -> int:
     translator = Translator(checkpoint, device="cpu")
     images = held_out(translator, args.data, args.n)
     exact = []
-    if args.exact:
+    if args.exact is not None:
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the garbage inputs do not fit, on purpose
-            exact = exact_inversion(translator, images, args.steps)
+            exact = exact_inversion(translator, images, args.exact or [50])
     rows = measure(checkpoint, images, args.steps, args.refinements, args.strengths)
     print(markdown(rows))
     if args.json:
