@@ -14,22 +14,14 @@ from phenotwin.embed.data import load_batched
 from phenotwin.embed.metrics import feature_report
 from phenotwin.embed.model import load_encoder
 from phenotwin.embed.phenomap import MAP_SPAN, Projection, map_steps
-from phenotwin.embed.trainer import EmbedConfig, train_steps
 from phenotwin.progress import drive
 from phenotwin.synthetic.batches import BATCHES_FILE, make_plates, write_plates
-
-TINY = {"steps": 4, "batch_size": 8, "size": 16, "width": 8, "save_every": 4}
+from phenotwin.testing import make_tiny_plates_and_encoder
 
 
 @pytest.fixture(scope="module")
 def material(tmp_path_factory):
-    import torch
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("datamap")
-    write_plates(root / "plates", make_plates(4, 2, size=32, seed=3))
-    encoder = drive(train_steps(EmbedConfig(data=str(root / "plates"), out=str(root / "enc"), **TINY)))
-    return root / "plates", encoder
+    return make_tiny_plates_and_encoder(tmp_path_factory.mktemp("datamap"))
 
 
 def _rows(path):
@@ -156,3 +148,18 @@ def test_the_affinity_vae_map_of_a_folder_without_batches(material, tmp_path, ca
     assert _map("--data", data, "--vae", "--vae-steps", 3, "--vae-size", 16, "--affinity", tmp_path / "bad.csv",
                 "--out", tmp_path / "map2") == 2
     assert "not symmetric" in capsys.readouterr().err
+
+
+def test_an_output_folder_inside_the_data_is_refused(material, tmp_path, capsys):
+    plates, encoder = material
+    data = _copy(plates, tmp_path)
+    assert _map("--data", data, "--encoder", encoder, "--out", data / "map") == 2
+    assert "inside --data" in capsys.readouterr().err and not (data / "map").exists()
+
+
+def test_the_numbers_of_a_handful_of_images():
+    # 3 + 3 images: kNN asks for no more neighbours than a fold trains on
+    features = np.array([[1, 0.1], [1, 0.2], [1, 0.0], [0.1, 1], [0.2, 1], [0.0, 1]])
+    report = feature_report(features, np.array([0, 0, 0, 1, 1, 1]), np.array([0, 1, 0, 1, 0, 1]))
+    assert report["knn_condition_accuracy"] == 1.0 and report["silhouette_condition"] > 0.8
+    assert report["knn_batch_accuracy"] <= 0.5 and report["silhouette_batch"] < 0.1

@@ -9,26 +9,19 @@ import pytest
 import tifffile
 
 from phenotwin.embed.phenomap import MAP_SPAN, map_steps
-from phenotwin.embed.trainer import EmbedConfig, train_steps
 from phenotwin.errors import PhenotwinError
 from phenotwin.progress import drive
-from phenotwin.synthetic.batches import make_plates, write_plates
-
-TINY = {"steps": 2, "batch_size": 8, "size": 16, "width": 8, "save_every": 2}
+from phenotwin.testing import make_tiny_plates_and_encoder
 
 
 @pytest.fixture(scope="module")
 def material(tmp_path_factory):
-    import torch
-
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("map")
-    write_plates(root / "cells", make_plates(3, 2, size=32, seed=4))
-    encoder = drive(train_steps(EmbedConfig(data=str(root / "cells"), out=str(root / "enc"), **TINY)))
+    _, encoder = make_tiny_plates_and_encoder(root, n=3, seed=4, steps=2)
     # a "translation" of two control cells: the first nocodazole image written under their names
     (root / "translated/control").mkdir(parents=True)
-    first_treated = tifffile.imread(sorted((root / "cells/nocodazole").glob("*.tif"))[0])
-    sources = sorted((root / "cells/control").glob("*.tif"))[:2]
+    first_treated = tifffile.imread(sorted((root / "plates/nocodazole").glob("*.tif"))[0])
+    sources = sorted((root / "plates/control").glob("*.tif"))[:2]
     for source in sources:
         tifffile.imwrite(root / "translated/control" / f"{source.stem}_translated.tif", first_treated)
     return root, encoder, first_treated
@@ -36,7 +29,7 @@ def material(tmp_path_factory):
 
 def test_map_points_and_translation_arrows(material):
     root, encoder, _ = material
-    result = drive(map_steps(encoder, root / "cells", root / "translated"))
+    result = drive(map_steps(encoder, root / "plates", root / "translated"))
     assert result.coords.shape == (12, 2) and result.conditions.count("control") == 6
     assert result.coords.min() == pytest.approx(0) and result.coords.max() == pytest.approx(MAP_SPAN)
     assert len(result.arrows) == 2
@@ -47,7 +40,7 @@ def test_map_points_and_translation_arrows(material):
         # the arrow ends where the nocodazole image it copies lies on the map
         assert np.allclose(result.arrows[k, 0] + result.arrows[k, 1], result.coords[treated], atol=1e-6)
     with pytest.raises(PhenotwinError, match="named after a cell"):
-        drive(map_steps(encoder, root / "cells", root / "enc"))
+        drive(map_steps(encoder, root / "plates", root / "enc"))
 
 
 gui = pytest.mark.skipif(not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen",
@@ -64,7 +57,7 @@ def test_map_dock_shows_points_and_selection_shows_the_cells(make_napari_viewer,
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("napari-phenotwin", "Phenotype map")
     assert isinstance(widget, PhenotypeMapWidget)
-    widget.encoder.value, widget.data.value = str(encoder), str(root / "cells")
+    widget.encoder.value, widget.data.value = str(encoder), str(root / "plates")
     widget.translations.value = str(root / "translated")
     widget.start()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)

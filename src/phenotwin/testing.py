@@ -154,3 +154,21 @@ def make_tiny_checkpoint(
         info=info, unet=unet, scheduler_config=scheduler_config(**schedule), vae=vae, class_embeddings=class_embeddings
     )
     return save_checkpoint(checkpoint, folder, overwrite=overwrite)
+
+
+def make_tiny_plates_and_encoder(root: str | os.PathLike, n: int = 4, batches: int = 2, size: int = 32,
+                                 seed: int = 3, steps: int = 4) -> tuple[Path, Path]:
+    """Synthetic plates in root/plates (batches.csv included) and a few-step encoder on them in root/enc:
+    the smallest material `phenotwin embed` and the map can run on in a test."""
+    import torch
+
+    from phenotwin.embed.trainer import EmbedConfig, train_steps
+    from phenotwin.progress import drive
+    from phenotwin.synthetic.batches import make_plates, write_plates
+
+    torch.set_num_threads(1)
+    root = Path(root)
+    write_plates(root / "plates", make_plates(n, batches, size=size, seed=seed))
+    config = EmbedConfig(data=str(root / "plates"), out=str(root / "enc"), steps=steps, batch_size=8, size=16,
+                         width=8, save_every=steps)
+    return root / "plates", drive(train_steps(config))

@@ -168,7 +168,8 @@ def draw(result: DataMap, figure) -> None:
                            label=condition if batch is None else f"{condition}, {batch}")
     ax.set_xlabel(f"PC 1 ({100 * result.explained[0]:.0f}% of the variance)")
     ax.set_ylabel(f"PC 2 ({100 * result.explained[1]:.0f}% of the variance)")
-    kind = "encoder" if result.source["kind"] == "encoder" else "Affinity-VAE content latents"
+    kind = (f"{result.source['method']} encoder" if result.source["kind"] == "encoder"
+            else "Affinity-VAE content latents")
     ax.set_title(f"Phenotype map ({kind}): colour = condition" + (", marker = batch" if result.batches else ""))
     ax.legend(fontsize=7, loc="best", markerscale=1.2)
 
@@ -229,7 +230,8 @@ def report_markdown(record: dict) -> str:
                 f"{source['reconstruction_mse']:.4f}")
     lines = ["# Phenotype map", "", f"{record['images']} images: "
              + ", ".join(f"{n} {c}" for c, n in record["conditions"].items())
-             + ("" if record["batches"] is None else " in " + ", ".join(f"{b} ({n})" for b, n in record["batches"].items()))
+             + ("" if record["batches"] is None else "; batches " + ", ".join(f"{b} ({n})" for b, n
+                                                                           in record["batches"].items()))
              + f". The map is a PCA of {made}; its two axes show "
              f"{100 * sum(record['projection']['explained_variance']):.0f}% of their variance.", "",
              "| measure | value | chance |", "| --- | --- | --- |",

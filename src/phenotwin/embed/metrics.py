@@ -22,10 +22,13 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int = 5, folds: in
     from sklearn.neighbors import KNeighborsClassifier
 
     labels = np.asarray(labels)
-    folds = int(min(folds, np.bincount(np.unique(labels, return_inverse=True)[1]).min()))
+    smallest = int(np.bincount(np.unique(labels, return_inverse=True)[1]).min())
+    folds = min(folds, smallest)
     if folds < 2:
         return float("nan")
     split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    # a handful of images: no more neighbours than the smallest class has in a training fold (else ties vote)
+    k = max(1, min(k, smallest - -(-smallest // folds)))
     return float(cross_val_score(KNeighborsClassifier(n_neighbors=k), _unit(features), labels, cv=split).mean())
 
 
