@@ -24,7 +24,7 @@ from phenotwin.progress import Progress, Steps
 LATENT_DIMS = 8
 BETA = 4.0
 VAE_STEPS = 1000
-VAE_CPU_SECONDS = 55  # measured for the defaults (see the module docstring)
+VAE_CPU_SECONDS = 40  # measured: 36 s for 174 cells of the obvious phenotype (docs/explain.md)
 BATCH = 64
 TRAVERSAL = np.linspace(-2.5, 2.5, 7)  # latent values in standard deviations of the cells' latent means
 REPORT_EVERY = 25  # steps between Progress reports (the napari dock cancels at the next one)
