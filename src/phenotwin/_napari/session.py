@@ -121,7 +121,7 @@ class TranslationSession:
 
     def plan(self, request: RunRequest) -> cost.RunPlan:
         """The model calls `request` would make (none for a cached inversion) and their estimated seconds."""
-        key = self._inversion_key(self.translator, request)
+        key = self.inversion_key_of(self.translator, request)
         cached = request.labels is None and request.image.ndim == 3 and key == self._inversion_key
         depth = self.inversion.depth if cached and self.inversion is not None else 0
         return cost.plan_run(self.translator, request.image, request.settings, request.labels, depth)
@@ -228,7 +228,7 @@ class TranslationSession:
             self._start_scrub(settings)
 
     @staticmethod
-    def _inversion_key(translator: Translator, request: RunRequest) -> tuple:
+    def inversion_key_of(translator: Translator, request: RunRequest) -> tuple:
         """What a cached inversion depends on: the model, the pixels, the source condition, the steps
         and whether the intensities were matched (matching changes what the model sees)."""
         s = request.settings
@@ -247,7 +247,7 @@ class TranslationSession:
             from phenotwin.stacks import translate_stack_steps
 
             return translate_stack_steps(translator, request.image, settings), None
-        key = self._inversion_key(translator, request)
+        key = self.inversion_key_of(translator, request)
         inversion = self.inversion if key == self._inversion_key else None
         inverting = None if inversion is not None else translator.invert_steps(
             request.image, channel_axis=0, settings=settings, strength=settings.strength)
