@@ -3,7 +3,8 @@ call takes on this machine, and the run's clock (calls done across all its stage
 
 A run's calls per image (a cell, a plane): the inversion's steps as deep as the strength needs
 (each 1 + refinements calls; only the missing ones when the inversion is cached),
-`CONFINE_CALLS` for the edit mask when confine is on, and the generation's steps; a field larger
+`CONFINE_CALLS` for the edit mask when confine is on, and the generation's steps (as many as the
+inversion's with DDIM, one more below strength 1 with DPM-Solver++: `generation_steps`); a field larger
 than the model makes each call one per tile. The seconds per call are timed once when a model
 loads (`time_one_call`), then replaced by what the runs measure. The Translate widget asks
 before a long run with it, `phenotwin translate` prints it before a batch. Imports neither Qt,
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+from phenotwin.pipeline.schedulers import generation_steps
 
 if TYPE_CHECKING:
     from phenotwin.pipeline.settings import TranslationSettings
@@ -76,7 +78,12 @@ def inversion_calls(settings: TranslationSettings, depth: int = 0) -> int:
 def calls_per_image(settings: TranslationSettings, depth: int = 0) -> int:
     """Model calls of one image's translation with resolved `settings`, from an inversion `depth` deep
     (0: a new one; only as deep as the strength needs is inverted)."""
-    return inversion_calls(settings, depth) + CONFINE_CALLS * bool(settings.confine) + settings.used_steps
+    return inversion_calls(settings, depth) + CONFINE_CALLS * bool(settings.confine) + generation_calls(settings)
+
+
+def generation_calls(settings: TranslationSettings) -> int:
+    """Model calls of the generation at resolved `settings` (the target and the reconstruction share them)."""
+    return generation_steps(settings.solver, settings.used_steps, settings.steps)
 
 
 def plan_run(translator: Translator, image: np.ndarray, settings: TranslationSettings,
@@ -111,12 +118,12 @@ def describe_batch(translator: Translator, settings: TranslationSettings, images
 
 def plan_scrub(translator: Translator, inversion: Any, settings: TranslationSettings) -> RunPlan:
     """The plan of regenerating a cached `inversion` at `settings`: what its caches do not hold yet,
-    and the inversion steps a strength deeper than the inversion went adds."""
-    resolved = translator.resolve(settings)
+    and the inversion steps a strength deeper than the inversion went adds (with the inversion's solver)."""
+    resolved = translator.resolve(settings, solver=inversion.solver)
     target = translator.classes.index(resolved.target)
     masking = resolved.confine and target != inversion.source_index and target not in inversion.edit_masks
     generating = not translator.is_generated(inversion, settings=settings.replace(confine=False))
-    calls = CONFINE_CALLS * masking + (inversion_calls(resolved, inversion.depth) + resolved.used_steps) * generating
+    calls = CONFINE_CALLS * masking + (inversion_calls(resolved, inversion.depth) + generation_calls(resolved)) * generating
     return RunPlan(calls, tiles_for(*inversion.normalised.shape[-2:], translator.image_size),
                    SECONDS_PER_CALL.get(translator.checkpoint_id))
 

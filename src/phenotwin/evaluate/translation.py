@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from phenotwin.cost import generation_calls
 from phenotwin.errors import PhenotwinError
 from phenotwin.evaluate.classifier import CLASSIFIER_EPOCHS, CLASSIFIER_IMAGES
 from phenotwin.evaluate.metrics import (
@@ -182,7 +183,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
     classifier, real = condition_classifier(translator, reference, seed, classifier_epochs)
     yield Progress("classifier", 1, 1)
 
-    per_image = steps + sum(rung.used_steps for rung in rungs) + CONFINE_CALLS * confine
+    per_image = steps + sum(generation_calls(rung) for rung in rungs) + CONFINE_CALLS * confine
     total = per_image * sum(min(n, len(data.images[s])) for s, _ in directions)
     done, rows, examples, collected = 0, [], [], {}
     for src, tgt in directions:
@@ -199,7 +200,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
             for rung in rungs:
                 translation = yield from relabel(translator.generate_steps(inversion, tgt, settings=rung),
                                                  "translate", done, total)
-                done += rung.used_steps
+                done += generation_calls(rung)  # DPM-Solver++: one step more below strength 1
                 results[rung.strength].append((translation, ssim(inversion.normalised, translation.reconstruction)))
         source_norm = translator.processor.to_model_range(sources)
         target_index = translator.classes.index(tgt)

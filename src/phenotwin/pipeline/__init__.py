@@ -2,8 +2,8 @@
 
 Modules, in the order an image meets them:
 - `settings`: `TranslationSettings`, the one settings object, and its only validator;
-- `schedulers`: the matched DDIM pair and the one strength -> steps map;
-- `trajectory`: DDIM step by step (inversion, kept states, generation, sampling);
+- `schedulers`: the matched DDIM and DPM-Solver++ pairs and the one strength -> steps map;
+- `trajectory`: DDIM or DPM-Solver++ step by step (inversion, kept states, generation, sampling);
 - `edit_mask`: where the conditions differ (DiffEdit-style, soft, per channel);
 - `cache`: generated images kept for scrubbing, within a byte budget;
 - `heatmap`: the difference maps and PSNR;

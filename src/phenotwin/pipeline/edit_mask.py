@@ -45,6 +45,9 @@ def edit_mask_steps(diffusion: Diffusion, inversion: Inversion, target_index: in
     height, width = inversion.normalised.shape[1:]
     difference = np.zeros(inversion.normalised.shape, np.float32)
     if target_index != inversion.source_index:
+        # DDIM's noising and clean-image estimate whatever the inversion's solver: the mask compares
+        # single predictions at fixed noise levels and steps no trajectory, so a DPM-Solver++
+        # inversion gets the same mask as a DDIM one (and the same CONFINE_CALLS).
         _, sampler = diffusion.schedulers(inversion.steps)
         clean = inversion.states[0]
         labels = diffusion.labels([target_index, inversion.source_index])

@@ -26,13 +26,15 @@ if TYPE_CHECKING:  # torch loads lazily
 
 @dataclass
 class Inversion:
-    """A source image inverted under its condition, with (a bounded subset of) its DDIM trajectory.
+    """A source image inverted under its condition, with (a bounded subset of) its trajectory.
 
     `states[k]` is the sample after k inversion steps (k = 0: the clean image or its latent),
     so a generation at strength s starts from state round(s * steps); a state that was not
     kept is recomputed from the nearest kept one below it (`trajectory.kept_states`). The
     inversion may stop short of `steps` (`depth`: as deep as the first strength needed); a
     deeper generation extends it from its deepest state (`Diffusion.extend`), never redoing a step.
+    It serves only the `solver` that made it, like its `steps` and `refinements`: a generation from
+    it uses that solver (`Translator` refuses another), so its caches are keyed without one.
     """
 
     source: str
@@ -46,6 +48,11 @@ class Inversion:
     checkpoint_id: str
     autoencoder_psnr: float | None = None
     refinements: int = 0  # fixed-point iterations per inversion step, to recompute states identically
+    solver: str = "ddim"  # "ddim" or "dpm++" (`TranslationSettings.solver`)
+    # A multistep solver's history, by state: history[k] is the model output of the step that made
+    # state k (its clean-image estimate), which the step from state k needs too. Held for the states
+    # held (not state 0, which has none), counted in the trajectory budget; empty for DDIM.
+    history: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     trajectory_budget: int = TRAJECTORY_BUDGET  # bytes of states kept (besides the deepest), when extended too
     # Inversion steps run so far (the deepest state); set by `Diffusion.extend` after the state is
     # stored, so another thread reading it (a cost estimate) never sees the states mid-change.
@@ -108,6 +115,7 @@ class Translation:
     guidance = property(lambda self: self.settings.guidance)
     seed = property(lambda self: self.settings.seed)
     reference = property(lambda self: self.settings.reference)
+    solver = property(lambda self: self.settings.solver)
 
     def metadata(self) -> dict[str, Any]:
         """Provenance to store next to the result (napari layer metadata, OME-TIFF)."""
@@ -120,6 +128,7 @@ class Translation:
             "target": s.target,
             "strength": s.strength,
             "steps": s.steps,
+            "solver": s.solver,
             "guidance": s.guidance,
             "seed": s.seed,
             "reconstruction_psnr": self.reconstruction_psnr,

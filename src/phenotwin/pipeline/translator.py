@@ -1,7 +1,8 @@
 """`Translator`: the one entry point for inference, shared by the CLI, napari and tests.
 
 PhenDiff / Phen-LDiff: the image is inverted to noise with deterministic DDIM inversion under
-its own (source) condition, then regenerated under the target condition. Three public steps,
+its own (source) condition, then regenerated under the target condition (or with DPM-Solver++,
+`TranslationSettings.solver`). Three public steps,
 as in diffusers' DiffEdit pipeline: `invert_steps` (image -> `Inversion`), `edit_mask_steps`
 and `generate_steps` (`Inversion` -> `Translation`); `translate_steps` chains them. Another
 target or strength starts from the cached trajectory and costs only its generation steps
@@ -41,7 +42,7 @@ class Translator:
     cache_budget = CACHE_BUDGET
 
     def __init__(self, checkpoint: Checkpoint | str | os.PathLike, device: str = "auto", dtype: Any = None,
-                 inversion_refinements: int | None = None, reference: str | None = None):
+                 inversion_refinements: int | None = None, reference: str | None = None, solver: str | None = None):
         import torch
 
         from phenotwin.checkpoint import Checkpoint, load_checkpoint
@@ -59,11 +60,11 @@ class Translator:
         self.scheduler_config = loaded.scheduler_config
         self.max_steps = int(self.scheduler_config.get("num_train_timesteps", 1000))
         # The model's defaults with this translator's overrides, checked now, not at the first click.
-        overrides = TranslationSettings(inversion_refinements=inversion_refinements, reference=reference)
+        overrides = TranslationSettings(inversion_refinements=inversion_refinements, reference=reference, solver=solver)
         overrides.resolve(self.info, self.max_steps, model_defaults())  # a bad argument is the caller's, say so
         try:
             stored = model_defaults(self.info.defaults).replace(inversion_refinements=inversion_refinements,
-                                                                reference=reference)
+                                                                reference=reference, solver=solver)
             self.defaults = TranslationSettings().resolve(self.info, self.max_steps, stored)
         except PhenotwinError as err:
             raise CheckpointError(f"the model's defaults in {self.checkpoint_path or 'phenotwin.json'} do not work: {err} "
@@ -79,20 +80,29 @@ class Translator:
     channels = property(lambda self: self.info.channels)
     reference = property(lambda self: self.defaults.reference)
     inversion_refinements = property(lambda self: self.defaults.inversion_refinements)
+    solver = property(lambda self: self.defaults.solver)
 
     def resolve(self, settings: TranslationSettings | None = None, **overrides: Any) -> TranslationSettings:
         """`settings` with `overrides` (None keeps a value), unset fields from this model's defaults, checked."""
         return (settings or TranslationSettings()).replace(**overrides).resolve(self.info, self.max_steps, self.defaults)
 
     def _for(self, inversion: Inversion, settings: TranslationSettings | None, **overrides: Any) -> TranslationSettings:
-        """Settings to generate from `inversion`: its condition, steps and refinements are fixed."""
+        """Settings to generate from `inversion`: its condition, steps, refinements and solver are fixed.
+        A solver asked for that is not the inversion's is refused: its states are another solver's."""
         if inversion.checkpoint_id != self.checkpoint_id:
             raise PhenotwinError(
                 "this inversion was made with another model "
                 f"({inversion.checkpoint_id}, not {self.checkpoint_id}); invert the image again with this model."
             )
+        asked = overrides.get("solver") or (settings.solver if settings is not None else None)
+        if asked is not None and asked != inversion.solver:
+            raise PhenotwinError(
+                f"this inversion was made with solver {inversion.solver!r}, not {asked!r}: its states serve only the "
+                f"solver that made them. Invert the image again with solver {asked!r} (or generate with "
+                f"{inversion.solver!r})."
+            )
         return self.resolve(settings, **overrides, source=inversion.source, steps=inversion.steps,
-                            inversion_refinements=inversion.refinements)
+                            inversion_refinements=inversion.refinements, solver=inversion.solver)
 
     # -- inversion ---------------------------------------------------------------------
 
@@ -111,7 +121,7 @@ class Translator:
             source=settings.source, source_index=self.classes.index(settings.source), classes=tuple(self.classes),
             steps=settings.steps, states={0: sample}, model_input=prepared.model_input,
             normalised=prepared.normalised, layout=prepared.layout, checkpoint_id=self.checkpoint_id,
-            autoencoder_psnr=autoencoder_psnr, refinements=settings.inversion_refinements,
+            autoencoder_psnr=autoencoder_psnr, refinements=settings.inversion_refinements, solver=settings.solver,
             trajectory_budget=self.trajectory_budget, generated=GenerationCache(self.cache_budget), fit=prepared.fit,
         )
         return (yield from self.diffusion.extend(inversion, depth))
@@ -129,7 +139,8 @@ class Translator:
                        settings: TranslationSettings | None = None) -> Steps[Translation]:
         """Generator form of `generate`: regenerate a cached inversion under the target condition.
 
-        Costs round(strength * steps) UNet calls, nothing for an image already generated, plus
+        Costs round(strength * steps) UNet calls (`schedulers.generation_steps`: one more with
+        DPM-Solver++ below strength 1), nothing for an image already generated, plus
         the inversion steps still missing when the inversion is shallower than this strength (it
         is extended from its deepest state); it never re-inverts (a state not kept is rebuilt
         from the kept one below). The source condition rides in the same batch (once per
@@ -149,7 +160,7 @@ class Translator:
         source_key = (inversion.source_index, used, s.guidance)
         generated = inversion.generated.get((target_index, used, s.guidance))
         reconstruction = inversion.generated.get(source_key)
-        # DDIM with eta = 0 never draws noise, so the seed cannot change a cached image.
+        # DDIM with eta = 0 and DPM-Solver++ (not its SDE variant) never draw noise: the seed cannot change a cached image.
         if generated is None or ((reconstruct or relative) and reconstruction is None):
             generated, made = yield from self.diffusion.render(inversion, target_index, used, s.guidance, s.seed,
                                                                reconstruct or relative)
@@ -219,7 +230,8 @@ class Translator:
     def sample_steps(self, target: str | int, count: int = 1, seed: int = 0, steps: int | None = None,
                      guidance: float | None = None) -> Steps[np.ndarray]:
         """Generator form of `sample`: new images of a condition drawn from seeded noise (training
-        sample grids, memorisation checks: two models given the same seed start from the same noise)."""
+        sample grids, memorisation checks: two models given the same seed start from the same noise).
+        Always DDIM: the solver setting is a translation's."""
         s = self.resolve(target=target, steps=steps, guidance=guidance)
         return self.diffusion.sample_from_noise(self.classes.index(s.target), count, seed, s.steps, s.guidance)
 
@@ -229,10 +241,11 @@ class Translator:
         """`count` images of condition `target` from seeded noise, (count, C, S, S) in model range [-1, 1]."""
         return drive(self.sample_steps(target, count, seed, steps, guidance), progress, cancel)
 
-    def invert(self, image, source, steps=None, channel_axis=None, progress=None, cancel: CancelFlag = None, *,
-               strength=None) -> Inversion:
+    def invert(self, image, source=None, steps=None, channel_axis=None, progress=None, cancel: CancelFlag = None, *,
+               strength=None, settings=None) -> Inversion:
         """Invert `image` under its `source` condition, all the way or as deep as `strength` needs (`invert_steps`)."""
-        return drive(self.invert_steps(image, source, steps, channel_axis, strength=strength), progress, cancel)
+        return drive(self.invert_steps(image, source, steps, channel_axis, settings=settings, strength=strength),
+                     progress, cancel)
 
     def extend(self, inversion, strength=1.0, progress=None, cancel: CancelFlag = None) -> Inversion:
         """Invert `inversion` further, as deep as `strength` needs (see `extend_steps`)."""
