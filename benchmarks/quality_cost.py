@@ -7,14 +7,15 @@ trained once and shared by all configurations): flip rate, heatmap AUROC against
 mask (raw and Gaussian sigma 2), counterfactual ratio, reconstruction PSNR. The cost is what one
 translation makes with the pipeline's partial inversion (only as deep as the strength needs; the
 outputs are bit-identical to a full inversion's, tests/test_partial_inversion.py), counted on
-the model for one image (for DDIM checked against `phenotwin.cost.calls_per_image`), in UNet calls
+the model for one image (checked against `phenotwin.cost.calls_per_image`), in UNet calls
 (a batch counts once) and in image evaluations (guidance doubles each generation call's batch;
 the reconstruction rides in it too).
 
-DPM-Solver++ (diffusers' `DPMSolverMultistepInverseScheduler` / `DPMSolverMultistepScheduler`,
-second order) is not a pipeline setting: `SolverDiffusion` below swaps it in for the inversion and
-the generation of this study only (the edit mask keeps DDIM's clean-image estimate), to learn
-whether it would be worth one.
+The solver is the pipeline's setting (`TranslationSettings.solver`): "ddim", or "dpm++"
+(DPM-Solver++, second order: diffusers' `DPMSolverMultistepInverseScheduler` /
+`DPMSolverMultistepScheduler`; the edit mask keeps DDIM's clean-image estimate). Each solver gets
+its own `Translator` of the model, with that solver as its default, so that the evaluation code
+inverts and generates with it.
 
     python benchmarks/quality_cost.py [--model DIR] [--data DIR [--classifier-data DIR]]
         [--phenotype obvious|subtle|texture] [-n 8] [--configs ddim-10 ddim-50 ...]
@@ -47,68 +48,6 @@ CONFIGS = {
 METRICS = ("flip_rate", "auroc", "auroc_sigma2", "counterfactual_ratio", "reconstruction_psnr")
 
 
-def solver_diffusion(base):
-    """A `Diffusion` like `base` (same denoiser and schedule) that inverts and generates with DPM-Solver++."""
-    from phenotwin.pipeline.trajectory import Diffusion
-
-    class SolverDiffusion(Diffusion):
-        """Multistep solvers keep a history of model outputs, so a trajectory cannot restart mid-way:
-        every inversion runs from state 0 in one go (the study's evaluation inverts all the way,
-        keeping every state of a model-sized image) and every generation starts a fresh history."""
-
-        def __init__(self):
-            super().__init__(base.denoiser, base.scheduler_config)
-            self._solvers = {}
-
-        def solvers(self, steps: int):
-            """(inverse, sampler) on the model's noise schedule. diffusers' inverse solver has no
-            zero-terminal-SNR option: it gets the sampler's alphas (terminal 2**-24) as its betas."""
-            import torch
-            from diffusers import DPMSolverMultistepInverseScheduler, DPMSolverMultistepScheduler
-
-            if steps not in self._solvers:
-                config = {**self.scheduler_config, "algorithm_type": "dpmsolver++", "solver_order": 2}
-                sampler = DPMSolverMultistepScheduler.from_config(config)
-                cumulative = sampler.alphas_cumprod.double()
-                betas = 1 - cumulative / torch.cat([cumulative.new_ones(1), cumulative[:-1]])
-                inverse = DPMSolverMultistepInverseScheduler.from_config(
-                    {**config, "rescale_betas_zero_snr": False, "trained_betas": betas.tolist()})
-                self._solvers[steps] = inverse, sampler
-            return self._solvers[steps]
-
-        def inversion_states(self, sample, start, stop, steps, source_index, refinements):
-            if start != 0 or refinements:
-                raise RuntimeError("a DPM-Solver++ inversion runs from the clean image, without refinements")
-            inverse, _ = self.solvers(steps)
-            inverse.set_timesteps(steps)  # a fresh history
-            labels = self.labels([source_index])
-            for t in inverse.timesteps[start:stop]:
-                sample = self.step(inverse, sample, t, labels)
-                yield sample
-
-        def generate(self, start, label_indices, steps, used, guidance, seed):
-            """From the sampler's level equal to the inversion's after `used` steps (the inverse
-            solver's grid is one level off DDIM's: its last step stays at the top level)."""
-            import torch
-
-            from phenotwin.progress import Progress
-
-            inverse, sampler = self.solvers(steps)
-            inverse.set_timesteps(steps)
-            sampler.set_timesteps(steps)
-            begin = int(torch.argmin((sampler.sigmas[:-1] - inverse.sigmas[used]).abs()))
-            sampler.set_begin_index(begin)
-            labels = self.labels(label_indices)
-            sample = start.repeat(len(labels), 1, 1, 1)
-            levels = sampler.timesteps[begin:]
-            for i, t in enumerate(levels):
-                sample = self.step(sampler, sample, t, labels, guidance)
-                yield Progress("generate", i + 1, len(levels))
-            return self.decode(sample)
-
-    return SolverDiffusion()
-
-
 def image_evaluations(settings, calls: int, confine_calls: int) -> int:
     """The images one translation of `calls` UNet calls pushes through the UNet: the inversion one a
     step, the edit mask two a call, the generation two (target and reconstruction), twice that with
@@ -127,7 +66,16 @@ def run(args) -> dict:
     from phenotwin.progress import drive
     from phenotwin.synthetic import make_pairs
 
-    translator = Translator(args.model or demo_model_path(), device=args.device)
+    model = args.model or demo_model_path()
+    translators = {"ddim": Translator(model, device=args.device, solver="ddim")}
+
+    def translator_for(solver: str):
+        """The model with `solver` as its default (DPM-Solver++ inverts without refinements)."""
+        if solver not in translators:
+            translators[solver] = Translator(model, device=args.device, solver=solver, inversion_refinements=0)
+        return translators[solver]
+
+    translator = translators["ddim"]
     size, channels = translator.image_size, translator.channels
     if args.data is not None:
         held_out = evaluation.load_eval_folder(args.data, size, channels, args.n)
@@ -153,16 +101,15 @@ def run(args) -> dict:
         return trained["classifier"]
 
     evaluation.condition_classifier = shared_classifier
-    ddim = translator.diffusion
     cost.time_one_call(translator)
     seconds_per_call = cost.SECONDS_PER_CALL[translator.checkpoint_id]
     rows = []
     try:
         for name in args.configs:
             sampler, steps, guidance, confine = CONFIGS[name]
+            translator = translator_for(sampler)
             settings = translator.resolve(source=source, target=target, steps=steps, guidance=guidance,
                                           confine=confine, strength=args.strength)
-            translator.diffusion = solver_diffusion(ddim) if sampler == "dpm++" else ddim
             started = time.perf_counter()
             result = drive(evaluation.translation_steps(
                 translator, held_out, reference, n=args.n, steps=settings.steps, strengths=[settings.strength],
@@ -172,7 +119,7 @@ def run(args) -> dict:
             before = translator.denoiser.calls  # what one translation makes (partial inversion)
             translator.translate(held_out.images[source][0], settings=settings, channel_axis=0)
             calls = translator.denoiser.calls - before
-            if sampler == "ddim" and calls != cost.calls_per_image(settings):
+            if calls != cost.calls_per_image(settings):
                 raise RuntimeError(f"{name}: {calls} UNet calls counted, {cost.calls_per_image(settings)} planned")
             row = {
                 "config": name, "sampler": sampler, "steps": settings.steps, "strength": settings.strength,
@@ -187,7 +134,6 @@ def run(args) -> dict:
             print(format_row(row), flush=True)
     finally:
         evaluation.condition_classifier = train_once
-        translator.diffusion = ddim
     classifier = trained["classifier"][0]
     return {"model": translator.checkpoint_id, "data": data_name, "n": args.n, "source": source, "target": target,
             "classifier_held_out_accuracy": classifier.held_out_accuracy, "seconds_per_call": seconds_per_call,
