@@ -88,16 +88,12 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.steps = widgets.SpinBox(label="Steps", min=2, max=1000, tooltip="DDIM steps for inversion and generation")
         self.guidance = widgets.FloatSpinBox(label="Guidance", min=0.0, max=20.0, step=0.5,
                                              tooltip="Classifier-free guidance; 0 = none")
-        self.confine = widgets.CheckBox(
-            text="Confine changes to where the conditions differ",
+        self.confine = widgets.CheckBox(text="Confine changes to where the conditions differ",
             tooltip="Keep the change only where the model's predictions under the two conditions disagree (a soft "
                     "mask per channel): what the condition does not touch stays (almost) as it was. Switching it "
                     "costs no new diffusion steps.")
-        self.match_intensities = widgets.CheckBox(
-            text="Match intensities to the training images", value=False,
-            tooltip="For images from another microscope setting: map the image's own percentiles onto the "
-                    "intensities the model was trained on. Off by default; recorded with the result. Use it only when "
-                    "the Input line says the image does not fit and re-acquiring is not possible.")
+        self.match_intensities = widgets.CheckBox(text="Match intensities to the training images", tooltip=(
+            "For an image from another microscope setting that does not fit: map its percentiles onto the training range."))
         self.seed = widgets.SpinBox(label="Seed", min=0, max=2**31 - 1)
         self.run_button = widgets.PushButton(text="Translate")
         self.cancel_button = widgets.PushButton(text="Cancel", enabled=False)
@@ -107,12 +103,11 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self._dock = DockProgress(self.status, self.progress_bar, clock=lambda: self.session.clock)
         self._prefetch_line = DockProgress(self.prefetch_info, reveal=True)
         self.help = help_button("Translate cells", "Translate layers to another condition and read the result.")
-        self.extend([
-            self.help, self.model_path, self.load_button, self.model_info, self.conditions_note, self.channel_pickers,
-            self.channel_pickers.note, self.axes_info, self.planes, self.cells, self.source, self.target, self.strength,
-            self.slider_info, self.prefetch, self.prefetch_info, self.steps, self.guidance, self.confine, self.match_intensities,
-            self.seed, self.run_button, self.cancel_button, self.progress_bar, self.status, self.results,
-        ])
+        self.extend([self.help, self.model_path, self.load_button, self.model_info, self.conditions_note,
+                     self.channel_pickers, self.channel_pickers.note, self.axes_info, self.planes, self.cells, self.source,
+                     self.target, self.strength, self.slider_info, self.prefetch, self.prefetch_info, self.steps,
+                     self.guidance, self.confine, self.match_intensities, self.seed, self.run_button,
+                     self.cancel_button, self.progress_bar, self.status, self.results])
         for label in (self.model_info, self.status, self.prefetch_info, self.axes_info, self.slider_info):
             label.native.setWordWrap(True)
         self._show_defaults(model_defaults())
