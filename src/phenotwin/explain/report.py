@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from phenotwin import output_folder
 from phenotwin.checkpoint import MANIFEST_FILE, owned_entries
-from phenotwin.errors import PhenotwinError
 from phenotwin.explain.models import CNN
 from phenotwin.explain.pipeline import Explanation
 from phenotwin.explain.vae import ACTIVE_KL
@@ -33,17 +33,7 @@ EFFECT_COLUMNS = ["comparison", "rank", "feature", "words", "unit", "cells_befor
 
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, to replace what phenotwin did not write (or anything, without --overwrite)."""
-    out = Path(out)
-    present = [name for name in ENTRIES if (out / name).exists() and name != MANIFEST_FILE]
-    if not present:
-        return
-    if not overwrite:
-        raise PhenotwinError(f"{out} already holds {', '.join(present)}; pass --overwrite to replace phenotwin's "
-                             "earlier explanation there, or choose another --out folder.")
-    foreign = [name for name in present if name not in owned_entries(out)]
-    if foreign:
-        raise PhenotwinError(f"{out} holds {', '.join(foreign)}, which phenotwin did not write there; it is never "
-                             "replaced. Move it away or choose another --out folder.")
+    output_folder.check_output(out, ENTRIES, overwrite)
 
 
 def _effect_rows(effects, comparison: str) -> list[dict[str, Any]]:
@@ -114,9 +104,7 @@ def write_explanation(result: Explanation, out: Path, overwrite: bool = False, c
                   "vae": result.vae.to_dict() if result.vae is not None else None}
         written.append(write_json(out / RECORD, record).name)
         written.append(write_text(out / REPORT, report_markdown(result, record)).name)
-        previous = owned_entries(out) if (out / MANIFEST_FILE).exists() else set()
-        write_json(out / MANIFEST_FILE, {"written_by": "phenotwin",
-                                         "entries": sorted(set(written) | previous | {MANIFEST_FILE})})
+        output_folder.record_written(out, written)
     return out / REPORT
 
 
