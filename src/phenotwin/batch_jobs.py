@@ -97,9 +97,13 @@ def input_identity(path: Path) -> dict[str, int] | None:
 
 def read_record(out: Path, job: Job) -> dict[str, Any] | None:
     try:
-        return json.loads((out / job.record).read_text(encoding="utf-8"))
+        record = json.loads((out / job.record).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # missing or unreadable: not done
+    settings = record.get("settings") if isinstance(record, dict) else None
+    if isinstance(settings, dict) and "solver" not in settings:
+        settings["solver"] = "ddim"  # written before the solver was a setting: DDIM was the only one
+    return record
 
 
 def is_complete(out: Path, job: Job, record: dict[str, Any] | None, fingerprint: dict[str, Any]) -> bool:

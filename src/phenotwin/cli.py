@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from phenotwin.errors import Cancelled, PhenotwinError, PhenotwinWarning
+from phenotwin.pipeline.schedulers import SOLVERS
 
 
 def demo_checkpoint() -> tuple[Path | None, str]:
@@ -77,7 +78,7 @@ def run_translate(args: argparse.Namespace) -> int:
     from phenotwin.progress import tqdm_steps
 
     settings = TranslationSettings(source=args.source, target=args.target, strength=args.strength, steps=args.steps,
-                                   guidance=args.guidance, seed=args.seed, confine=args.confine,
+                                   guidance=args.guidance, seed=args.seed, confine=args.confine, solver=args.solver,
                                    match_intensities=args.match_intensities)
     selection = InputSelection(channels=tuple(args.channels) if args.channels is not None else None,
                                axes=args.axes.upper() if args.axes else None)
@@ -163,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--target", required=True, help="the condition to translate to")
     tr.add_argument("--output", required=True, help="output folder (mirrors the input folders below their common parent)")
     tr.add_argument("--strength", type=float, default=None, help="inversion strength in (0, 1] (default: the model's)")
-    tr.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
+    tr.add_argument("--steps", type=int, default=None, help="diffusion steps (default: the model's)")
+    tr.add_argument("--solver", default=None, choices=SOLVERS,
+                    help="ddim, or dpm++ (DPM-Solver++: on a trained model, a better reconstruction at few "
+                         "steps) (default: the model's)")
     tr.add_argument("--guidance", type=float, default=None, help="classifier-free guidance, 0 = none")
     tr.add_argument("--confine", action=argparse.BooleanOptionalAction, default=None,
                     help="keep the change only where the model's predictions under the two conditions differ "
