@@ -229,10 +229,10 @@ class TranslationSession:
 
     @staticmethod
     def inversion_key_of(translator: Translator, request: RunRequest) -> tuple:
-        """What a cached inversion depends on: the model, the pixels, the source condition, the steps
-        and whether the intensities were matched (matching changes what the model sees)."""
+        """What a cached inversion depends on: the model, the pixels, the source condition, the steps,
+        the solver and whether the intensities were matched (matching changes what the model sees)."""
         s = request.settings
-        return translator.checkpoint_id, request.fingerprint, s.source, s.steps, s.match_intensities
+        return translator.checkpoint_id, request.fingerprint, s.source, s.steps, s.solver, s.match_intensities
 
     def _build(self, request: RunRequest) -> tuple[Generator, tuple | None]:
         """The run's steps, its inputs checked now; and the inversion key when its inversion can be scrubbed."""
