@@ -44,6 +44,8 @@ CONFIGS = {
     "ddim-100-no-guidance-no-mask": ("ddim", 100, 0.0, False),
     "dpm++-10": ("dpm++", 10, None, None),
     "dpm++-20": ("dpm++", 20, None, None),
+    "dpm++-50": ("dpm++", 50, None, None),
+    "dpm++-20-no-guidance": ("dpm++", 20, 0.0, None),
 }
 METRICS = ("flip_rate", "auroc", "auroc_sigma2", "counterfactual_ratio", "reconstruction_psnr")
 

@@ -55,12 +55,21 @@ def _nearest(keys: list[str], value: float, log: bool = False) -> str:
     return min(keys, key=distance)
 
 
-def held_out_psnrs(calibration: dict[str, Any] | None, steps: int, strength: float,
-                   guidance: float = 0.0) -> tuple[list[float], str] | None:
+def measured_with(calibration: dict[str, Any] | None) -> tuple[str, int]:
+    """The solver and inversion refinements the verdict's table was measured with (records from
+    before the cost search measured DDIM without refinements)."""
+    calibration = calibration or {}
+    return calibration.get("reconstruction_solver", "ddim"), calibration.get("reconstruction_refinements", 0)
+
+
+def held_out_psnrs(calibration: dict[str, Any] | None, steps: int, strength: float, guidance: float = 0.0,
+                   solver: str = "ddim", refinements: int = 0) -> tuple[list[float], str] | None:
     """The calibrated PSNRs nearest to these settings, and a phrase naming the settings they were measured at."""
     table = (calibration or {}).get("reconstruction_psnr") or {}
     measured = calibration.get("reconstruction_guidance") if table else None  # None: a record from before guidance was kept
     if not table or (measured is not None and not math.isclose(guidance, measured)):
+        return None
+    if measured_with(calibration) != (solver, refinements):  # another solver reconstructs to another scale
         return None
     step_key = _nearest(list(table), steps, log=True)
     if abs(math.log(float(step_key) / steps)) > math.log(STEP_TOLERANCE):
@@ -71,19 +80,26 @@ def held_out_psnrs(calibration: dict[str, Any] | None, steps: int, strength: flo
 
 
 def verdict(psnr: float, steps: int, strength: float, calibration: dict[str, Any] | None,
-            fit: FitReport | None = None, guidance: float = 0.0) -> TrustVerdict:
-    """The trust verdict of a result with reconstruction `psnr` at (`steps`, `strength`, `guidance`)."""
+            fit: FitReport | None = None, guidance: float = 0.0, solver: str = "ddim",
+            refinements: int = 0) -> TrustVerdict:
+    """The trust verdict of a result with reconstruction `psnr` at these settings."""
     shown = "not measured" if not math.isfinite(psnr) and psnr != math.inf else f"{psnr:.1f} dB"
     if fit is not None and fit.level == "does-not-fit":
         return TrustVerdict("does-not-fit", f"Reconstruction {shown}. {fit.message}", psnr)
-    reference = held_out_psnrs(calibration, steps, strength, guidance)
+    reference = held_out_psnrs(calibration, steps, strength, guidance, solver, refinements)
     if not math.isfinite(psnr) and psnr != math.inf:
         level, message, percentile = "uncalibrated", "Reconstruction not measured.", None
     elif reference is None and (calibration or {}).get("reconstruction_psnr"):
         calibrated = ", ".join(sorted(calibration["reconstruction_psnr"], key=float))
         measured_guidance = calibration.get("reconstruction_guidance")
         level, percentile = "uncalibrated", None
-        if measured_guidance is not None and not math.isclose(guidance, measured_guidance):
+        measured_solver, measured_refinements = measured_with(calibration)
+        if (measured_solver, measured_refinements) != (solver, refinements):
+            message = (f"Reconstruction {shown} with solver {solver} and {refinements} inversion refinement(s): not "
+                       f"judged, as this model's held-out images were measured with {measured_solver} and "
+                       f"{measured_refinements}, which reconstruct to another scale. Use the model's defaults, or "
+                       "make these its defaults and run `phenotwin calibrate MODEL --data HELD_OUT --no-sweep`.")
+        elif measured_guidance is not None and not math.isclose(guidance, measured_guidance):
             message = (f"Reconstruction {shown} at guidance {guidance:g}: not judged, as this model's held-out images "
                        f"were measured at guidance {measured_guidance:g} and guidance changes the reconstruction. Use "
                        f"guidance {measured_guidance:g}, or make {guidance:g} the model's default and run "

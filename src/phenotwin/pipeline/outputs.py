@@ -167,6 +167,7 @@ def compose(inversion: Inversion, generated: np.ndarray, reconstruction: np.ndar
         image=processor.postprocess(shown, inversion.layout), heatmap=heat.total, heatmap_channels=heat.per_channel,
         normalised=shown, generated=generated, reconstruction=reconstruction, reconstruction_psnr=quality,
         settings=used, checkpoint_id=checkpoint_id, autoencoder_psnr=inversion.autoencoder_psnr, edit_mask=mask,
-        fit=inversion.fit, trust=verdict(quality, used.steps, used.strength, calibration, inversion.fit, used.guidance),
+        fit=inversion.fit, trust=verdict(quality, used.steps, used.strength, calibration, inversion.fit, used.guidance,
+                                         used.solver, used.inversion_refinements),
         inversion=inversion,
     )

@@ -247,7 +247,7 @@ class Calibration:
     def _finish(self, best, rows, data, chosen: Plan, classifier, spent: float):
         """Keep the best save as the model, then calibrate it and write the tables."""
         from phenotwin import Translator
-        from phenotwin.calibration import apply, calibrate_steps
+        from phenotwin.calibration import apply, calibrate_steps, describe
         from phenotwin.io import write_csv
 
         trainer = self.trainer
@@ -263,9 +263,7 @@ class Calibration:
                             "seconds": spent + time.monotonic() - started}
         apply(trainer.out, record, None)
         if "chosen" in record:
-            c = record["chosen"]
-            self.notes.append(f"defaults: strength {c['strength']:g}, guidance {c['guidance']:g}, confine "
-                              f"{'on' if c['confine'] else 'off'} ({record['criterion']}); table in "
+            self.notes.append(f"defaults: {describe(record['chosen'])} ({record['criterion']}); table in "
                               "training/calibration.csv")
         elif "not_chosen" in record:
             self.notes.append(record["not_chosen"])
