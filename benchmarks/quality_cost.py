@@ -13,8 +13,8 @@ the reconstruction rides in it too).
 
 The solver is the pipeline's setting (`TranslationSettings.solver`): "ddim", or "dpm++"
 (DPM-Solver++, second order: diffusers' `DPMSolverMultistepInverseScheduler` /
-`DPMSolverMultistepScheduler`; the edit mask keeps DDIM's clean-image estimate). Each solver gets
-its own `Translator` of the model, with that solver as its default, so that the evaluation code
+`DPMSolverMultistepScheduler`; the edit mask keeps DDIM's clean-image estimate). Each solver (and
+refinement count) gets its own `Translator` of the model, with it as its default, so that the evaluation code
 inverts and generates with it.
 
     python benchmarks/quality_cost.py [--model DIR] [--data DIR [--classifier-data DIR]]
@@ -33,21 +33,24 @@ import sys
 import time
 from pathlib import Path
 
-# name -> (sampler, steps, guidance, confine); None: the model's default.
+# name -> (sampler, steps, guidance, confine, inversion refinements); None: the model's default.
 CONFIGS = {
-    "ddim-10": ("ddim", 10, None, None),
-    "ddim-20": ("ddim", 20, None, None),
-    "ddim-50": ("ddim", 50, None, None),
-    "ddim-100": ("ddim", 100, None, None),
-    "ddim-20-no-guidance": ("ddim", 20, 0.0, None),
-    "ddim-20-no-mask": ("ddim", 20, None, False),
-    "ddim-100-no-guidance-no-mask": ("ddim", 100, 0.0, False),
-    "dpm++-10": ("dpm++", 10, None, None),
-    "dpm++-20": ("dpm++", 20, None, None),
-    "dpm++-50": ("dpm++", 50, None, None),
-    "dpm++-20-no-guidance": ("dpm++", 20, 0.0, None),
+    "ddim-10": ("ddim", 10, None, None, 0),
+    "ddim-20": ("ddim", 20, None, None, 0),
+    "ddim-50": ("ddim", 50, None, None, 0),
+    "ddim-100": ("ddim", 100, None, None, 0),
+    "ddim-20-refined": ("ddim", 20, None, None, 1),
+    "ddim-50-refined": ("ddim", 50, None, None, 1),
+    "ddim-20-no-guidance": ("ddim", 20, 0.0, None, 0),
+    "ddim-20-no-mask": ("ddim", 20, None, False, 0),
+    "ddim-100-no-guidance-no-mask": ("ddim", 100, 0.0, False, 0),
+    "dpm++-10": ("dpm++", 10, None, None, 0),
+    "dpm++-20": ("dpm++", 20, None, None, 0),
+    "dpm++-50": ("dpm++", 50, None, None, 0),
+    "dpm++-20-no-guidance": ("dpm++", 20, 0.0, None, 0),
 }
-METRICS = ("flip_rate", "auroc", "auroc_sigma2", "counterfactual_ratio", "reconstruction_psnr")
+METRICS = ("flip_rate", "auroc", "auroc_sigma2", "counterfactual_ratio", "reconstruction_psnr", "agreement_psnr")
+AGREEMENT_IMAGES = 4
 
 
 def image_evaluations(settings, calls: int, confine_calls: int) -> int:
@@ -61,23 +64,27 @@ def image_evaluations(settings, calls: int, confine_calls: int) -> int:
 
 
 def run(args) -> dict:
+    import numpy as np
+
     import phenotwin.evaluate.translation as evaluation
     from phenotwin import Translator, cost
     from phenotwin.assets import demo_model_path
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+    from phenotwin.pipeline.heatmap import psnr
     from phenotwin.progress import drive
     from phenotwin.synthetic import make_pairs
 
     model = args.model or demo_model_path()
-    translators = {"ddim": Translator(model, device=args.device, solver="ddim")}
+    translators = {("ddim", 0): Translator(model, device=args.device, solver="ddim", inversion_refinements=0)}
 
-    def translator_for(solver: str):
-        """The model with `solver` as its default (DPM-Solver++ inverts without refinements)."""
-        if solver not in translators:
-            translators[solver] = Translator(model, device=args.device, solver=solver, inversion_refinements=0)
-        return translators[solver]
+    def translator_for(solver: str, refinements: int):
+        """The model with `solver` and `refinements` as its defaults (the evaluation code uses a model's defaults)."""
+        if (solver, refinements) not in translators:
+            translators[solver, refinements] = Translator(model, device=args.device, solver=solver,
+                                                          inversion_refinements=refinements)
+        return translators[solver, refinements]
 
-    translator = translators["ddim"]
+    translator = translators["ddim", 0]
     size, channels = translator.image_size, translator.channels
     if args.data is not None:
         held_out = evaluation.load_eval_folder(args.data, size, channels, args.n)
@@ -105,13 +112,13 @@ def run(args) -> dict:
     evaluation.condition_classifier = shared_classifier
     cost.time_one_call(translator)
     seconds_per_call = cost.SECONDS_PER_CALL[translator.checkpoint_id]
-    rows = []
+    rows, shown = [], {}
     try:
         for name in args.configs:
-            sampler, steps, guidance, confine = CONFIGS[name]
-            translator = translator_for(sampler)
+            sampler, steps, guidance, confine, refinements = CONFIGS[name]
+            translator = translator_for(sampler, refinements)
             settings = translator.resolve(source=source, target=target, steps=steps, guidance=guidance,
-                                          confine=confine, strength=args.strength)
+                                          confine=confine, strength=args.strength, inversion_refinements=refinements)
             started = time.perf_counter()
             result = drive(evaluation.translation_steps(
                 translator, held_out, reference, n=args.n, steps=settings.steps, strengths=[settings.strength],
@@ -119,12 +126,16 @@ def run(args) -> dict:
             seconds = time.perf_counter() - started
             (judged,) = result["results"]
             before = translator.denoiser.calls  # what one translation makes (partial inversion)
-            translator.translate(held_out.images[source][0], settings=settings, channel_axis=0)
+            first = translator.translate(held_out.images[source][0], settings=settings, channel_axis=0)
             calls = translator.denoiser.calls - before
+            shown[name] = [first.normalised] + [
+                translator.translate(image, settings=settings, channel_axis=0).normalised
+                for image in held_out.images[source][1:AGREEMENT_IMAGES]]
             if calls != cost.calls_per_image(settings):
                 raise RuntimeError(f"{name}: {calls} UNet calls counted, {cost.calls_per_image(settings)} planned")
             row = {
-                "config": name, "sampler": sampler, "steps": settings.steps, "strength": settings.strength,
+                "config": name, "sampler": sampler, "steps": settings.steps, "inversion_refinements": refinements,
+                "strength": settings.strength,
                 "guidance": settings.guidance, "confine": settings.confine, "unet_calls": calls,
                 "image_evaluations": image_evaluations(settings, calls, CONFINE_CALLS),
                 "seconds_estimate": calls * seconds_per_call,
@@ -136,6 +147,15 @@ def run(args) -> dict:
             print(format_row(row), flush=True)
     finally:
         evaluation.condition_classifier = train_once
+    # How close each configuration's translations are to those at the model's own defaults (what a
+    # cheap preview would have to stand in for), in dB over the first AGREEMENT_IMAGES images.
+    defaults = translators["ddim", 0].defaults
+    own = next((r["config"] for r in rows if r["sampler"] == defaults.solver and r["steps"] == defaults.steps
+                and r["guidance"] == defaults.guidance and r["confine"] == defaults.confine
+                and r["inversion_refinements"] == defaults.inversion_refinements), None)
+    for row in rows:  # None for the defaults' own row (identical: infinite)
+        agreement = None if own is None else float(np.mean([psnr(a, b) for a, b in zip(shown[own], shown[row["config"]])]))
+        row["agreement_psnr"] = agreement if agreement is not None and np.isfinite(agreement) else None
     classifier = trained["classifier"][0]
     return {"model": translator.checkpoint_id, "data": data_name, "n": args.n, "source": source, "target": target,
             "classifier_held_out_accuracy": classifier.held_out_accuracy, "seconds_per_call": seconds_per_call,
@@ -147,14 +167,15 @@ def _number(value, digits: int) -> str:
 
 
 HEADER = ("| config | steps | guidance | mask | UNet calls | image evals | flip rate | AUROC | AUROC σ2 "
-          "| ratio | PSNR dB |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| ratio | PSNR dB | vs defaults dB |\n|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def format_row(row) -> str:
     return (f"| {row['config']} | {row['steps']} | {row['guidance']:g} | {'on' if row['confine'] else 'off'} "
             f"| {row['unet_calls']} | {row['image_evaluations']} | {_number(row['flip_rate'], 2)} "
             f"| {_number(row['auroc'], 3)} | {_number(row['auroc_sigma2'], 3)} "
-            f"| {_number(row['counterfactual_ratio'], 3)} | {_number(row['reconstruction_psnr'], 1)} |")
+            f"| {_number(row['counterfactual_ratio'], 3)} | {_number(row['reconstruction_psnr'], 1)} "
+            f"| {_number(row.get('agreement_psnr'), 1)} |")
 
 
 def plot(study: dict, path: Path) -> None:
@@ -169,7 +190,8 @@ def plot(study: dict, path: Path) -> None:
     rows = study["rows"]
     titles = {"flip_rate": "flip rate", "auroc": "heatmap AUROC (raw)", "auroc_sigma2": "heatmap AUROC (σ 2)",
               "counterfactual_ratio": "counterfactual ratio (lower is better)",
-              "reconstruction_psnr": "reconstruction PSNR (dB)"}
+              "reconstruction_psnr": "reconstruction PSNR (dB)",
+              "agreement_psnr": "PSNR to the defaults' translation (dB)"}
     figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6), constrained_layout=True)
     for axis, metric in zip(axes, METRICS):
         for row in rows:
@@ -211,6 +233,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     print(HEADER, flush=True)
     study = run(args)
+    print("\n" + HEADER + "\n" + "\n".join(format_row(row) for row in study["rows"]))
     print(f"\nclassifier held-out accuracy {study['classifier_held_out_accuracy']:.3f}; "
           f"{study['seconds_per_call'] * 1000:.1f} ms per UNet call on {study['device']}; n = {study['n']}")
     if args.json:

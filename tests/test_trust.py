@@ -199,6 +199,13 @@ def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_on
     calls = counted.denoiser.calls
     record = drive(calibrate_steps(counted, load_eval_folder(tmp_path / "held-out", 32, 2, 4), n=4))
     assert counted.denoiser.calls - calls == record["unet_calls"] <= planned  # the progress total is an upper bound
+    # Any reconstruction loss allowed: the cheapest setting that flips is kept, and the search stops there.
+    loose = drive(calibrate_steps(counted, load_eval_folder(tmp_path / "held-out", 32, 2, 4), n=4,
+                                  reconstruction_tolerance=100.0))
+    assert [r["kept"] for r in loose["cost_search"]] == [False] * (len(loose["cost_search"]) - 1) + [True]
+    assert "within 100 dB" in loose["criterion"]
+    assert main(["calibrate", str(model), "--data", str(tmp_path / "held-out"), "--reconstruction-tolerance", "-1",
+                 "--device", "cpu"]) == 2
 
     assert main(["calibrate", str(model), "--data", str(tmp_path / "held-out"), "-n", "4", "--device", "cpu"]) == 0
     info = read_info(model)

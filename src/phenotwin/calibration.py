@@ -54,10 +54,14 @@ CALIBRATION_VERSION = 1
 # cheaper setting may lose (the verdict of a cheaper default is measured at it, so it stays honest).
 CHEAPER_STEPS = (0.2, 0.5)
 RECONSTRUCTION_TOLERANCE_DB = 1.0
-CRITERION = (f"confined to the model's edit mask first, then the lowest strength, then the smallest mean change, "
-             f"among settings with flip rate >= {FLIP_TARGET} x the classifier's held-out accuracy (else the best "
-             f"flip rate - {FLIP_SLACK}), less one standard error of the flip rate; then the cheapest solver and step "
-             f"count that still flips and reconstructs within {RECONSTRUCTION_TOLERANCE_DB:g} dB")
+
+
+def criterion(tolerance: float = RECONSTRUCTION_TOLERANCE_DB) -> str:
+    """The calibration's criterion in words, as phenotwin.json records it."""
+    return (f"confined to the model's edit mask first, then the lowest strength, then the smallest mean change, "
+            f"among settings with flip rate >= {FLIP_TARGET} x the classifier's held-out accuracy (else the best "
+            f"flip rate - {FLIP_SLACK}), less one standard error of the flip rate; then the cheapest solver and step "
+            f"count that still flips and reconstructs within {tolerance:g} dB")
 
 
 def flip_bar(rows: list[dict[str, Any]], classifier_accuracy: float) -> float:
@@ -220,9 +224,10 @@ def _judge(translator, data, classifier, results) -> dict[str, Any]:
     return row
 
 
-def _cost_search(translator, data, classifier, directions, counts, chosen, reference, bar, seed, clock):
+def _cost_search(translator, data, classifier, directions, counts, chosen, reference, bar, seed, clock,
+                 tolerance: float):
     """The cheapest of `cheaper_settings` that keeps the chosen setting's quality: it flips (within
-    the noise, `flips`) and reconstructs within RECONSTRUCTION_TOLERANCE_DB of `reference` (the chosen
+    the noise, `flips`) and reconstructs within `tolerance` dB of `reference` (the chosen
     setting's row at the model's own solver and steps). Tried cheapest first; stops at the first that
     does. Returns (rows tried, the settings kept or None). Each row also has `agreement_psnr`: how
     close its translations are to the reference's, in dB."""
@@ -248,8 +253,7 @@ def _cost_search(translator, data, classifier, directions, counts, chosen, refer
                "unet_calls": calls_per_image(option), **_judge(translator, data, classifier, results)}
         row["agreement_psnr"] = float(np.mean([psnr(ref.normalised, r.normalised)
                                                for (*_, ref), (*_, r) in zip(reference["results"], results)]))
-        row["kept"] = flips(row, bar) and (row["reconstruction_psnr"] >=
-                                           reference["reconstruction_psnr"] - RECONSTRUCTION_TOLERANCE_DB)
+        row["kept"] = flips(row, bar) and row["reconstruction_psnr"] >= reference["reconstruction_psnr"] - tolerance
         tried.append(row)
         if row["kept"]:
             return tried, option
@@ -257,11 +261,13 @@ def _cost_search(translator, data, classifier, directions, counts, chosen, refer
 
 
 def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True,
-                    seed: int = 0, classifier_epochs: int = CLASSIFIER_EPOCHS, classifier=None) -> Steps[dict[str, Any]]:
+                    seed: int = 0, classifier_epochs: int = CLASSIFIER_EPOCHS, classifier=None,
+                    reconstruction_tolerance: float = RECONSTRUCTION_TOLERANCE_DB) -> Steps[dict[str, Any]]:
     """Measure (see the module docstring) on `data`, an `evaluate.translation.EvalSet`; returns the
     `calibration` record with the chosen `defaults`. Writes nothing. `classifier` (a trained
     `evaluate.classifier.ConditionClassifier`) replaces the one trained on `data`, e.g. one trained
-    on the training images when only a few are held out."""
+    on the training images when only a few are held out. `reconstruction_tolerance`: the dB of
+    reconstruction a cheaper solver or step count may lose (`_cost_search`)."""
     from phenotwin.evaluate.translation import condition_classifier, require_conditions
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 
@@ -304,7 +310,8 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     }
     guidance = base.guidance
     if rows:
-        record.update(sweep=rows, classifier_accuracy=classifier.held_out_accuracy, criterion=CRITERION)
+        record.update(sweep=rows, classifier_accuracy=classifier.held_out_accuracy,
+                      criterion=criterion(reconstruction_tolerance))
         if classifier.held_out_accuracy >= MIN_CLASSIFIER_ACCURACY:
             row = choose(rows, classifier.held_out_accuracy)
             chosen = {k: row[k] for k in ("strength", "guidance", "confine")}
@@ -312,7 +319,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
             reference = {**row, "results": outcomes[(row["strength"], row["guidance"], row["confine"])]}
             tried, cheaper = yield from _cost_search(translator, data, classifier, directions, counts, chosen,
                                                      reference, flip_bar(rows, classifier.held_out_accuracy),
-                                                     seed, clock)
+                                                     seed, clock, reconstruction_tolerance)
             record["cost_search"] = tried
             if cheaper is not None:  # the verdict is judged at the settings results will use
                 chosen.update(steps=cheaper.steps, solver=cheaper.solver,
@@ -417,6 +424,10 @@ def add_parser(commands) -> None:
                            f"--data; up to {CLASSIFIER_IMAGES} a condition, however small -n is)")
     calibrate.add_argument("--no-sweep", action="store_true",
                            help="only the trust verdict; keep the model's defaults (much faster)")
+    calibrate.add_argument("--reconstruction-tolerance", type=float, default=RECONSTRUCTION_TOLERANCE_DB,
+                           metavar="DB", help="how much held-out reconstruction (dB) a cheaper solver or step count "
+                           "may lose to become the default; more is faster but a weaker trust signal "
+                           "(default: %(default)s)")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--device", default="auto")
 
@@ -427,6 +438,8 @@ def run(args: argparse.Namespace) -> int:
     from phenotwin.input_fit import training_statistics
     from phenotwin.progress import drive, tqdm_steps
 
+    if not args.reconstruction_tolerance >= 0:
+        raise PhenotwinError(f"--reconstruction-tolerance must be 0 dB or more, got {args.reconstruction_tolerance}.")
     translator = Translator(args.checkpoint, device=args.device)
     data = load_eval_folder(args.data, translator.image_size, translator.channels, args.n)
     if data.fingerprint and data.fingerprint == (translator.info.provenance or {}).get("data_fingerprint"):
@@ -440,7 +453,8 @@ def run(args: argparse.Namespace) -> int:
                                     CLASSIFIER_IMAGES)
         classifier, _ = condition_classifier(translator, examples, args.seed)
     record = drive(calibrate_steps(translator, data, n=args.n, step_counts=args.steps, sweep=not args.no_sweep,
-                                   seed=args.seed, classifier=classifier), tqdm_steps("calibrate"))
+                                   seed=args.seed, classifier=classifier,
+                                   reconstruction_tolerance=args.reconstruction_tolerance), tqdm_steps("calibrate"))
     statistics, normalization = None, translator.info.normalization
     if translator.info.intensity_statistics is None and normalization["mode"] == "fixed":
         images = [im for c in translator.classes for im in data.images[c]]
