@@ -192,8 +192,8 @@ def plot(study: dict, path: Path) -> None:
               "counterfactual_ratio": "counterfactual ratio (lower is better)",
               "reconstruction_psnr": "reconstruction PSNR (dB)",
               "agreement_psnr": "PSNR to the defaults' translation (dB)"}
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6), constrained_layout=True)
-    for axis, metric in zip(axes, METRICS):
+    figure, axes = plt.subplots(2, (len(METRICS) + 1) // 2, figsize=(13, 7.5), constrained_layout=True)
+    for axis, metric in zip(axes.flat, METRICS):
         for row in rows:
             if row[metric] is None:
                 continue
