@@ -35,8 +35,9 @@ GUI_MODULES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "superq
 SESSION = "phenotwin._napari.session"
 SESSION_FORBIDDEN = (*GUI_MODULES, "torch")
 MAX_LINES = 450
-# translator.py: 260 until the solver setting (one argument and the refusal of another solver's inversion).
-LINE_LIMITS = {"phenotwin/_napari/translate_widget.py": 300, "phenotwin/pipeline/translator.py": 270}
+# translator.py: 260 until the solver setting (one argument and the refusal of another solver's inversion);
+# translate_widget.py: 300 until the preview (its handler).
+LINE_LIMITS = {"phenotwin/_napari/translate_widget.py": 306, "phenotwin/pipeline/translator.py": 270}
 
 
 @dataclass(frozen=True)

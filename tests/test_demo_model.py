@@ -125,3 +125,24 @@ def test_fresh_held_out_cells_read_good_at_the_shipped_models_defaults(phenotype
             assert result.fit.level == "ok", result.fit.message
             levels.append(result.trust.level)
     assert levels.count("good") >= 19, levels  # >= 95% of 20
+
+
+def test_the_preview_of_the_demo_defaults_comes_close_to_the_translation(demo, torch_one_thread):
+    """Issue 17: the widget's first look (cost.preview_of: DPM-Solver++ at 10 steps) costs a fifth of the
+    translation at the demo's defaults and lies within 35 dB of it (39.8 dB over 4 cells in
+    docs/benchmarks.md), on held-out cells neither trained nor calibrated on."""
+    from phenotwin import Translator, cost
+    from phenotwin.pipeline.heatmap import psnr
+    from phenotwin.synthetic import as_camera_units, make_pairs
+
+    demo = Translator(demo, device="cpu")
+    source, target = demo.classes
+    settings = demo.resolve(source=source, target=target)
+    preview = cost.preview_of(settings)
+    assert cost.calls_per_image(preview) * 4 <= cost.calls_per_image(settings)  # 23 against 112
+    for image in make_pairs(2, size=64, channels=2, seed=0, start=600_000).control:
+        cell = as_camera_units(image)
+        first = demo.translate(cell, settings=preview, channel_axis=0)
+        final = demo.translate(cell, settings=settings, channel_axis=0)
+        assert psnr(final.normalised, first.normalised) >= 35.0
+        assert first.heatmap.max() > 0 and np.corrcoef(first.heatmap.ravel(), final.heatmap.ravel())[0, 1] > 0.9

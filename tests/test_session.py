@@ -355,3 +355,37 @@ def test_a_cancelled_prefetch_keeps_the_inversion_it_extended(session, runner, t
     runner.last.run()
     assert session.inversion.depth == 4 and not session.prefetching
     assert cost.plan_scrub(translator, session.inversion, settings(strength=1.0)).calls == 2 + STEPS
+
+
+def test_a_run_that_inverts_anew_shows_a_cheap_preview_first(session, runner, translator, cells):
+    """DPM-Solver++ at cost.PREVIEW_STEPS before the translation itself (issue 17; how close it comes on the
+    demo model: tests/test_demo_model.py); counted in the plan and the clock, and the result unchanged."""
+    assert session.preview_enabled  # on by default on a CPU
+    previews = []
+    session.events.preview.connect(lambda result, context: previews.append((result, context, len(results(session)))))
+    calls = translator.denoiser.calls
+    plan = session.plan(request(cells, steps=60))
+    session.run(request(cells, steps=60))
+    clock, done = session.clock, []
+    while not runner.last.done:
+        runner.last.step()
+        done.append(clock.done)
+    (preview, context, shown_before), = previews
+    assert shown_before == 0 and context == "the layers"  # before the translation, where it will go
+    assert (preview.settings.solver, preview.settings.steps, preview.settings.target) == ("dpm++", 10, "treated")
+    (result,) = results(session)
+    direct = translator.translate(cells, "control", "treated", strength=1.0, steps=60, seed=0, channel_axis=0)
+    np.testing.assert_array_equal(result.image, direct.image)  # the preview changes nothing of the result
+    assert session.inversion is result.inversion and result.settings.solver == "ddim"
+    full = cost.calls_per_image(translator.resolve(settings(steps=60)))
+    assert plan.calls == full + cost.calls_per_image(preview.settings) == 120 + 20
+    assert done == sorted(done) and done[-1] == plan.calls == translator.denoiser.calls - calls - full  # + direct's
+    # None where the inversion is cached (a scrub-like run costs its generation only), nor where the run is cheap.
+    session.run(request(cells, steps=60, strength=0.5))
+    runner.drain()
+    session.run(request(cells[:, ::-1].copy(), steps=STEPS))
+    runner.drain()
+    session.preview_enabled = False
+    session.run(request(cells[::-1].copy(), steps=60))
+    runner.drain()
+    assert len(previews) == 1 and len(results(session)) == 4

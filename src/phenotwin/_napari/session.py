@@ -28,6 +28,7 @@ from psygnal import Signal, SignalGroup
 
 from phenotwin import cost
 from phenotwin.errors import PhenotwinError
+from phenotwin.progress import relabel
 
 if TYPE_CHECKING:
     from phenotwin.pipeline.outputs import Inversion
@@ -68,6 +69,14 @@ class SessionEvents(SignalGroup):
     finished = Signal()  # the run or scrub is over (after its result, error or cancel)
     prefetch_progress = Signal(int, int)  # strength k of n being precomputed
     prefetch_info = Signal(str, bool)  # a line about the precomputed strengths ("" keeps the last), shown or not
+    preview = Signal(object, object)  # a run's cheap first result (`cost.preview_of`), the context; the result follows
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Yielded by a run's worker: its preview, to show until the translation itself arrives."""
+
+    result: Any
 
 
 @dataclass(eq=False)
@@ -95,6 +104,7 @@ class TranslationSession:
         self.context: Any = None  # of the latest run
         self.settings: TranslationSettings | None = None  # the latest asked for: the prefetch centres on it
         self.prefetch_enabled = True
+        self.preview_enabled = True  # a run that inverts anew shows `cost.preview_of` first, where it is cheap
         self.clock: cost.RunClock | None = None  # of the run or scrub under way: model calls across its stages
         self._job: _Job | None = None  # a run or a scrub
         self._prefetch: _Job | None = None
@@ -124,7 +134,15 @@ class TranslationSession:
         key = self.inversion_key_of(self.translator, request)
         cached = request.labels is None and request.image.ndim == 3 and key == self._inversion_key
         depth = self.inversion.depth if cached and self.inversion is not None else 0
-        return cost.plan_run(self.translator, request.image, request.settings, request.labels, depth)
+        plan = cost.plan_run(self.translator, request.image, request.settings, request.labels, depth)
+        preview = self._preview_of(request, cached)
+        return plan if preview is None else dataclasses.replace(plan, calls=plan.calls + cost.calls_per_image(preview))
+
+    def _preview_of(self, request: RunRequest, cached: bool):
+        """The preview a run shows first: for one plane whose inversion is not cached, when enabled."""
+        if not self.preview_enabled or cached or request.labels is not None or request.image.ndim != 3:
+            return None
+        return cost.preview_of(self.translator.resolve(request.settings))
 
     def set_translator(self, translator: Translator) -> None:
         """A model was loaded: nothing of the previous one can be scrubbed."""
@@ -132,6 +150,7 @@ class TranslationSession:
         self.events.prefetch_info.emit("", False)
         self.translator = translator
         self.prefetch_enabled = self.prefetch_by_default(translator)
+        self.preview_enabled = not self.prefetch_by_default(translator)  # where a translation takes seconds
         self.inversion, self._inversion_key = None, None
 
     # -- requests ------------------------------------------------------------------------------
@@ -251,7 +270,9 @@ class TranslationSession:
         inversion = self.inversion if key == self._inversion_key else None
         inverting = None if inversion is not None else translator.invert_steps(
             request.image, channel_axis=0, settings=settings, strength=settings.strength)
-        return _invert_then_generate(translator, inverting, inversion, settings), key
+        preview = self._preview_of(request, cached=inversion is not None)
+        return _invert_then_generate(translator, inverting, inversion, settings,
+                                     None if preview is None else (request.image, preview)), key
 
     def _start_run(self, request: RunRequest, built: tuple[Generator, tuple | None] | None = None) -> None:
         try:
@@ -284,6 +305,9 @@ class TranslationSession:
             aborted=self.events.cancelled.emit, finished=lambda: self._on_finished(job))
 
     def _on_progress(self, event) -> None:
+        if isinstance(event, Preview):
+            self.events.preview.emit(event.result, self.context)
+            return
         if self.clock is not None:
             self.clock.step(event)
         self.events.progress.emit(event)
@@ -404,9 +428,15 @@ def _complete_then_prefetch(translator: Translator, inversion: Inversion, streng
     return (yield from translator.prefetch_steps(inversion, strengths, settings=settings))
 
 
-def _invert_then_generate(translator: Translator, inverting, inversion, settings: TranslationSettings):
-    """Runs in the worker thread: invert unless the inversion is cached, then generate (its source
-    and steps are the inversion's). Touches no session state: the result carries its inversion back."""
+def _invert_then_generate(translator: Translator, inverting, inversion, settings: TranslationSettings,
+                          preview: tuple[np.ndarray, TranslationSettings] | None = None):
+    """Runs in the worker thread: the `preview` (image, settings) first if any, yielded as a `Preview`;
+    invert unless the inversion is cached, then generate (its source and steps are the inversion's).
+    Touches no session state: the result carries its inversion back."""
+    if preview is not None:
+        image, cheap = preview
+        yield Preview((yield from relabel(translator.translate_steps(image, channel_axis=0, settings=cheap),
+                                          "preview")))
     if inverting is not None:
         inversion = yield from inverting
     return (yield from translator.generate_steps(inversion, settings=settings, reconstruct=True))

@@ -130,6 +130,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         events.tiles.connect(lambda done, total: tiles.emit(done, total))  # worker thread -> queued to the GUI
         tiles.connect(lambda done, total: self.session.running and self._dock.tiles(done, total))
         events.result.connect(self._on_result)
+        events.preview.connect(self._on_preview)
         events.error.connect(self._on_error)
         events.cancelled.connect(lambda: self._dock.say("Cancelled."))
         events.finished.connect(self._on_finished)
@@ -295,6 +296,11 @@ class TranslateWidget(ScrollableDock, widgets.Container):
             self.results.show_cells(result, shown, sources, model_registry.channel_names(self.translator))
         self.results.show_result(result, sources, shown.several)
         self.translated.emit(result)
+
+    def _on_preview(self, result, sources: layers.SourcePlanes) -> None:
+        if not self._closed:  # in the result layers, until the translation itself replaces it
+            layers.show_result(self.viewer, result, sources)
+            show_info(f"Preview ({result.settings.steps} DPM-Solver++ steps) shown; the translation follows.")
 
     def result_layers(self, role: str | None = None):
         return layers.result_layers(self.viewer, role)
