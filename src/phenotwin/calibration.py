@@ -17,7 +17,7 @@ from a good image. So, on held-out images of the model's own conditions:
    change (`choose`). A translation should change what the condition changes and nothing more:
    on a subtle phenotype the gentlest change that flips is also the one that does not overshoot;
 4. the cost search (issue 17): the chosen setting again with cheaper solvers, step counts and
-   refinements (`cheaper_settings`), cheapest first; the first that still flips and
+   refinements (`calibration_cost`), cheapest first; the first that still flips and
    reconstructs within RECONSTRUCTION_TOLERANCE_DB of the model's own becomes the default, and
    the verdict's table is measured again with it.
 
@@ -28,7 +28,6 @@ The chosen settings become the model's `defaults` in phenotwin.json; the tables 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from phenotwin.calibration_cost import cheaper_settings, cost_search, flips, judge
 from phenotwin.errors import PhenotwinError
 from phenotwin.evaluate.classifier import CLASSIFIER_EPOCHS, CLASSIFIER_IMAGES
 from phenotwin.progress import Progress, Steps, relabel
@@ -50,9 +50,8 @@ FLIP_SLACK = 0.05
 # would win. The defaults are then kept, and the calibration says why.
 MIN_CLASSIFIER_ACCURACY = 0.8
 CALIBRATION_VERSION = 1
-# The cost search: step counts tried as fractions of the model's, and how much reconstruction a
-# cheaper setting may lose (the verdict of a cheaper default is measured at it, so it stays honest).
-CHEAPER_STEPS = (0.2, 0.5)
+# How much reconstruction a cheaper setting of the cost search may lose (`calibration_cost`; the
+# verdict of a cheaper default is measured at it, so it stays honest).
 RECONSTRUCTION_TOLERANCE_DB = 1.0
 
 
@@ -73,13 +72,6 @@ def flip_bar(rows: list[dict[str, Any]], classifier_accuracy: float) -> float:
     return target if best_flip >= target else best_flip - FLIP_SLACK
 
 
-def flips(row: dict[str, Any], bar: float) -> bool:
-    """Whether a setting reaches `bar`, within the sampling noise of its `images` translations: a
-    flip rate of n translations is known to about one standard error, sqrt(bar (1 - bar) / n) (0.075
-    at 16, i.e. one cell), and one cell decided the demo's recalibration against the edit mask."""
-    return row["flip_rate"] >= bar - math.sqrt(max(0.0, bar * (1.0 - bar)) / max(1, row["images"]))
-
-
 def choose(rows: list[dict[str, Any]], classifier_accuracy: float = 1.0) -> dict[str, Any]:
     """The gentlest localised setting that flips (see the module docstring): confined to the
     model's edit mask first, then the lowest strength, then the smallest mean change.
@@ -96,19 +88,6 @@ def choose(rows: list[dict[str, Any]], classifier_accuracy: float = 1.0) -> dict
     bar = flip_bar(rows, classifier_accuracy)
     flipping = [row for row in rows if flips(row, bar)]
     return min(flipping, key=lambda row: (not row["confine"], row["strength"], row["mean_change"], -row["flip_rate"]))
-
-
-def cheaper_settings(translator, chosen) -> list:
-    """The solver, step count and refinements tried against the model's own for the `chosen`
-    setting, cheapest first: DDIM, DDIM with one fixed-point refinement and DPM-Solver++ at
-    CHEAPER_STEPS of the model's steps, those that cost fewer model calls a translation."""
-    from phenotwin.cost import calls_per_image
-
-    base = translator.resolve(**chosen)
-    ladder = sorted({max(2, round(f * base.steps)) for f in CHEAPER_STEPS} - {base.steps})
-    options = [translator.resolve(**chosen, steps=steps, solver=solver, inversion_refinements=refinements)
-               for steps in ladder for solver, refinements in (("ddim", 0), ("ddim", 1), ("dpm++", 0))]
-    return sorted((o for o in options if calls_per_image(o) < calls_per_image(base)), key=calls_per_image)
 
 
 def describe(chosen: dict[str, Any]) -> str:
@@ -204,62 +183,6 @@ def _verdict_psnrs(translator, data, directions, counts, settings, rungs, guidan
                         yield from on_generated(src, tgt, i, inversion, rung, result)
 
 
-def _judge(translator, data, classifier, results) -> dict[str, Any]:
-    """A setting's row: flip rate, mean change and reconstruction of its (src, tgt, i, Translation)
-    results, and with aligned synthetic pairs the ground-truth counterfactual ratio and AUROC."""
-    from phenotwin.evaluate.metrics import auroc, counterfactual_ratio, smooth
-
-    translations = np.stack([r.normalised for *_, r in results])
-    targets = np.array([translator.classes.index(t) for _, t, _, _ in results])
-    row = {"images": len(results), "flip_rate": float(np.mean(classifier.predict(translations) == targets)),
-           "mean_change": float(np.mean([r.heatmap.mean() for *_, r in results])),
-           "reconstruction_psnr": float(np.mean([r.reconstruction_psnr for *_, r in results]))}
-    if data.aligned:  # synthetic pairs: the true counterfactual and change mask are known
-        model_range = translator.processor.to_model_range
-        sources = np.stack([model_range(data.images[s][i:i + 1])[0] for s, _, i, _ in results])
-        truth = np.stack([model_range(data.images[t][i:i + 1])[0] for _, t, i, _ in results])
-        masks = np.stack([data.masks[i] for *_, i, _ in results])
-        row["counterfactual_ratio"] = counterfactual_ratio(translations, sources, truth)
-        row["heatmap_auroc_sigma2"] = auroc(smooth(np.stack([r.heatmap for *_, r in results]), 2), masks)
-    return row
-
-
-def _cost_search(translator, data, classifier, directions, counts, chosen, reference, bar, seed, clock,
-                 tolerance: float):
-    """The cheapest of `cheaper_settings` that keeps the chosen setting's quality: it flips (within
-    the noise, `flips`) and reconstructs within `tolerance` dB of `reference` (the chosen
-    setting's row at the model's own solver and steps). Tried cheapest first; stops at the first that
-    does. Returns (rows tried, the settings kept or None). Each row also has `agreement_psnr`: how
-    close its translations are to the reference's, in dB."""
-    from phenotwin.cost import calls_per_image, generation_calls, inversion_calls
-    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
-    from phenotwin.pipeline.heatmap import psnr
-
-    tried = []
-    for option in cheaper_settings(translator, chosen):
-        results = []
-        for src, tgt in directions:
-            for i in range(counts[src]):
-                settings = option.replace(source=src, target=tgt, seed=seed)
-                inversion = yield from clock.run(translator.invert_steps(
-                    data.images[src][i], channel_axis=0, settings=settings, strength=settings.strength),
-                    inversion_calls(settings))
-                if settings.confine:
-                    yield from clock.run(translator.edit_mask_steps(inversion, tgt), CONFINE_CALLS)
-                result = yield from clock.run(translator.generate_steps(inversion, settings=settings),
-                                              generation_calls(settings))
-                results.append((src, tgt, i, result))
-        row = {"solver": option.solver, "steps": option.steps, "inversion_refinements": option.inversion_refinements,
-               "unet_calls": calls_per_image(option), **_judge(translator, data, classifier, results)}
-        row["agreement_psnr"] = float(np.mean([psnr(ref.normalised, r.normalised)
-                                               for (*_, ref), (*_, r) in zip(reference["results"], results)]))
-        row["kept"] = flips(row, bar) and row["reconstruction_psnr"] >= reference["reconstruction_psnr"] - tolerance
-        tried.append(row)
-        if row["kept"]:
-            return tried, option
-    return tried, None
-
-
 def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True,
                     seed: int = 0, classifier_epochs: int = CLASSIFIER_EPOCHS, classifier=None,
                     reconstruction_tolerance: float = RECONSTRUCTION_TOLERANCE_DB) -> Steps[dict[str, Any]]:
@@ -267,7 +190,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     `calibration` record with the chosen `defaults`. Writes nothing. `classifier` (a trained
     `evaluate.classifier.ConditionClassifier`) replaces the one trained on `data`, e.g. one trained
     on the training images when only a few are held out. `reconstruction_tolerance`: the dB of
-    reconstruction a cheaper solver or step count may lose (`_cost_search`)."""
+    reconstruction a cheaper solver or step count may lose (`calibration_cost.cost_search`)."""
     from phenotwin.evaluate.translation import condition_classifier, require_conditions
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 
@@ -302,7 +225,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
         yield from _verdict_psnrs(translator, data, directions, counts, translator.resolve(steps=steps), rungs,
                                   _guidances(base.guidance, swept), seed, clock, psnrs,
                                   sweep_confined if swept else None)
-    rows = [{"strength": s, "guidance": g, "confine": c, **_judge(translator, data, classifier, outcomes[(s, g, c)])}
+    rows = [{"strength": s, "guidance": g, "confine": c, **judge(translator, data, classifier, outcomes[(s, g, c)])}
             for s, g, c in grid]
     record: dict[str, Any] = {
         "version": CALIBRATION_VERSION, "data_fingerprint": data.fingerprint,
@@ -317,7 +240,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
             chosen = {k: row[k] for k in ("strength", "guidance", "confine")}
             guidance = chosen["guidance"]
             reference = {**row, "results": outcomes[(row["strength"], row["guidance"], row["confine"])]}
-            tried, cheaper = yield from _cost_search(translator, data, classifier, directions, counts, chosen,
+            tried, cheaper = yield from cost_search(translator, data, classifier, directions, counts, chosen,
                                                      reference, flip_bar(rows, classifier.held_out_accuracy),
                                                      seed, clock, reconstruction_tolerance)
             record["cost_search"] = tried
