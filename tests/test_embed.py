@@ -87,6 +87,7 @@ def test_training_resumes_after_a_kill_to_the_same_weights(plates, tmp_path):
     killed.close()
     progress = json.loads((tmp_path / "killed/training/state/progress.json").read_text())
     assert progress["step"] == 2
+    assert (tmp_path / "killed/training/state/scheduler.bin").is_file()  # the warm-up's step is resumed too
     with pytest.raises(PhenotwinError, match="not empty.*--resume"):
         drive(train_steps(EmbedConfig(data=str(plates), out=str(tmp_path / "killed"), **TINY)))
     with pytest.raises(PhenotwinError, match="other settings.*width"):
@@ -102,6 +103,24 @@ def test_training_resumes_after_a_kill_to_the_same_weights(plates, tmp_path):
     assert 0 <= metrics["knn_batch_accuracy"] <= 1 and -1 <= metrics["silhouette_condition"] <= 1
     log = (tmp_path / "killed/training/log.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in log[1:]] == ["1", "2", "3", "4"]
+
+
+def test_a_run_saved_before_the_warm_up_setting_resumes_without_warm_up(plates, tmp_path):
+    old = {**TINY, "warmup_steps": 0}
+    whole = drive(train_steps(EmbedConfig(data=str(plates), out=str(tmp_path / "whole"), **old)))
+    killed = train_steps(EmbedConfig(data=str(plates), out=str(tmp_path / "killed"), **old))
+    for _ in range(3):
+        next(killed)
+    killed.close()
+    path = tmp_path / "killed/training/state/progress.json"
+    progress = json.loads(path.read_text())
+    del progress["config"]["warmup_steps"]  # as saved before the setting existed
+    path.write_text(json.dumps(progress))
+    with pytest.raises(PhenotwinError, match="other settings.*warmup_steps: saved 0, now 50"):
+        drive(train_steps(EmbedConfig(data=str(plates), out=str(tmp_path / "killed"), resume=True, **TINY)))
+    drive(train_steps(EmbedConfig(data=str(plates), out=str(tmp_path / "killed"), resume=True, **old)))
+    a, b = _weights(whole), _weights(tmp_path / "killed")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_cli_train_and_evaluate(plates, tmp_path, capsys):

@@ -32,6 +32,7 @@ def add_parser(commands) -> None:
     for name, kind, text in (("steps", int, "optimizer steps"), ("batch_size", int, "views per step"),
                              ("size", int, "crop size in pixels"), ("width", int, "channels of the first layer"),
                              ("learning_rate", float, "AdamW learning rate"),
+                             ("warmup_steps", int, "steps of linear learning-rate warm-up (0: none)"),
                              ("temperature", float, "softmax temperature of the loss"),
                              ("save_every", int, "steps between saves of the weights and the resumable state"),
                              ("seed", int, "random stream of the weights and the views")):

@@ -24,7 +24,10 @@ from phenotwin.progress import Progress, Steps
 
 METHODS = ("cdcl", "simclr")
 # Settings a resumed run must share with the saved one (they shape the model or its optimizer state).
-RESUME_FIXED = ("method", "size", "width", "projection", "batch_size", "learning_rate", "temperature", "seed")
+RESUME_FIXED = ("method", "size", "width", "projection", "batch_size", "learning_rate", "warmup_steps", "temperature",
+                "seed")
+# What a run saved before a setting existed trained with: such a run resumes with this value.
+BEFORE_SETTING = {"warmup_steps": 0}
 LOG_HEADER = "step,loss,seconds\n"
 
 
@@ -38,7 +41,14 @@ class EmbedConfig:
     size: int = 32
     width: int = 16
     projection: int = 64
-    learning_rate: float = 2e-3
+    # Issue 16: at 2e-3 without warm-up CDCL collapsed at 2 training seeds of 6 (every view's projection
+    # parallel, the loss stuck at its uniform value 4.72). At initialisation the views are already nearly
+    # parallel (cosine ~0.99) and AdamW's first steps are full-size whatever the gradient; runs that learn
+    # leave that plateau within 10-40 steps. A linear warm-up over a fixed 50 steps (the plateau does not
+    # scale with --steps) or halving the peak rate each left seed 5 collapsed; together they removed both
+    # collapses (docs/embedding.md).
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
     temperature: float = 0.2
     save_every: int = 100
     seed: int = 0
@@ -48,6 +58,8 @@ class EmbedConfig:
     def check(self) -> None:
         if self.method not in METHODS:
             raise PhenotwinError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if self.warmup_steps < 0:
+            raise PhenotwinError(f"--warmup-steps must be >= 0, got {self.warmup_steps}.")
         for name in ("steps", "batch_size", "save_every", "width", "projection"):
             if getattr(self, name) < 1:
                 raise PhenotwinError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
@@ -69,8 +81,8 @@ def _check_out(config: EmbedConfig, out: Path) -> dict | None:
         if not saved.is_dir():
             raise PhenotwinError(f"nothing to resume in {out}: no saved training state. Start without --resume.")
         progress = state.saved_progress(out)
-        changed = {k: (progress["config"].get(k), v) for k, v in config.fixed().items()
-                   if progress["config"].get(k) != v}
+        saved = {**BEFORE_SETTING, **progress["config"]}
+        changed = {k: (saved.get(k), v) for k, v in config.fixed().items() if saved.get(k) != v}
         if changed:
             listed = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
             raise PhenotwinError(f"cannot resume the run in {out} with other settings ({listed}). Resume with the "
@@ -111,6 +123,10 @@ def train_steps(config: EmbedConfig, command: str | None = None) -> Steps[Path]:
     model = build_encoder(data.images.channels, config.width, config.projection)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = None
+    if config.warmup_steps:  # prepared, so save_state/load_state keep its step; none without warm-up (older runs)
+        schedule = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / config.warmup_steps)))
     start = 0
     if progress is not None:
         accelerator.load_state(str(state.state_dir(out)))
@@ -149,6 +165,8 @@ def train_steps(config: EmbedConfig, command: str | None = None) -> Steps[Path]:
         optimizer.zero_grad()
         accelerator.backward(loss)
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         rows.append(f"{step + 1},{loss.item():.5f},{time.monotonic() - began:.2f}")
         if (step + 1) % config.save_every == 0 and step + 1 < config.steps:
             save(step + 1)
