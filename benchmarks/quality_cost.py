@@ -149,7 +149,7 @@ def run(args) -> dict:
         evaluation.condition_classifier = train_once
     # How close each configuration's translations are to those at the model's own defaults (what a
     # cheap preview would have to stand in for), in dB over the first AGREEMENT_IMAGES images.
-    defaults = translators["ddim", 0].defaults
+    defaults = Translator(model, device=args.device).defaults  # the model's own, not the overridden solver's
     own = next((r["config"] for r in rows if r["sampler"] == defaults.solver and r["steps"] == defaults.steps
                 and r["guidance"] == defaults.guidance and r["confine"] == defaults.confine
                 and r["inversion_refinements"] == defaults.inversion_refinements), None)
