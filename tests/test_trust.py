@@ -166,6 +166,11 @@ def test_the_verdict_ranks_against_held_out_images_and_never_calls_garbage_good(
     assert guided.level == "uncalibrated" and "measured at guidance 0" in guided.message
     assert verdict(34.5, 100, 0.4, {**calibration, "reconstruction_guidance": 1.0}, guidance=1.0).level == "good"
     assert verdict(34.5, 100, 0.4, calibration, guidance=1.0).level == "good"  # a record that predates the field
+    # A table measured with another solver (or refinement count) reconstructs to another scale: not judged.
+    other = verdict(34.5, 100, 0.4, {**calibration, "reconstruction_solver": "dpm++"})
+    assert other.level == "uncalibrated" and "measured with dpm++ and 0" in other.message
+    assert verdict(34.5, 100, 0.4, {**calibration, "reconstruction_solver": "dpm++"}, solver="dpm++").level == "good"
+    assert verdict(34.5, 100, 0.4, calibration, refinements=1).level == "uncalibrated"
     garbage = verdict(40.0, 100, 0.4, calibration, FitReport("does-not-fit", ("golgi: constant.",)))
     assert garbage.level == "does-not-fit" and "constant" in garbage.message
     assert verdict(40.0, 100, 0.4, calibration, FitReport("warning", ("dim.",))).level == "fair"
