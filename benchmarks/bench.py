@@ -206,7 +206,6 @@ def at_defaults(translator, images, source: int, target: int, runs: int, device)
 
     preview = cost.preview_of(defaults)
     if preview is not None:
-        fresh = iter(images * 2)
         out["preview_s"], out["preview_unet_calls"] = timed(preview_first, runs)
     fresh = iter(images * 2)
     out["first_result_s"], out["unet_calls"] = timed(partial, runs)

@@ -128,8 +128,8 @@ def test_fresh_held_out_cells_read_good_at_the_shipped_models_defaults(phenotype
 
 
 def test_the_preview_of_the_demo_defaults_comes_close_to_the_translation(demo, torch_one_thread):
-    """Issue 17: the widget's first look (cost.preview_of: DPM-Solver++ at 10 steps) costs a fifth of the
-    translation at the demo's defaults and lies within 35 dB of it (39.8 dB over 4 cells in
+    """Issue 17: the widget's first look (cost.preview_of: DPM-Solver++ at 10 steps) costs at most a quarter
+    of the translation at the demo's defaults and lies within 35 dB of it (39.8 dB over 4 cells in
     docs/benchmarks.md), on held-out cells neither trained nor calibrated on."""
     from phenotwin import Translator, cost
     from phenotwin.pipeline.heatmap import psnr

@@ -16,6 +16,7 @@ from phenotwin.errors import PhenotwinError
 from phenotwin.pipeline import TranslationSettings
 from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 from phenotwin.pipeline.schedulers import generation_steps
+from phenotwin.progress import drive
 
 STEPS = 10
 DPM = TranslationSettings(solver="dpm++", steps=STEPS)
@@ -255,3 +256,14 @@ def test_dpm_solver_reconstructs_better_than_ddim_at_ten_steps_on_a_trained_mode
                                              settings=TranslationSettings(solver=solver)).reconstruction_psnr
                 for solver in ("ddim", "dpm++")}
         assert psnr["dpm++"] >= psnr["ddim"] + 5.0, (strength, psnr)
+
+
+def test_the_edit_mask_is_the_same_whatever_the_solver_steps_and_refinements(translator, cells):
+    """The calibration's cost search reuses each image's edit mask across solvers and step counts
+    (`calibration_cost.cost_search`): it compares clean-image estimates at fixed noise levels only."""
+    masks = []
+    for solver, steps, refinements in (("ddim", 6, 0), ("ddim", 3, 1), ("dpm++", 4, 0)):
+        settings = translator.resolve(source="control", steps=steps, solver=solver, inversion_refinements=refinements)
+        inversion = translator.invert(cells, channel_axis=0, settings=settings, strength=0.5)
+        masks.append(drive(translator.edit_mask_steps(inversion, "treated")))
+    assert masks[0].max() > 0 and all(np.array_equal(masks[0], mask) for mask in masks[1:])

@@ -46,7 +46,6 @@ def judge(translator, data, classifier, results) -> dict[str, Any]:
     return row
 
 
-
 def cheaper_settings(translator, chosen) -> list:
     """The solver, step count and refinements tried against the model's own for the `chosen`
     setting, cheapest first: DDIM, DDIM with one fixed-point refinement and DPM-Solver++ at
@@ -71,6 +70,9 @@ def cost_search(translator, data, classifier, directions, counts, chosen, refere
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
     from phenotwin.pipeline.heatmap import psnr
 
+    # The edit mask compares clean-image estimates of the noised input at fixed levels, whatever the
+    # solver and step count: each image's mask is the reference's, not computed again per option.
+    masks = {(src, i): ref.inversion.edit_masks for src, _, i, ref in reference["results"]}
     tried = []
     for option in cheaper_settings(translator, chosen):
         results = []
@@ -80,7 +82,8 @@ def cost_search(translator, data, classifier, directions, counts, chosen, refere
                 inversion = yield from clock.run(translator.invert_steps(
                     data.images[src][i], channel_axis=0, settings=settings, strength=settings.strength),
                     inversion_calls(settings))
-                if settings.confine:
+                inversion.edit_masks.update(masks.get((src, i), {}))
+                if settings.confine and translator.classes.index(tgt) not in inversion.edit_masks:
                     yield from clock.run(translator.edit_mask_steps(inversion, tgt), CONFINE_CALLS)
                 result = yield from clock.run(translator.generate_steps(inversion, settings=settings),
                                               generation_calls(settings))
