@@ -36,8 +36,8 @@ SESSION = "phenotwin._napari.session"
 SESSION_FORBIDDEN = (*GUI_MODULES, "torch")
 MAX_LINES = 450
 # translator.py: 260 until the solver setting (one argument and the refusal of another solver's inversion);
-# translate_widget.py: 300 until the preview (its handler).
-LINE_LIMITS = {"phenotwin/_napari/translate_widget.py": 306, "phenotwin/pipeline/translator.py": 270}
+# translate_widget.py: 300 until the preview (its handler), 306 until the preview shown a layer per event-loop turn.
+LINE_LIMITS = {"phenotwin/_napari/translate_widget.py": 309, "phenotwin/pipeline/translator.py": 270}
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,24 @@ def test_translate_adds_result_layers_with_geometry_and_provenance(viewer_and_wi
 
 
 @requires_display
+def test_the_preview_fills_the_result_layers_one_per_event_loop_turn_and_the_translation_replaces_it(
+        viewer_and_widget, qtbot):
+    viewer, widget, _ = viewer_and_widget
+    widget.steps.value = 40  # a preview (10 DPM-Solver++ steps) is cheap enough to show first
+    names = ["ctrl nucleus → nocodazole", "ctrl golgi → nocodazole", "ctrl Δ"]
+    previews, at_preview = [], []
+    widget.session.events.preview.connect(lambda result, _: (previews.append(result), at_preview.append(
+        [name in viewer.layers for name in names])))  # runs right after the widget's own handler
+    run_and_wait(qtbot, widget)
+    assert len(previews) == 1 and at_preview[0] == [True, False, False]  # the others in later turns
+    result = widget.last_result
+    assert not np.array_equal(previews[0].image, result.image)
+    for c, name in enumerate(names[:2]):  # the translation, not a late preview layer
+        np.testing.assert_array_equal(viewer.layers[name].data, result.image[c])
+    np.testing.assert_array_equal(viewer.layers[names[2]].data, result.heatmap)
+
+
+@requires_display
 def test_scrubbing_regenerates_without_inverting(viewer_and_widget, qtbot):
     viewer, widget, _ = viewer_and_widget
     widget.steps.value = 10

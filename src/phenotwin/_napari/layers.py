@@ -10,6 +10,7 @@ layer that happens to share a name is never touched.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -297,17 +298,54 @@ def show_result(viewer: napari.Viewer, result, sources: SourcePlanes) -> Shown:
 def _show_images(viewer, translated: np.ndarray, heat: np.ndarray, meta: dict[str, Any], sources: SourcePlanes
                  ) -> list[Image]:
     """Translation layers (one per channel, styled like its source) and the heatmap; the translation layers."""
+    return [layer for kind, layer in _image_layer_updates(viewer, translated, heat, meta, sources)
+            if kind == "translation"]
+
+
+def image_layer_updates(viewer: napari.Viewer, result, sources: SourcePlanes) -> Iterator[Image]:
+    """A plain image's result layers one at a time: the preview comes while the worker computes,
+    and adding or updating a layer costs napari 5-60 ms plus a redraw, so a caller that lets the
+    event loop run between them keeps each stall to one layer's."""
+    meta = result.metadata() if callable(result.metadata) else result.metadata
+    for _, layer in _image_layer_updates(viewer, result.image, result.heatmap, meta, sources):
+        yield layer
+
+
+class StagedLayers:
+    """Shows a plain image's result layers one per event-loop turn (`image_layer_updates`)."""
+
+    def __init__(self) -> None:
+        self._pending: Iterator[Image] | None = None
+
+    def show(self, viewer: napari.Viewer, result, sources: SourcePlanes) -> None:
+        self._pending = image_layer_updates(viewer, result, sources)
+        self._next()
+
+    def stop(self) -> None:
+        """No more layers: the translation came (a late preview layer would overwrite it), or the dock closed."""
+        self._pending = None
+
+    def _next(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        if self._pending is not None and next(self._pending, None) is not None:
+            QTimer.singleShot(0, self._next)
+        else:
+            self._pending = None
+
+
+def _image_layer_updates(viewer, translated: np.ndarray, heat: np.ndarray, meta: dict[str, Any],
+                         sources: SourcePlanes) -> Iterator[tuple[str, Image]]:
     meta = {**meta, "source_layers": sources.names}
-    shown = []
     for c, (layer, name, rgb) in enumerate(zip(sources.layers, sources.names, sources.rgb_index)):
         style = {"colormap": layer.colormap, "blending": layer.blending} if rgb is None else \
             {"colormap": RGB_COLORMAPS[rgb], "blending": "additive"}
-        shown.append(_put_layer(viewer, f"{name} → {meta['target']}", translated[c], "translation", meta, sources,
-                                contrast_limits=layer.contrast_limits, gamma=layer.gamma, **style))
+        yield "translation", _put_layer(viewer, f"{name} → {meta['target']}", translated[c], "translation", meta,
+                                        sources, contrast_limits=layer.contrast_limits, gamma=layer.gamma, **style)
     top = float(np.percentile(heat, 99.5)) if heat.size else 0.0
-    _put_layer(viewer, f"{_common_name(sources.names)} Δ", heat, "heatmap", meta, sources, colormap="inferno",
-               blending="additive", opacity=0.8, contrast_limits=(0.0, max(top, 1e-3)))
-    return shown
+    yield "heatmap", _put_layer(viewer, f"{_common_name(sources.names)} Δ", heat, "heatmap", meta, sources,
+                                colormap="inferno", blending="additive", opacity=0.8,
+                                contrast_limits=(0.0, max(top, 1e-3)))
 
 
 def _show_cells(viewer, result: CellTranslation, meta: dict[str, Any], sources: SourcePlanes) -> tuple[str, Labels]:
@@ -351,8 +389,11 @@ def _put_layer(viewer, name: str, data: np.ndarray, kind: str, meta: dict[str, A
     if existing is not None:
         existing.data = data
         existing.metadata = metadata
-        for key, value in {"scale": sources.scale, "translate": sources.translate, **units}.items():
-            setattr(existing, key, value)  # the source's geometry, should it have changed since
+        for key, value in {"scale": sources.scale, "translate": sources.translate}.items():
+            if not np.array_equal(getattr(existing, key), value):  # each set redraws: only a changed one
+                setattr(existing, key, value)  # the source's geometry, should it have changed since
+        if units:
+            existing.units = sources.units
         if kind == "heatmap":
             existing.contrast_limits = style["contrast_limits"]
         return existing

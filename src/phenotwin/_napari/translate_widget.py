@@ -55,6 +55,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.session = TranslationSession(start_worker)
         self._requested_model: str | None = None
         self._closed = False  # set when Qt destroys the widget; late worker results are then dropped
+        self._preview = layers.StagedLayers()
         self._tiles = TileSignal()
         self._scrub_later = qdebounced(self._scrub, timeout=SCRUB_DEBOUNCE_MS)
 
@@ -278,6 +279,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
     def _on_destroyed(self, *_):
         """napari is closing or the dock was removed: stop work, touch no (deleted) widget."""
         self._closed = self._dock.closed = self._prefetch_line.closed = True
+        self._preview.stop()
         self._scrub_later.cancel()
         self.session.close()
         model_registry.unregister_widget(self)
@@ -285,6 +287,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
     # -- results ---------------------------------------------------------------------------------
 
     def _on_result(self, result, sources: layers.SourcePlanes) -> None:
+        self._preview.stop()  # a preview layer still to show would overwrite the result
         if self._closed:
             return
         shown = layers.show_result(self.viewer, result, sources)
@@ -299,7 +302,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
 
     def _on_preview(self, result, sources: layers.SourcePlanes) -> None:
         if not self._closed:  # in the result layers, until the translation itself replaces it
-            layers.show_result(self.viewer, result, sources)
+            self._preview.show(self.viewer, result, sources)
             show_info(f"Preview ({result.settings.steps} DPM-Solver++ steps) shown; the translation follows.")
 
     def result_layers(self, role: str | None = None):
