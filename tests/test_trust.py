@@ -219,10 +219,18 @@ def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_on
     rows = info.calibration["sweep"]
     assert len(rows) == 4 * 2 * 2 and all(0 <= row["flip_rate"] <= 1 for row in rows)
     assert "counterfactual_ratio" in rows[0]  # synthetic pairs: the ground truth is used too
+    assert all(r["images_by_direction"] == {"control->nocodazole": 4, "nocodazole->control": 4} for r in rows)
+    assert all(r["flip_rate"] == pytest.approx(np.mean(list(r["flip_rate_by_direction"].values()))) for r in rows)
     accuracy = info.calibration["classifier_accuracy"]
-    best = max(x["flip_rate"] for x in rows)
+
+    def reaches(r, bar):  # pooled and in each direction, within one standard error of its own images
+        rates = [(r["flip_rate"], r["images"])] + [(f, r["images_by_direction"][d])
+                                                   for d, f in r["flip_rate_by_direction"].items()]
+        return all(f >= bar - (max(0.0, bar * (1 - bar)) / n) ** 0.5 for f, n in rates)
+
+    best = max(min(x["flip_rate"], *x["flip_rate_by_direction"].values()) for x in rows)
     bar = 0.9 * accuracy if best >= 0.9 * accuracy else best - 0.05
-    flipping = [r for r in rows if r["flip_rate"] >= bar - (bar * (1 - bar) / r["images"]) ** 0.5]
+    flipping = [r for r in rows if reaches(r, bar)]
     pick = next(r for r in rows if all(r[k] == chosen[k] for k in ("strength", "guidance", "confine")))
     localised = [r for r in flipping if r["confine"]] or flipping  # confined to the edit mask when one flips
     assert pick in localised and pick["strength"] == min(r["strength"] for r in localised)  # the gentlest
@@ -235,8 +243,7 @@ def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_on
     kept = [r for r in tried if r["kept"]]
     assert not any(r["kept"] for r in tried[:-1])  # it stops at the first kept
     for row in tried:
-        keeps = row["flip_rate"] >= bar - (bar * (1 - bar) / row["images"]) ** 0.5 and (
-            row["reconstruction_psnr"] >= pick["reconstruction_psnr"] - 1.0)
+        keeps = reaches(row, bar) and row["reconstruction_psnr"] >= pick["reconstruction_psnr"] - 1.0
         assert row["kept"] == keeps
     steps = kept[0]["steps"] if kept else 6
     assert info.defaults["steps"] == steps and info.calibration["reconstruction_solver"] == info.defaults["solver"]
@@ -247,6 +254,7 @@ def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_on
     assert info.intensity_statistics["channels"][0]["p99"][0] > 1000  # recorded from the held-out images
     table = (model / "training" / "calibration.csv").read_text().splitlines()
     assert table[0].startswith("strength,guidance,confine,images,flip_rate,mean_change") and len(table) == 17
+    assert "flip_rate control->nocodazole" in table[0].split(",")  # a column a direction, not a dict
     assert (model / "training" / "calibration.png").read_bytes()[:4] == b"\x89PNG"
 
     from phenotwin.synthetic import as_camera_units
@@ -351,3 +359,65 @@ def test_the_calibration_prefers_a_change_confined_to_the_edit_mask_within_the_f
     # A change the edit mask misses (no confined setting flips): the unconfined one is chosen.
     missed = [{**r, "flip_rate": 0.3} if r["confine"] else r for r in texture]
     assert {k: choose(missed)[k] for k in ("strength", "confine")} == {"strength": 0.25, "confine": False}
+
+
+def test_a_setting_flips_only_when_each_direction_flips():
+    """The real texture's calibration saw 0.875 pooled over its translations, yet held out textured
+    -> control flipped 0.62 against 1.00 the other way: a pooled rate can hide a direction."""
+    from phenotwin.calibration import choose, flip_bar
+    from phenotwin.calibration_cost import flips
+
+    def row(strength, confine, forward, backward, per_direction=16):
+        return {"strength": strength, "guidance": 0.0, "confine": confine, "images": 2 * per_direction,
+                "flip_rate": (forward + backward) / 2, "mean_change": strength / 100,
+                "flip_rate_by_direction": {"control->textured": forward, "textured->control": backward},
+                "images_by_direction": {"control->textured": per_direction, "textured->control": per_direction}}
+
+    one_way = row(0.5, True, 1.0, 0.75)  # pooled 0.875 is within 0.053 of 0.9; 0.75 of 16 is not within 0.075
+    rows = [row(0.25, False, 1.0, 1.0), one_way, row(0.75, True, 0.9375, 0.9375)]
+    assert flip_bar(rows, 1.0) == pytest.approx(0.9) and not flips(one_way, 0.9)
+    assert (choose(rows)["strength"], choose(rows)["confine"]) == (0.75, True)  # the stronger, both ways
+    pooled = [{k: v for k, v in r.items() if not k.endswith("_by_direction")} for r in rows]
+    assert flips(pooled[1], 0.9) and choose(pooled)["strength"] == 0.5  # what the pooled rule took
+    assert flips(row(0.5, True, 1.0, 0.75, per_direction=4), 0.9)  # 3 of 4: within 0.15 of 0.9
+    # No setting flips both ways at 0.9: the bar is the best every direction reaches, less the slack.
+    lopsided = [row(0.25, True, 1.0, 0.5), row(0.5, True, 0.75, 0.75), row(1.0, False, 1.0, 0.625)]
+    assert flip_bar(lopsided, 1.0) == pytest.approx(0.75 - 0.05)
+    assert choose(lopsided)["strength"] == 0.5
+
+
+def test_a_sweep_recorded_without_the_per_direction_breakdown_is_judged_pooled():
+    from phenotwin.assets import DEMO_MODEL, SUBTLE_MODEL
+    from phenotwin.calibration import choose
+    from phenotwin.calibration_cost import flips
+
+    old = {"flip_rate": 0.8125, "images": 16}  # 0.8125 of 16: within 0.095 of 0.875 - 0.05, not of 0.9 (0.075)
+    assert flips(old, 0.825) and not flips(old, 0.9)
+    shipped = [json.loads((m / "phenotwin.json").read_text())["calibration"] for m in (DEMO_MODEL, SUBTLE_MODEL)
+               if (m / "phenotwin.json").is_file()]
+    assert shipped and all("flip_rate_by_direction" not in r for c in shipped for r in c["sweep"])
+    for calibration in shipped:  # each still chooses what it recorded
+        picked = choose(calibration["sweep"], calibration["classifier_accuracy"])
+        assert {k: picked[k] for k in ("strength", "guidance", "confine")} == calibration["chosen"]
+
+
+def test_judge_records_the_flip_rate_of_each_direction():
+    from types import SimpleNamespace
+
+    from phenotwin.calibration_cost import judge
+
+    translator = SimpleNamespace(classes=["control", "treated"])
+    classifier = SimpleNamespace(predict=lambda images: images[:, 0, 0, 0].astype(int))  # the image says its class
+
+    def result(called):
+        return SimpleNamespace(normalised=np.full((1, 4, 4), called, np.float32), heatmap=np.full((4, 4), 0.5),
+                               reconstruction_psnr=30.0)
+
+    # control -> treated: 3 of 4 called treated (1); treated -> control: 1 of 2 called control (0).
+    results = ([("control", "treated", i, result(c)) for i, c in enumerate([1, 1, 1, 0])] +
+               [("treated", "control", i, result(c)) for i, c in enumerate([0, 1])])
+    row = judge(translator, SimpleNamespace(aligned=False), classifier, results)
+    assert row["images"] == 6 and row["flip_rate"] == pytest.approx(4 / 6)
+    assert row["flip_rate_by_direction"] == {"control->treated": 0.75, "treated->control": 0.5}
+    assert row["images_by_direction"] == {"control->treated": 4, "treated->control": 2}
+    assert row["mean_change"] == pytest.approx(0.5) and row["reconstruction_psnr"] == pytest.approx(30.0)
