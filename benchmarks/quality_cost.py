@@ -29,25 +29,32 @@ DIR/<condition>/* (aligned synthetic files for the mask metrics, see `phenotwin 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 
-# name -> (sampler, steps, guidance, confine, inversion refinements); None: the model's default.
+# name -> (sampler, steps, guidance, confine, inversion refinements, edit-mask sampling); None: the model's
+# default. Edit-mask sampling (noise levels, draws per level) replaces the pipeline's CONFINE_LEVELS x CONFINE_DRAWS.
+FULL_MASK = None
 CONFIGS = {
-    "ddim-10": ("ddim", 10, None, None, 0),
-    "ddim-20": ("ddim", 20, None, None, 0),
-    "ddim-50": ("ddim", 50, None, None, 0),
-    "ddim-100": ("ddim", 100, None, None, 0),
-    "ddim-20-refined": ("ddim", 20, None, None, 1),
-    "ddim-50-refined": ("ddim", 50, None, None, 1),
-    "ddim-20-no-guidance": ("ddim", 20, 0.0, None, 0),
-    "ddim-20-no-mask": ("ddim", 20, None, False, 0),
-    "ddim-100-no-guidance-no-mask": ("ddim", 100, 0.0, False, 0),
-    "dpm++-10": ("dpm++", 10, None, None, 0),
-    "dpm++-20": ("dpm++", 20, None, None, 0),
-    "dpm++-50": ("dpm++", 50, None, None, 0),
-    "dpm++-20-no-guidance": ("dpm++", 20, 0.0, None, 0),
+    "ddim-10": ("ddim", 10, None, None, 0, FULL_MASK),
+    "ddim-20": ("ddim", 20, None, None, 0, FULL_MASK),
+    "ddim-50": ("ddim", 50, None, None, 0, FULL_MASK),
+    "ddim-100": ("ddim", 100, None, None, 0, FULL_MASK),
+    "ddim-20-refined": ("ddim", 20, None, None, 1, FULL_MASK),
+    "ddim-50-refined": ("ddim", 50, None, None, 1, FULL_MASK),
+    "ddim-20-no-guidance": ("ddim", 20, 0.0, None, 0, FULL_MASK),
+    "ddim-20-no-mask": ("ddim", 20, None, False, 0, FULL_MASK),
+    "ddim-100-no-guidance-no-mask": ("ddim", 100, 0.0, False, 0, FULL_MASK),
+    "ddim-100-mask-1x4": ("ddim", 100, None, True, 0, ((0.5,), 4)),
+    "ddim-100-mask-3x1": ("ddim", 100, None, True, 0, ((0.3, 0.5, 0.7), 1)),
+    "ddim-100-mask-1x1": ("ddim", 100, None, True, 0, ((0.5,), 1)),
+    "dpm++-10": ("dpm++", 10, None, None, 0, FULL_MASK),
+    "dpm++-10-mask-3x1": ("dpm++", 10, None, True, 0, ((0.3, 0.5, 0.7), 1)),
+    "dpm++-20": ("dpm++", 20, None, None, 0, FULL_MASK),
+    "dpm++-50": ("dpm++", 50, None, None, 0, FULL_MASK),
+    "dpm++-20-no-guidance": ("dpm++", 20, 0.0, None, 0, FULL_MASK),
 }
 METRICS = ("flip_rate", "auroc", "auroc_sigma2", "counterfactual_ratio", "reconstruction_psnr", "agreement_psnr")
 AGREEMENT_IMAGES = 4
@@ -63,13 +70,34 @@ def image_evaluations(settings, calls: int, confine_calls: int) -> int:
     return inversion + 2 * masking + 2 * (2 if settings.guidance > 0 else 1) * generation
 
 
+@contextlib.contextmanager
+def mask_sampling(sampling: tuple[tuple[float, ...], int] | None):
+    """The edit mask from `sampling` (noise levels, draws per level) for one configuration, then the
+    pipeline's again; yields its calls. A study of what fewer levels or draws cost in quality: the
+    pipeline has no setting for them (module constants, chosen on the demo), so they are swapped here."""
+    import phenotwin.cost as cost_module
+    import phenotwin.evaluate.translation as evaluation
+    import phenotwin.pipeline.edit_mask as edit_mask
+
+    saved = edit_mask.CONFINE_LEVELS, edit_mask.CONFINE_DRAWS, edit_mask.CONFINE_CALLS
+    levels, draws = sampling or saved[:2]
+    try:
+        edit_mask.CONFINE_LEVELS, edit_mask.CONFINE_DRAWS = levels, draws
+        for module in (edit_mask, cost_module, evaluation):
+            module.CONFINE_CALLS = len(levels) * draws
+        yield len(levels) * draws
+    finally:
+        edit_mask.CONFINE_LEVELS, edit_mask.CONFINE_DRAWS = saved[:2]
+        for module in (edit_mask, cost_module, evaluation):
+            module.CONFINE_CALLS = saved[2]
+
+
 def run(args) -> dict:
     import numpy as np
 
     import phenotwin.evaluate.translation as evaluation
     from phenotwin import Translator, cost
     from phenotwin.assets import demo_model_path
-    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
     from phenotwin.pipeline.heatmap import psnr
     from phenotwin.progress import drive
     from phenotwin.synthetic import make_pairs
@@ -115,29 +143,31 @@ def run(args) -> dict:
     rows, shown = [], {}
     try:
         for name in args.configs:
-            sampler, steps, guidance, confine, refinements = CONFIGS[name]
+            sampler, steps, guidance, confine, refinements, sampling = CONFIGS[name]
             translator = translator_for(sampler, refinements)
             settings = translator.resolve(source=source, target=target, steps=steps, guidance=guidance,
                                           confine=confine, strength=args.strength, inversion_refinements=refinements)
-            started = time.perf_counter()
-            result = drive(evaluation.translation_steps(
-                translator, held_out, reference, n=args.n, steps=settings.steps, strengths=[settings.strength],
-                source=source, target=target, guidance=settings.guidance, confine=settings.confine, seed=0))
-            seconds = time.perf_counter() - started
-            (judged,) = result["results"]
-            before = translator.denoiser.calls  # what one translation makes (partial inversion)
-            first = translator.translate(held_out.images[source][0], settings=settings, channel_axis=0)
-            calls = translator.denoiser.calls - before
-            shown[name] = [first.normalised] + [
-                translator.translate(image, settings=settings, channel_axis=0).normalised
-                for image in held_out.images[source][1:AGREEMENT_IMAGES]]
-            if calls != cost.calls_per_image(settings):
-                raise RuntimeError(f"{name}: {calls} UNet calls counted, {cost.calls_per_image(settings)} planned")
+            with mask_sampling(sampling) as mask_calls:
+                started = time.perf_counter()
+                result = drive(evaluation.translation_steps(
+                    translator, held_out, reference, n=args.n, steps=settings.steps, strengths=[settings.strength],
+                    source=source, target=target, guidance=settings.guidance, confine=settings.confine, seed=0))
+                seconds = time.perf_counter() - started
+                (judged,) = result["results"]
+                before = translator.denoiser.calls  # what one translation makes (partial inversion)
+                first = translator.translate(held_out.images[source][0], settings=settings, channel_axis=0)
+                calls = translator.denoiser.calls - before
+                shown[name] = [first.normalised] + [
+                    translator.translate(image, settings=settings, channel_axis=0).normalised
+                    for image in held_out.images[source][1:AGREEMENT_IMAGES]]
+                if calls != cost.calls_per_image(settings):
+                    raise RuntimeError(f"{name}: {calls} UNet calls counted, {cost.calls_per_image(settings)} planned")
             row = {
                 "config": name, "sampler": sampler, "steps": settings.steps, "inversion_refinements": refinements,
                 "strength": settings.strength,
                 "guidance": settings.guidance, "confine": settings.confine, "unet_calls": calls,
-                "image_evaluations": image_evaluations(settings, calls, CONFINE_CALLS),
+                "image_evaluations": image_evaluations(settings, calls, mask_calls),
+                "mask_calls": mask_calls if settings.confine else 0, "mask_sampling": sampling,
                 "seconds_estimate": calls * seconds_per_call,
                 "flip_rate": judged["flip_rate"], "reconstruction_psnr": judged["reconstruction_psnr"],
                 "auroc": judged.get("heatmap_auroc"), "auroc_sigma2": judged.get("heatmap_auroc_by_sigma", {}).get("2"),
@@ -152,7 +182,7 @@ def run(args) -> dict:
     defaults = Translator(model, device=args.device).defaults  # the model's own, not the overridden solver's
     own = next((r["config"] for r in rows if r["sampler"] == defaults.solver and r["steps"] == defaults.steps
                 and r["guidance"] == defaults.guidance and r["confine"] == defaults.confine
-                and r["inversion_refinements"] == defaults.inversion_refinements), None)
+                and r["inversion_refinements"] == defaults.inversion_refinements and r["mask_sampling"] is None), None)
     for row in rows:  # None for the defaults' own row (identical: infinite)
         agreement = None if own is None else float(np.mean([psnr(a, b) for a, b in zip(shown[own], shown[row["config"]])]))
         row["agreement_psnr"] = agreement if agreement is not None and np.isfinite(agreement) else None
@@ -171,7 +201,9 @@ HEADER = ("| config | steps | guidance | mask | UNet calls | image evals | flip 
 
 
 def format_row(row) -> str:
-    return (f"| {row['config']} | {row['steps']} | {row['guidance']:g} | {'on' if row['confine'] else 'off'} "
+    mask = "off" if not row["confine"] else "on" if not row.get("mask_sampling") else \
+        f"{len(row['mask_sampling'][0])} level(s) x {row['mask_sampling'][1]}"
+    return (f"| {row['config']} | {row['steps']} | {row['guidance']:g} | {mask} "
             f"| {row['unet_calls']} | {row['image_evaluations']} | {_number(row['flip_rate'], 2)} "
             f"| {_number(row['auroc'], 3)} | {_number(row['auroc_sigma2'], 3)} "
             f"| {_number(row['counterfactual_ratio'], 3)} | {_number(row['reconstruction_psnr'], 1)} "
