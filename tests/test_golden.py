@@ -9,6 +9,8 @@ The shipped demo model is used: its weights never change, unlike tiny random mod
 Re-recorded once with the code of commit 36caa69 (the last one CI passed), when a fresh install's
 packages moved the float rounding of that same code (a last bit of a few pixels): the file holds
 the outputs of unchanged code in today's environment, and the code after it must match them.
+Re-recorded again with the code of commit d732f3c (translation code unchanged since the last CI
+pass) when the fresh install of 2026-12-06 moved the last bit of a few pixels once more.
 """
 
 from __future__ import annotations
