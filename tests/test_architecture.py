@@ -35,9 +35,11 @@ GUI_MODULES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "napari", "superq
 SESSION = "phenotwin._napari.session"
 SESSION_FORBIDDEN = (*GUI_MODULES, "torch")
 MAX_LINES = 450
-# translator.py: 260 until the solver setting (one argument and the refusal of another solver's inversion);
-# translate_widget.py: 300 until the preview (its handler), 306 until the preview shown a layer per event-loop turn.
-LINE_LIMITS = {"phenotwin/_napari/translate_widget.py": 309, "phenotwin/pipeline/translator.py": 270}
+# translator.py: 260 until the solver setting (one argument and the refusal of another solver's inversion),
+# 270 until batches (a diffusion per batch, the refusal of another batch's inversion, `batch=` on five calls);
+# translate_widget.py: 300 until the preview (its handler), 306 until the preview shown a layer per event-loop turn,
+# 309 until the batch picker (a control, its tooltip, and its reset when a model loads).
+LINE_LIMITS = {"phenotwin/_napari/translate_widget.py": 317, "phenotwin/pipeline/translator.py": 292}
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,40 @@ def test_scrubbing_regenerates_without_inverting(viewer_and_widget, qtbot):
 
 
 @requires_display
+def test_the_batch_picker_appears_for_a_model_with_batches_and_the_translation_keeps_the_batch(
+        make_napari_viewer, qtbot, cells, tmp_path):
+    from phenotwin.testing import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path / "plates", channels=2, size=32, classes=("control", "nocodazole"),
+                                batches=("plate1", "plate2"),
+                                normalization={"mode": "fixed", "low": [0.0, 0.0], "high": [4000.0, 4000.0]})
+    viewer = make_napari_viewer()
+    viewer.add_image(cells, channel_axis=0, name=["ctrl nucleus", "ctrl golgi"])
+    widget = TranslateWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Translate cells")
+    assert widget.batch.native.isHidden()  # the demo model (or none) has no batches
+    widget.load_model(str(path))
+    wait_until(qtbot, lambda: widget.translator is not None and bool(widget.translator.batches))
+    assert not widget.batch.native.isHidden() and list(widget.batch.choices) == ["unknown", "plate1", "plate2"]
+    assert widget.settings().batch is None
+    widget.steps.value = 4
+    shown = {}
+    for batch in ("plate2", "unknown"):
+        widget.batch.value = batch
+        run_and_wait(qtbot, widget)
+        layer = viewer.layers["ctrl golgi → nocodazole"]
+        shown[batch] = layer.data.copy()
+        assert widget.last_result.inversion.batch == (None if batch == "unknown" else batch)
+    assert not np.array_equal(shown["plate2"], shown["unknown"])  # a new inversion in the other batch's labels
+    widget.batch.value = "plate1"  # not yet translated: the slider stays on the shown inversion's batch
+    calls = widget.translator.denoiser.calls
+    widget.strength.value = 0.5
+    wait_until(qtbot, lambda: viewer.layers["ctrl golgi → nocodazole"].metadata["phenotwin"]["strength"] == 0.5)
+    wait_until(qtbot, lambda: widget.session.running is None)
+    assert widget.translator.denoiser.calls - calls == 2 and widget.last_result.settings.batch is None
+
+
+@requires_display
 def test_confine_checkbox_masks_the_shown_result_without_new_diffusion_steps(viewer_and_widget, qtbot):
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 

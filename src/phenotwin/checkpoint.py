@@ -191,11 +191,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             )
         with _loading("class embeddings", file):
             class_embeddings = load_file(file)["class_embeddings"].to(torch.float32)
-        expected = len(info.classes) + 1
+        expected = info.label_count
         if class_embeddings.shape[0] != expected:
             raise CheckpointError(
                 f"{file} holds {class_embeddings.shape[0]} class embeddings but phenotwin.json lists "
-                f"{len(info.classes)} classes (+1 null = {expected}). The files do not belong together: "
+                f"{len(info.classes)} classes (+1 null" + (", per batch and unknown batch" if info.batches else "")
+                + f" = {expected}). The files do not belong together: "
                 "copy the whole checkpoint folder again."
             )
 
@@ -248,9 +249,11 @@ def _check_shapes(info: CheckpointInfo, unet: Any, vae: Any) -> None:
             raise CheckpointError(
                 f"phenotwin.json says {info.channels} channels but the UNet takes {unet.config.in_channels}."
             )
-        if (unet.config.num_class_embeds or 0) < len(info.classes) + 1:
+        if (unet.config.num_class_embeds or 0) < info.label_count:
             raise CheckpointError(
-                f"the UNet has {unet.config.num_class_embeds} class embeddings; {len(info.classes)} classes + null needed."
+                f"the UNet has {unet.config.num_class_embeds} class embeddings; {len(info.classes)} classes + null"
+                + (f", for each of {len(info.batches)} batches and an unknown one," if info.batches else "")
+                + f" need {info.label_count}."
             )
     elif vae is not None and vae.config.latent_channels != unet.config.in_channels:
         raise CheckpointError(

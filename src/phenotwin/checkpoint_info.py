@@ -42,6 +42,10 @@ class CheckpointInfo:
     intensity_statistics: dict[str, Any] | None = None
     # Reconstruction quality on held-out images (`phenotwin calibrate`): what a result's trust verdict compares with.
     calibration: dict[str, Any] | None = None
+    # Batches (plates, days) the model was trained with, when its data had batches.csv: a batch is
+    # a second label beside the condition, so a translation can change the condition and keep the
+    # batch (`batch_row`). None: a model without batches.
+    batches: list[str] | None = None
     base: str | None = None
     adapter: str | None = None
     format_version: int = FORMAT_VERSION
@@ -51,12 +55,33 @@ class CheckpointInfo:
         if problems:
             raise CheckpointError("invalid phenotwin.json: " + "; ".join(problems) + ".")
         self.classes = [str(c) for c in self.classes]
+        self.batches = None if self.batches is None else [str(b) for b in self.batches]
         self.defaults = {**MODEL_DEFAULTS, **self.defaults}
 
     @property
     def null_class(self) -> int:
         """Index of the 'no condition' label used for classifier-free guidance."""
         return len(self.classes)
+
+    @property
+    def label_count(self) -> int:
+        """Class labels the UNet embeds: per batch row, every condition and the null one; one row per
+        batch and one for "batch unknown" (the only row of a model without batches)."""
+        return (len(self.classes) + 1) * (len(self.batches or []) + 1)
+
+    def batch_row(self, batch: str | None) -> int:
+        """The row of `batch` in the label table: the label of condition c in it is row * (classes + 1) + c.
+        None is the "batch unknown" row, which training learns by dropping the batch (row 0 without batches)."""
+        known = self.batches or []
+        if batch is None:
+            return len(known)
+        if not known:
+            raise CheckpointError(f"this model was trained without batches, so it cannot keep batch {batch!r}: leave "
+                                  "the batch unset, or train with a batches.csv in the data folder.")
+        if batch not in known:
+            raise CheckpointError(f"unknown batch {batch!r}: this model knows {', '.join(map(repr, known))}. Pick one "
+                                  "of those, or leave the batch unset for an image from another batch.")
+        return known.index(batch)
 
     def class_index(self, name: str | int) -> int:
         if isinstance(name, int) and not isinstance(name, bool):
@@ -128,6 +153,12 @@ def _info_problems(info: CheckpointInfo) -> list[str]:
         if not isinstance(getattr(info, name), dict):
             problems.append(f"{name} must be a JSON object ({{}} for none), got {getattr(info, name)!r}")
     problems += _normalization_problems(info.normalization, info.channels)
+    batches = info.batches
+    if batches is not None and (not isinstance(batches, list) or not all(isinstance(b, str) and b.strip()
+                                                                         for b in batches)):
+        problems.append(f"batches must be a list of batch names such as [\"plate1\", \"plate2\"], got {batches!r}")
+    elif batches is not None and (len(batches) < 2 or len(set(batches)) != len(batches)):
+        problems.append(f"batches must name at least two different batches (or be null), got {batches!r}")
     names = info.channel_names
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
         problems.append(f"channel_names must be a list of names, got {names!r}")

@@ -79,7 +79,7 @@ def run_translate(args: argparse.Namespace) -> int:
 
     settings = TranslationSettings(source=args.source, target=args.target, strength=args.strength, steps=args.steps,
                                    guidance=args.guidance, seed=args.seed, confine=args.confine, solver=args.solver,
-                                   match_intensities=args.match_intensities)
+                                   match_intensities=args.match_intensities, batch=args.batch)
     selection = InputSelection(channels=tuple(args.channels) if args.channels is not None else None,
                                axes=args.axes.upper() if args.axes else None)
     try:
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the change only where the model's predictions under the two conditions differ "
                     "(a DiffEdit mask per channel; default: the model's)")
     tr.add_argument("--seed", type=int, default=None, help="recorded with the results for reproducibility")
+    tr.add_argument("--batch", default=None, metavar="NAME",
+                    help="for a model trained with batches (plates, days): the batch every input was acquired in, so "
+                    "the translation keeps its look (default: batch unknown)")
     tr.add_argument("--axes", default=None,
                     help="axes of every input when the file does not record them, one letter per axis: e.g. CYX, YXC, "
                     "ZYX, TZCYX (T time, Z depth, Q other such as wells, C channels). Default: from the file")

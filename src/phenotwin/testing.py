@@ -28,7 +28,7 @@ def _tame(unet):
     return unet
 
 
-def _tiny_pixel_unet(channels: int, size: int, n_classes: int):
+def _tiny_pixel_unet(channels: int, size: int, labels: int):
     from diffusers import UNet2DModel
 
     return _tame(UNet2DModel(
@@ -41,7 +41,7 @@ def _tiny_pixel_unet(channels: int, size: int, n_classes: int):
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
         attention_head_dim=8,
-        num_class_embeds=n_classes + 1,
+        num_class_embeds=labels,
     ))
 
 
@@ -103,24 +103,27 @@ def make_tiny_checkpoint(
     seed: int = 0,
     normalization: dict[str, Any] | None = None,
     overwrite: bool = False,
+    batches: tuple[str, ...] | None = None,
     **schedule: Any,
 ) -> Path:
     """Build and save a random checkpoint of `kind`; with `lora` (stable-diffusion only), a
-    peft LoRA delta over a tiny SD base folder written beside it."""
+    peft LoRA delta over a tiny SD base folder written beside it; with `batches`, a label per
+    condition and batch (`CheckpointInfo.batch_row`)."""
     import torch
 
     torch.manual_seed(seed)
+    labels = (len(classes) + 1) * (len(batches or ()) + 1)
     folder = Path(path)
     vae = class_embeddings = None
     base = adapter = None
     if kind == "pixel":
-        unet = _tiny_pixel_unet(channels, size, len(classes))
+        unet = _tiny_pixel_unet(channels, size, labels)
     elif kind == "latent":
-        unet = _tiny_pixel_unet(4, size // 2, len(classes))
+        unet = _tiny_pixel_unet(4, size // 2, labels)
         unet.register_to_config(in_channels=4)
         vae = _tiny_vae(channels, size)
     elif kind == "stable-diffusion":
-        class_embeddings = torch.randn(len(classes) + 1, 4, 32) * 0.5
+        class_embeddings = torch.randn(labels, 4, 32) * 0.5
         if lora:
             from peft import LoraConfig, get_peft_model
 
@@ -149,6 +152,7 @@ def make_tiny_checkpoint(
         provenance={"method": "random", "seed": seed, "note": "tiny random model for tests"},
         base=base,
         adapter=adapter,
+        batches=list(batches) if batches else None,
     )
     checkpoint = Checkpoint(
         info=info, unet=unet, scheduler_config=scheduler_config(**schedule), vae=vae, class_embeddings=class_embeddings

@@ -249,9 +249,9 @@ class TranslationSession:
     @staticmethod
     def inversion_key_of(translator: Translator, request: RunRequest) -> tuple:
         """What a cached inversion depends on: the model, the pixels, the source condition, the steps,
-        the solver and whether the intensities were matched (matching changes what the model sees)."""
+        the solver, the batch and whether the intensities were matched (matching changes what the model sees)."""
         s = request.settings
-        return translator.checkpoint_id, request.fingerprint, s.source, s.steps, s.solver, s.match_intensities
+        return translator.checkpoint_id, request.fingerprint, s.source, s.steps, s.solver, s.match_intensities, s.batch
 
     def _build(self, request: RunRequest) -> tuple[Generator, tuple | None]:
         """The run's steps, its inputs checked now; and the inversion key when its inversion can be scrubbed."""
@@ -288,6 +288,8 @@ class TranslationSession:
     def _start_scrub(self, settings: TranslationSettings) -> None:
         if self.inversion is None:
             return  # dropped while it waited
+        # The inversion's batch, as its source and steps: another batch takes Translate (a new inversion).
+        settings = dataclasses.replace(settings, batch=self.inversion.batch)
         steps = self.translator.generate_steps(self.inversion, settings=settings, reconstruct=False)
         plan = cost.plan_scrub(self.translator, self.inversion, settings)
         self._start(_Job("scrub", self.context), steps, "Updating", plan)

@@ -27,12 +27,15 @@ if TYPE_CHECKING:
     import napari
 
 SCRUB_DEBOUNCE_MS = 120
+UNKNOWN_BATCH = "unknown"  # the batch picker's "no batch given" (`TranslationSettings.batch` None)
 TRANSLATE_KEYS, CANCEL_KEYS, BEFORE_AFTER_KEYS = "Ctrl+Shift+T", "Ctrl+Shift+X", "Ctrl+Shift+B"
 TOOLTIPS = {
     "model_path": "A phenotwin model folder (with phenotwin.json). The shipped demo model is filled in.",
     "load_button": "Load the model in the folder above (once per napari session; shared by every widget).",
     "source": "The condition the cells are in now (read from the layer's metadata when it says).",
     "target": "The condition to show them in.",
+    "batch": "The plate, day or microscope this image comes from, for a model trained with batches: the translation "
+             "changes the condition and keeps that batch's look. 'unknown': an image from a batch the model never saw.",
     "seed": "Random seed of the generation: the same seed and settings give the same result.",
     "run_button": f"Translate the selected layers with these settings ({TRANSLATE_KEYS}).",
     "cancel_button": f"Stop the translation at its next diffusion step ({CANCEL_KEYS}).",
@@ -76,6 +79,8 @@ class TranslateWidget(ScrollableDock, widgets.Container):
             tooltip="A Labels layer of segmented cells: translate and score cell by cell; empty = the whole image")
         self.source = widgets.ComboBox(label="From condition", choices=self._conditions)
         self.target = widgets.ComboBox(label="To condition", choices=self._conditions)
+        self.batch = widgets.ComboBox(label="Batch", visible=False, choices=lambda _w: [UNKNOWN_BATCH] + (
+            self.translator.batches if self.translator is not None else []))  # shown for models with batches
         # Strength, steps, guidance and confine show the defaults (`_show_defaults`), then the model's when it loads.
         self.strength = widgets.FloatSlider(label="Strength", min=STRENGTH_MIN, max=STRENGTH_MAX, step=STRENGTH_STEP,
                                             tooltip="How far to invert: 1 = all the way to noise (strongest change).")
@@ -106,7 +111,7 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         self.help = help_button("Translate cells", "Translate layers to another condition and read the result.")
         self.extend([self.help, self.model_path, self.load_button, self.model_info, self.conditions_note,
                      self.channel_pickers, self.channel_pickers.note, self.axes_info, self.planes, self.cells, self.source,
-                     self.target, self.strength, self.slider_info, self.prefetch, self.prefetch_info, self.steps,
+                     self.target, self.batch, self.strength, self.slider_info, self.prefetch, self.prefetch_info, self.steps,
                      self.guidance, self.confine, self.match_intensities, self.seed, self.run_button,
                      self.cancel_button, self.progress_bar, self.status, self.results])
         for label in (self.model_info, self.status, self.prefetch_info, self.axes_info, self.slider_info):
@@ -158,7 +163,8 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         """The controls as the one settings object (read on the GUI thread, never from a worker)."""
         return TranslationSettings(source=self.source.value, target=self.target.value, strength=self.strength.value,
                                    steps=self.steps.value, guidance=self.guidance.value, confine=self.confine.value,
-                                   seed=self.seed.value, match_intensities=self.match_intensities.value)
+                                   seed=self.seed.value, match_intensities=self.match_intensities.value,
+                                   batch=None if self.batch.value in (None, UNKNOWN_BATCH) else self.batch.value)
 
     # -- model and layer choices --------------------------------------------------------------
 
@@ -182,6 +188,8 @@ class TranslateWidget(ScrollableDock, widgets.Container):
         for combo, condition in ((self.source, classes[0]), (self.target, classes[1])):
             combo.reset_choices()
             combo.value = condition
+        self.batch.reset_choices()
+        self.batch.value, self.batch.visible = UNKNOWN_BATCH, bool(translator.batches)
         self.channel_pickers.build(model_registry.channel_names(translator))
         self._show_defaults(defaults)
         self.prefetch.value = self.session.prefetch_enabled  # the session's default for this device

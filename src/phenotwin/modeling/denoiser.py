@@ -102,10 +102,6 @@ class Denoiser:
                     f"the VAE takes {self.vae_channels} channels but the model has {self.info.channels}"
                 )
 
-    @property
-    def null_label(self) -> int:
-        return self.info.null_class
-
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor | int, labels: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         sample = sample.to(self.dtype)
@@ -113,10 +109,12 @@ class Denoiser:
         return conditioned_forward(self.info.kind, self.unet, sample, t, labels, self.class_embeddings).float()
 
     def predict(self, sample: torch.Tensor, timestep: Any, labels: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
-        """Conditional prediction; with guidance w > 0, classifier-free guidance cond + w (cond - uncond)."""
+        """Conditional prediction; with guidance w > 0, classifier-free guidance cond + w (cond - uncond),
+        uncond being the null condition of each label's own batch row (`CheckpointInfo.batch_row`)."""
         if guidance <= 0:
             return self.predict_field(sample, timestep, labels)
-        null = torch.full_like(labels, self.null_label)
+        stride = self.info.null_class + 1
+        null = labels - labels % stride + self.info.null_class
         both = self.predict_field(torch.cat([sample, sample]), timestep, torch.cat([labels, null]))
         cond, uncond = both.chunk(2)
         return cond + guidance * (cond - uncond)

@@ -62,6 +62,8 @@ class Inversion:
     # Edit masks (C, H, W) in [0, 1] by target class index (see `edit_mask.edit_mask_steps`).
     edit_masks: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     fit: FitReport | None = None  # the input's intensities against the training images'
+    # The batch it was inverted in (None: unknown); its generations stay in it (`TranslationSettings.batch`).
+    batch: str | None = None
 
     def kept_states(self) -> list[int]:
         """Which inversion states are held (the others are recomputed when needed)."""

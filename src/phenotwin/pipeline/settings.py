@@ -36,6 +36,8 @@ class ModelInfo(Protocol):
 
     def class_index(self, name: str | int) -> int: ...
 
+    def batch_row(self, batch: str | None) -> int: ...
+
 
 @dataclass(frozen=True)
 class TranslationSettings:
@@ -50,7 +52,9 @@ class TranslationSettings:
     `match_intensities`: map the image's own percentiles onto the training range (images from
     another microscope setting; never on by default, recorded in provenance); `solver`: "ddim"
     (DDIM and its inverse) or "dpm++" (DPM-Solver++, second order: a better reconstruction at few
-    steps, docs/benchmarks.md); an inversion serves only the solver that made it.
+    steps, docs/benchmarks.md); an inversion serves only the solver that made it; `batch`: the
+    plate or day the image comes from, for a model trained with batches (`CheckpointInfo.batches`):
+    the translation changes the condition and keeps that batch's look (None: batch unknown).
     """
 
     source: str | None = None
@@ -66,6 +70,7 @@ class TranslationSettings:
     sigma: float = 0.0
     match_intensities: bool = False
     solver: str | None = None
+    batch: str | None = None
 
     def replace(self, **changes: Any) -> TranslationSettings:
         """A copy with `changes`; a change of None keeps the current value (keyword-argument APIs pass None for unset)."""
@@ -95,6 +100,8 @@ class TranslationSettings:
         merged = base.replace(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         source = None if merged.source is None else model.classes[model.class_index(merged.source)]
         target = None if merged.target is None else model.classes[model.class_index(merged.target)]
+        batch = None if merged.batch is None else str(merged.batch)  # CSV batch names are strings: plate 1 is "1"
+        model.batch_row(batch)  # refuses a batch the model does not know
         return dataclasses.replace(
             merged, source=source, target=target, strength=_strength(merged.strength),
             steps=_steps(merged.steps, max_steps), guidance=_guidance(merged.guidance),
@@ -102,7 +109,7 @@ class TranslationSettings:
             seed=_seed(merged.seed), reference=_reference(merged.reference),
             inversion_refinements=_refinements(merged.inversion_refinements), sigma=_sigma(merged.sigma),
             match_intensities=_flag("match_intensities", merged.match_intensities),
-            solver=_solver(merged.solver, merged.inversion_refinements),
+            solver=_solver(merged.solver, merged.inversion_refinements), batch=batch,
         )
 
 

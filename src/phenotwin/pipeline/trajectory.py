@@ -54,11 +54,21 @@ def kept_states(steps: int, state_bytes: int, budget: int = TRAJECTORY_BUDGET) -
 class Diffusion:
     """A denoiser and its noise schedule, stepped by DDIM and inverse DDIM, or by DPM-Solver++ and its inverse."""
 
-    def __init__(self, denoiser: Denoiser, scheduler_config: dict[str, Any]):
+    def __init__(self, denoiser: Denoiser, scheduler_config: dict[str, Any], label_offset: int = 0):
         self.denoiser = denoiser
         self.device = denoiser.device
         self.scheduler_config = scheduler_config
+        # Added to every condition index: the first label of a batch's row (`CheckpointInfo.batch_row`).
+        self.label_offset = label_offset
         self._schedulers: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def in_batch_row(self, row: int) -> Diffusion:
+        """This diffusion conditioned within batch row `row` (its schedulers shared, not built again)."""
+        import copy
+
+        other = copy.copy(self)
+        other.label_offset = row * (self.denoiser.info.null_class + 1)
+        return other
 
     def schedulers(self, steps: int, solver: str = "ddim"):
         """(inverse, sampler) of `solver` for `steps` steps, built once. DPM-Solver++'s are templates
@@ -77,7 +87,7 @@ class Diffusion:
     def labels(self, indices: list[int]):
         import torch
 
-        return torch.tensor(indices, device=self.device)
+        return torch.tensor(indices, device=self.device) + self.label_offset
 
     def encode(self, model_input: np.ndarray) -> tuple[torch.Tensor, float | None]:
         """The clean sample of a model-range image, and how well an autoencoder reproduces it (None without one)."""

@@ -70,7 +70,9 @@ class Translator:
             raise CheckpointError(f"the model's defaults in {self.checkpoint_path or 'phenotwin.json'} do not work: {err} "
                                   "Fix 'defaults' in its phenotwin.json (or pass the setting explicitly).") from err
         self.denoiser = Denoiser(loaded, self.device, dtype)
-        self.diffusion = Diffusion(self.denoiser, self.scheduler_config)
+        # The "batch unknown" row: the only one of a model without batches (`CheckpointInfo.batch_row`).
+        self.diffusion = Diffusion(self.denoiser, self.scheduler_config).in_batch_row(self.info.batch_row(None))
+        self._batch_diffusions = {None: self.diffusion}
         multiple = vae_downsampling(self.denoiser.vae) if self.denoiser.vae is not None else 1
         self.processor = ImageProcessor(self.info.channels, self.info.normalization, self.info.image_size, multiple,
                                         self.info.intensity_statistics, self.info.channel_names)
@@ -81,6 +83,14 @@ class Translator:
     reference = property(lambda self: self.defaults.reference)
     inversion_refinements = property(lambda self: self.defaults.inversion_refinements)
     solver = property(lambda self: self.defaults.solver)
+
+    batches = property(lambda self: list(self.info.batches or []))
+
+    def diffusion_in(self, batch: str | None) -> Diffusion:
+        """The diffusion conditioned within `batch` (None: batch unknown), built once per batch."""
+        if batch not in self._batch_diffusions:
+            self._batch_diffusions[batch] = self.diffusion.in_batch_row(self.info.batch_row(batch))
+        return self._batch_diffusions[batch]
 
     def resolve(self, settings: TranslationSettings | None = None, **overrides: Any) -> TranslationSettings:
         """`settings` with `overrides` (None keeps a value), unset fields from this model's defaults, checked."""
@@ -101,35 +111,44 @@ class Translator:
                 f"solver that made them. Invert the image again with solver {asked!r} (or generate with "
                 f"{inversion.solver!r})."
             )
-        return self.resolve(settings, **overrides, source=inversion.source, steps=inversion.steps,
-                            inversion_refinements=inversion.refinements, solver=inversion.solver)
+        resolved = self.resolve(settings, **overrides, source=inversion.source, steps=inversion.steps,
+                                inversion_refinements=inversion.refinements, solver=inversion.solver)
+        if resolved.batch is not None and resolved.batch != inversion.batch:
+            raise PhenotwinError(
+                f"this inversion was made in batch {inversion.batch!r}, not {resolved.batch!r}: its states hold that "
+                f"batch's look. Invert the image again with batch {resolved.batch!r}."
+            )
+        return resolved.replace(batch=inversion.batch)
 
     # -- inversion ---------------------------------------------------------------------
 
     def invert_steps(self, image: Any, source: str | int | None = None, steps: int | None = None,
                      channel_axis: int | None = None, *, settings: TranslationSettings | None = None,
-                     strength: float | None = None) -> Steps[Inversion]:
+                     strength: float | None = None, batch: str | None = None) -> Steps[Inversion]:
         """Generator form of `invert`: yields a `Progress` per step, returns the `Inversion`. With
         `strength`, only as deep as that strength needs; a deeper generation extends it later."""
-        s = self.resolve(settings, source=source, steps=steps, strength=strength)
+        s = self.resolve(settings, source=source, steps=steps, strength=strength, batch=batch)
         depth = s.steps if strength is None else s.used_steps
         return self._invert(self.processor.preprocess(image, channel_axis, s.match_intensities), s, depth)
 
     def _invert(self, prepared: PreparedImage, settings: TranslationSettings, depth: int) -> Steps[Inversion]:
-        sample, autoencoder_psnr = self.diffusion.encode(prepared.model_input)
+        diffusion = self.diffusion_in(settings.batch)
+        sample, autoencoder_psnr = diffusion.encode(prepared.model_input)
         inversion = Inversion(
             source=settings.source, source_index=self.classes.index(settings.source), classes=tuple(self.classes),
             steps=settings.steps, states={0: sample}, model_input=prepared.model_input,
             normalised=prepared.normalised, layout=prepared.layout, checkpoint_id=self.checkpoint_id,
             autoencoder_psnr=autoencoder_psnr, refinements=settings.inversion_refinements, solver=settings.solver,
             trajectory_budget=self.trajectory_budget, generated=GenerationCache(self.cache_budget), fit=prepared.fit,
+            batch=settings.batch,
         )
-        return (yield from self.diffusion.extend(inversion, depth))
+        return (yield from diffusion.extend(inversion, depth))
 
     def extend_steps(self, inversion: Inversion, strength: float = 1.0) -> Steps[Inversion]:
         """Invert further, as deep as `strength` needs (1: all the way), from the deepest state reached:
         the widget's background work after a first result, so that scrubbing up needs no inversion."""
-        return self.diffusion.extend(inversion, self._for(inversion, None, strength=strength).used_steps)
+        return self.diffusion_in(inversion.batch).extend(inversion,
+                                                         self._for(inversion, None, strength=strength).used_steps)
 
     # -- generation --------------------------------------------------------------------
 
@@ -155,15 +174,16 @@ class Translator:
 
     def _generate(self, inversion: Inversion, s: TranslationSettings, reconstruct: bool) -> Steps[Translation]:
         target_index, used = self.classes.index(s.target), s.used_steps
-        mask = (yield from edit_mask_steps(self.diffusion, inversion, target_index)) if s.confine else None
+        diffusion = self.diffusion_in(inversion.batch)
+        mask = (yield from edit_mask_steps(diffusion, inversion, target_index)) if s.confine else None
         relative = s.reference == "reconstruction"
         source_key = (inversion.source_index, used, s.guidance)
         generated = inversion.generated.get((target_index, used, s.guidance))
         reconstruction = inversion.generated.get(source_key)
         # DDIM with eta = 0 and DPM-Solver++ (not its SDE variant) never draw noise: the seed cannot change a cached image.
         if generated is None or ((reconstruct or relative) and reconstruction is None):
-            generated, made = yield from self.diffusion.render(inversion, target_index, used, s.guidance, s.seed,
-                                                               reconstruct or relative)
+            generated, made = yield from diffusion.render(inversion, target_index, used, s.guidance, s.seed,
+                                                          reconstruct or relative)
             if target_index == inversion.source_index:
                 reconstruction = generated
             elif made is not None:
@@ -197,25 +217,25 @@ class Translator:
                 rungs.append(rung.used_steps)
         image_bytes = int(np.prod(inversion.normalised.shape)) * np.dtype(np.float32).itemsize
         rungs = rungs[: max(0, inversion.generated.free_bytes() // (image_bytes * (1 + with_source)))]
-        target_index = self.classes.index(s.target)
+        target_index, diffusion = self.classes.index(s.target), self.diffusion_in(inversion.batch)
         for k, used in enumerate(rungs):
-            yield from tagged(self.diffusion.render(inversion, target_index, used, s.guidance, None, with_source),
+            yield from tagged(diffusion.render(inversion, target_index, used, s.guidance, None, with_source),
                               k + 1, len(rungs), "strength")
         return len(rungs)
 
     def edit_mask_steps(self, inversion: Inversion, target: str | int) -> Steps[np.ndarray]:
         """Where the condition matters for this image: weights (C, H, W) in [0, 1], cached (`edit_mask`)."""
-        return edit_mask_steps(self.diffusion, inversion, self.info.class_index(target))
+        return edit_mask_steps(self.diffusion_in(inversion.batch), inversion, self.info.class_index(target))
 
     def translate_steps(self, image: Any, source: str | int | None = None, target: str | int | None = None,
                         strength: float | None = None, steps: int | None = None, guidance: float | None = None,
                         seed: int | None = None, channel_axis: int | None = None, signed: bool | None = None,
                         sigma: float | None = None, confine: bool | None = None, *,
-                        settings: TranslationSettings | None = None) -> Steps[Translation]:
+                        settings: TranslationSettings | None = None, batch: str | None = None) -> Steps[Translation]:
         """Generator form of `translate`: inversion then generation, one `Progress` per step.
         Settings and the image are checked now, not after a minute of inversion."""
         s = self.resolve(settings, source=source, target=target, strength=strength, steps=steps, guidance=guidance,
-                         seed=seed, signed=signed, sigma=sigma, confine=confine)
+                         seed=seed, signed=signed, sigma=sigma, confine=confine, batch=batch)
         if s.source is None or s.target is None:
             raise PhenotwinError(f"a translation needs a source and a target condition; this model knows "
                                  f"{', '.join(map(repr, self.classes))}.")
@@ -228,23 +248,25 @@ class Translator:
         return run()
 
     def sample_steps(self, target: str | int, count: int = 1, seed: int = 0, steps: int | None = None,
-                     guidance: float | None = None) -> Steps[np.ndarray]:
+                     guidance: float | None = None, batch: str | None = None) -> Steps[np.ndarray]:
         """Generator form of `sample`: new images of a condition drawn from seeded noise (training
         sample grids, memorisation checks: two models given the same seed start from the same noise).
         Always DDIM: the solver setting is a translation's."""
-        s = self.resolve(target=target, steps=steps, guidance=guidance)
-        return self.diffusion.sample_from_noise(self.classes.index(s.target), count, seed, s.steps, s.guidance)
+        s = self.resolve(target=target, steps=steps, guidance=guidance, batch=batch)
+        return self.diffusion_in(s.batch).sample_from_noise(self.classes.index(s.target), count, seed, s.steps, s.guidance)
 
     # -- plain calls, with an optional progress callback and cancel flag ------------------
 
-    def sample(self, target, count=1, seed=0, steps=None, guidance=None, progress=None, cancel: CancelFlag = None):
-        """`count` images of condition `target` from seeded noise, (count, C, S, S) in model range [-1, 1]."""
-        return drive(self.sample_steps(target, count, seed, steps, guidance), progress, cancel)
+    def sample(self, target, count=1, seed=0, steps=None, guidance=None, progress=None, cancel: CancelFlag = None,
+               batch=None):
+        """`count` images of condition `target` (in `batch`) from seeded noise, (count, C, S, S) in model range [-1, 1]."""
+        return drive(self.sample_steps(target, count, seed, steps, guidance, batch), progress, cancel)
 
     def invert(self, image, source=None, steps=None, channel_axis=None, progress=None, cancel: CancelFlag = None, *,
-               strength=None, settings=None) -> Inversion:
+               strength=None, settings=None, batch=None) -> Inversion:
         """Invert `image` under its `source` condition, all the way or as deep as `strength` needs (`invert_steps`)."""
-        return drive(self.invert_steps(image, source, steps, channel_axis, settings=settings, strength=strength),
+        return drive(self.invert_steps(image, source, steps, channel_axis, settings=settings, strength=strength,
+                                       batch=batch),
                      progress, cancel)
 
     def extend(self, inversion, strength=1.0, progress=None, cancel: CancelFlag = None) -> Inversion:
@@ -259,7 +281,7 @@ class Translator:
 
     def translate(self, image, source=None, target=None, strength=None, steps=None, guidance=None, seed=None,
                   channel_axis=None, signed=None, sigma=None, confine=None, progress=None, cancel: CancelFlag = None,
-                  *, settings=None) -> Translation:
+                  *, settings=None, batch=None) -> Translation:
         """Translate `image` from condition `source` to `target`.
 
         Returns a `Translation` with the translated image (input units, dtype and layout),
@@ -267,4 +289,4 @@ class Translator:
         condition; `.inversion` holds the cached inversion for `generate()`.
         """
         return drive(self.translate_steps(image, source, target, strength, steps, guidance, seed, channel_axis, signed,
-                                          sigma, confine, settings=settings), progress, cancel)
+                                          sigma, confine, settings=settings, batch=batch), progress, cancel)

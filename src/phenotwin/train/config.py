@@ -48,6 +48,12 @@ class TrainConfig:
     warmup_steps: int = flag(100)
     ema_decay: float = flag(0.999)
     class_dropout: float = flag(0.1, "fraction of unconditional steps, for guidance")
+    batches: bool = flag(
+        True, "ignore the data folder's batches.csv: train without batch labels (by default a translation then "
+        "keeps each image's batch, plate or day)", option="--no-batches",
+    )
+    batch_dropout: float = flag(0.2, "with batches: fraction of steps with the batch hidden, so a translation can "
+                                "leave the batch unknown (default: %(default)s)")
     checkpoint_every: int = flag(500, "save model, state and samples every N steps")
     seed: int = flag(0)
     width: int = flag(32, "scratch: channels of the UNet's first level")
@@ -121,6 +127,7 @@ class TrainConfig:
         _check_fraction("ema_decay", self.ema_decay, "[0, 1), e.g. 0.999 (0 turns the average off)",
                         lambda v: 0 <= v < 1)
         _check_fraction("class_dropout", self.class_dropout, "[0, 1), e.g. 0.1", lambda v: 0 <= v < 1)
+        _check_fraction("batch_dropout", self.batch_dropout, "(0, 1), e.g. 0.2", lambda v: 0 < v < 1)
         if self.channel_names is not None and not all(self.channel_names):
             raise PhenotwinError("channel names must not be empty, e.g. --channel-names nucleus golgi.")
         if self.prediction_type not in PREDICTION_TYPES:

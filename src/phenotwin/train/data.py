@@ -35,6 +35,14 @@ class ConditionImages:
     low: np.ndarray  # (C,) raw value mapped to model range -1
     high: np.ndarray  # (C,) raw value mapped to +1
     fingerprint: str
+    batches: list[str] | None = None  # from the folder's batches.csv (`with_batches`), else None
+    batch_labels: np.ndarray | None = None  # (N,) index into `batches`
+
+    @property
+    def label_count(self) -> int:
+        """Class labels the model embeds: conditions + null, for each batch and an unknown one
+        (`CheckpointInfo.label_count`)."""
+        return (len(self.classes) + 1) * (len(self.batches or []) + 1)
 
     @property
     def channels(self) -> int:
@@ -183,6 +191,26 @@ def _dataset_range(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return low.astype(np.float64), high.astype(np.float64)
 
 
+def with_batches(data: ConditionImages, root: str | os.PathLike) -> ConditionImages:
+    """`data` with each image's batch from `root`/batches.csv (checked by `synthetic.batches.read_batches`:
+    every image listed, no unknown file, at least two batches), when the folder has one."""
+    from dataclasses import replace
+
+    from phenotwin.synthetic.batches import BATCHES_FILE, read_batches
+
+    root = Path(root)
+    if not (root / BATCHES_FILE).is_file():
+        return data
+    by_file = read_batches(root, min_batches=1)
+    names = sorted(set(by_file.values()))
+    if len(names) < 2:
+        raise PhenotwinError(f"{root / BATCHES_FILE} names one batch ({names[0]!r}): a batch label needs images from "
+                             "at least two batches (plates, days). Add the other batches' images, or train without "
+                             "batch labels (phenotwin train --no-batches).")
+    labels = np.asarray([names.index(by_file[f.relative_to(root).as_posix()]) for f in data.files])
+    return replace(data, batches=names, batch_labels=labels)
+
+
 def hold_out(data: ConditionImages, root: str | os.PathLike, fraction: float,
              seed: int) -> tuple[ConditionImages, ConditionImages | None, dict]:
     """(training images, held-out images or None, the split's record) for a validation split.
@@ -206,7 +234,8 @@ def hold_out(data: ConditionImages, root: str | os.PathLike, fraction: float,
     def subset(indices: list[int], low: np.ndarray, high: np.ndarray, print_: str) -> ConditionImages:
         return ConditionImages(classes=data.classes, images=[data.images[i] for i in indices],
                                labels=data.labels[indices], files=[data.files[i] for i in indices], low=low,
-                               high=high, fingerprint=print_)
+                               high=high, fingerprint=print_, batches=data.batches,
+                               batch_labels=None if data.batch_labels is None else data.batch_labels[indices])
 
     low, high = _dataset_range([data.images[i] for i in kept])
     return subset(kept, low, high, data.fingerprint), subset(held, low, high, record["fingerprint"]), record
@@ -240,10 +269,16 @@ class AugmentedCrops:
         self.rng = np.random.default_rng(list(key))
 
     def batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(crops in model range, class labels): the condition, or with batches the label of the
+        condition in the image's batch row, batch * (conditions + 1) + condition."""
         labels = self.rng.integers(0, len(self.by_class), size=batch_size)
         crops = np.empty((batch_size, self.data.channels, self.size, self.size), dtype=np.float32)
+        rows = np.zeros(batch_size, dtype=labels.dtype)
         for i, label in enumerate(labels):
-            image = self.data.images[self.rng.choice(self.by_class[label])]
+            index = self.rng.choice(self.by_class[label])
+            image = self.data.images[index]
+            if self.data.batch_labels is not None:
+                rows[i] = self.data.batch_labels[index]
             y = self.rng.integers(0, image.shape[1] - self.size + 1)
             x = self.rng.integers(0, image.shape[2] - self.size + 1)
             crop = image[:, y : y + self.size, x : x + self.size]
@@ -254,4 +289,18 @@ class AugmentedCrops:
         # preprocessing.normalise's map, in float32 over the batch: half the values would differ in
         # the last bit in its float64, and with them every trained weight.
         crops = np.clip((crops - self.low) / self.span, 0.0, 1.0) * 2.0 - 1.0
-        return crops, labels
+        return crops, rows * (len(self.data.classes) + 1) + labels
+
+
+def dropped_labels(labels, null: int, batch_count: int, drop, hide=None):
+    """Training labels with the condition dropped where `drop` and the batch where `hide` (boolean tensors).
+
+    Class dropout teaches the null condition, which classifier-free guidance needs, in the label's
+    own batch row (`CheckpointInfo.batch_row`: row * (null + 1) + condition); batch dropout teaches
+    the "batch unknown" row (row `batch_count`), which translates an image of no known batch."""
+    import torch
+
+    labels = torch.where(drop, labels - labels % (null + 1) + null, labels)
+    if hide is not None:
+        labels = torch.where(hide, labels % (null + 1) + batch_count * (null + 1), labels)
+    return labels

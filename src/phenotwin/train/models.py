@@ -55,8 +55,9 @@ def scratch_scheduler_config(config: TrainConfig) -> dict[str, Any]:
     )
 
 
-def scratch_unet(channels: int, size: int, classes: int, width: int):
-    """A compact class-conditional UNet: four levels, attention only at the coarsest two."""
+def scratch_unet(channels: int, size: int, labels: int, width: int):
+    """A compact class-conditional UNet: four levels, attention only at the coarsest two; `labels`
+    class embeddings (`ConditionImages.label_count`: conditions + null, per batch row)."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
@@ -69,7 +70,7 @@ def scratch_unet(channels: int, size: int, classes: int, width: int):
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         attention_head_dim=8,
         norm_num_groups=8,
-        num_class_embeds=classes + 1,
+        num_class_embeds=labels,
         resnet_time_scale_shift="scale_shift",
     )
 
@@ -82,7 +83,7 @@ class StartingModel:
     kind: str
     unet: Any
     vae: Any
-    class_embeddings: Any  # (classes + 1, tokens, dim) contexts for the stable-diffusion kind, else None
+    class_embeddings: Any  # (labels, tokens, dim) contexts for the stable-diffusion kind, else None
     scheduler_config: dict[str, Any]
     base: str | None = None
     base_info: CheckpointInfo | None = None
@@ -97,9 +98,9 @@ def starting_model(config: TrainConfig, data: ConditionImages) -> StartingModel:
 
         vae = _load_vae(Path(config.vae), data.channels)
         latent_size = config.size // vae_downsampling(vae)
-        unet = scratch_unet(vae.config.latent_channels, latent_size, len(data.classes), config.width)
+        unet = scratch_unet(vae.config.latent_channels, latent_size, data.label_count, config.width)
         return StartingModel("latent", unet, vae, None, scratch_scheduler_config(config))
-    unet = scratch_unet(data.channels, config.size, len(data.classes), config.width)
+    unet = scratch_unet(data.channels, config.size, data.label_count, config.width)
     return StartingModel("pixel", unet, None, None, scratch_scheduler_config(config))
 
 
@@ -122,16 +123,16 @@ def _load_base(config: TrainConfig, data: ConditionImages) -> StartingModel:
                 "Use a base trained on the same channels."
             )
         class_embeddings = loaded.class_embeddings
-        same_classes = info.classes == data.classes
+        same_labels = info.classes == data.classes and (info.batches or None) == (data.batches or None)
         if info.kind == "stable-diffusion":
-            if not same_classes:
-                class_embeddings = _fresh_contexts(len(data.classes), class_embeddings.shape[1], class_embeddings.shape[2],
+            if not same_labels:
+                class_embeddings = _fresh_contexts(data.label_count, class_embeddings.shape[1], class_embeddings.shape[2],
                                                    class_embeddings)
-        elif not same_classes:
+        elif not same_labels:
             from phenotwin.modeling.conditioning import resize_class_embedding
 
-            # Other conditions, even as many, must not inherit the old ones' embeddings in order.
-            resize_class_embedding(loaded.unet, len(data.classes) + 1, fresh=True)
+            # Other conditions or batches, even as many, must not inherit the old ones' embeddings in order.
+            resize_class_embedding(loaded.unet, data.label_count, fresh=True)
         return StartingModel(info.kind, loaded.unet, loaded.vae, class_embeddings, loaded.scheduler_config, str(base),
                              info)
 
@@ -154,7 +155,7 @@ def _load_base(config: TrainConfig, data: ConditionImages) -> StartingModel:
         dim = dim[0] if isinstance(dim, (list, tuple)) else dim
         with torch.random.fork_rng():
             torch.manual_seed(config.seed)
-            class_embeddings = _fresh_contexts(len(data.classes), config.context_tokens, dim)
+            class_embeddings = _fresh_contexts(data.label_count, config.context_tokens, dim)
         return StartingModel("stable-diffusion", unet, vae, class_embeddings, schedule, str(base))
     raise PhenotwinError(
         f"--base {base} is neither a phenotwin checkpoint (no {INFO_FILE}) nor a Stable-Diffusion diffusers folder "
@@ -178,12 +179,13 @@ def _load_vae(path: Path, channels: int):
     return vae
 
 
-def _fresh_contexts(classes: int, tokens: int, dim: int, previous=None):
-    """One learned cross-attention context per class plus the null context, around the old mean if any."""
+def _fresh_contexts(labels: int, tokens: int, dim: int, previous=None):
+    """One learned cross-attention context per label (each condition and the null one, per batch row),
+    around the old mean if any."""
     import torch
 
     centre = previous.mean(dim=0, keepdim=True) if previous is not None else torch.zeros(1, tokens, dim)
-    return centre.repeat(classes + 1, 1, 1) + torch.randn(classes + 1, tokens, dim)
+    return centre.repeat(labels, 1, 1) + torch.randn(labels, tokens, dim)
 
 
 def conditional_module(kind: str, unet, class_embeddings):

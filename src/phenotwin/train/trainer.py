@@ -26,7 +26,7 @@ from phenotwin.errors import PhenotwinError
 from phenotwin.io import write_atomically
 from phenotwin.train import state
 from phenotwin.train.config import OutputFolderInUse, TrainConfig, TrainProgress
-from phenotwin.train.data import AugmentedCrops, hold_out, load_condition_folders
+from phenotwin.train.data import AugmentedCrops, dropped_labels, hold_out, load_condition_folders, with_batches
 from phenotwin.train.models import apply_method, conditional_module, encode, starting_model
 from phenotwin.train.state import STATE_DIR
 
@@ -45,6 +45,8 @@ class Trainer:
         self._check_output()
         everything = load_condition_folders(config.data, config.size, config.channel_axis, config.max_per_class,
                                             config.allow_mixed_bit_depth)
+        if config.batches:  # each image's plate or day, a second label, when the folder has batches.csv
+            everything = with_batches(everything, config.data)
         # The held-out images are never trained on: they calibrate the model and choose the save to keep.
         self.data, self.validation, self.split = hold_out(everything, config.data, config.validation_fraction,
                                                           config.seed)
@@ -241,6 +243,7 @@ class Trainer:
             normalization=data.normalization(),
             channel_names=self.channel_names,
             intensity_statistics=self.intensity_statistics,
+            batches=data.batches,
             provenance={
                 "method": config.method,
                 "command": config.command,
@@ -312,7 +315,7 @@ class Trainer:
         if accelerator.is_main_process:
             state.start_log(log_path, self.step)
         start = time.monotonic()
-        null = len(self.data.classes)
+        null, batch_count = len(self.data.classes), len(self.data.batches or [])
         self.model.train()
         stop_requested = _StopFlag(accelerator)
         stopped = False
@@ -324,9 +327,9 @@ class Trainer:
                 images, labels = self.crops.batch(config.batch_size)
                 x0 = torch.from_numpy(images).to(device)
                 labels = torch.from_numpy(labels).to(device)
-                # Class dropout teaches the null condition, which classifier-free guidance needs.
                 drop = torch.rand(labels.shape, device=device) < config.class_dropout
-                labels = torch.where(drop, torch.full_like(labels, null), labels)
+                hide = torch.rand(labels.shape, device=device) < config.batch_dropout if batch_count else None
+                labels = dropped_labels(labels, null, batch_count, drop, hide)
                 with torch.no_grad():
                     if self.vae is not None:
                         x0 = encode(self.vae, x0) * self.scaling_factor
