@@ -54,12 +54,12 @@ def kept_states(steps: int, state_bytes: int, budget: int = TRAJECTORY_BUDGET) -
 class Diffusion:
     """A denoiser and its noise schedule, stepped by DDIM and inverse DDIM, or by DPM-Solver++ and its inverse."""
 
-    def __init__(self, denoiser: Denoiser, scheduler_config: dict[str, Any], label_offset: int = 0):
+    def __init__(self, denoiser: Denoiser, scheduler_config: dict[str, Any]):
         self.denoiser = denoiser
         self.device = denoiser.device
         self.scheduler_config = scheduler_config
-        # Added to every condition index: the first label of a batch's row (`CheckpointInfo.batch_row`).
-        self.label_offset = label_offset
+        # Added to every condition index: the first label of a batch's row (`in_batch_row`).
+        self.label_offset = 0
         self._schedulers: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def in_batch_row(self, row: int) -> Diffusion:
