@@ -72,3 +72,51 @@ def test_map_dock_shows_points_and_selection_shows_the_cells(make_napari_viewer,
     cells = viewer.layers["Map cells"].data
     shown = viewer.layers["Selected cells"].data
     assert np.array_equal(shown, np.concatenate([cells[3], cells[7]], axis=1))
+
+
+def test_a_vae_map_places_translations_and_walks_its_axes(material):
+    import torch
+
+    from phenotwin.embed.phenomap import vae_map_steps
+
+    root, _, _ = material
+    events = []
+    result = drive(vae_map_steps(root / "plates", root / "translated", steps=20, size=16), events.append)
+    assert [e.step for e in events] == list(range(1, 21))  # one Progress per training step
+    assert result.coords.shape == (12, 2) and len(result.arrows) == 2
+    treated = next(i for i, f in enumerate(result.files) if f.parent.name == "nocodazole")
+    for arrow in result.arrows:  # a copy of a nocodazole cell lands on that cell (within 0.05 of 400)
+        assert np.allclose(arrow[0] + arrow[1], result.coords[treated], atol=0.05)
+    rows = result.traversal(3, count=7)
+    assert rows.shape == (2, 7, 2, 16, 16)
+    with torch.no_grad():  # the middle of both walks is the cell itself, decoded upright
+        own = result.traversal.model.decode(torch.as_tensor(result.traversal.latents[3:4])).clamp(-1, 1).numpy()[0]
+    np.testing.assert_allclose(rows[0, 3], own, atol=1e-6)
+    np.testing.assert_allclose(rows[1, 3], own, atol=1e-6)
+    for line in rows:  # each walk changes the drawing, more the further it goes
+        steps = [np.abs(image - own).mean() for image in line]
+        assert steps[0] > steps[2] > 0 and steps[6] > steps[4] > 0
+
+
+@pytest.mark.gui
+@gui
+def test_the_vae_map_dock_shows_the_selected_cells_latent_traversal(make_napari_viewer, qtbot, material):
+    from phenotwin._napari.map_widget import VAE, PhenotypeMapWidget
+
+    root, _, _ = material
+    viewer = make_napari_viewer()
+    widget = PhenotypeMapWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.features.value = VAE
+    assert widget.encoder.native.isHidden() and not widget.vae_steps.native.isHidden()
+    widget.vae_steps.value, widget.data.value = 20, str(root / "plates")
+    widget.start()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert len(viewer.layers["Phenotype map"].data) == 12
+    viewer.layers["Phenotype map"].selected_data = {5}
+    qtbot.waitUntil(lambda: "Latent traversal" in viewer.layers, timeout=30_000)
+    layer = viewer.layers["Latent traversal"]
+    expected = widget.result.traversal(5)[:, :, 0]
+    assert layer.data.shape == (2 * 32, 7 * 32)  # two walks of 7 cells, 32 px (the VAE's size)
+    np.testing.assert_allclose(layer.data[:32, 3 * 32: 4 * 32], expected[0, 3], atol=1e-6)
+    np.testing.assert_allclose(layer.scale, (1.0, 1.0))  # the cells are 32 px too

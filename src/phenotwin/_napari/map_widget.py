@@ -1,10 +1,12 @@
-"""The "Phenotype map" dock: cells in the batch-robust feature space, and where translated cells went.
+"""The "Phenotype map" dock: cells in the batch-robust feature space (or an Affinity-VAE's latents),
+and where translated cells went.
 
-Thin over `phenotwin.embed.phenomap.map_steps`, run in a worker with progress and Cancel. It adds
-three new layers (the user's layers are never touched): the cells as an image stack, the map as
-points coloured by condition (placed to the right of the cells) and the translations as arrows
-from each source cell. Selecting points shows the first selected cell in the stack and all of
-them side by side in a "Selected cells" layer.
+Thin over `phenotwin.embed.phenomap.map_steps` / `vae_map_steps`, run in a worker with progress and
+Cancel. It adds new layers (the user's layers are never touched): the cells as an image stack, the
+map as points coloured by condition (placed to the right of the cells) and the translations as
+arrows from each source cell. Selecting points shows the first selected cell in the stack and all
+of them side by side in a "Selected cells" layer; on a VAE map, also the first one's latent
+traversal along the map's two axes ("Latent traversal", decoded in a worker).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import Container, FileEdit, Label, PushButton
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
 from napari.utils.notifications import show_error
 
 from phenotwin._napari.workers import start_worker
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     import napari
 
 MAP_GAP = 20  # pixels between the cell stack and the map
+ENCODER, VAE = "Batch-robust encoder", "Affinity-VAE (trained here)"
 
 
 def _path(edit: FileEdit) -> Path | None:
@@ -36,14 +39,22 @@ class PhenotypeMapWidget(Container):
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__(labels=True)
         self.viewer = napari_viewer
+        self.features = ComboBox(label="Features", choices=[ENCODER, VAE], value=ENCODER, tooltip=(
+            "What places the cells: a trained encoder's features, or an Affinity-VAE trained on these cells now "
+            "(its latents; selecting a cell then shows what the map's axes change in it)"))
         self.encoder = FileEdit(mode="d", label="Encoder", tooltip="a folder of `phenotwin embed train`")
+        self.vae_steps = SpinBox(label="VAE steps", min=20, max=20000, value=400, visible=False,
+                                 tooltip="training steps of the VAE (400: about a minute on a laptop CPU)")
         self.data = FileEdit(mode="d", label="Cells", tooltip="DIR/<condition>/*.tif: the cells to map")
         self.translations = FileEdit(mode="d", label="Translations",
                                      tooltip="optional: translated cells, named after their source image")
         self.run_button = PushButton(text="Show map")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
-        self.extend([self.encoder, self.data, self.translations, self.run_button, self.cancel_button, self.status])
+        self.extend([self.features, self.encoder, self.vae_steps, self.data, self.translations, self.run_button,
+                      self.cancel_button, self.status])
+        self.features.changed.connect(lambda value: (setattr(self.encoder, "visible", value == ENCODER),
+                                                     setattr(self.vae_steps, "visible", value == VAE)))
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)
         self._worker = None
@@ -51,14 +62,17 @@ class PhenotypeMapWidget(Container):
         self.points = None
 
     def start(self) -> None:
-        from phenotwin.embed.phenomap import map_steps
+        from phenotwin.embed.phenomap import map_steps, vae_map_steps
 
-        encoder, data = _path(self.encoder), _path(self.data)
-        if encoder is None or data is None:
-            show_error("Choose the encoder folder and the folder of cells first.")
+        encoder, data, vae = _path(self.encoder), _path(self.data), self.features.value == VAE
+        if data is None or (encoder is None and not vae):
+            show_error("Choose the folder of cells first." if vae else
+                       "Choose the encoder folder and the folder of cells first.")
             return
         self.run_button.enabled, self.cancel_button.enabled = False, True
-        self._worker = start_worker(map_steps(encoder, data, _path(self.translations)),
+        steps = (vae_map_steps(data, _path(self.translations), steps=self.vae_steps.value) if vae
+                 else map_steps(encoder, data, _path(self.translations)))
+        self._worker = start_worker(steps,
                                     yielded=lambda p: setattr(self.status, "value", p.describe()),
                                     returned=self._show, errored=self._failed, finished=self._finished)
 
@@ -98,8 +112,20 @@ class PhenotypeMapWidget(Container):
             return
         self.viewer.dims.set_current_step(0, chosen[0])
         row = np.concatenate([self.result.images[i, 0] for i in chosen], axis=1)
-        if "Selected cells" in self.viewer.layers:
-            self.viewer.layers["Selected cells"].data = row
+        height = self.result.images.shape[-2]
+        self._put("Selected cells", row, "magma", (height + MAP_GAP, 0))
+        if self.result.traversal is not None:
+            start_worker(self.result.traversal, chosen[0], returned=self._show_traversal, errored=self._failed)
+
+    def _show_traversal(self, rows: np.ndarray) -> None:
+        """Rows (2, count, C, S, S): one line per map axis, first channel, below the selected cells at their scale."""
+        size, height = rows.shape[-1], self.result.images.shape[-2]
+        grid = np.concatenate([np.concatenate(list(line[:, 0]), axis=1) for line in rows], axis=0)
+        self._put("Latent traversal", grid, "gray", (2 * (height + MAP_GAP), 0), scale=height / size)
+
+    def _put(self, name: str, data: np.ndarray, colormap: str, translate, scale: float = 1.0) -> None:
+        """Show `data` in this dock's own layer `name`: updated when it exists, else added."""
+        if name in self.viewer.layers:
+            self.viewer.layers[name].data = data
         else:
-            self.viewer.add_image(row, name="Selected cells", colormap="magma",
-                                  translate=(self.result.images.shape[-2] + MAP_GAP, 0))
+            self.viewer.add_image(data, name=name, colormap=colormap, translate=translate, scale=(scale, scale))

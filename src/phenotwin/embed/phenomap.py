@@ -1,10 +1,11 @@
 """What the Phenotype map widget shows, computed without Qt: points per cell, arrows per translation.
 
-The cells of a data folder (DIR/<condition>/*) go through the batch-robust encoder; a PCA fitted
-on them (scikit-learn) gives the 2-D map. Translated cells, read from a second folder whose file
-names start with their source's file stem, are projected with the same PCA and drawn as arrows
-from their source cell. A generator: one Progress per image encoded, so a worker can show it and
-stop it.
+The cells of a data folder (DIR/<condition>/*) go through the batch-robust encoder (`map_steps`),
+or through an Affinity-VAE trained on them here (`vae_map_steps`: its content latents, the pose
+left out, with latent traversals of any cell); a PCA fitted on them (scikit-learn) gives the 2-D
+map. Translated cells, read from a second folder whose file names start with their source's file
+stem, are projected with the same PCA and drawn as arrows from their source cell. Generators: one
+Progress per image encoded (or training step), so a worker can show it and stop it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from phenotwin.errors import PhenotwinError
 from phenotwin.progress import Progress, Steps
 
 MAP_SPAN = 400.0  # the map's extent in data units (pixels), about a screen next to 64 px cells
+TRAVERSAL_SPREAD = 2.0  # a traversal walks this many standard deviations of the cells either way
 
 
 @dataclass
@@ -28,6 +30,7 @@ class PhenotypeMap:
     images: np.ndarray        # (N, C, H, W) the cells in the encoder's model range
     arrows: np.ndarray        # (M, 2, 2) napari vectors: start (a source cell), then the step to its translation
     arrow_sources: list[int]  # the source cell of each arrow
+    traversal: LatentTraversal | None = None  # a VAE map's walks through its latents; None for an encoder's
 
 
 @dataclass
@@ -58,8 +61,35 @@ class Projection:
         return [float(v) for v in self.pca.explained_variance_ratio_]
 
 
-def load_cells(folder) -> tuple[np.ndarray, list[str], list[Path]]:
-    """(raw (N, C, H, W) images cropped to the smallest size, their conditions, their files)."""
+@dataclass
+class LatentTraversal:
+    """What an Affinity-VAE map's axes mean in pictures: a cell decoded while its content latent walks
+    along the map's first and second axis (the PCA directions, in units of the cells' spread along
+    them). Decoded upright (no pose), so only what the latents hold changes along a row."""
+
+    model: object
+    latents: np.ndarray  # (N, latent) each cell's content mean
+    projection: Projection
+
+    def __call__(self, index: int, count: int = 7) -> np.ndarray:
+        """(2, count, C, S, S) in model range: cell `index` along map axis 1 (row 0) and axis 2 (row 1),
+        from -TRAVERSAL_SPREAD to +TRAVERSAL_SPREAD standard deviations; the middle image is the cell itself."""
+        import torch
+
+        pca = self.projection.pca
+        offsets = np.linspace(-TRAVERSAL_SPREAD, TRAVERSAL_SPREAD, count)
+        rows = []
+        for axis in range(2):
+            direction = pca.components_[axis] * np.sqrt(pca.explained_variance_[axis])
+            z = self.latents[index][None] + offsets[:, None] * direction[None]
+            with torch.no_grad():
+                rows.append(self.model.decode(torch.as_tensor(z, dtype=torch.float32)).clamp(-1, 1).numpy())
+        return np.stack(rows)
+
+
+def load_cells(folder) -> tuple[np.ndarray, list[str], list[Path], np.ndarray]:
+    """(raw (N, C, H, W) images cropped to the smallest size, their conditions, their files, and the
+    data's own per-channel range (low, high) as training computes it)."""
     from phenotwin.train.data import load_condition_folders
 
     data = load_condition_folders(folder, 8)
@@ -67,7 +97,7 @@ def load_cells(folder) -> tuple[np.ndarray, list[str], list[Path]]:
     w = min(im.shape[2] for im in data.images)
     crops = [im[:, (im.shape[1] - h) // 2: (im.shape[1] - h) // 2 + h, (im.shape[2] - w) // 2:
                 (im.shape[2] - w) // 2 + w] for im in data.images]
-    return np.stack(crops), [data.classes[label] for label in data.labels], data.files
+    return np.stack(crops), [data.classes[label] for label in data.labels], data.files, np.stack([data.low, data.high])
 
 
 def _translations(folder, files: list[Path]) -> tuple[list[int], list[Path]]:
@@ -90,31 +120,72 @@ def _translations(folder, files: list[Path]) -> tuple[list[int], list[Path]]:
     return [i for i, _ in pairs], [p for _, p in pairs]
 
 
-def map_steps(encoder_dir, data_folder, translations_folder=None) -> Steps[PhenotypeMap]:
-    """Encode the cells (and translations), project them to 2-D; yields a Progress per image."""
-    from phenotwin.embed.model import load_encoder
+def _read_translations(folder, files: list[Path]) -> tuple[list[int], list[np.ndarray]]:
+    """(source index, raw (C, H, W) translated image) of every translation in `folder` (`_translations`)."""
     from phenotwin.io import read_image
 
-    encoder = load_encoder(encoder_dir)
-    raw, conditions, files = load_cells(data_folder)
-    encoder.check_fits(list(raw), files)
-    sources, translated_files = ([], []) if translations_folder is None else _translations(translations_folder, files)
-    total = len(raw) + len(translated_files)
-    features = []
-    for i in range(len(raw)):
-        features.append(encoder.features(raw[i: i + 1])[0])
-        yield Progress("map", i + 1, total)
-    translated = []
-    for k, path in enumerate(translated_files):
-        image = np.asarray(read_image(path), np.float32)
-        image = image[None] if image.ndim == 2 else image
-        translated.append(encoder.features(image[None])[0])
-        yield Progress("map", len(raw) + k + 1, total)
-    features = np.stack(features)
+    if folder is None:
+        return [], []
+    sources, paths = _translations(folder, files)
+    images = [np.asarray(read_image(path), np.float32) for path in paths]
+    return sources, [image[None] if image.ndim == 2 else image for image in images]
+
+
+def _placed(features: np.ndarray, translated: list[np.ndarray], sources: list[int]):
+    """(projection, (N, 2) map positions, (M, 2, 2) arrows from each source cell to its translation)."""
     projection = Projection.fit(features)
     coords = projection(features)
     arrows = np.zeros((0, 2, 2))
     if translated:
         ends = projection(np.stack(translated))
         arrows = np.stack([coords[sources], ends - coords[sources]], axis=1)
+    return projection, coords, arrows
+
+
+def map_steps(encoder_dir, data_folder, translations_folder=None) -> Steps[PhenotypeMap]:
+    """Encode the cells (and translations), project them to 2-D; yields a Progress per image."""
+    from phenotwin.embed.model import load_encoder
+
+    encoder = load_encoder(encoder_dir)
+    raw, conditions, files, _ = load_cells(data_folder)
+    encoder.check_fits(list(raw), files)
+    sources, translated_images = _read_translations(translations_folder, files)
+    total = len(raw) + len(translated_images)
+    features = []
+    for i in range(len(raw)):
+        features.append(encoder.features(raw[i: i + 1])[0])
+        yield Progress("map", i + 1, total)
+    translated = []
+    for k, image in enumerate(translated_images):
+        translated.append(encoder.features(image[None])[0])
+        yield Progress("map", len(raw) + k + 1, total)
+    _, coords, arrows = _placed(np.stack(features), translated, sources)
     return PhenotypeMap(coords, conditions, files, encoder.normalise(raw), arrows, sources)
+
+
+def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size: int = 32,
+                  seed: int = 0) -> Steps[PhenotypeMap]:
+    """The cells in the content latents of an Affinity-VAE trained on them here (pose VAE, cyclical beta,
+    no affinity loss: the map is not taught the conditions), with its latent traversals; the images
+    normalised with the data's own range and resized to `size` as `phenotwin embed map --vae` does.
+    Yields a Progress per training step."""
+    from phenotwin.embed.affinity_vae import VAEConfig, latents, train_vae_steps
+    from phenotwin.embed.datamap import vae_inputs
+
+    raw, conditions, files, (low, high) = load_cells(data_folder)
+
+    def model_range(images: np.ndarray) -> np.ndarray:
+        span = (high - low).astype(np.float32)[None, :, None, None]
+        return np.clip((images - low.astype(np.float32)[None, :, None, None]) / span, 0, 1) * 2 - 1
+
+    sources, translated_images = _read_translations(translations_folder, files)
+    if any(image.shape[0] != raw.shape[1] for image in translated_images):
+        raise PhenotwinError(f"the translations have another channel count than the cells ({raw.shape[1]}): give "
+                             "translations of these cells.")
+    cells = model_range(raw)
+    labels = np.asarray([sorted(set(conditions)).index(c) for c in conditions])
+    model, _ = yield from train_vae_steps(vae_inputs(cells, size), labels, VAEConfig(steps=steps, seed=seed))
+    content, _ = latents(model, vae_inputs(cells, size))
+    translated = [latents(model, vae_inputs(model_range(image[None]), size))[0][0] for image in translated_images]
+    projection, coords, arrows = _placed(content, translated, sources)
+    return PhenotypeMap(coords, conditions, files, cells, arrows, sources, LatentTraversal(model, content, projection))
