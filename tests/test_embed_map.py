@@ -65,9 +65,10 @@ def test_the_pose_angle_rotates_the_drawing():
         z = torch.randn(1, 4)
         canonical = model.decode(z).numpy()
         turned = model.decode(z, torch.tensor([np.pi / 2])).numpy()
-    # a quarter turn is exact on the pixel grid: compare with both directions, one must match
+    # a quarter turn is exact on the pixel grid: it turns the way `rotated` does (the rotation-consistency
+    # loss relies on it), not the other way
     errors = [np.abs(turned[0, :, 4:-4, 4:-4] - rotated(canonical, [a])[0, :, 4:-4, 4:-4]).mean() for a in (90, -90)]
-    assert min(errors) < 0.05 * np.abs(canonical).mean() < max(errors)
+    assert errors[0] < 0.05 * np.abs(canonical).mean() < errors[1]
 
 
 def test_affinity_loss_pulls_together_conditions_of_high_affinity():
@@ -88,14 +89,13 @@ def test_affinity_loss_pulls_together_conditions_of_high_affinity():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="measured 0.18 after 300 steps at 16 px: the pose latent does not follow "
-                   "the rotation yet (docs/embedding.md)")
 def test_the_pose_latent_follows_a_known_rotation():
+    """0.998 at seed 0 with the rotation-consistency loss; 0.18 without it (docs/embedding.md)."""
     images, labels = single_cells(40, 16, 0)
     config = VAEConfig(steps=300, batch_size=32, latent=4, width=8, gamma=0.0, pose=True)
     model, _ = drive(train_vae_steps(images, labels, config))
     held, _ = single_cells(20, 16, 5_000)
     angles = np.random.default_rng(0).uniform(0, 360, len(held))
-    assert pose_follows_rotation(model, held, angles) > 0.6
+    assert pose_follows_rotation(model, held, angles) > 0.9
     untrained = build_vae(2, 16, latent=4, width=8).eval()
     assert pose_follows_rotation(untrained, held, angles) < 0.5

@@ -8,6 +8,10 @@ After Affinity-VAE (Famili, Mirecka et al. 2022), for cells instead of tomogram 
   carry it;
 * **cyclical beta** (Fu et al. 2019) -- the KL weight ramps from 0 to `beta` over the first half
   of every cycle, then holds: the latents are used before they are regularised;
+* **rotation consistency** -- each batch is also encoded turned by known angles d: the pose must
+  turn by d (1 - cos of the miss) and the content latents must stay (their squared change), each
+  weighted by `consistency`. Reconstruction alone leaves the split between pose and content free
+  (a 300-step run's pose followed a known rotation with a circular correlation of 0.18);
 * **affinity loss** -- gamma times the mean |A[c_i, c_j] - cos(mu_i, mu_j)| over the pairs of a
   batch, for a condition affinity matrix A (a CSV from the user, or the class-mean cosine
   similarities of a batch-robust encoder): conditions the matrix calls similar are pulled together.
@@ -148,6 +152,7 @@ class VAEConfig:
     gamma: float = 0.0
     pose: bool = True
     rotate: bool = True  # train on randomly rotated crops: the pose dimension has rotations to explain
+    consistency: float = 1.0  # weight of the rotation-consistency loss (pose VAEs only; 0 turns it off)
     learning_rate: float = 2e-3
     seed: int = 0
 
@@ -175,7 +180,7 @@ def train_vae_steps(images: np.ndarray, labels: np.ndarray, config: VAEConfig,
     model = build_vae(images.shape[1], images.shape[-1], config.latent, config.width, config.pose)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     target = torch.as_tensor(affinity if affinity is not None else np.eye(classes), dtype=torch.float32)
-    history = {"reconstruction": [], "kl": [], "affinity": []}
+    history = {"reconstruction": [], "kl": [], "affinity": [], "rotation consistency": []}
     for step in range(config.steps):
         rng = np.random.default_rng([config.seed, step])
         pick = rng.integers(0, len(images), config.batch_size)
@@ -191,13 +196,32 @@ def train_vae_steps(images: np.ndarray, labels: np.ndarray, config: VAEConfig,
         loss = reconstruction + cyclical_beta(step, config.beta, config.cycle) * kl / x[0].numel()
         if config.gamma:
             loss = loss + config.gamma * affine
+        consistent = torch.zeros(())
+        if config.pose and config.consistency:
+            turn = rng.uniform(0, 360, len(pick))
+            consistent = rotation_consistency(model, x, torch.from_numpy(rotated(batch, turn)), turn)
+            loss = loss + config.consistency * consistent
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        for key, value in (("reconstruction", reconstruction), ("kl", kl), ("affinity", affine)):
+        for key, value in (("reconstruction", reconstruction), ("kl", kl), ("affinity", affine),
+                           ("rotation consistency", consistent)):
             history[key].append(value.item())
         yield Progress("train map", step + 1, config.steps)
     return model.eval(), history
+
+
+def rotation_consistency(model, x, turned, turn_deg: np.ndarray):
+    """How far the encoding of `turned` (= `x` rotated by `turn_deg`, as `rotated` turns) is from the
+    encoding of `x` with its pose turned by the same angles: mean (1 - cos) of the pose's miss plus the
+    mean squared change of the content means. `decode(z, a)` draws as `rotated(decode(z), degrees(a))`
+    (tests/test_embed_map.py), so the pose of a turned cell is its pose plus the turn."""
+    import torch
+
+    mu, _, angle = model.encode(x)
+    mu_turned, _, angle_turned = model.encode(turned)
+    miss = angle_turned - angle - torch.as_tensor(np.deg2rad(turn_deg), dtype=angle.dtype)
+    return (1 - torch.cos(miss)).mean() + ((mu_turned - mu) ** 2).mean()
 
 
 def latents(model, images: np.ndarray, batch_size: int = 128) -> tuple[np.ndarray, np.ndarray | None]:

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         from phenotwin.progress import drive, tqdm_steps
 
         result = drive(map_check_steps(args.n, args.steps, gamma=args.gamma, seed=args.seed), tqdm_steps("map-check"))
-        for name in ("affinity-vae", "plain vae"):
+        for name in ("affinity-vae", "affinity-vae without rotation consistency", "plain vae"):
             r = result[name]
             pose = "" if r["pose_follows_rotation"] is None else f", pose follows rotation {r['pose_follows_rotation']:.3f}"
             print(f"{name}: silhouette by condition {r['silhouette_condition']:.3f} (rotated cells "
