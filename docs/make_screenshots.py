@@ -3,6 +3,7 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py train   # that one only
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py reopened   # likewise
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python docs/make_screenshots.py map   # the map dock's VAE
 
 Needs a screen (Xvfb is fine); uses the shipped demo model and the demo scene.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 OUT = Path(__file__).parent / "images"
 
@@ -41,6 +44,10 @@ def main(only: str | None = None) -> int:
     viewer = napari.Viewer(title="napari-phenotwin")
     viewer.window._qt_window.resize(1500, 950)
     app = QApplication.instance()
+    if only == "map":
+        vae_map(app, viewer)
+        viewer.close()
+        return 0
     viewer.open_sample("napari-phenotwin", "demo-scene")
     if only == "train":
         train_widget(app, viewer)
@@ -146,6 +153,29 @@ def per_cell(app, viewer, widget) -> None:
     viewer.reset_view()
     wait(app, lambda: True)
     viewer.screenshot(str(OUT / "translate-per-cell.png"), canvas_only=False)
+
+
+def vae_map(app, viewer) -> None:
+    """The Phenotype map dock on 40 + 40 held-out synthetic cells (32 px), in the latents of an
+    Affinity-VAE trained there at the dock's default steps, one cell selected: its latent traversal."""
+    import tempfile
+
+    from phenotwin._napari.map_widget import VAE, PhenotypeMapWidget
+    from phenotwin.synthetic import make_pairs, write_folders
+
+    folder = Path(tempfile.mkdtemp()) / "cells"
+    write_folders(folder, make_pairs(40, size=32, channels=2, seed=11, start=300_000))
+    widget = PhenotypeMapWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Phenotype map")
+    widget.features.value, widget.data.value = VAE, str(folder)
+    widget.start()
+    wait(app, lambda: widget._worker is None and widget.result is not None)
+    points = viewer.layers["Phenotype map"]
+    points.selected_data = {int(np.argmin(widget.result.coords[:, 1]))}  # the leftmost cell on the map
+    wait(app, lambda: "Latent traversal" in viewer.layers)
+    viewer.reset_view()
+    wait(app, lambda: True)
+    viewer.screenshot(str(OUT / "embed-map-vae-traversal.png"), canvas_only=False)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     except OutputFolderInUse as err:
         raise PhenotwinError(err.describe(resume="--resume", overwrite="--overwrite")) from None
     counts = ", ".join(f"{name}: {n}" for name, n in trainer.data.counts().items())
+    if trainer.data.batches:  # a label per condition and batch (batches.csv); --no-batches turns it off
+        counts += f" in batches {', '.join(trainer.data.batches)}"
     main_process = trainer.accelerator.is_main_process
     if main_process and trainer.tidied:
         print(f"removed what a killed run left half-written: {', '.join(trainer.tidied)}", file=sys.stderr)
