@@ -100,10 +100,14 @@ def test_a_vae_map_places_translations_and_walks_its_axes(material):
 
 @pytest.mark.gui
 @gui
-def test_the_vae_map_dock_shows_the_selected_cells_latent_traversal(make_napari_viewer, qtbot, material):
+def test_the_vae_map_dock_shows_the_selected_cells_latent_traversal(make_napari_viewer, qtbot, material,
+                                                                    monkeypatch):
+    import phenotwin.embed.affinity_vae as affinity_vae
     from phenotwin._napari.map_widget import VAE, PhenotypeMapWidget
 
     root, _, _ = material
+    said = []
+    monkeypatch.setattr(affinity_vae, "collapse_warning", lambda content: said.append(content.shape) or "flat map")
     viewer = make_napari_viewer()
     widget = PhenotypeMapWidget(viewer)
     viewer.window.add_dock_widget(widget)
@@ -113,6 +117,7 @@ def test_the_vae_map_dock_shows_the_selected_cells_latent_traversal(make_napari_
     widget.start()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
     assert len(viewer.layers["Phenotype map"].data) == 12
+    assert said == [(12, 8)] and widget.status.value.endswith("Warning: flat map")  # the check saw the latents
     viewer.layers["Phenotype map"].selected_data = {5}
     qtbot.waitUntil(lambda: "Latent traversal" in viewer.layers, timeout=30_000)
     layer = viewer.layers["Latent traversal"]
@@ -120,3 +125,13 @@ def test_the_vae_map_dock_shows_the_selected_cells_latent_traversal(make_napari_
     assert layer.data.shape == (2 * 32, 7 * 32)  # two walks of 7 cells, 32 px (the VAE's size)
     np.testing.assert_allclose(layer.data[:32, 3 * 32: 4 * 32], expected[0, 3], atol=1e-6)
     np.testing.assert_allclose(layer.scale, (1.0, 1.0))  # the cells are 32 px too
+
+
+def test_a_vae_whose_latents_barely_vary_is_called_untrustworthy():
+    from phenotwin.embed.affinity_vae import COLLAPSED_SPREAD, collapse_warning
+
+    rng = np.random.default_rng(0)
+    assert collapse_warning(rng.normal(0, 0.2, (50, 8))) is None
+    message = collapse_warning(rng.normal(0, 0.02, (50, 8)))
+    assert "did not learn" in message and "0.02" in message and "VAE steps" in message
+    assert collapse_warning(np.full((50, 8), 3.0)) is not None and COLLAPSED_SPREAD == 0.05

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, PushButton, SpinBox
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_warning
 
 from phenotwin._napari.workers import start_worker
 from phenotwin.errors import PhenotwinError
@@ -51,6 +51,7 @@ class PhenotypeMapWidget(Container):
         self.run_button = PushButton(text="Show map")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
+        self.status.native.setWordWrap(True)
         self.extend([self.features, self.encoder, self.vae_steps, self.data, self.translations, self.run_button,
                       self.cancel_button, self.status])
         self.features.changed.connect(lambda value: (setattr(self.encoder, "visible", value == ENCODER),
@@ -105,6 +106,9 @@ class PhenotypeMapWidget(Container):
         self.points.mode = "select"
         self.status.value = f"Done: {len(result.coords)} cells" + (f", {len(result.arrows)} translations."
                                                                    if len(result.arrows) else ".")
+        if result.warning:  # a map the user cannot trust says so, in the dock and as a notification
+            self.status.value += f" Warning: {result.warning}"
+            show_warning(f"Phenotype map: {result.warning}")
 
     def _selected(self, event=None) -> None:
         chosen = sorted(self.points.selected_data)

@@ -101,6 +101,8 @@ def run_map(args: argparse.Namespace) -> int:
     report = datamap.write_map(result, args.out, args.overwrite, "phenotwin " + " ".join(sys.argv[1:]))
     for line in describe(result.metrics):
         print(line)
+    if result.source.get("warning"):
+        print(f"warning: {result.source['warning']}", file=sys.stderr)
     print(f"wrote {report.parent}")
     return 0
 

@@ -107,6 +107,7 @@ def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | No
     from phenotwin.embed.affinity_vae import (
         VAEConfig,
         affinity_from_features,
+        collapse_warning,
         latents,
         read_affinity,
         reconstruction_error,
@@ -136,7 +137,7 @@ def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | No
               "beta": config.beta, "cycle": config.cycle, "seed": seed,
               "affinity": None if matrix is None else matrix.tolist(),
               "affinity_from": affinity or affinity_from or None,
-              "reconstruction_mse": reconstruction_error(model, images),
+              "reconstruction_mse": reconstruction_error(model, images), "warning": collapse_warning(content),
               "final_losses": {k: float(np.mean(v[-20:])) for k, v in history.items()}}
     return _finish(root, data, known, content, source, {"pose_degrees": np.rad2deg(angles)})
 
@@ -248,6 +249,8 @@ def report_markdown(record: dict) -> str:
                   "set the images apart."]
     else:
         lines += ["The data have no batches.csv (or one batch), so batch effects are not measured."]
+    if source.get("warning"):
+        lines += ["", f"**Warning: {source['warning']}**"]
     if source["kind"] != "encoder" and source["gamma"]:
         lines += ["", "The affinity loss was trained with these conditions' labels, so the separation by condition "
                   "is partly taught: judge it on images the map did not train on."]

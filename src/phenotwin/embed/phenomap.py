@@ -31,6 +31,7 @@ class PhenotypeMap:
     arrows: np.ndarray        # (M, 2, 2) napari vectors: start (a source cell), then the step to its translation
     arrow_sources: list[int]  # the source cell of each arrow
     traversal: LatentTraversal | None = None  # a VAE map's walks through its latents; None for an encoder's
+    warning: str | None = None  # why the map cannot be trusted (a VAE that did not learn), else None
 
 
 @dataclass
@@ -169,7 +170,7 @@ def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size:
     no affinity loss: the map is not taught the conditions), with its latent traversals; the images
     normalised with the data's own range and resized to `size` as `phenotwin embed map --vae` does.
     Yields a Progress per training step."""
-    from phenotwin.embed.affinity_vae import VAEConfig, latents, train_vae_steps
+    from phenotwin.embed.affinity_vae import VAEConfig, collapse_warning, latents, train_vae_steps
     from phenotwin.embed.datamap import vae_inputs
 
     raw, conditions, files, (low, high) = load_cells(data_folder)
@@ -188,4 +189,5 @@ def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size:
     content, _ = latents(model, vae_inputs(cells, size))
     translated = [latents(model, vae_inputs(model_range(image[None]), size))[0][0] for image in translated_images]
     projection, coords, arrows = _placed(content, translated, sources)
-    return PhenotypeMap(coords, conditions, files, cells, arrows, sources, LatentTraversal(model, content, projection))
+    return PhenotypeMap(coords, conditions, files, cells, arrows, sources, LatentTraversal(model, content, projection),
+                        collapse_warning(content))
