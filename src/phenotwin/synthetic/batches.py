@@ -20,8 +20,8 @@ plate share its effect, so the condition difference is the same on every plate.
 The layout is the usual folder per condition, with the plates' files side by side
 (``<condition>/<phenotype>_<seed>_<batch>_<index>.tif``), plus ``batches.csv`` at the data
 root: one row per file with ``file`` (relative to the root), ``condition``, ``batch`` and the
-effect's parameters. Training, which reads one folder per condition, ignores the CSV;
-`read_batches` is how phenotwin.embed finds the batch of each image. numpy + scipy only.
+effect's parameters. `read_batches` is how training (a label per condition and batch,
+`train.data.with_batches`) and phenotwin.embed find the batch of each image. numpy + scipy only.
 """
 
 from __future__ import annotations
