@@ -239,7 +239,7 @@ def latents(model, images: np.ndarray, batch_size: int = 128) -> tuple[np.ndarra
 
 
 # Content latents whose spread over the cells is below this (the prior's is 1) carry next to nothing:
-# collapsed 32 px runs measured 0.01-0.03, runs that learnt 0.19 (docs/embedding.md, section 4).
+# collapsed 32 px runs measured 0.005-0.03, runs that learnt 0.12-0.25 (docs/embedding.md, section 4).
 COLLAPSED_SPREAD = 0.05
 
 
@@ -249,9 +249,10 @@ def collapse_warning(content: np.ndarray) -> str | None:
     spread = float(content.std(0).mean())
     if spread >= COLLAPSED_SPREAD:
         return None
-    return (f"the VAE did not learn: its latents vary by {spread:.3f} over the cells (the prior's spread is 1), so "
-            "the map's positions are noise. Train it longer (more VAE steps), at another --vae-size, or map with "
-            "a trained encoder instead.")
+    return (f"the VAE's content latents vary by only {spread:.3f} over the cells (the prior's spread is 1): they "
+            "hold next to nothing of the cells (the VAE did not learn, or learnt only their pose), so the map's "
+            "positions are mostly noise. Train it longer (more VAE steps), at another --vae-size, or map with a "
+            "trained encoder instead.")
 
 
 def reconstruction_error(model, images: np.ndarray) -> float:
