@@ -183,7 +183,7 @@ def test_the_translate_command_takes_a_batch(batch_model, tmp_path, capsys):
 
     source = tmp_path / "in" / "cell.tif"
     source.parent.mkdir()
-    tifffile.imwrite(source, (image() * 1000).astype(np.uint16), metadata={"axes": "CYX"})
+    tifffile.imwrite(source, image(), metadata={"axes": "CYX"})
     common = ["translate", "--checkpoint", str(batch_model), "--input", str(source), "--source", "control",
               "--target", "treated", "--steps", "2", "--device", "cpu"]
     assert main([*common, "--batch", "p2", "--output", str(tmp_path / "out")]) == 0
@@ -191,3 +191,37 @@ def test_the_translate_command_takes_a_batch(batch_model, tmp_path, capsys):
     assert json.loads(record.read_text())["settings"]["batch"] == "p2"
     assert main([*common, "--batch", "p9", "--output", str(tmp_path / "bad")]) != 0
     assert "unknown batch 'p9'" in capsys.readouterr().err
+
+
+def test_the_translate_command_takes_each_inputs_batch_from_a_csv(batch_model, tmp_path, capsys):
+    import tifffile
+
+    from phenotwin.cli import main
+
+    folder = tmp_path / "plate"
+    folder.mkdir()
+    for name in ("a", "b"):
+        tifffile.imwrite(folder / f"{name}.tif", image(), metadata={"axes": "CYX"})
+    table = tmp_path / "batches.csv"
+    table.write_text("file,batch\nplate/a.tif,p1\nplate/b.tif,p2\n")
+    common = ["translate", "--checkpoint", str(batch_model), "--input", str(folder), "--source", "control",
+              "--target", "treated", "--steps", "2", "--device", "cpu"]
+    assert main([*common, "--batches-csv", str(table), "--output", str(tmp_path / "out")]) == 0
+    records = {p.name.split("_")[0]: json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")}
+    assert {name: r["settings"]["batch"] for name, r in records.items()} == {"a": "p1", "b": "p2"}
+    images = {name: tifffile.imread(tmp_path / "out" / r["translated"]) for name, r in records.items()}
+    assert not np.array_equal(images["a"], images["b"])  # the same pixels, translated in two batches
+    summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 3  # both rows: each record matched its own settings
+    # run again: both are done already, nothing is redone
+    assert main([*common, "--batches-csv", str(table), "--output", str(tmp_path / "out")]) == 0
+    assert "translated 0, already done 2" in capsys.readouterr().out
+
+    table.write_text("file,batch\nplate/a.tif,p1\n")
+    assert main([*common, "--batches-csv", str(table), "--output", str(tmp_path / "x")]) != 0
+    assert "1 input(s) have no batch" in capsys.readouterr().err
+    table.write_text("file,batch\nplate/a.tif,p1\nplate/b.tif,p7\n")
+    assert main([*common, "--batches-csv", str(table), "--output", str(tmp_path / "y")]) != 0
+    assert "unknown batch 'p7'" in capsys.readouterr().err
+    assert main([*common, "--batches-csv", str(table), "--batch", "p1", "--output", str(tmp_path / "z")]) != 0
+    assert "not both" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import numpy as np
 
 from phenotwin.batch_jobs import (
     Job,
+    batches_of,
     collect_inputs,
     input_identity,
     is_complete,
@@ -239,9 +240,12 @@ def run_batch(
     overwrite: bool = False,
     step_progress: Callable[[str], Callable[[Progress], None]] | None = None,
     strict_fit: bool = False,
+    batches_csv: str | os.PathLike | None = None,
 ) -> BatchResult:
     """Translate every input not already done into `out`; see the module docstring. With
     `strict_fit`, a file that does not fit the model (`input_fit`) fails instead of being translated.
+    With `batches_csv` (columns file, batch), each input is translated in its own batch
+    (`TranslationSettings.batch`, for a model trained with batches) instead of `settings.batch`.
 
     Settings errors (unknown condition, bad strength, results from other settings in `out`
     without `overwrite`) raise before any work; a bad file is recorded as failed and skipped.
@@ -276,19 +280,25 @@ def run_batch(
         raise PhenotwinError(f"give the condition the images were acquired in and the one to translate to "
                              f"(--source, --target); this model knows {', '.join(translator.classes)}.")
     check_selection(selection, translator.channels)
-    fingerprint = fingerprint_of(translator, settings, selection)
     jobs = plan_outputs(inputs, settings.target)
+    if batches_csv is not None and settings.batch is not None:
+        raise PhenotwinError("give either one batch for every input (--batch) or each input's batch (--batches-csv), "
+                             "not both.")
+    # Each input's settings (its own batch from the CSV; an unknown batch is refused now) and fingerprint.
+    per_job = {job: settings for job in jobs} if batches_csv is None else {
+        job: translator.resolve(settings, batch=batch) for job, batch in batches_of(batches_csv, jobs).items()}
+    fingerprints = {job: fingerprint_of(translator, per_job[job], selection) for job in jobs}
     records = {job: read_record(out, job) for job in jobs}
     if not overwrite:
         for job in jobs:
-            conflict = settings_conflict(records[job], fingerprint)
+            conflict = settings_conflict(records[job], fingerprints[job])
             if conflict:
                 raise PhenotwinError(
                     f"{out} already holds a translation of {job.input} made with other settings "
                     f"({'; '.join(conflict)}). Write to another --output folder, or pass --overwrite to redo "
                     "those images with the new settings."
                 )
-    todo = [job for job in jobs if not is_complete(out, job, records[job], fingerprint)]
+    todo = [job for job in jobs if not is_complete(out, job, records[job], fingerprints[job])]
     if todo and (selection.axes is not None or selection.channels is not None):
         misfits = [_selection_misfit(job, selection, translator.channels) for job in todo]
         if all(misfits):
@@ -303,7 +313,7 @@ def run_batch(
     summary = out / SUMMARY
 
     def write_summary(current: dict[Job, dict[str, Any] | None]) -> None:
-        _write_summary(summary, earlier_rows, jobs, current, columns, fingerprint, settings.target)
+        _write_summary(summary, earlier_rows, jobs, current, columns, fingerprints, settings.target)
 
     try:
         with state.split_between_processes(todo) as mine:
@@ -311,7 +321,8 @@ def run_batch(
             for job in bar:
                 with writing_into(out):  # a bad file fails alone; a failed write stops the run
                     try:
-                        record = translate_file(translator, job, out, settings, selection, fingerprint, step_progress, strict_fit)
+                        record = translate_file(translator, job, out, per_job[job], selection, fingerprints[job],
+                                                step_progress, strict_fit)
                     except PhenotwinError as err:
                         record = {"status": "failed", "message": str(err)}
                         bar.write(f"skipped {job.input}: {err}", file=sys.stderr)
@@ -320,7 +331,7 @@ def run_batch(
                         bar.write(f"{job.input}: reconstruction PSNR {metrics['reconstruction_psnr']:.1f} dB, "
                                   f"mean change {metrics['mean_change']:.4f} -> {out / job.translated}")
                 record = {"format": RECORD_VERSION, "input": str(job.input), "target": settings.target, **record,
-                          "input_identity": input_identity(job.input), "settings": fingerprint,
+                          "input_identity": input_identity(job.input), "settings": fingerprints[job],
                           "translated": job.translated, "heatmap": job.heatmap}
                 with writing_into(out):
                     write_json(out / job.record, record)  # last: the record vouches for both images
@@ -337,8 +348,8 @@ def run_batch(
         with writing_into(out):
             write_summary(final)
         result.summary = summary
-    statuses = [record["status"] for record in final.values()
-                if record is not None and record.get("settings") == fingerprint]
+    statuses = [record["status"] for job, record in final.items()
+                if record is not None and record.get("settings") == fingerprints[job]]
     result.done = sum(1 for job in todo if final[job] is not None and final[job]["status"] == "done")
     result.failed = statuses.count("failed")
     return result
@@ -376,8 +387,8 @@ def _refuse_output_over_inputs(out: Path, items: Sequence[str]) -> None:
 
 
 def _write_summary(path: Path, earlier: list[dict[str, str]], jobs: list[Job],
-                   records: dict[Job, dict[str, Any] | None], columns: list[str], fingerprint: dict[str, Any],
-                   target: str) -> None:
+                   records: dict[Job, dict[str, Any] | None], columns: list[str],
+                   fingerprints: dict[Job, dict[str, Any]], target: str) -> None:
     """summary.csv merged, never truncated: the earlier rows (a rerun on a subset keeps the
     others), each replaced in place by this run's row for the same input and target (those
     with a record made with this run's settings), new ones appended in input order."""
@@ -387,7 +398,7 @@ def _write_summary(path: Path, earlier: list[dict[str, str]], jobs: list[Job],
     rows = {key(row): row for row in earlier}
     for job in jobs:
         record = records.get(job)
-        if record is not None and record.get("settings") == fingerprint:
+        if record is not None and record.get("settings") == fingerprints[job]:
             row = _row(job, record, columns, target)
             rows[key(row)] = row
     header = columns + [c for c in (earlier[0] if earlier else {}) if c not in columns]

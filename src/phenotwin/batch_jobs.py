@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phenotwin.errors import PhenotwinError
 from phenotwin.io import IMAGE_SUFFIXES, safe_name
 
 
@@ -125,3 +126,26 @@ def settings_conflict(record: dict[str, Any] | None, fingerprint: dict[str, Any]
     earlier = record.get("settings") or {}
     return [f"{key}: {earlier.get(key)!r} then, {value!r} now" for key, value in fingerprint.items()
             if earlier.get(key) != value]
+
+
+def batches_of(csv_path: str | os.PathLike, jobs: list[Job]) -> dict[Job, str]:
+    """Each job's batch (plate, day) from a CSV with the columns file and batch, files relative to the
+    CSV's folder (as a data folder's batches.csv); every input must have a row."""
+    import csv
+
+    path = Path(csv_path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        raise PhenotwinError(f"cannot read the batch table {path} ({err}): give a CSV with the columns file and "
+                             "batch, one row per input (file relative to the CSV's folder).") from None
+    if not rows or not {"file", "batch"} <= set(rows[0]):
+        raise PhenotwinError(f"{path} needs the columns file and batch and one row per input image, e.g. "
+                             "'file,batch' / 'plate1/well_A01.tif,plate1'.")
+    table = {os.path.abspath(path.parent / row["file"].replace("\\", "/")): (row["batch"] or "").strip() for row in rows}
+    missing = [job.input for job in jobs if not table.get(os.path.abspath(job.input))]
+    if missing:
+        raise PhenotwinError(f"{len(missing)} input(s) have no batch in {path}, e.g. {missing[0]}: add a row (file "
+                             "relative to the CSV's folder, and its batch), or translate them without --batches-csv.")
+    return {job: table[os.path.abspath(job.input)] for job in jobs}

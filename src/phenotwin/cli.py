@@ -85,7 +85,7 @@ def run_translate(args: argparse.Namespace) -> int:
     try:
         result = run_batch(args.checkpoint, args.input, args.output, settings, selection, device=args.device,
                            recursive=args.recursive, overwrite=args.overwrite, step_progress=tqdm_steps,
-                           strict_fit=args.strict_fit)
+                           strict_fit=args.strict_fit, batches_csv=args.batches_csv)
     except KeyboardInterrupt:
         print(f"interrupted: finished images are kept in {args.output}; run the same command again to continue",
               file=sys.stderr)
@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch", default=None, metavar="NAME",
                     help="for a model trained with batches (plates, days): the batch every input was acquired in, so "
                     "the translation keeps its look (default: batch unknown)")
+    tr.add_argument("--batches-csv", default=None, metavar="CSV",
+                    help="each input's batch instead: a CSV with the columns file and batch, one row per input, files "
+                    "relative to the CSV's folder (a data folder's batches.csv works)")
     tr.add_argument("--axes", default=None,
                     help="axes of every input when the file does not record them, one letter per axis: e.g. CYX, YXC, "
                     "ZYX, TZCYX (T time, Z depth, Q other such as wells, C channels). Default: from the file")
