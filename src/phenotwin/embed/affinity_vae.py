@@ -81,6 +81,21 @@ def cyclical_beta(step: int, beta: float, cycle: int) -> float:
     return beta * min(1.0, 2.0 * phase)
 
 
+def vae_inputs(images: np.ndarray, size: int) -> np.ndarray:
+    """Model-range (N, C, H, W) images as the VAE's square `size` crops: the central square, resized
+    (antialiased) so a whole field of cells fits."""
+    import torch
+
+    if size < 8 or size % 8:
+        raise PhenotwinError(f"--vae-size must be a multiple of 8 and >= 8, got {size}.")
+    side = min(images.shape[-2:])
+    y, x = (images.shape[-2] - side) // 2, (images.shape[-1] - side) // 2
+    square = torch.from_numpy(np.ascontiguousarray(images[..., y: y + side, x: x + side], np.float32))
+    resized = torch.nn.functional.interpolate(square, size=(size, size), mode="bilinear", antialias=True,
+                                              align_corners=False)
+    return resized.clamp(-1, 1).numpy()
+
+
 def build_vae(channels: int, size: int, latent: int = 8, width: int = 16, pose: bool = True):
     import torch
     from torch import nn

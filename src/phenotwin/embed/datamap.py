@@ -83,21 +83,6 @@ def encoder_map_steps(data_dir, encoder_dir) -> Steps[DataMap]:
     return _finish(root, data, known, np.concatenate(features), source)
 
 
-def vae_inputs(images: np.ndarray, size: int) -> np.ndarray:
-    """Model-range (N, C, H, W) images as the VAE's square `size` crops: the central square, resized
-    (antialiased) so a whole field of cells fits."""
-    import torch
-
-    if size < 8 or size % 8:
-        raise PhenotwinError(f"--vae-size must be a multiple of 8 and >= 8, got {size}.")
-    side = min(images.shape[-2:])
-    y, x = (images.shape[-2] - side) // 2, (images.shape[-1] - side) // 2
-    square = torch.from_numpy(np.ascontiguousarray(images[..., y: y + side, x: x + side], np.float32))
-    resized = torch.nn.functional.interpolate(square, size=(size, size), mode="bilinear", antialias=True,
-                                              align_corners=False)
-    return resized.clamp(-1, 1).numpy()
-
-
 def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | None = None,
                   affinity_from: str | None = None, gamma: float = 1.0, seed: int = 0) -> Steps[DataMap]:
     """The map of `data_dir` in the content latents of an Affinity-VAE trained on it (pose left out).
@@ -112,6 +97,7 @@ def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | No
         read_affinity,
         reconstruction_error,
         train_vae_steps,
+        vae_inputs,
     )
     from phenotwin.progress import relabel
 

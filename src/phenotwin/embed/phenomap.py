@@ -170,8 +170,7 @@ def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size:
     no affinity loss: the map is not taught the conditions), with its latent traversals; the images
     normalised with the data's own range and resized to `size` as `phenotwin embed map --vae` does.
     Yields a Progress per training step."""
-    from phenotwin.embed.affinity_vae import VAEConfig, collapse_warning, latents, train_vae_steps
-    from phenotwin.embed.datamap import vae_inputs
+    from phenotwin.embed.affinity_vae import VAEConfig, collapse_warning, latents, train_vae_steps, vae_inputs
 
     raw, conditions, files, (low, high) = load_cells(data_folder)
 
