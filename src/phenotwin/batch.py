@@ -203,7 +203,8 @@ def translate_file(translator, job: Job, out: Path, settings: TranslationSetting
 
 def _row(job: Job, record: dict[str, Any], columns: list[str], target: str) -> dict[str, Any]:
     row = {"input": str(job.input), "target": target, "status": record["status"],
-           "message": record.get("message", ""), "planes": record.get("planes", "")}
+           "message": record.get("message", ""), "planes": record.get("planes", ""),
+           "batch": (record.get("settings") or {}).get("batch") or ""}
     if record["status"] == "done":
         row.update({k: _number(v) for k, v in record["metrics"].items()})
         row.update(translated=job.translated, heatmap=job.heatmap)
@@ -218,8 +219,9 @@ def _number(value: float | str) -> str:
 
 def summary_columns(translator) -> list[str]:
     per_channel = [f"{kind}_change_{name}" for name in _channel_names(translator) for kind in ("mean", "p99")]
-    return ["input", "target", "status", "message", "planes", "reconstruction_psnr", "input_fit", "trust", "mean_change",
-            *per_channel, "translated", "heatmap"]
+    batch = ["batch"] if translator.batches else []  # the batch each input was translated in (models with batches)
+    return ["input", "target", *batch, "status", "message", "planes", "reconstruction_psnr", "input_fit", "trust",
+            "mean_change", *per_channel, "translated", "heatmap"]
 
 
 def fingerprint_of(translator, settings: TranslationSettings, selection: InputSelection) -> dict[str, Any]:
