@@ -228,3 +228,23 @@ def test_the_translate_command_takes_each_inputs_batch_from_a_csv(batch_model, t
     assert "unknown batch 'p7'" in capsys.readouterr().err
     assert main([*common, "--batches-csv", str(table), "--batch", "p1", "--output", str(tmp_path / "z")]) != 0
     assert "not both" in capsys.readouterr().err
+
+
+def test_results_written_before_batches_existed_are_not_redone(plain_model, tmp_path, capsys):
+    import tifffile
+
+    from phenotwin.cli import main
+
+    source = tmp_path / "in" / "cell.tif"
+    source.parent.mkdir()
+    tifffile.imwrite(source, image(), metadata={"axes": "CYX"})
+    command = ["translate", "--checkpoint", str(plain_model), "--input", str(source), "--source", "control",
+               "--target", "treated", "--steps", "2", "--device", "cpu", "--output", str(tmp_path / "out")]
+    assert main(command) == 0
+    (record_path,) = (tmp_path / "out").glob("*.json")
+    record = json.loads(record_path.read_text())
+    del record["settings"]["batch"]  # as an older phenotwin wrote it
+    record_path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "translated 0, already done 1" in capsys.readouterr().out

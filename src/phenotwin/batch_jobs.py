@@ -104,6 +104,8 @@ def read_record(out: Path, job: Job) -> dict[str, Any] | None:
     settings = record.get("settings") if isinstance(record, dict) else None
     if isinstance(settings, dict) and "solver" not in settings:
         settings["solver"] = "ddim"  # written before the solver was a setting: DDIM was the only one
+    if isinstance(settings, dict):
+        settings.setdefault("batch", None)  # written before batches: no batch given
     return record
 
 
