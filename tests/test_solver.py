@@ -86,7 +86,8 @@ def test_a_batch_record_from_before_the_solver_setting_reads_as_ddim(tmp_path):
 
     job = Job(tmp_path / "a.tif", "a_t.tif", "a_h.tif", "a.json")
     (tmp_path / "a.json").write_text(json.dumps({"status": "done", "settings": {"steps": 6}}))
-    assert read_record(tmp_path, job)["settings"] == {"steps": 6, "solver": "ddim"}
+    # and, written before batches too, as translated with no batch given
+    assert read_record(tmp_path, job)["settings"] == {"steps": 6, "solver": "ddim", "batch": None}
 
 
 def test_phenotwin_translate_takes_a_solver_flag():
