@@ -171,22 +171,20 @@ def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size:
     normalised with the data's own range and resized to `size` as `phenotwin embed map --vae` does.
     Yields a Progress per training step."""
     from phenotwin.embed.affinity_vae import VAEConfig, collapse_warning, latents, train_vae_steps, vae_inputs
+    from phenotwin.preprocessing import normalise
 
     raw, conditions, files, (low, high) = load_cells(data_folder)
-
-    def model_range(images: np.ndarray) -> np.ndarray:
-        span = (high - low).astype(np.float32)[None, :, None, None]
-        return np.clip((images - low.astype(np.float32)[None, :, None, None]) / span, 0, 1) * 2 - 1
-
     sources, translated_images = _read_translations(translations_folder, files)
     if any(image.shape[0] != raw.shape[1] for image in translated_images):
         raise PhenotwinError(f"the translations have another channel count than the cells ({raw.shape[1]}): give "
                              "translations of these cells.")
-    cells = model_range(raw)
+    cells = normalise(raw, low, high)  # (N, C, H, W): the same map as a translation's input
+    inputs = vae_inputs(cells, size)
     labels = np.asarray([sorted(set(conditions)).index(c) for c in conditions])
-    model, _ = yield from train_vae_steps(vae_inputs(cells, size), labels, VAEConfig(steps=steps, seed=seed))
-    content, _ = latents(model, vae_inputs(cells, size))
-    translated = [latents(model, vae_inputs(model_range(image[None]), size))[0][0] for image in translated_images]
+    model, _ = yield from train_vae_steps(inputs, labels, VAEConfig(steps=steps, seed=seed))
+    content, _ = latents(model, inputs)
+    translated = [latents(model, vae_inputs(normalise(image[None], low, high), size))[0][0]
+                  for image in translated_images]
     projection, coords, arrows = _placed(content, translated, sources)
     return PhenotypeMap(coords, conditions, files, cells, arrows, sources, LatentTraversal(model, content, projection),
                         collapse_warning(content))
