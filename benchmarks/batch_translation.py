@@ -70,9 +70,9 @@ def train_models(args) -> dict[str, float | None]:
 
 def model_range(images: np.ndarray, normalization: dict) -> np.ndarray:
     """Camera units -> the model's [-1, 1] (its fixed training normalisation), as a translation sees them."""
-    low = np.asarray(normalization["low"], np.float32)[None, :, None, None]
-    high = np.asarray(normalization["high"], np.float32)[None, :, None, None]
-    return np.clip((images - low) / (high - low), 0, 1) * 2 - 1
+    from phenotwin.preprocessing import normalise
+
+    return normalise(images, np.asarray(normalization["low"]), np.asarray(normalization["high"]))
 
 
 def run(args) -> dict:
