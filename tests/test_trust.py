@@ -421,3 +421,57 @@ def test_judge_records_the_flip_rate_of_each_direction():
     assert row["flip_rate_by_direction"] == {"control->treated": 0.75, "treated->control": 0.5}
     assert row["images_by_direction"] == {"control->treated": 4, "treated->control": 2}
     assert row["mean_change"] == pytest.approx(0.5) and row["reconstruction_psnr"] == pytest.approx(30.0)
+
+
+def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_that_reaches_it(tmp_path,
+                                                                                               torch_one_thread,
+                                                                                               monkeypatch):
+    import phenotwin.calibration
+    from phenotwin import Translator
+    from phenotwin.calibration import calibrate_steps, flip_bar, unet_calls
+    from phenotwin.calibration_cost import flips
+    from phenotwin.cli import main
+    from phenotwin.evaluate.translation import load_eval_folder
+    from phenotwin.progress import drive
+    from phenotwin.synthetic import make_pairs, write_folders
+    from phenotwin.testing import make_tiny_checkpoint
+
+    monkeypatch.setattr(phenotwin.calibration, "MIN_CLASSIFIER_ACCURACY", 0.0)  # a tiny model's weak classifier
+    model = make_tiny_checkpoint(tmp_path / "tiny", classes=("control", "nocodazole"),
+                                 normalization={"mode": "fixed", "low": [0, 0], "high": [65535, 65535]})
+    stored = json.loads((model / "phenotwin.json").read_text())
+    stored["defaults"]["steps"] = 6
+    (model / "phenotwin.json").write_text(json.dumps(stored))
+    write_folders(tmp_path / "held-out", make_pairs(4, size=32, channels=2, seed=0, start=500))
+    translator = Translator(model, device="cpu")
+    data = load_eval_folder(tmp_path / "held-out", 32, 2, 2)
+
+    # Out of reach: dearer settings (the model's 6 steps refined, 12 steps) are tried too, cheapest first,
+    # all of them, and the record says the target was missed; the one kept, if any, flips and reconstructs
+    # best of all, better than the model's own setting.
+    unreachable = drive(calibrate_steps(translator, data, n=2, reconstruction_target=99.0))
+    tried = unreachable["cost_search"]
+    assert [r["unet_calls"] for r in tried] == sorted(r["unet_calls"] for r in tried)
+    assert {(r["steps"], r["inversion_refinements"]) for r in tried} >= {(6, 1), (12, 0), (12, 1)}
+    assert "reconstruction_target_missed" in unreachable and ">= 99 dB" in unreachable["criterion"]
+    reference = next(r for r in unreachable["sweep"] if all(r[k] == unreachable["chosen"][k]
+                                                            for k in ("strength", "guidance", "confine")))
+    kept = [r for r in tried if r["kept"]]
+    assert len(kept) <= 1
+    bar = flip_bar(unreachable["sweep"], unreachable["classifier_accuracy"])
+    better = [r for r in tried if flips(r, bar) and r["reconstruction_psnr"] > reference["reconstruction_psnr"]]
+    assert [r["reconstruction_psnr"] for r in kept] == [max(r["reconstruction_psnr"] for r in better)] if better else not kept
+    if kept:
+        assert (unreachable["chosen"]["steps"], unreachable["chosen"]["inversion_refinements"]) == (
+            kept[0]["steps"], kept[0]["inversion_refinements"])
+    assert unreachable["unet_calls"] <= unet_calls(translator, data, n=2, reconstruction_target=99.0)
+
+    # Already reached by the model's own setting: only cheaper settings, which must reach it too.
+    reached = drive(calibrate_steps(translator, data, n=2, reconstruction_target=1.0))
+    assert reached["cost_search"] and all(r["steps"] < 6 for r in reached["cost_search"])
+    assert "reconstruction_target_missed" not in reached
+
+    assert main(["calibrate", str(model), "--data", str(tmp_path / "held-out"), "--reconstruction-target", "0",
+                 "--device", "cpu"]) == 2
+    assert main(["calibrate", str(model), "--data", str(tmp_path / "held-out"), "--reconstruction-target", "38",
+                 "--no-sweep", "--device", "cpu"]) == 2

@@ -57,13 +57,18 @@ CALIBRATION_VERSION = 1
 RECONSTRUCTION_TOLERANCE_DB = 1.0
 
 
-def criterion(tolerance: float = RECONSTRUCTION_TOLERANCE_DB) -> str:
+def criterion(tolerance: float = RECONSTRUCTION_TOLERANCE_DB, reconstruction_target: float | None = None) -> str:
     """The calibration's criterion in words, as phenotwin.json records it."""
+    if reconstruction_target is not None:
+        tolerance_words = (f"reconstructs at >= {reconstruction_target:g} dB (more steps or a refinement when the "
+                           f"model's own do not; else the best that flips), and within {tolerance:g} dB")
+    else:
+        tolerance_words = f"reconstructs within {tolerance:g} dB"
     return (f"confined to the model's edit mask first, then the lowest strength, then the smallest mean change, "
             f"among settings whose flip rate, pooled and in each direction, is >= {FLIP_TARGET} x the classifier's "
             f"held-out accuracy (else the best that every direction reaches - {FLIP_SLACK}), less one standard error "
             f"of the flip rate of that many images; then the cheapest solver and step count that still flips in each "
-            f"direction and reconstructs within {tolerance:g} dB")
+            f"direction and {tolerance_words}")
 
 
 def flip_bar(rows: list[dict[str, Any]], classifier_accuracy: float) -> float:
@@ -129,7 +134,8 @@ def _verdict_calls(translator, settings, rungs: list[float], guidances: list[flo
             len(guidances) * sum(generation_calls(settings.replace(strength=s)) for s in rungs))
 
 
-def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True) -> int:
+def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True,
+               reconstruction_target: float | None = None) -> int:
     """How many UNet calls `calibrate_steps` makes at most with these arguments: what a time budget
     plans with (the cost search stops at the first cheaper setting that keeps the quality, and
     its verdict table is measured only when one does)."""
@@ -145,7 +151,8 @@ def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = Non
         total += images * (_verdict_calls(translator, translator.resolve(steps=steps), rungs,
                                           _guidances(base.guidance, swept)) + CONFINE_CALLS * swept)
     if sweep:  # the cost search, at the dearest chosen setting, and the verdict table of its choice
-        options = cheaper_settings(translator, {"strength": max(rungs), "guidance": max(GUIDANCES), "confine": True})
+        options = cheaper_settings(translator, {"strength": max(rungs), "guidance": max(GUIDANCES), "confine": True},
+                                   reconstruction_target)
         total += images * sum(calls_per_image(o) for o in options)
         total += images * max((_verdict_calls(translator, o, rungs, [max(GUIDANCES)]) for o in options), default=0)
     return total
@@ -189,12 +196,14 @@ def _verdict_psnrs(translator, data, directions, counts, settings, rungs, guidan
 
 def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True,
                     seed: int = 0, classifier_epochs: int = CLASSIFIER_EPOCHS, classifier=None,
-                    reconstruction_tolerance: float = RECONSTRUCTION_TOLERANCE_DB) -> Steps[dict[str, Any]]:
+                    reconstruction_tolerance: float = RECONSTRUCTION_TOLERANCE_DB,
+                    reconstruction_target: float | None = None) -> Steps[dict[str, Any]]:
     """Measure (see the module docstring) on `data`, an `evaluate.translation.EvalSet`; returns the
     `calibration` record with the chosen `defaults`. Writes nothing. `classifier` (a trained
     `evaluate.classifier.ConditionClassifier`) replaces the one trained on `data`, e.g. one trained
     on the training images when only a few are held out. `reconstruction_tolerance`: the dB of
-    reconstruction a cheaper solver or step count may lose (`calibration_cost.cost_search`)."""
+    reconstruction a cheaper solver or step count may lose (`calibration_cost.cost_search`);
+    `reconstruction_target`: the dB the defaults should reconstruct at, with dearer settings if need be."""
     from phenotwin.evaluate.translation import condition_classifier, require_conditions
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 
@@ -209,7 +218,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
         classifier, _ = condition_classifier(translator, data, seed, classifier_epochs)
         yield Progress("classifier", 1, 1)
 
-    clock = _Clock(unet_calls(translator, data, n, step_counts, sweep))
+    clock = _Clock(unet_calls(translator, data, n, step_counts, sweep, reconstruction_target))
     psnrs: dict[float, dict[str, dict[str, list[float]]]] = {}
     outcomes: dict[tuple, list] = {key: [] for key in grid}
 
@@ -238,7 +247,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     guidance = base.guidance
     if rows:
         record.update(sweep=rows, classifier_accuracy=classifier.held_out_accuracy,
-                      criterion=criterion(reconstruction_tolerance))
+                      criterion=criterion(reconstruction_tolerance, reconstruction_target))
         if classifier.held_out_accuracy >= MIN_CLASSIFIER_ACCURACY:
             row = choose(rows, classifier.held_out_accuracy)
             chosen = {k: row[k] for k in ("strength", "guidance", "confine")}
@@ -246,8 +255,15 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
             reference = {**row, "results": outcomes[(row["strength"], row["guidance"], row["confine"])]}
             tried, cheaper = yield from cost_search(translator, data, classifier, directions, counts, chosen,
                                                      reference, flip_bar(rows, classifier.held_out_accuracy),
-                                                     seed, clock, reconstruction_tolerance)
+                                                     seed, clock, reconstruction_tolerance, reconstruction_target)
             record["cost_search"] = tried
+            if reconstruction_target is not None:
+                record["reconstruction_target"] = reconstruction_target
+                best = max([row["reconstruction_psnr"]] + [r["reconstruction_psnr"] for r in tried if r["kept"]])
+                if best < reconstruction_target:
+                    record["reconstruction_target_missed"] = (
+                        f"no setting tried that flips reconstructs at {reconstruction_target:g} dB on these held-out "
+                        f"images; the defaults reconstruct at {best:.1f} dB. Results are judged against that.")
             if cheaper is not None:  # the verdict is judged at the settings results will use
                 chosen.update(steps=cheaper.steps, solver=cheaper.solver,
                               inversion_refinements=cheaper.inversion_refinements)
@@ -367,6 +383,10 @@ def add_parser(commands) -> None:
                            metavar="DB", help="how much held-out reconstruction (dB) a cheaper solver or step count "
                            "may lose to become the default; more is faster but a weaker trust signal "
                            "(default: %(default)s)")
+    calibrate.add_argument("--reconstruction-target", type=float, default=None, metavar="DB",
+                           help="reconstruct the held-out images at least this well (e.g. 38), with more steps or "
+                                "a fixed-point refinement when the model's own do not (dearer translations); "
+                                "default: no target, only cheaper settings are tried")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--device", default="auto")
 
@@ -379,6 +399,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.reconstruction_tolerance >= 0:
         raise PhenotwinError(f"--reconstruction-tolerance must be 0 dB or more, got {args.reconstruction_tolerance}.")
+    if args.reconstruction_target is not None and not 0 < args.reconstruction_target < 100:
+        raise PhenotwinError(f"--reconstruction-target is a PSNR in dB, e.g. 38; got {args.reconstruction_target}.")
+    if args.reconstruction_target is not None and args.no_sweep:
+        raise PhenotwinError("--reconstruction-target needs the sweep (it searches the chosen setting's steps and "
+                             "refinements): drop --no-sweep.")
     translator = Translator(args.checkpoint, device=args.device)
     data = load_eval_folder(args.data, translator.image_size, translator.channels, args.n)
     if data.fingerprint and data.fingerprint == (translator.info.provenance or {}).get("data_fingerprint"):
@@ -393,7 +418,8 @@ def run(args: argparse.Namespace) -> int:
         classifier, _ = condition_classifier(translator, examples, args.seed)
     record = drive(calibrate_steps(translator, data, n=args.n, step_counts=args.steps, sweep=not args.no_sweep,
                                    seed=args.seed, classifier=classifier,
-                                   reconstruction_tolerance=args.reconstruction_tolerance), tqdm_steps("calibrate"))
+                                   reconstruction_tolerance=args.reconstruction_tolerance,
+                                   reconstruction_target=args.reconstruction_target), tqdm_steps("calibrate"))
     statistics, normalization = None, translator.info.normalization
     if translator.info.intensity_statistics is None and normalization["mode"] == "fixed":
         images = [im for c in translator.classes for im in data.images[c]]
