@@ -248,3 +248,43 @@ def test_results_written_before_batches_existed_are_not_redone(plain_model, tmp_
     capsys.readouterr()
     assert main(command) == 0
     assert "translated 0, already done 1" in capsys.readouterr().out
+
+
+def test_the_calibration_translates_each_held_out_image_in_its_own_batch(tmp_path, monkeypatch):
+    """A batch model is calibrated in the batches results will use: each held-out image in its plate's labels (from
+    the folder's batches.csv), a plate the model never saw in its "batch unknown" row."""
+    from phenotwin.calibration import calibrate_steps
+    from phenotwin.evaluate.translation import load_eval_folder
+    from phenotwin.progress import drive
+    from phenotwin.synthetic.batches import make_plates, read_batches, write_plates
+
+    plates = make_plates(2, 2, size=32, channels=2, seed=0, start=700)
+    seen_plate, unseen_plate = (effect.batch for effect in plates.effects)
+    write_plates(tmp_path / "held-out", plates)
+    model = make_tiny_checkpoint(tmp_path / "model", classes=("control", "nocodazole"), batches=(seen_plate, "p-other"),
+                                 normalization={"mode": "fixed", "low": [0, 0], "high": [65535, 65535]})
+    data = load_eval_folder(tmp_path / "held-out", 32, 2, 4)
+    by_file = read_batches(tmp_path / "held-out")
+    files = {c: sorted(f for f in by_file if f.startswith(f"{c}/")) for c in ("control", "nocodazole")}
+    assert data.batches == {c: [by_file[f] for f in files[c]] for c in files}  # in the images' order
+    assert sorted(set(data.batches["control"])) == sorted([seen_plate, unseen_plate])
+
+    stored = json.loads((Path(model) / "phenotwin.json").read_text())
+    stored["defaults"]["steps"] = 2  # a quick verdict table
+    (Path(model) / "phenotwin.json").write_text(json.dumps(stored))
+    translator = Translator(model, device="cpu")
+    asked = []
+    invert = translator.invert_steps
+
+    def spy(image, *args, settings=None, **kwargs):
+        asked.append((settings.source, settings.batch))
+        return (yield from invert(image, *args, settings=settings, **kwargs))
+
+    monkeypatch.setattr(translator, "invert_steps", spy)
+    drive(calibrate_steps(translator, data, n=4, sweep=False))
+    expected = [(c, b if b == seen_plate else None) for c in ("control", "nocodazole") for b in data.batches[c]]
+    assert sorted(asked, key=str) == sorted(expected, key=str)
+    assert (None in {b for _, b in asked}) and (seen_plate in {b for _, b in asked})
+
+    plain = Translator(make_tiny_checkpoint(tmp_path / "plain"), device="cpu")
+    assert data.batch_for(plain, "control", 0) is None  # a model without batches translates as ever

@@ -179,13 +179,14 @@ def _verdict_psnrs(translator, data, directions, counts, settings, rungs, guidan
 
     for src, tgt in directions:
         for i in range(counts[src]):
-            full = settings.replace(source=src, strength=1.0)
+            batch = data.batch_for(translator, src, i)
+            full = settings.replace(source=src, strength=1.0, batch=batch)
             inversion = yield from clock.run(translator.invert_steps(data.images[src][i], channel_axis=0,
                                                                      settings=full), inversion_calls(full))
             for guidance in guidances:
                 for strength in rungs:
                     rung = translator.resolve(settings, source=src, target=tgt, strength=strength, guidance=guidance,
-                                              seed=seed, confine=False)
+                                              seed=seed, confine=False, batch=batch)
                     calls = 0 if translator.is_generated(inversion, settings=rung) else generation_calls(rung)
                     result = yield from clock.run(translator.generate_steps(inversion, settings=rung), calls)
                     psnrs.setdefault(guidance, {}).setdefault(str(settings.steps), {}).setdefault(

@@ -117,7 +117,7 @@ def cost_search(translator, data, classifier, directions, counts, chosen, refere
         results = []
         for src, tgt in directions:
             for i in range(counts[src]):
-                settings = option.replace(source=src, target=tgt, seed=seed)
+                settings = option.replace(source=src, target=tgt, seed=seed, batch=data.batch_for(translator, src, i))
                 inversion = yield from clock.run(translator.invert_steps(
                     data.images[src][i], channel_axis=0, settings=settings, strength=settings.strength),
                     inversion_calls(settings))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -41,13 +42,23 @@ SIGMAS = (0, 1, 2)
 @dataclass
 class EvalSet:
     """Raw (N, C, S, S) images per condition. With `aligned`, image i is the same cell in every
-    condition (synthetic pairs) and `masks[i]` is its true change mask."""
+    condition (synthetic pairs) and `masks[i]` is its true change mask. `batches[condition][i]`:
+    image i's batch (plate, day) from the folder's batches.csv, else None."""
 
     classes: list[str]
     images: dict[str, np.ndarray]
     aligned: bool = False
     masks: np.ndarray | None = None
     fingerprint: str | None = None
+    batches: dict[str, list[str]] | None = None
+
+    def batch_for(self, translator, condition: str, index: int) -> str | None:
+        """The batch to translate image `index` of `condition` in: its own when the model was trained with
+        it, else None (the model's "batch unknown" row, also for a plate the model never saw)."""
+        if not self.batches or not translator.info.batches:
+            return None
+        batch = self.batches[condition][index]
+        return batch if batch in translator.info.batches else None
 
 
 def _centre_crop(chw: np.ndarray, size: int) -> np.ndarray:
@@ -85,6 +96,7 @@ def from_pairs(pairs) -> EvalSet:
 
 def load_eval_folder(data, size: int, channels: int, n: int | None = None) -> EvalSet:
     """DIR/<condition>/* as an `EvalSet` (central crops; the first `n` per condition for the synthetic masks)."""
+    from phenotwin.synthetic.batches import BATCHES_FILE, read_batches
     from phenotwin.train.data import load_condition_folders
 
     loaded = load_condition_folders(data, min_size=size)
@@ -107,7 +119,13 @@ def load_eval_folder(data, size: int, channels: int, n: int | None = None) -> Ev
             y, x = (full[0].shape[1] - size) // 2, (full[0].shape[2] - size) // 2
             masks = masks[:, y : y + size, x : x + size]
     aligned = masks is not None
-    return EvalSet(list(loaded.classes), images, aligned, masks, loaded.fingerprint)
+    batches = None
+    if (Path(data) / BATCHES_FILE).is_file():
+        by_file = read_batches(data, min_batches=1)
+        batches = {condition: [by_file[loaded.files[i].relative_to(Path(data)).as_posix()]
+                               for i in np.flatnonzero(loaded.labels == c)]
+                   for c, condition in enumerate(loaded.classes)}
+    return EvalSet(list(loaded.classes), images, aligned, masks, loaded.fingerprint, batches)
 
 
 def evaluate_folder_steps(checkpoint, data, classifier_data=None, n: int = 16, steps: int | None = None,

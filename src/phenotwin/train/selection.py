@@ -70,9 +70,14 @@ def eval_set(validation, size: int):
     """The held-out images as an `EvalSet`: central model-size crops, as `load_eval_folder` makes them."""
     from phenotwin.evaluate.translation import EvalSet, _centre_crop
 
-    images = {name: np.stack([_centre_crop(validation.images[i], size) for i in np.flatnonzero(validation.labels == c)])
-              for c, name in enumerate(validation.classes)}
-    return EvalSet(list(validation.classes), images, fingerprint=validation.fingerprint)
+    members = {name: np.flatnonzero(validation.labels == c) for c, name in enumerate(validation.classes)}
+    images = {name: np.stack([_centre_crop(validation.images[i], size) for i in indices])
+              for name, indices in members.items()}
+    batches = None
+    if validation.batch_labels is not None:
+        batches = {name: [validation.batches[validation.batch_labels[i]] for i in indices]
+                   for name, indices in members.items()}
+    return EvalSet(list(validation.classes), images, fingerprint=validation.fingerprint, batches=batches)
 
 
 def pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
