@@ -250,11 +250,11 @@ def test_results_written_before_batches_existed_are_not_redone(plain_model, tmp_
     assert "translated 0, already done 1" in capsys.readouterr().out
 
 
-def test_the_calibration_translates_each_held_out_image_in_its_own_batch(tmp_path, monkeypatch):
-    """A batch model is calibrated in the batches results will use: each held-out image in its plate's labels (from
-    the folder's batches.csv), a plate the model never saw in its "batch unknown" row."""
+def test_calibration_and_evaluation_translate_each_held_out_image_in_its_own_batch(tmp_path, monkeypatch):
+    """A batch model is calibrated and evaluated in the batches results will use: each held-out image in its plate's
+    labels (from the folder's batches.csv), a plate the model never saw in its "batch unknown" row."""
     from phenotwin.calibration import calibrate_steps
-    from phenotwin.evaluate.translation import load_eval_folder
+    from phenotwin.evaluate.translation import load_eval_folder, translation_steps
     from phenotwin.progress import drive
     from phenotwin.synthetic.batches import make_plates, read_batches, write_plates
 
@@ -276,15 +276,21 @@ def test_the_calibration_translates_each_held_out_image_in_its_own_batch(tmp_pat
     asked = []
     invert = translator.invert_steps
 
-    def spy(image, *args, settings=None, **kwargs):
-        asked.append((settings.source, settings.batch))
-        return (yield from invert(image, *args, settings=settings, **kwargs))
+    def spy(image, source=None, steps=None, channel_axis=None, *, settings=None, strength=None, batch=None):
+        resolved = translator.resolve(settings, source=source, batch=batch)
+        asked.append((resolved.source, resolved.batch))
+        return (yield from invert(image, source, steps, channel_axis, settings=settings, strength=strength,
+                                  batch=batch))
 
     monkeypatch.setattr(translator, "invert_steps", spy)
-    drive(calibrate_steps(translator, data, n=4, sweep=False))
+    record = drive(calibrate_steps(translator, data, n=4, sweep=False))
     expected = [(c, b if b == seen_plate else None) for c in ("control", "nocodazole") for b in data.batches[c]]
+    assert record["images_in_their_batch"] == sum(b is not None for _, b in expected) == 4
     assert sorted(asked, key=str) == sorted(expected, key=str)
     assert (None in {b for _, b in asked}) and (seen_plate in {b for _, b in asked})
+    asked.clear()  # `phenotwin evaluate translation` too
+    drive(translation_steps(translator, data, n=4, steps=2, classifier_epochs=1, confine=False))
+    assert sorted(asked, key=str) == sorted(expected, key=str)
 
     plain = Translator(make_tiny_checkpoint(tmp_path / "plain"), device="cpu")
     assert data.batch_for(plain, "control", 0) is None  # a model without batches translates as ever

@@ -245,6 +245,9 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
         "version": CALIBRATION_VERSION, "data_fingerprint": data.fingerprint,
         "images_per_condition": {src: counts[src] for src, _ in directions}, "strengths": rungs,
     }
+    if translator.info.batches:  # the rest were translated in the model's "batch unknown" row
+        record["images_in_their_batch"] = sum(data.batch_for(translator, src, i) is not None
+                                              for src in counts for i in range(counts[src]))
     guidance = base.guidance
     if rows:
         record.update(sweep=rows, classifier_accuracy=classifier.held_out_accuracy,

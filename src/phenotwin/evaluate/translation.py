@@ -209,8 +209,9 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
         count = len(sources)
         results = {s: [] for s in strengths}
         for i in range(count):
-            inversion = yield from relabel(translator.invert_steps(sources[i], src, steps, channel_axis=0), "translate",
-                                           done, total)
+            inversion = yield from relabel(translator.invert_steps(sources[i], src, steps, channel_axis=0,
+                                                                   batch=data.batch_for(translator, src, i)),
+                                           "translate", done, total)
             done += steps
             if confine:  # once per image, before the strengths that share it
                 yield from relabel(translator.edit_mask_steps(inversion, tgt), "translate", done, total)
