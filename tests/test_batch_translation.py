@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,17 @@ def test_calibration_and_evaluation_translate_each_held_out_image_in_its_own_bat
 
     plain = Translator(make_tiny_checkpoint(tmp_path / "plain"), device="cpu")
     assert data.batch_for(plain, "control", 0) is None  # a model without batches translates as ever
+
+
+def test_the_end_of_training_calibration_knows_each_held_out_images_batch():
+    from phenotwin.train.data import ConditionImages
+    from phenotwin.train.selection import eval_set
+
+    images = [np.full((2, 40, 40), k, np.float32) for k in range(5)]
+    validation = ConditionImages(classes=["control", "treated"], images=images, labels=np.array([0, 1, 0, 1, 0]),
+                                 files=[Path(f"{k}.tif") for k in range(5)], low=np.zeros(2), high=np.ones(2),
+                                 fingerprint="f", batches=["p1", "p2"], batch_labels=np.array([1, 0, 0, 1, 1]))
+    held_out = eval_set(validation, 32)
+    assert held_out.batches == {"control": ["p2", "p1", "p2"], "treated": ["p1", "p2"]}
+    assert held_out.images["control"][:, 0, 0, 0].tolist() == [0, 2, 4]  # the batches follow their images
+    assert eval_set(replace(validation, batches=None, batch_labels=None), 32).batches is None
