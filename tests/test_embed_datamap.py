@@ -150,6 +150,45 @@ def test_the_affinity_vae_map_of_a_folder_without_batches(material, tmp_path, ca
     assert "not symmetric" in capsys.readouterr().err
 
 
+def test_a_vae_map_is_saved_and_other_data_are_placed_on_its_axes(material, tmp_path, capsys):
+    import tifffile
+
+    plates, _ = material
+    assert _map("--data", plates, "--vae", "--vae-steps", 30, "--vae-size", 16, "--out", tmp_path / "map") == 0
+    first = _rows(tmp_path / "map/map.csv")
+    saved = json.loads((tmp_path / "map/vae.json").read_text())
+    assert saved["size"] == 16 and saved["classes"] == ["control", "nocodazole"]
+    assert "--vae-from" in (tmp_path / "map/report.md").read_text()
+
+    # The same images placed on the saved map land where they were: the same VAE, range and axes.
+    assert _map("--data", plates, "--vae-from", tmp_path / "map", "--out", tmp_path / "placed") == 0
+    placed = {r["file"]: r for r in _rows(tmp_path / "placed/map.csv")}
+    for row in first:
+        again = placed[row["file"]]
+        assert [float(again[k]) for k in ("x", "y")] == pytest.approx([float(row[k]) for k in ("x", "y")], abs=1e-5)
+    record = json.loads((tmp_path / "placed/map.json").read_text())
+    made = json.loads((tmp_path / "map/map.json").read_text())
+    assert record["source"]["vae_from"] == str(tmp_path / "map")
+    assert record["source"]["warning"] == made["source"]["warning"]  # no range warning: the same images
+    assert "on that map's axes" in (tmp_path / "placed/report.md").read_text()
+
+    # Brighter images than the map was made from are placed, and said to be out of its range.
+    bright = _copy(plates, tmp_path, "bright")
+    for path in bright.glob("*/*.tif"):
+        tifffile.imwrite(path, np.clip(tifffile.imread(path).astype(np.float64) * 4, 0, 65535).astype(np.uint16))
+    assert _map("--data", bright, "--vae-from", tmp_path / "placed", "--out", tmp_path / "bright-map") == 0
+    assert "outside the range the map was made with" in capsys.readouterr().err
+    moved = {r["file"]: [float(r["x"]), float(r["y"])] for r in _rows(tmp_path / "bright-map/map.csv")}
+    assert max(abs(np.subtract(moved[r["file"]], [float(r["x"]), float(r["y"])])).max() for r in first) > 1e-3
+
+    # Refusals: a folder without a saved VAE, and the map itself as --out.
+    assert _map("--data", plates, "--vae-from", plates, "--out", tmp_path / "nothing") == 2
+    assert "holds no saved VAE map" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
+    assert _map("--data", plates, "--vae-from", tmp_path / "map", "--out", tmp_path / "map", "--overwrite") == 2
+    assert "would replace the one it is placed on" in capsys.readouterr().err
+    assert (tmp_path / "map/vae.safetensors").is_file()
+
+
 def test_an_output_folder_inside_the_data_is_refused(material, tmp_path, capsys):
     plates, encoder = material
     data = _copy(plates, tmp_path)

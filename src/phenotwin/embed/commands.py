@@ -69,7 +69,10 @@ def add_map_parser(actions) -> None:
     features = mapping.add_mutually_exclusive_group(required=True)
     features.add_argument("--encoder", type=Path, help="folder written by `phenotwin embed train`")
     features.add_argument("--vae", action="store_true", help="train an Affinity-VAE on the data and map its content "
-                          "latents (pose left out)")
+                          "latents (pose left out); the VAE is saved with the map for --vae-from")
+    features.add_argument("--vae-from", type=Path, metavar="MAP_DIR",
+                          help="place the data on a map made before with --vae (its --out folder): the same VAE and "
+                          "axes, nothing trained, so two data sets can be compared on one map")
     mapping.add_argument("--affinity", type=Path, default=None,
                          help="with --vae: the conditions' affinity matrix, a CSV (header of condition names)")
     mapping.add_argument("--affinity-from", type=Path, default=None,
@@ -92,7 +95,12 @@ def run_map(args: argparse.Namespace) -> int:
     if not args.vae and (args.affinity or args.affinity_from):
         raise PhenotwinError("--affinity and --affinity-from shape the Affinity-VAE: add --vae, or leave them out.")
     datamap.check_out(args.out, args.data, args.overwrite)  # before any work
-    if args.vae:
+    if args.vae_from is not None and args.vae_from.resolve() == args.out.resolve():
+        raise PhenotwinError(f"--out {args.out} is the map given to --vae-from: the new map would replace the one it "
+                             "is placed on. Choose another --out.")
+    if args.vae_from is not None:
+        steps = datamap.placed_vae_map_steps(args.data, args.vae_from)
+    elif args.vae:
         steps = datamap.vae_map_steps(args.data, args.vae_steps, args.vae_size, args.affinity, args.affinity_from,
                                       args.gamma, args.seed)
     else:

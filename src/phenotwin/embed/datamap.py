@@ -11,21 +11,25 @@ rerun with --overwrite replaces only what phenotwin wrote:
     map.csv      one row per image: file, condition, batch, x, y, then the feature vector
     map.json     the numbers, the projection's explained variance, how the features were made
     report.md    the numbers in words
+    vae.safetensors, vae.json   with --vae (or --vae-from): the VAE and the map's axes, so that other data
+                 can be placed on the same map (`saved_map`)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from phenotwin.checkpoint import MANIFEST_FILE
+from phenotwin.embed.saved_map import VAE_INFO, VAE_WEIGHTS
 from phenotwin.errors import PhenotwinError
 from phenotwin.progress import Progress, Steps
 
 MAP_PNG, MAP_CSV, MAP_JSON, REPORT = "map.png", "map.csv", "map.json", "report.md"
-ENTRIES = (MAP_PNG, MAP_CSV, MAP_JSON, REPORT, MANIFEST_FILE)
+ENTRIES = (MAP_PNG, MAP_CSV, MAP_JSON, REPORT, VAE_WEIGHTS, VAE_INFO, MANIFEST_FILE)
 MARKERS = "os^DvP*Xph<>"
 
 
@@ -40,6 +44,8 @@ class DataMap:
     metrics: dict
     source: dict                     # how the features were made
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # more per-image columns (the VAE's pose)
+    projection: Any = None           # the `phenomap.Projection` that made `coords`
+    vae: tuple | None = None         # a VAE map's (model, description) to save for reuse (`saved_map`)
 
 
 def check_conditions(root: Path) -> None:
@@ -119,25 +125,60 @@ def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | No
     config = VAEConfig(steps=steps, gamma=gamma if matrix is not None else 0.0, seed=seed)
     model, history = yield from relabel(train_vae_steps(images, data.labels, config, matrix), "train map", 0, steps)
     content, angles = latents(model, images)
+    description = {"channels": images.shape[1], "size": size, "latent": config.latent, "width": config.width,
+                   "pose": config.pose, "classes": data.classes, "steps": steps, "gamma": config.gamma, "seed": seed,
+                   "normalization": {"low": data.images.low.tolist(), "high": data.images.high.tolist()}}
     source = {"kind": "affinity-vae", "steps": steps, "size": size, "gamma": config.gamma, "latent": config.latent,
               "beta": config.beta, "cycle": config.cycle, "seed": seed,
               "affinity": None if matrix is None else matrix.tolist(),
               "affinity_from": affinity or affinity_from or None,
               "reconstruction_mse": reconstruction_error(model, images), "warning": collapse_warning(content),
               "final_losses": {k: float(np.mean(v[-20:])) for k, v in history.items()}}
-    return _finish(root, data, known, content, source, {"pose_degrees": np.rad2deg(angles)})
+    result = _finish(root, data, known, content, source, {"pose_degrees": np.rad2deg(angles)})
+    result.vae = (model, description)
+    return result
 
 
-def _finish(root: Path, data, known: bool, features: np.ndarray, source: dict, extra=None) -> DataMap:
+def placed_vae_map_steps(data_dir, map_dir) -> Steps[DataMap]:
+    """The map of `data_dir` on a saved VAE map (`--vae-from`): the cells encoded by its VAE, normalised
+    with its first data's range, and projected on its axes; nothing is trained."""
+    from phenotwin.embed.affinity_vae import collapse_warning, latents, reconstruction_error, vae_inputs
+    from phenotwin.embed.saved_map import load_vae_map, range_warning
+
+    saved = load_vae_map(map_dir)
+    info = saved.info
+    root = Path(data_dir)
+    data, known = _load(root, info["normalization"])
+    if data.images.channels != info["channels"]:
+        raise PhenotwinError(f"{root} has {data.images.channels}-channel images but the map in {map_dir} was made "
+                             f"from {info['channels']}-channel ones: place images of the same channels on it.")
+    yield Progress("encode", 0, 1)
+    images = vae_inputs(data.stacked(), int(info["size"]))
+    content, angles = latents(saved.model, images)
+    yield Progress("encode", 1, 1)
+    low, high = (np.asarray(info["normalization"][k], np.float64) for k in ("low", "high"))
+    warnings = [w for w in (range_warning(data.images.images, low, high), collapse_warning(content)) if w]
+    source = {"kind": "affinity-vae", "vae_from": str(map_dir), "trained_on": info["classes"],
+              **{k: info[k] for k in ("steps", "size", "gamma", "latent", "seed")},
+              "reconstruction_mse": reconstruction_error(saved.model, images),
+              "warning": " ".join(warnings) or None}
+    result = _finish(root, data, known, content, source, {"pose_degrees": np.rad2deg(angles)}, saved.projection)
+    result.vae = (saved.model, {k: v for k, v in info.items() if k not in ("format", "format_version", "projection")})
+    return result
+
+
+def _finish(root: Path, data, known: bool, features: np.ndarray, source: dict, extra=None,
+            projection=None) -> DataMap:
+    """The DataMap of `features`, on `projection` (a saved map's) or on one fitted to them."""
     from phenotwin.embed.metrics import feature_report
     from phenotwin.embed.phenomap import Projection
 
-    projection = Projection.fit(features, span=1.0)
+    projection = projection or Projection.fit(features, span=1.0)
     batches = [data.batch_names[b] for b in data.batches] if known else None
     metrics = feature_report(features, data.labels, data.batches if known else None)
     return DataMap([f.relative_to(root).as_posix() for f in data.images.files],
                    [data.classes[label] for label in data.labels], batches, features, projection(features),
-                   projection.explained, metrics, source, extra or {})
+                   projection.explained, metrics, source, extra or {}, projection)
 
 
 def draw(result: DataMap, figure) -> None:
@@ -202,6 +243,10 @@ def write_map(result: DataMap, out: Path, overwrite: bool = False, command: str 
         written.append(write_png_figure(out / MAP_PNG, figure).name)
         written.append(write_json(out / MAP_JSON, record).name)
         written.append(write_text(out / REPORT, report_markdown(record)).name)
+        if result.vae is not None:
+            from phenotwin.embed.saved_map import save_vae_map
+
+            written += save_vae_map(out, *result.vae, result.projection)
         record_written(out, written)
     return out / REPORT
 
@@ -215,6 +260,10 @@ def report_markdown(record: dict) -> str:
         made = (f"the content latents (pose left out) of an Affinity-VAE trained here for {source['steps']} steps on "
                 f"{source['size']} px crops, gamma {source['gamma']:g}, reconstruction MSE "
                 f"{source['reconstruction_mse']:.4f}")
+        if source.get("vae_from"):
+            made = (f"the content latents (pose left out) of the Affinity-VAE of the map `{source['vae_from']}` "
+                    f"(trained on {', '.join(source['trained_on'])} for {source['steps']} steps), on that map's "
+                    f"axes; reconstruction MSE of these images {source['reconstruction_mse']:.4f}")
     lines = ["# Phenotype map", "", f"{record['images']} images: "
              + ", ".join(f"{n} {c}" for c, n in record["conditions"].items())
              + ("" if record["batches"] is None else "; batches " + ", ".join(f"{b} ({n})" for b, n
@@ -237,9 +286,12 @@ def report_markdown(record: dict) -> str:
         lines += ["The data have no batches.csv (or one batch), so batch effects are not measured."]
     if source.get("warning"):
         lines += ["", f"**Warning: {source['warning']}**"]
-    if source["kind"] != "encoder" and source["gamma"]:
+    if source["kind"] != "encoder" and source["gamma"] and not source.get("vae_from"):
         lines += ["", "The affinity loss was trained with these conditions' labels, so the separation by condition "
                   "is partly taught: judge it on images the map did not train on."]
     lines += ["", "Files: map.png (colour = condition, marker = batch), map.csv (one row per image: its map position "
-              "x, y and its feature vector), map.json (these numbers).", "", f"Command: `{record['command']}`", ""]
+              "x, y and its feature vector), map.json (these numbers)"
+              + ("" if source["kind"] == "encoder" else ", vae.safetensors and vae.json (the VAE and the map's axes: "
+                 "`phenotwin embed map --vae-from` this folder places other data on the same map)") + ".",
+              "", f"Command: `{record['command']}`", ""]
     return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""A VAE map kept for reuse: the Affinity-VAE and the projection of `phenotwin embed map --vae`, written
+beside the map (vae.safetensors + vae.json), so that other data (a new plate, a new drug) can be placed
+on the same map with `--vae-from`: the same latents and the same axes, without training again.
+
+vae.json holds what placing needs: the VAE's shape, the intensity range the cells were normalised with
+(the first data's own; new data go through the same one), the conditions it was trained on, and the
+PCA (mean, components) with the map's origin and scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from phenotwin.errors import PhenotwinError
+from phenotwin.io import write_atomically
+
+VAE_WEIGHTS, VAE_INFO = "vae.safetensors", "vae.json"
+VAE_FORMAT, FORMAT_VERSION = "phenotwin-vae-map", 1
+# Share of a channel's pixels outside the first data's range above which new data do not look like them.
+OUTSIDE_RANGE_WARNING = 0.05
+
+
+@dataclass
+class SavedMap:
+    model: Any  # the Affinity-VAE (`affinity_vae.build_vae`), in eval mode
+    info: dict[str, Any]
+    projection: Any  # `phenomap.Projection`
+    folder: Path
+
+
+def projection_record(projection) -> dict[str, Any]:
+    pca = projection.pca
+    return {"mean": pca.mean_.tolist(), "components": pca.components_.tolist(),
+            "explained_variance": pca.explained_variance_.tolist(),
+            "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+            "origin": np.asarray(projection.origin).tolist(), "scale": float(projection.scale)}
+
+
+def projection_from(record: dict[str, Any]):
+    """The `phenomap.Projection` of `projection_record`: a scikit-learn PCA given its fitted values
+    (its transform needs only the mean and components), so new data use the first data's axes."""
+    from sklearn.decomposition import PCA
+
+    from phenotwin.embed.phenomap import Projection
+
+    pca = PCA(n_components=2)
+    pca.mean_ = np.asarray(record["mean"], np.float64)
+    pca.components_ = np.asarray(record["components"], np.float64)
+    pca.explained_variance_ = np.asarray(record["explained_variance"], np.float64)
+    pca.explained_variance_ratio_ = np.asarray(record["explained_variance_ratio"], np.float64)
+    pca.n_components_, pca.n_features_in_ = 2, pca.components_.shape[1]
+    pca.whiten = False
+    return Projection(pca, np.asarray(record["origin"], np.float64), float(record["scale"]))
+
+
+def save_vae_map(out: Path, model, info: dict[str, Any], projection) -> list[str]:
+    """Weights then description, each atomically; returns the names written (for the folder's manifest)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_atomically(out / VAE_WEIGHTS, lambda temp: save_file(tensors, temp))
+    record = {"format": VAE_FORMAT, "format_version": FORMAT_VERSION, **info,
+              "projection": projection_record(projection)}
+    write_atomically(out / VAE_INFO, lambda temp: Path(temp).write_text(json.dumps(record, indent=2) + "\n"))
+    return [VAE_WEIGHTS, VAE_INFO]
+
+
+def load_vae_map(path: str | os.PathLike) -> SavedMap:
+    """Read a map folder written by `phenotwin embed map --vae`; say what is wrong with anything else."""
+    from safetensors.torch import load_file
+
+    from phenotwin.embed.affinity_vae import build_vae
+
+    folder = Path(path)
+    info_path, weights = folder / VAE_INFO, folder / VAE_WEIGHTS
+    if not info_path.is_file() or not weights.is_file():
+        raise PhenotwinError(f"{folder} holds no saved VAE map ({VAE_INFO} and {VAE_WEIGHTS}). Give the --out folder "
+                             "of `phenotwin embed map --vae` (maps made before the VAE was saved must be made again).")
+    try:
+        info = json.loads(info_path.read_text())
+        ok = info.get("format") == VAE_FORMAT and int(info["channels"]) > 0 and int(info["size"]) > 0
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise PhenotwinError(f"{info_path} is not a phenotwin VAE map description; make the map again with "
+                             "`phenotwin embed map --vae`.")
+    if int(info["format_version"]) > FORMAT_VERSION:
+        raise PhenotwinError(f"{folder} was written by a newer phenotwin (VAE map format {info['format_version']}); "
+                             "update phenotwin to read it.")
+    model = build_vae(int(info["channels"]), int(info["size"]), int(info["latent"]), int(info["width"]),
+                      bool(info["pose"]))
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as err:  # a truncated file and mismatched shapes mean the same to the user
+        raise PhenotwinError(f"cannot load {weights} ({err}); the file is damaged or does not match {VAE_INFO}. "
+                             "Make the map again.") from err
+    return SavedMap(model.eval(), info, projection_from(info["projection"]), folder)
+
+
+def range_warning(images: list[np.ndarray], low: np.ndarray, high: np.ndarray) -> str | None:
+    """What to say when new raw (C, H, W) images lie outside the range the map's first data were normalised
+    with (another microscope setting or bit depth): their cells would be clipped, and land on the map by it."""
+    values = np.concatenate([im.reshape(im.shape[0], -1) for im in images], axis=1)
+    outside = ((values < low[:, None]) | (values > high[:, None])).mean(1)
+    worst = int(np.argmax(outside))
+    if outside[worst] <= OUTSIDE_RANGE_WARNING:
+        return None
+    return (f"{outside[worst]:.0%} of channel {worst}'s pixels lie outside the range the map was made with "
+            f"({low[worst]:g}-{high[worst]:g}; these data: {values[worst].min():g}-{values[worst].max():g}): they "
+            "are clipped, so where these cells land says as much about the intensities as about the cells. Image "
+            "them as the map's data were, or make a map of both data sets together.")
