@@ -127,6 +127,66 @@ def test_the_vae_map_dock_shows_the_selected_cells_latent_traversal(make_napari_
     np.testing.assert_allclose(layer.scale, (1.0, 1.0))  # the cells are 32 px too
 
 
+@pytest.fixture(scope="module")
+def saved_map(material, tmp_path_factory):
+    """A VAE map of the plates, made and saved by `phenotwin embed map --vae`."""
+    from phenotwin.cli import main
+
+    root, _, _ = material
+    out = tmp_path_factory.mktemp("saved") / "map"
+    assert main(["embed", "map", "--data", str(root / "plates"), "--vae", "--vae-steps", "20", "--vae-size", "16",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_cells_placed_on_a_saved_vae_map_land_where_the_command_put_them(material, saved_map):
+    import csv
+
+    from phenotwin.embed.phenomap import saved_vae_map_steps
+
+    root, _, _ = material
+    result = drive(saved_vae_map_steps(saved_map, root / "plates", root / "translated"))
+    with open(saved_map / "map.csv", newline="") as handle:
+        rows = {row["file"]: row for row in csv.DictReader(handle)}
+    for k, file in enumerate(result.files):
+        row = rows[file.relative_to(root / "plates").as_posix()]
+        np.testing.assert_allclose(result.coords[k], [float(row["x"]) * MAP_SPAN, float(row["y"]) * MAP_SPAN],
+                                   atol=1e-3)
+    treated = next(i for i, f in enumerate(result.files) if f.parent.name == "nocodazole")
+    for k in range(len(result.arrows)):  # a translation lands where the cell it copies lies
+        np.testing.assert_allclose(result.arrows[k, 0] + result.arrows[k, 1], result.coords[treated], atol=1e-3)
+    assert result.traversal is not None and result.traversal(0).shape == (2, 7, 2, 16, 16)
+    with pytest.raises(PhenotwinError, match="holds no saved VAE map"):
+        drive(saved_vae_map_steps(root / "plates", root / "plates"))
+
+
+@pytest.mark.gui
+@gui
+def test_the_map_dock_places_cells_on_a_saved_vae_map(make_napari_viewer, qtbot, material, saved_map):
+    from phenotwin._napari.map_widget import SAVED, PhenotypeMapWidget
+    from phenotwin.embed.phenomap import saved_vae_map_steps
+
+    root, _, _ = material
+    viewer = make_napari_viewer()
+    widget = PhenotypeMapWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.features.value = SAVED
+    assert widget.encoder.native.isHidden() and widget.vae_steps.native.isHidden()
+    assert not widget.saved_map.native.isHidden()
+    widget.data.value = str(root / "plates")
+    widget.start()  # no map folder yet: refused, nothing started
+    assert widget._worker is None and "Phenotype map" not in viewer.layers
+    widget.saved_map.value = str(saved_map)
+    widget.start()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=60_000)
+    expected = drive(saved_vae_map_steps(saved_map, root / "plates")).coords
+    points = viewer.layers["Phenotype map"].data
+    np.testing.assert_allclose(points - points.min(0), expected - expected.min(0), atol=1e-4)
+    viewer.layers["Phenotype map"].selected_data = {2}
+    qtbot.waitUntil(lambda: "Latent traversal" in viewer.layers, timeout=30_000)
+    assert viewer.layers["Latent traversal"].data.shape == (2 * 16, 7 * 16)
+
+
 def test_a_vae_whose_latents_barely_vary_is_called_untrustworthy():
     from phenotwin.embed.affinity_vae import COLLAPSED_SPREAD, collapse_warning
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import napari
 
 MAP_GAP = 20  # pixels between the cell stack and the map
-ENCODER, VAE = "Batch-robust encoder", "Affinity-VAE (trained here)"
+ENCODER, VAE, SAVED = "Batch-robust encoder", "Affinity-VAE (trained here)", "Saved VAE map"
 
 
 def _path(edit: FileEdit) -> Path | None:
@@ -39,10 +39,13 @@ class PhenotypeMapWidget(Container):
     def __init__(self, napari_viewer: napari.Viewer):
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.features = ComboBox(label="Features", choices=[ENCODER, VAE], value=ENCODER, tooltip=(
-            "What places the cells: a trained encoder's features, or an Affinity-VAE trained on these cells now "
-            "(its latents; selecting a cell then shows what the map's axes change in it)"))
+        self.features = ComboBox(label="Features", choices=[ENCODER, VAE, SAVED], value=ENCODER, tooltip=(
+            "What places the cells: a trained encoder's features, an Affinity-VAE trained on these cells now "
+            "(its latents; selecting a cell then shows what the map's axes change in it), or a VAE map saved by "
+            "`phenotwin embed map --vae` (its VAE and axes: these cells land on that map)"))
         self.encoder = FileEdit(mode="d", label="Encoder", tooltip="a folder of `phenotwin embed train`")
+        self.saved_map = FileEdit(mode="d", label="Map folder", visible=False,
+                                  tooltip="the --out folder of `phenotwin embed map --vae` (holds vae.json)")
         self.vae_steps = SpinBox(label="VAE steps", min=20, max=20000, value=400, visible=False,
                                  tooltip="training steps of the VAE (400: some 15 s for 32 px cells on a 2-core CPU)")
         self.data = FileEdit(mode="d", label="Cells", tooltip="DIR/<condition>/*.tif: the cells to map")
@@ -52,9 +55,10 @@ class PhenotypeMapWidget(Container):
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
-        self.extend([self.features, self.encoder, self.vae_steps, self.data, self.translations, self.run_button,
-                      self.cancel_button, self.status])
+        self.extend([self.features, self.encoder, self.saved_map, self.vae_steps, self.data, self.translations,
+                     self.run_button, self.cancel_button, self.status])
         self.features.changed.connect(lambda value: (setattr(self.encoder, "visible", value == ENCODER),
+                                                     setattr(self.saved_map, "visible", value == SAVED),
                                                      setattr(self.vae_steps, "visible", value == VAE)))
         self.run_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)
@@ -63,16 +67,22 @@ class PhenotypeMapWidget(Container):
         self.points = None
 
     def start(self) -> None:
-        from phenotwin.embed.phenomap import map_steps, vae_map_steps
+        from phenotwin.embed.phenomap import map_steps, saved_vae_map_steps, vae_map_steps
 
-        encoder, data, vae = _path(self.encoder), _path(self.data), self.features.value == VAE
-        if data is None or (encoder is None and not vae):
-            show_error("Choose the folder of cells first." if vae else
-                       "Choose the encoder folder and the folder of cells first.")
+        kind, data = self.features.value, _path(self.data)
+        needed = {ENCODER: (self.encoder, "the encoder folder"), SAVED: (self.saved_map, "the map folder")}.get(kind)
+        if data is None or (needed is not None and _path(needed[0]) is None):
+            show_error(f"Choose {needed[1]} and the folder of cells first." if needed else
+                       "Choose the folder of cells first.")
             return
         self.run_button.enabled, self.cancel_button.enabled = False, True
-        steps = (vae_map_steps(data, _path(self.translations), steps=self.vae_steps.value) if vae
-                 else map_steps(encoder, data, _path(self.translations)))
+        translations = _path(self.translations)
+        if kind == VAE:
+            steps = vae_map_steps(data, translations, steps=self.vae_steps.value)
+        elif kind == SAVED:
+            steps = saved_vae_map_steps(_path(self.saved_map), data, translations)
+        else:
+            steps = map_steps(_path(self.encoder), data, translations)
         self._worker = start_worker(steps,
                                     yielded=lambda p: setattr(self.status, "value", p.describe()),
                                     returned=self._show, errored=self._failed, finished=self._finished)

@@ -132,9 +132,10 @@ def _read_translations(folder, files: list[Path]) -> tuple[list[int], list[np.nd
     return sources, [image[None] if image.ndim == 2 else image for image in images]
 
 
-def _placed(features: np.ndarray, translated: list[np.ndarray], sources: list[int]):
-    """(projection, (N, 2) map positions, (M, 2, 2) arrows from each source cell to its translation)."""
-    projection = Projection.fit(features)
+def _placed(features: np.ndarray, translated: list[np.ndarray], sources: list[int], projection=None):
+    """(projection, (N, 2) map positions, (M, 2, 2) arrows from each source cell to its translation), on
+    `projection` (a saved map's) or on one fitted to the cells."""
+    projection = projection or Projection.fit(features)
     coords = projection(features)
     arrows = np.zeros((0, 2, 2))
     if translated:
@@ -188,3 +189,32 @@ def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size:
     projection, coords, arrows = _placed(content, translated, sources)
     return PhenotypeMap(coords, conditions, files, cells, arrows, sources, LatentTraversal(model, content, projection),
                         collapse_warning(content))
+
+
+def saved_vae_map_steps(map_folder, data_folder, translations_folder=None) -> Steps[PhenotypeMap]:
+    """The cells on a VAE map saved by `phenotwin embed map --vae` (`saved_map`): normalised with that map's
+    range, encoded by its VAE and placed on its axes (scaled to the dock's span), nothing trained, so
+    the cells of a new plate land on the same map as the first data."""
+    from phenotwin.embed.affinity_vae import collapse_warning, latents, vae_inputs
+    from phenotwin.embed.saved_map import load_vae_map, range_warning
+    from phenotwin.preprocessing import normalise
+
+    saved = load_vae_map(map_folder)
+    raw, conditions, files, _ = load_cells(data_folder)
+    if raw.shape[1] != saved.info["channels"]:
+        raise PhenotwinError(f"the cells have {raw.shape[1]} channel(s) but the map in {map_folder} was made from "
+                             f"{saved.info['channels']}: place cells of the same channels on it.")
+    sources, translated_images = _read_translations(translations_folder, files)
+    low, high = (np.asarray(saved.info["normalization"][k], np.float64) for k in ("low", "high"))
+    size = int(saved.info["size"])
+    yield Progress("map", 0, 1)
+    cells = normalise(raw, low, high)
+    content, _ = latents(saved.model, vae_inputs(cells, size))
+    translated = [latents(saved.model, vae_inputs(normalise(image[None], low, high), size))[0][0]
+                  for image in translated_images]
+    yield Progress("map", 1, 1)
+    on_map = Projection(saved.projection.pca, saved.projection.origin, saved.projection.scale * MAP_SPAN)
+    projection, coords, arrows = _placed(content, translated, sources, on_map)
+    warnings = [w for w in (range_warning(list(raw), low, high), collapse_warning(content)) if w]
+    return PhenotypeMap(coords, conditions, files, cells, arrows, sources,
+                        LatentTraversal(saved.model, content, projection), " ".join(warnings) or None)
