@@ -143,6 +143,7 @@ def placed_vae_map_steps(data_dir, map_dir) -> Steps[DataMap]:
     """The map of `data_dir` on a saved VAE map (`--vae-from`): the cells encoded by its VAE, normalised
     with its first data's range, and projected on its axes; nothing is trained."""
     from phenotwin.embed.affinity_vae import collapse_warning, latents, reconstruction_error, vae_inputs
+    from phenotwin.embed.phenomap import Projection
     from phenotwin.embed.saved_map import load_vae_map, range_warning
 
     saved = load_vae_map(map_dir)
@@ -162,7 +163,8 @@ def placed_vae_map_steps(data_dir, map_dir) -> Steps[DataMap]:
               **{k: info[k] for k in ("steps", "size", "gamma", "latent", "seed")},
               "reconstruction_mse": reconstruction_error(saved.model, images),
               "warning": " ".join(warnings) or None}
-    result = _finish(root, data, known, content, source, {"pose_degrees": np.rad2deg(angles)}, saved.projection)
+    result = _finish(root, data, known, content, source, {"pose_degrees": np.rad2deg(angles)},
+                     Projection.from_record(info["projection"]))
     result.vae = (saved.model, {k: v for k, v in info.items() if k not in ("format", "format_version", "projection")})
     return result
 
@@ -246,7 +248,7 @@ def write_map(result: DataMap, out: Path, overwrite: bool = False, command: str 
         if result.vae is not None:
             from phenotwin.embed.saved_map import save_vae_map
 
-            written += save_vae_map(out, *result.vae, result.projection)
+            written += save_vae_map(out, *result.vae, result.projection.record())
         record_written(out, written)
     return out / REPORT
 

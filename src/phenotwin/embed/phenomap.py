@@ -61,6 +61,28 @@ class Projection:
         """The share of the features' variance each of the two axes shows."""
         return [float(v) for v in self.pca.explained_variance_ratio_]
 
+    def record(self) -> dict:
+        """JSON-ready, for a saved map (`saved_map`); `from_record` reads it back."""
+        pca = self.pca
+        return {"mean": pca.mean_.tolist(), "components": pca.components_.tolist(),
+                "explained_variance": pca.explained_variance_.tolist(),
+                "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+                "origin": np.asarray(self.origin).tolist(), "scale": float(self.scale)}
+
+    @classmethod
+    def from_record(cls, record: dict, span_scale: float = 1.0) -> Projection:
+        """A saved projection, its scale multiplied by `span_scale`: a scikit-learn PCA given its fitted
+        values (its transform needs only the mean and components), so new data use the first data's axes."""
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2)
+        pca.mean_ = np.asarray(record["mean"], np.float64)
+        pca.components_ = np.asarray(record["components"], np.float64)
+        pca.explained_variance_ = np.asarray(record["explained_variance"], np.float64)
+        pca.explained_variance_ratio_ = np.asarray(record["explained_variance_ratio"], np.float64)
+        pca.n_components_, pca.n_features_in_ = 2, pca.components_.shape[1]
+        return cls(pca, np.asarray(record["origin"], np.float64), float(record["scale"]) * span_scale)
+
 
 @dataclass
 class LatentTraversal:
@@ -213,7 +235,7 @@ def saved_vae_map_steps(map_folder, data_folder, translations_folder=None) -> St
     translated = [latents(saved.model, vae_inputs(normalise(image[None], low, high), size))[0][0]
                   for image in translated_images]
     yield Progress("map", 1, 1)
-    on_map = Projection(saved.projection.pca, saved.projection.origin, saved.projection.scale * MAP_SPAN)
+    on_map = Projection.from_record(saved.info["projection"], span_scale=MAP_SPAN)  # saved at span 1
     projection, coords, arrows = _placed(content, translated, sources, on_map)
     warnings = [w for w in (range_warning(list(raw), low, high), collapse_warning(content)) if w]
     return PhenotypeMap(coords, conditions, files, cells, arrows, sources,

@@ -29,44 +29,18 @@ OUTSIDE_RANGE_WARNING = 0.05
 @dataclass
 class SavedMap:
     model: Any  # the Affinity-VAE (`affinity_vae.build_vae`), in eval mode
-    info: dict[str, Any]
-    projection: Any  # `phenomap.Projection`
+    info: dict[str, Any]  # vae.json; its "projection" is `phenomap.Projection.record()`
     folder: Path
 
 
-def projection_record(projection) -> dict[str, Any]:
-    pca = projection.pca
-    return {"mean": pca.mean_.tolist(), "components": pca.components_.tolist(),
-            "explained_variance": pca.explained_variance_.tolist(),
-            "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
-            "origin": np.asarray(projection.origin).tolist(), "scale": float(projection.scale)}
-
-
-def projection_from(record: dict[str, Any]):
-    """The `phenomap.Projection` of `projection_record`: a scikit-learn PCA given its fitted values
-    (its transform needs only the mean and components), so new data use the first data's axes."""
-    from sklearn.decomposition import PCA
-
-    from phenotwin.embed.phenomap import Projection
-
-    pca = PCA(n_components=2)
-    pca.mean_ = np.asarray(record["mean"], np.float64)
-    pca.components_ = np.asarray(record["components"], np.float64)
-    pca.explained_variance_ = np.asarray(record["explained_variance"], np.float64)
-    pca.explained_variance_ratio_ = np.asarray(record["explained_variance_ratio"], np.float64)
-    pca.n_components_, pca.n_features_in_ = 2, pca.components_.shape[1]
-    pca.whiten = False
-    return Projection(pca, np.asarray(record["origin"], np.float64), float(record["scale"]))
-
-
-def save_vae_map(out: Path, model, info: dict[str, Any], projection) -> list[str]:
-    """Weights then description, each atomically; returns the names written (for the folder's manifest)."""
+def save_vae_map(out: Path, model, info: dict[str, Any], projection: dict[str, Any]) -> list[str]:
+    """Weights then description (with `projection`, a `phenomap.Projection.record()`), each atomically;
+    returns the names written (for the folder's manifest)."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomically(out / VAE_WEIGHTS, lambda temp: save_file(tensors, temp))
-    record = {"format": VAE_FORMAT, "format_version": FORMAT_VERSION, **info,
-              "projection": projection_record(projection)}
+    record = {"format": VAE_FORMAT, "format_version": FORMAT_VERSION, **info, "projection": projection}
     write_atomically(out / VAE_INFO, lambda temp: Path(temp).write_text(json.dumps(record, indent=2) + "\n"))
     return [VAE_WEIGHTS, VAE_INFO]
 
@@ -100,7 +74,7 @@ def load_vae_map(path: str | os.PathLike) -> SavedMap:
     except Exception as err:  # a truncated file and mismatched shapes mean the same to the user
         raise PhenotwinError(f"cannot load {weights} ({err}); the file is damaged or does not match {VAE_INFO}. "
                              "Make the map again.") from err
-    return SavedMap(model.eval(), info, projection_from(info["projection"]), folder)
+    return SavedMap(model.eval(), info, folder)
 
 
 def range_warning(images: list[np.ndarray], low: np.ndarray, high: np.ndarray) -> str | None:
