@@ -675,10 +675,12 @@ def test_no_calibrate_flag():
     from phenotwin.train.commands import config_from
 
     args = build_parser().parse_args(["train", "--data", "d", "--out", "m", "--no-calibrate", "--calibration-images",
-                                      "3", "--validation-fraction", "0.2"])
+                                      "3", "--validation-fraction", "0.2", "--reconstruction-target", "38"])
     config = config_from(args)
     assert (config.calibrate, config.calibration_images, config.validation_fraction) == (False, 3, 0.2)
-    for bad in ({"validation_fraction": 0.9}, {"calibration_images": 1}):
+    assert config.reconstruction_target == 38.0
+    for bad in ({"validation_fraction": 0.9}, {"calibration_images": 1}, {"reconstruction_target": 0},
+                {"reconstruction_target": 120.0}):
         with pytest.raises(PhenotwinError):
             TrainConfig(data="d", out="m", **bad).check()
 
@@ -699,14 +701,19 @@ def test_calibration_at_the_end_of_training_writes_defaults_and_the_sweep(data, 
     monkeypatch.setattr(phenotwin.calibration, "MIN_CLASSIFIER_ACCURACY", 0.0)
 
     events = []
-    out = train(tiny(data, tmp_path / "m", calibrate=True, calibration_images=2), progress=events.append)
+    out = train(tiny(data, tmp_path / "m", calibrate=True, calibration_images=2, reconstruction_target=99.0),
+                progress=events.append)
     assert [e.step for e in events if e.stage == "training"] == [1, 2, 3, 4]
     stages = {e.stage for e in events} - {"training"}
     assert {"calibrating: classifier", "calibrating: sweep", "calibrating: candidate 2/2 (step 4)"} <= stages
     info = read_info(out)
     record = info.calibration
     assert record["data_fingerprint"] == info.provenance["validation"]["fingerprint"]
-    assert {k: info.defaults[k] for k in ("strength", "guidance", "confine")} == record["chosen"]
+    assert {k: info.defaults[k] for k in ("strength", "guidance", "confine")} == {
+        k: record["chosen"][k] for k in ("strength", "guidance", "confine")}
+    # --reconstruction-target reaches the calibration: dearer settings searched, the miss recorded
+    assert record["reconstruction_target"] == 99.0 and "reconstruction_target_missed" in record
+    assert {(r["steps"], r["inversion_refinements"]) for r in record["cost_search"]} >= {(3, 1), (6, 0)}
     assert [row["step"] for row in record["candidates"]["candidates"]] == [2, 4]
     assert info.provenance["selection"]["kept_step"] in (2, 4)
     training = out / "training"
@@ -715,9 +722,10 @@ def test_calibration_at_the_end_of_training_writes_defaults_and_the_sweep(data, 
     assert (training / "candidates.csv").read_text().splitlines()[0] == "step,reconstruction_psnr,flip_rate,images,kept"
     assert sorted(p.name for p in (training / "candidates").iterdir()) == ["step-000002.safetensors",
                                                                           "step-000004.safetensors"]
+    assert (training / "calibration-cost.csv").is_file()
     assert foreign(out) == []  # all phenotwin's: --overwrite may replace them, and a new run does
     train(tiny(data, out, overwrite=True, steps=2))
-    assert not (training / "calibration.csv").exists()
+    assert not (training / "calibration.csv").exists() and not (training / "calibration-cost.csv").exists()
     assert sorted(p.name for p in (training / "candidates").iterdir()) == ["step-000002.safetensors"]
     translates(out)
 

@@ -90,6 +90,10 @@ class TrainConfig:
         None, "held-out images per condition the calibration uses, whatever it costs (default: as many as fit in "
         "about 15%% of the training time)", metavar="N",
     )
+    reconstruction_target: float | None = flag(
+        None, "the calibration's reconstruction target in dB (e.g. 38): defaults with more steps or a fixed-point "
+        "refinement when the model's own reconstruct worse, dearer translations (default: none)", metavar="DB",
+    )
     sample_steps: int = 25
     overwrite: bool = flag(False, "replace a model already in --out")
     resume: bool = flag(False, "continue the run saved in --out")
@@ -115,6 +119,9 @@ class TrainConfig:
             _check_integer("max_per_class", self.max_per_class, 1)
         if self.calibration_images is not None:
             _check_integer("calibration_images", self.calibration_images, 2)
+        if self.reconstruction_target is not None:
+            _check_fraction("reconstruction_target", self.reconstruction_target, "(0, 100) dB, e.g. 38",
+                            lambda v: 0 < v < 100)
         _check_fraction("validation_fraction", self.validation_fraction, "[0, 0.5], e.g. 0.1 (0 turns it off)",
                         lambda v: 0 <= v <= 0.5)
         if self.seed >= 2**32:

@@ -129,11 +129,13 @@ def plan(config, translator, data, count: int, seconds_per_call: float, budget: 
     most = min(MOST_IMAGES, max(len(v) for v in data.images.values()))
     if config.calibration_images is not None:
         n = config.calibration_images
-        calls = count * _score_calls(translator, data, n) + unet_calls(translator, data, n)
+        calls = count * _score_calls(translator, data, n) + unet_calls(translator, data, n,
+                                                                       reconstruction_target=config.reconstruction_target)
         return Plan(n, True, calls * seconds_per_call, f"{n} image(s) per condition as asked (calibration_images)")
     options = [(n, True) for n in range(most, 1, -1)] + [(n, False) for n in range(most, 1, -1)]
     for n, sweep in options:
-        calls = count * _score_calls(translator, data, n) + unet_calls(translator, data, n, sweep=sweep)
+        calls = count * _score_calls(translator, data, n) + unet_calls(
+            translator, data, n, sweep=sweep, reconstruction_target=config.reconstruction_target if sweep else None)
         if calls * seconds_per_call <= budget:
             what = "with the sweep of the defaults" if sweep else "the trust verdict only (the sweep would not fit)"
             return Plan(n, sweep, calls * seconds_per_call, f"{n} image(s) per condition, {what}")
@@ -261,8 +263,10 @@ class Calibration:
         write_csv(trainer.out / TRAINING_DIR / "candidates.csv", CANDIDATE_FIELDS, rows)
         translator = Translator(trainer.out, device=str(trainer.accelerator.device))
         started = time.monotonic()
+        target = trainer.config.reconstruction_target if chosen.sweep else None  # the target searches the sweep's choice
         record = yield from self._relay(calibrate_steps(translator, data, n=max(2, chosen.images), sweep=chosen.sweep,
-                                                        seed=trainer.config.seed, classifier=classifier), "sweep")
+                                                        seed=trainer.config.seed, classifier=classifier,
+                                                        reconstruction_target=target), "sweep")
         record["candidates"] = selection
         record["budget"] = {"plan": chosen.why, "estimated_seconds": chosen.seconds,
                             "seconds": spent + time.monotonic() - started}

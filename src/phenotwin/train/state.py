@@ -23,8 +23,8 @@ from phenotwin.train.config import TrainConfig
 STATE_DIR = "state"
 CANDIDATES_DIR = "candidates"
 # What the trainer (and its calibration) writes inside training/: the only entries a new run there replaces.
-TRAINING_ENTRIES = ("log.csv", "samples", STATE_DIR, CANDIDATES_DIR, "candidates.csv", "calibration.csv",
-                    "calibration.png")
+CALIBRATION_FILES = ("candidates.csv", "calibration.csv", "calibration-cost.csv", "calibration.png")
+TRAINING_ENTRIES = ("log.csv", "samples", STATE_DIR, CANDIDATES_DIR, *CALIBRATION_FILES)
 LOG_HEADER = "step,loss,learning_rate,seconds\n"
 # Settings a resumed run must share with the saved one: they shape the model, or the saved state
 # (optimizer, moving average, random streams) would silently keep the old value. The validation
@@ -149,7 +149,7 @@ def start_log(log_path: Path, step: int) -> None:
         log_path.unlink(missing_ok=True)
         for name in (STATE_DIR, CANDIDATES_DIR):
             shutil.rmtree(training / name, ignore_errors=True)
-        for name in ("candidates.csv", "calibration.csv", "calibration.png"):
+        for name in CALIBRATION_FILES:
             (training / name).unlink(missing_ok=True)
         samples = training / "samples"
         for grid in samples.glob("step_*.png"):
