@@ -178,6 +178,18 @@ def test_the_verdict_ranks_against_held_out_images_and_never_calls_garbage_good(
     assert uncalibrated.level == "uncalibrated" and "phenotwin calibrate" in uncalibrated.message
 
 
+def six_step_model(path):
+    """A tiny camera-unit model whose default is 6 steps: a calibration of it takes seconds."""
+    from phenotwin.testing import make_tiny_checkpoint
+
+    model = make_tiny_checkpoint(path, classes=("control", "nocodazole"),
+                                 normalization={"mode": "fixed", "low": [0, 0], "high": [65535, 65535]})
+    stored = json.loads((model / "phenotwin.json").read_text())
+    stored["defaults"]["steps"] = 6
+    (model / "phenotwin.json").write_text(json.dumps(stored))
+    return model
+
+
 def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_one_thread, monkeypatch):
     import phenotwin.calibration
     from phenotwin.checkpoint import read_info
@@ -189,13 +201,8 @@ def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_on
     from phenotwin.evaluate.translation import load_eval_folder
     from phenotwin.progress import drive
     from phenotwin.synthetic import make_pairs, write_folders
-    from phenotwin.testing import make_tiny_checkpoint
 
-    model = make_tiny_checkpoint(tmp_path / "tiny", classes=("control", "nocodazole"),
-                                 normalization={"mode": "fixed", "low": [0, 0], "high": [65535, 65535]})
-    stored = json.loads((model / "phenotwin.json").read_text())
-    stored["defaults"]["steps"] = 6
-    (model / "phenotwin.json").write_text(json.dumps(stored))
+    model = six_step_model(tmp_path / "tiny")
     write_folders(tmp_path / "held-out", make_pairs(6, size=32, channels=2, seed=0, start=500))
     from phenotwin import Translator
 
@@ -434,14 +441,9 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
     from phenotwin.evaluate.translation import load_eval_folder
     from phenotwin.progress import drive
     from phenotwin.synthetic import make_pairs, write_folders
-    from phenotwin.testing import make_tiny_checkpoint
 
     monkeypatch.setattr(phenotwin.calibration, "MIN_CLASSIFIER_ACCURACY", 0.0)  # a tiny model's weak classifier
-    model = make_tiny_checkpoint(tmp_path / "tiny", classes=("control", "nocodazole"),
-                                 normalization={"mode": "fixed", "low": [0, 0], "high": [65535, 65535]})
-    stored = json.loads((model / "phenotwin.json").read_text())
-    stored["defaults"]["steps"] = 6
-    (model / "phenotwin.json").write_text(json.dumps(stored))
+    model = six_step_model(tmp_path / "tiny")
     write_folders(tmp_path / "held-out", make_pairs(4, size=32, channels=2, seed=0, start=500))
     translator = Translator(model, device="cpu")
     data = load_eval_folder(tmp_path / "held-out", 32, 2, 2)
