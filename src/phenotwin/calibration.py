@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from phenotwin.calibration_cost import cheaper_settings, cost_search, flips, judge, weakest_flip_rate
+from phenotwin.calibration_cost import cost_search, flips, judge, searched_settings, weakest_flip_rate
 from phenotwin.errors import PhenotwinError
 from phenotwin.evaluate.classifier import CLASSIFIER_EPOCHS, CLASSIFIER_IMAGES
 from phenotwin.progress import Progress, Steps, relabel
@@ -151,7 +151,7 @@ def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = Non
         total += images * (_verdict_calls(translator, translator.resolve(steps=steps), rungs,
                                           _guidances(base.guidance, swept)) + CONFINE_CALLS * swept)
     if sweep:  # the cost search, at the dearest chosen setting, and the verdict table of its choice
-        options = cheaper_settings(translator, {"strength": max(rungs), "guidance": max(GUIDANCES), "confine": True},
+        options = searched_settings(translator, {"strength": max(rungs), "guidance": max(GUIDANCES), "confine": True},
                                    reconstruction_target)
         total += images * sum(calls_per_image(o) for o in options)
         total += images * max((_verdict_calls(translator, o, rungs, [max(GUIDANCES)]) for o in options), default=0)

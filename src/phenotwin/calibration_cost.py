@@ -70,9 +70,9 @@ def judge(translator, data, classifier, results) -> dict[str, Any]:
     return row
 
 
-def cheaper_settings(translator, chosen, reconstruction_target: float | None = None) -> list:
-    """The solver, step count and refinements tried against the model's own for the `chosen`
-    setting, cheapest first: DDIM, DDIM with one fixed-point refinement and DPM-Solver++ at
+def searched_settings(translator, chosen, reconstruction_target: float | None = None) -> list:
+    """The solver, step count and refinements the cost search tries against the model's own for the
+    `chosen` setting, cheapest first: DDIM, DDIM with one fixed-point refinement and DPM-Solver++ at
     CHEAPER_STEPS of the model's steps, those that cost fewer model calls a translation. With a
     `reconstruction_target` also the dearer DEARER_STEPS with and without one refinement, which
     raise the reconstruction (+8.7 dB for one refinement at 50 steps, about +6 dB a doubling)."""
@@ -91,7 +91,7 @@ def cheaper_settings(translator, chosen, reconstruction_target: float | None = N
 
 def cost_search(translator, data, classifier, directions, counts, chosen, reference, bar, seed, clock,
                  tolerance: float, reconstruction_target: float | None = None):
-    """The cheapest of `cheaper_settings` that keeps the chosen setting's quality: it flips in every
+    """The cheapest of `searched_settings` that keeps the chosen setting's quality: it flips in every
     direction (within the noise, `flips`) and reconstructs within `tolerance` dB of `reference` (the
     chosen setting's row at the model's own solver and steps). Tried cheapest first; stops at the
     first that does. Returns (rows tried, the settings kept or None). Each row also has `agreement_psnr`: how
@@ -109,9 +109,9 @@ def cost_search(translator, data, classifier, directions, counts, chosen, refere
     masks = {(src, i): ref.inversion.edit_masks for src, _, i, ref in reference["results"]}
     base = translator.resolve(**chosen)
     if reconstruction_target is not None and reference["reconstruction_psnr"] >= reconstruction_target:
-        options = [o for o in cheaper_settings(translator, chosen) if calls_per_image(o) < calls_per_image(base)]
+        options = [o for o in searched_settings(translator, chosen) if calls_per_image(o) < calls_per_image(base)]
     else:
-        options = cheaper_settings(translator, chosen, reconstruction_target)
+        options = searched_settings(translator, chosen, reconstruction_target)
     tried = []
     for option in options:
         results = []
