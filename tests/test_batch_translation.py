@@ -296,6 +296,14 @@ def test_calibration_and_evaluation_translate_each_held_out_image_in_its_own_bat
     plain = Translator(make_tiny_checkpoint(tmp_path / "plain"), device="cpu")
     assert data.batch_for(plain, "control", 0) is None  # a model without batches translates as ever
 
+    # A batches.csv that does not match the folder stops a batch model's calibration, and no other.
+    stray = next((tmp_path / "held-out/control").glob("*.tif"))
+    stray.rename(stray.with_name("renamed.tif"))
+    broken = load_eval_folder(tmp_path / "held-out", 32, 2, 4)
+    assert broken.batch_for(plain, "control", 0) is None
+    with pytest.raises(PhenotwinError, match="names 1 image.s. that are not in"):
+        broken.batch_for(translator, "control", 0)
+
 
 def test_the_end_of_training_calibration_knows_each_held_out_images_batch():
     from phenotwin.train.data import ConditionImages

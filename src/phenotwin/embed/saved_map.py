@@ -58,7 +58,8 @@ def load_vae_map(path: str | os.PathLike) -> SavedMap:
                              "of `phenotwin embed map --vae` (maps made before the VAE was saved must be made again).")
     try:
         info = json.loads(info_path.read_text())
-        ok = info.get("format") == VAE_FORMAT and int(info["channels"]) > 0 and int(info["size"]) > 0
+        ok = (info.get("format") == VAE_FORMAT and min(int(info[k]) for k in ("channels", "size", "latent", "width")) > 0
+              and {"normalization", "projection", "classes", "pose"} <= set(info))
     except (ValueError, KeyError, TypeError):
         ok = False
     if not ok:

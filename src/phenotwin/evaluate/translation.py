@@ -51,10 +51,13 @@ class EvalSet:
     masks: np.ndarray | None = None
     fingerprint: str | None = None
     batches: dict[str, list[str]] | None = None
+    batches_error: str | None = None  # why the folder's batches.csv could not be read: said to batch models only
 
     def batch_for(self, translator, condition: str, index: int) -> str | None:
         """The batch to translate image `index` of `condition` in: its own when the model was trained with
         it, else None (the model's "batch unknown" row, also for a plate the model never saw)."""
+        if self.batches_error and translator.info.batches:
+            raise PhenotwinError(self.batches_error)
         if not self.batches or not translator.info.batches:
             return None
         batch = self.batches[condition][index]
@@ -119,13 +122,16 @@ def load_eval_folder(data, size: int, channels: int, n: int | None = None) -> Ev
             y, x = (full[0].shape[1] - size) // 2, (full[0].shape[2] - size) // 2
             masks = masks[:, y : y + size, x : x + size]
     aligned = masks is not None
-    batches = None
-    if (Path(data) / BATCHES_FILE).is_file():
-        by_file = read_batches(data, min_batches=1)
-        batches = {condition: [by_file[loaded.files[i].relative_to(Path(data)).as_posix()]
-                               for i in np.flatnonzero(loaded.labels == c)]
-                   for c, condition in enumerate(loaded.classes)}
-    return EvalSet(list(loaded.classes), images, aligned, masks, loaded.fingerprint, batches)
+    batches, error = None, None
+    if (Path(data) / BATCHES_FILE).is_file():  # a model without batches needs none: an error waits for one that does
+        try:
+            by_file = read_batches(data, min_batches=1)
+            batches = {condition: [by_file[loaded.files[i].relative_to(Path(data)).as_posix()]
+                                   for i in np.flatnonzero(loaded.labels == c)]
+                       for c, condition in enumerate(loaded.classes)}
+        except PhenotwinError as err:
+            error = str(err)
+    return EvalSet(list(loaded.classes), images, aligned, masks, loaded.fingerprint, batches, error)
 
 
 def evaluate_folder_steps(checkpoint, data, classifier_data=None, n: int = 16, steps: int | None = None,
