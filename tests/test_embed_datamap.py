@@ -170,6 +170,8 @@ def test_a_vae_map_is_saved_and_other_data_are_placed_on_its_axes(material, tmp_
     made = json.loads((tmp_path / "map/map.json").read_text())
     assert record["source"]["vae_from"] == str(tmp_path / "map")
     assert record["source"]["warning"] == made["source"]["warning"]  # no range warning: the same images
+    shares = record["projection"]["explained_variance"]  # of the placed images' variance: the same images, the same
+    assert shares == pytest.approx(made["projection"]["explained_variance"], rel=1e-4)
     assert "on that map's axes" in (tmp_path / "placed/report.md").read_text()
 
     # Brighter images than the map was made from are placed, and said to be out of its range.
@@ -179,6 +181,8 @@ def test_a_vae_map_is_saved_and_other_data_are_placed_on_its_axes(material, tmp_
     assert _map("--data", bright, "--vae-from", tmp_path / "placed", "--out", tmp_path / "bright-map") == 0
     assert "outside the range the map was made with" in capsys.readouterr().err
     moved = {r["file"]: [float(r["x"]), float(r["y"])] for r in _rows(tmp_path / "bright-map/map.csv")}
+    bright_shares = json.loads((tmp_path / "bright-map/map.json").read_text())["projection"]["explained_variance"]
+    assert bright_shares != pytest.approx(shares, rel=1e-3) and 0 <= sum(bright_shares) <= 1 + 1e-9
     assert max(abs(np.subtract(moved[r["file"]], [float(r["x"]), float(r["y"])])).max() for r in first) > 1e-3
 
     # Refusals: a folder without a saved VAE, and the map itself as --out.

@@ -175,12 +175,13 @@ def _finish(root: Path, data, known: bool, features: np.ndarray, source: dict, e
     from phenotwin.embed.metrics import feature_report
     from phenotwin.embed.phenomap import Projection
 
+    explained = None if projection is None else projection.share_of(features)  # of these features, not the map's
     projection = projection or Projection.fit(features, span=1.0)
     batches = [data.batch_names[b] for b in data.batches] if known else None
     metrics = feature_report(features, data.labels, data.batches if known else None)
     return DataMap([f.relative_to(root).as_posix() for f in data.images.files],
                    [data.classes[label] for label in data.labels], batches, features, projection(features),
-                   projection.explained, metrics, source, extra or {}, projection)
+                   explained or projection.explained, metrics, source, extra or {}, projection)
 
 
 def draw(result: DataMap, figure) -> None:

@@ -61,6 +61,12 @@ class Projection:
         """The share of the features' variance each of the two axes shows."""
         return [float(v) for v in self.pca.explained_variance_ratio_]
 
+    def share_of(self, features: np.ndarray) -> list[float]:
+        """The share of `features`' variance each of the two axes shows: `explained` for the cells the PCA
+        was fitted on, and for other cells placed on a saved map, how much of *their* variation it shows."""
+        total = float(np.var(features, axis=0).sum())
+        return [float(v) / max(total, 1e-30) for v in np.var(self.pca.transform(features), axis=0)]
+
     def record(self) -> dict:
         """JSON-ready, for a saved map (`saved_map`); `from_record` reads it back."""
         pca = self.pca
