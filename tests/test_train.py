@@ -766,9 +766,10 @@ def test_the_best_save_is_kept_not_the_last(data, tmp_path, few_steps, monkeypat
 
 
 def test_the_budget_chooses_images_and_the_sweep(tmp_path):
+    from phenotwin.calibration import unet_calls
     from phenotwin.evaluate.translation import EvalSet
     from phenotwin.testing import make_tiny_checkpoint
-    from phenotwin.train.selection import plan
+    from phenotwin.train.selection import _score_calls, plan
 
     translator = Translator(make_tiny_checkpoint(tmp_path / "m"), device="cpu")
     images = {c: np.zeros((8, translator.channels, translator.image_size, translator.image_size), np.float32)
@@ -782,3 +783,18 @@ def test_the_budget_chooses_images_and_the_sweep(tmp_path):
     assert plan(config, translator, held_out, 6, 0.001, budget=0.001) is None
     forced = plan(TrainConfig(data="d", out="m", calibration_images=3), translator, held_out, 6, 0.001, budget=0)
     assert (forced.images, forced.sweep) == (3, True)
+    # A reconstruction target is searched when it fits; when it does not, the sweep goes on without it.
+    aiming = TrainConfig(data="d", out="m", reconstruction_target=38.0)
+    roomy = plan(aiming, translator, held_out, 6, 0.001, budget=1e6)
+    assert (roomy.images, roomy.sweep, roomy.reconstruction_target) == (8, True, 38.0)
+    assert roomy.seconds > generous.seconds  # its dearer settings are counted
+    tighter = plan(aiming, translator, held_out, 6, 0.001, budget=generous.seconds)
+    assert tighter.reconstruction_target == 38.0 and tighter.images < 8  # the target first, on fewer images
+
+    def cost(target):  # seconds of a sweep on 2 images per condition, with or without the target
+        return 0.001 * (6 * _score_calls(translator, held_out, 2) +
+                        unet_calls(translator, held_out, 2, reconstruction_target=target))
+
+    just = plan(aiming, translator, held_out, 6, 0.001, budget=(cost(None) + cost(38.0)) / 2)
+    assert just.sweep and just.reconstruction_target is None  # the sweep kept, without the target
+    assert "without the reconstruction target" in just.why

@@ -21,7 +21,8 @@ from a good image. So, on held-out images of the model's own conditions:
 4. the cost search (issue 17): the chosen setting again with cheaper solvers, step counts and
    refinements (`calibration_cost`), cheapest first; the first that still flips (each direction) and
    reconstructs within RECONSTRUCTION_TOLERANCE_DB of the model's own becomes the default, and
-   the verdict's table is measured again with it.
+   the verdict's table is measured again with it. With a reconstruction target, dearer settings
+   too, and the first that also reaches the target.
 
 The chosen settings become the model's `defaults` in phenotwin.json; the tables go to
 `calibration` there and to training/calibration.csv, with a plot.
@@ -61,7 +62,8 @@ def criterion(tolerance: float = RECONSTRUCTION_TOLERANCE_DB, reconstruction_tar
     """The calibration's criterion in words, as phenotwin.json records it."""
     if reconstruction_target is not None:
         tolerance_words = (f"reconstructs at >= {reconstruction_target:g} dB (more steps or a refinement when the "
-                           f"model's own do not; else the best that flips), and within {tolerance:g} dB")
+                           f"model's own do not; else the best that flips, if better than the model's own), and "
+                           f"within {tolerance:g} dB")
     else:
         tolerance_words = f"reconstructs within {tolerance:g} dB"
     return (f"confined to the model's edit mask first, then the lowest strength, then the smallest mean change, "
@@ -137,8 +139,8 @@ def _verdict_calls(translator, settings, rungs: list[float], guidances: list[flo
 def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True,
                reconstruction_target: float | None = None) -> int:
     """How many UNet calls `calibrate_steps` makes at most with these arguments: what a time budget
-    plans with (the cost search stops at the first cheaper setting that keeps the quality, and
-    its verdict table is measured only when one does)."""
+    plans with (the cost search stops at the first setting that keeps the quality, and its verdict
+    table is measured only when one does)."""
     from phenotwin.cost import calls_per_image
     from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 
@@ -267,7 +269,8 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
                 if best < reconstruction_target:
                     record["reconstruction_target_missed"] = (
                         f"no setting tried that flips reconstructs at {reconstruction_target:g} dB on these held-out "
-                        f"images; the defaults reconstruct at {best:.1f} dB. Results are judged against that.")
+                        f"images; the defaults reconstruct at {best:.1f} dB, and results are judged against that. "
+                        "Ask for a lower --reconstruction-target, or train the model longer or on more images.")
             if cheaper is not None:  # the verdict is judged at the settings results will use
                 chosen.update(steps=cheaper.steps, solver=cheaper.solver,
                               inversion_refinements=cheaper.inversion_refinements)
@@ -434,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"defaults: {describe(record['chosen'])} ({record['criterion']})")
     elif "not_chosen" in record:
         print(f"warning: {record['not_chosen']}", file=sys.stderr)
+    if "reconstruction_target_missed" in record:
+        print(f"warning: {record['reconstruction_target_missed']}", file=sys.stderr)
     for steps, by_strength in record["reconstruction_psnr"].items():
         print(f"held-out reconstruction at {steps} steps: " + ", ".join(
             f"strength {float(s):g}: {np.median(v):.1f} dB (worst {min(v):.1f})" for s, v in by_strength.items()))

@@ -1,8 +1,9 @@
 """How the calibration judges a setting on held-out images, and its cost search (issue 17): the
 chosen setting again with cheaper solvers, step counts and refinements, cheapest first; the first
 that keeps its quality becomes the default. With a reconstruction target (issue 18) the search also
-tries dearer settings, one fixed-point refinement and twice the steps (the levers measured best per
-call on the real texture, docs/evaluation.md), and keeps the cheapest that reaches the target.
+tries dearer settings: the same three at the model's steps and at twice them (one fixed-point
+refinement and more steps were the levers measured best per call on the real texture,
+docs/evaluation.md), and keeps the cheapest that reaches the target.
 
 The quality kept is the trust signal's: on the demo model every cheaper setting flipped and
 localised as well and translated within 37-51 dB of the 100-step result (the input plus the
@@ -74,13 +75,14 @@ def searched_settings(translator, chosen, reconstruction_target: float | None = 
     """The solver, step count and refinements the cost search tries against the model's own for the
     `chosen` setting, cheapest first: DDIM, DDIM with one fixed-point refinement and DPM-Solver++ at
     CHEAPER_STEPS of the model's steps, those that cost fewer model calls a translation. With a
-    `reconstruction_target` also the dearer DEARER_STEPS with and without one refinement, which
-    raise the reconstruction (+8.7 dB for one refinement at 50 steps, about +6 dB a doubling)."""
+    `reconstruction_target` the same three also at DEARER_STEPS (at most the model's training
+    timesteps), which raise the reconstruction (on the real texture +8.7 dB for one refinement at 50
+    steps, about +6 dB a doubling)."""
     from phenotwin.cost import calls_per_image
 
     base = translator.resolve(**chosen)
     fractions = CHEAPER_STEPS + (DEARER_STEPS if reconstruction_target is not None else ())
-    ladder = sorted({max(2, round(f * base.steps)) for f in fractions})
+    ladder = sorted({min(translator.max_steps, max(2, round(f * base.steps))) for f in fractions})
     options = [translator.resolve(**chosen, steps=steps, solver=solver, inversion_refinements=refinements)
                for steps in ladder for solver, refinements in (("ddim", 0), ("ddim", 1), ("dpm++", 0))
                if (steps, solver, refinements) != (base.steps, base.solver, base.inversion_refinements)]

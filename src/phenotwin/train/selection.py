@@ -47,6 +47,7 @@ class Plan:
     sweep: bool
     seconds: float
     why: str
+    reconstruction_target: float | None = None  # searched with the sweep when the budget holds it
 
 
 def candidate_file(out: Path, step: int) -> Path:
@@ -131,14 +132,21 @@ def plan(config, translator, data, count: int, seconds_per_call: float, budget: 
         n = config.calibration_images
         calls = count * _score_calls(translator, data, n) + unet_calls(translator, data, n,
                                                                        reconstruction_target=config.reconstruction_target)
-        return Plan(n, True, calls * seconds_per_call, f"{n} image(s) per condition as asked (calibration_images)")
-    options = [(n, True) for n in range(most, 1, -1)] + [(n, False) for n in range(most, 1, -1)]
-    for n, sweep in options:
-        calls = count * _score_calls(translator, data, n) + unet_calls(
-            translator, data, n, sweep=sweep, reconstruction_target=config.reconstruction_target if sweep else None)
+        return Plan(n, True, calls * seconds_per_call, f"{n} image(s) per condition as asked (calibration_images)",
+                    config.reconstruction_target)
+    # A reconstruction target's dearer settings must not cost the sweep itself: without it before no sweep.
+    target = config.reconstruction_target
+    options = ([(n, True, target) for n in range(most, 1, -1)] +
+               ([(n, True, None) for n in range(most, 1, -1)] if target is not None else []) +
+               [(n, False, None) for n in range(most, 1, -1)])
+    for n, sweep, searched in options:
+        calls = count * _score_calls(translator, data, n) + unet_calls(translator, data, n, sweep=sweep,
+                                                                       reconstruction_target=searched)
         if calls * seconds_per_call <= budget:
             what = "with the sweep of the defaults" if sweep else "the trust verdict only (the sweep would not fit)"
-            return Plan(n, sweep, calls * seconds_per_call, f"{n} image(s) per condition, {what}")
+            if sweep and target is not None and searched is None:
+                what += " (without the reconstruction target's dearer settings, which would not fit)"
+            return Plan(n, sweep, calls * seconds_per_call, f"{n} image(s) per condition, {what}", searched)
     return None
 
 
@@ -263,7 +271,7 @@ class Calibration:
         write_csv(trainer.out / TRAINING_DIR / "candidates.csv", CANDIDATE_FIELDS, rows)
         translator = Translator(trainer.out, device=str(trainer.accelerator.device))
         started = time.monotonic()
-        target = trainer.config.reconstruction_target if chosen.sweep else None  # the target searches the sweep's choice
+        target = chosen.reconstruction_target
         record = yield from self._relay(calibrate_steps(translator, data, n=max(2, chosen.images), sweep=chosen.sweep,
                                                         seed=trainer.config.seed, classifier=classifier,
                                                         reconstruction_target=target), "sweep")
@@ -276,5 +284,11 @@ class Calibration:
                               "training/calibration.csv")
         elif "not_chosen" in record:
             self.notes.append(record["not_chosen"])
+        if "reconstruction_target_missed" in record:
+            self.notes.append(record["reconstruction_target_missed"])
+        elif trainer.config.reconstruction_target is not None and target is None:
+            self.notes.append(f"the reconstruction target ({trainer.config.reconstruction_target:g} dB) was not "
+                              "searched: its settings did not fit the calibration's time budget. Run `phenotwin "
+                              "calibrate --reconstruction-target` on held-out images, or pass --calibration-images N.")
         self.notes.append(f"calibration took {record['budget']['seconds']:.0f} s")
         return record
