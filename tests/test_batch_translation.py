@@ -258,6 +258,7 @@ def test_calibration_and_evaluation_translate_each_held_out_image_in_its_own_bat
     from phenotwin.evaluate.translation import load_eval_folder, translation_steps
     from phenotwin.progress import drive
     from phenotwin.synthetic.batches import make_plates, read_batches, write_plates
+    from phenotwin.train.selection import score_steps
 
     plates = make_plates(2, 2, size=32, channels=2, seed=0, start=700)
     seen_plate, unseen_plate = (effect.batch for effect in plates.effects)
@@ -291,6 +292,9 @@ def test_calibration_and_evaluation_translate_each_held_out_image_in_its_own_bat
     assert (None in {b for _, b in asked}) and (seen_plate in {b for _, b in asked})
     asked.clear()  # `phenotwin evaluate translation` too
     drive(translation_steps(translator, data, n=4, steps=2, classifier_epochs=1, confine=False))
+    assert sorted(asked, key=str) == sorted(expected, key=str)
+    asked.clear()  # and the end of training's choice of the save to keep
+    drive(score_steps(translator, data, 4, None, 0))
     assert sorted(asked, key=str) == sorted(expected, key=str)
 
     plain = Translator(make_tiny_checkpoint(tmp_path / "plain"), device="cpu")

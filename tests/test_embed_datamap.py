@@ -188,9 +188,21 @@ def test_a_vae_map_is_saved_and_other_data_are_placed_on_its_axes(material, tmp_
     # Refusals: a folder without a saved VAE, and the map itself as --out.
     assert _map("--data", plates, "--vae-from", plates, "--out", tmp_path / "nothing") == 2
     assert "holds no saved VAE map" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
-    assert _map("--data", plates, "--vae-from", tmp_path / "map", "--out", tmp_path / "map", "--overwrite") == 2
+    assert _map("--data", plates, "--vae-from", tmp_path / "map", "--out", tmp_path / "map") == 2
     assert "would replace the one it is placed on" in capsys.readouterr().err
     assert (tmp_path / "map/vae.safetensors").is_file()
+    assert _map("--data", plates, "--vae-from", tmp_path / "map", "--vae-size", 24, "--out", tmp_path / "x") == 2
+    assert "--vae-size shape a VAE trained by --vae" in capsys.readouterr().err
+    assert _map("--data", plates, "--vae-from", tmp_path / "map", "--affinity", "a.csv", "--out", tmp_path / "x") == 2
+    assert "trained already" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    (tmp_path / "placed/vae.json").write_text("[1, 2]")  # not a description: refused in words, not a traceback
+    assert _map("--data", plates, "--vae-from", tmp_path / "placed", "--out", tmp_path / "x") == 2
+    assert "is not a phenotwin VAE map description" in capsys.readouterr().err
+
+    # An encoder's map replacing a VAE map takes the VAE away with it: it no longer matches map.png.
+    _, encoder = material
+    assert _map("--data", plates, "--encoder", encoder, "--out", tmp_path / "map", "--overwrite") == 0
+    assert not (tmp_path / "map/vae.json").exists() and not (tmp_path / "map/vae.safetensors").exists()
 
 
 def test_an_output_folder_inside_the_data_is_refused(material, tmp_path, capsys):

@@ -92,12 +92,20 @@ def run_map(args: argparse.Namespace) -> int:
     from phenotwin.errors import PhenotwinError
     from phenotwin.progress import drive, tqdm_steps
 
-    if not args.vae and (args.affinity or args.affinity_from):
-        raise PhenotwinError("--affinity and --affinity-from shape the Affinity-VAE: add --vae, or leave them out.")
-    datamap.check_out(args.out, args.data, args.overwrite)  # before any work
     if args.vae_from is not None and args.vae_from.resolve() == args.out.resolve():
         raise PhenotwinError(f"--out {args.out} is the map given to --vae-from: the new map would replace the one it "
                              "is placed on. Choose another --out.")
+    if not args.vae and (args.affinity or args.affinity_from):
+        raise PhenotwinError("--affinity and --affinity-from shape the Affinity-VAE trained by --vae: "
+                             + ("a saved map's VAE (--vae-from) is trained already; leave them out."
+                                if args.vae_from is not None else "add --vae, or leave them out."))
+    trained_with = {"--vae-steps": args.vae_steps != 400, "--vae-size": args.vae_size != 32, "--gamma": args.gamma != 1.0,
+                    "--seed": args.seed != 0}
+    if args.vae_from is not None and any(trained_with.values()):
+        raise PhenotwinError(f"{', '.join(k for k, v in trained_with.items() if v)} shape a VAE trained by --vae; the "
+                             "map given to --vae-from has its own (see its vae.json). Leave them out, or make a new "
+                             "map with --vae.")
+    datamap.check_out(args.out, args.data, args.overwrite)  # before any work
     if args.vae_from is not None:
         steps = datamap.placed_vae_map_steps(args.data, args.vae_from)
     elif args.vae:

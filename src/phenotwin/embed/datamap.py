@@ -250,6 +250,9 @@ def write_map(result: DataMap, out: Path, overwrite: bool = False, command: str 
             from phenotwin.embed.saved_map import save_vae_map
 
             written += save_vae_map(out, *result.vae, result.projection.record())
+        else:  # an encoder's map replacing a VAE map: its VAE no longer matches map.png (only ours: check_output)
+            for name in (VAE_WEIGHTS, VAE_INFO):
+                (out / name).unlink(missing_ok=True)
         record_written(out, written)
     return out / REPORT
 

@@ -233,6 +233,9 @@ def saved_vae_map_steps(map_folder, data_folder, translations_folder=None) -> St
         raise PhenotwinError(f"the cells have {raw.shape[1]} channel(s) but the map in {map_folder} was made from "
                              f"{saved.info['channels']}: place cells of the same channels on it.")
     sources, translated_images = _read_translations(translations_folder, files)
+    if any(image.shape[0] != raw.shape[1] for image in translated_images):
+        raise PhenotwinError(f"the translations have another channel count than the cells ({raw.shape[1]}): give "
+                             "translations of these cells.")
     low, high = (np.asarray(saved.info["normalization"][k], np.float64) for k in ("low", "high"))
     size = int(saved.info["size"])
     yield Progress("map", 0, 1)

@@ -58,9 +58,13 @@ def load_vae_map(path: str | os.PathLike) -> SavedMap:
                              "of `phenotwin embed map --vae` (maps made before the VAE was saved must be made again).")
     try:
         info = json.loads(info_path.read_text())
-        ok = (info.get("format") == VAE_FORMAT and min(int(info[k]) for k in ("channels", "size", "latent", "width")) > 0
-              and {"normalization", "projection", "classes", "pose"} <= set(info))
-    except (ValueError, KeyError, TypeError):
+        channels = int(info["channels"])
+        ok = (info.get("format") == VAE_FORMAT and int(info["format_version"]) > 0
+              and min(channels, *(int(info[k]) for k in ("size", "latent", "width"))) > 0
+              and {"classes", "pose", "steps", "gamma", "seed"} <= set(info)
+              and all(len(info["normalization"][k]) == channels for k in ("low", "high"))
+              and np.asarray(info["projection"]["components"]).shape == (2, int(info["latent"])))
+    except (ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         raise PhenotwinError(f"{info_path} is not a phenotwin VAE map description; make the map again with "

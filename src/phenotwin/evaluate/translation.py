@@ -43,7 +43,8 @@ SIGMAS = (0, 1, 2)
 class EvalSet:
     """Raw (N, C, S, S) images per condition. With `aligned`, image i is the same cell in every
     condition (synthetic pairs) and `masks[i]` is its true change mask. `batches[condition][i]`:
-    image i's batch (plate, day) from the folder's batches.csv, else None."""
+    image i's batch (plate, day): from the folder's batches.csv, or the training split's batch labels
+    (`train.selection.eval_set`); None without either."""
 
     classes: list[str]
     images: dict[str, np.ndarray]

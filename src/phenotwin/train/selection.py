@@ -106,13 +106,15 @@ def score_steps(translator, data, n: int, classifier, seed: int):
     psnrs, hits = [], []
     for c, source in enumerate(classes):
         target = classes[(c + 1) % len(classes)]
-        for image in data.images[source][:n]:
-            inversion = yield from translator.invert_steps(image, source, translator.defaults.steps, channel_axis=0)
+        for i, image in enumerate(data.images[source][:n]):
+            batch = data.batch_for(translator, source, i)  # as the calibration after it translates
+            inversion = yield from translator.invert_steps(image, source, translator.defaults.steps, channel_axis=0,
+                                                           batch=batch)
             full = translator.resolve(source=source, target=target, strength=1.0, guidance=0.0, confine=False,
-                                      seed=seed)
+                                      seed=seed, batch=batch)
             result = yield from translator.generate_steps(inversion, settings=full)
             psnrs.append(float(result.reconstruction_psnr))
-            settings = translator.resolve(source=source, target=target, seed=seed)
+            settings = translator.resolve(source=source, target=target, seed=seed, batch=batch)
             if settings != full:
                 if settings.confine:
                     yield from translator.edit_mask_steps(inversion, target)
