@@ -680,11 +680,13 @@ def test_train_widget_trains_from_layers_and_opens_the_model(train_viewer, qtbot
     widget = TrainWidget(viewer)
     viewer.window.add_dock_widget(widget)
     configure_from_layers(widget, control, treated, tmp_path / "model", steps=4)
+    widget.reconstruction_target.value = 38
     widget.start()
     wait_until(qtbot, lambda: widget._worker is None, timeout=120_000)
     assert widget.plot.steps == [1, 2, 3, 4] and all(np.isfinite(widget.plot.losses))
     info = read_info(tmp_path / "model")
     assert info.classes == ["control", "nocodazole"] and info.provenance["steps"] == 4
+    assert info.provenance["config"]["reconstruction_target"] == 38  # the dock's field reaches the calibration
     assert widget.open_button.enabled
     widget.open_in_translate()
     translate = translate_widget_of(viewer)
@@ -706,6 +708,7 @@ def test_train_widget_stop_saves(train_viewer, qtbot, tmp_path):
     wait_until(qtbot, lambda: "Stopped at step" in widget.status.value, timeout=120_000)
     saved = read_info(tmp_path / "model").provenance["steps"]
     assert 2 <= saved < 100_000 and "Stopped at step" in widget.status.value
+    assert read_info(tmp_path / "model").provenance["config"]["reconstruction_target"] is None  # 0 in the dock: off
     # how to continue, in the dock's own words (no command-line flag)
     assert "--" not in widget.status.value and "set If the folder has a model to 'continue its training'" in \
         widget.status.value and widget.open_button.enabled
