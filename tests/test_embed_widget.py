@@ -127,6 +127,59 @@ def test_the_vae_map_dock_shows_the_selected_cells_latent_traversal(make_napari_
     np.testing.assert_allclose(layer.scale, (1.0, 1.0))  # the cells are 32 px too
 
 
+@pytest.mark.gui
+@gui
+def test_a_vae_map_trained_in_the_dock_is_saved_and_places_cells_where_the_dock_did(make_napari_viewer, qtbot,
+                                                                                   material, tmp_path, monkeypatch):
+    from phenotwin._napari import map_widget
+    from phenotwin._napari.map_widget import VAE, PhenotypeMapWidget
+    from phenotwin.cli import main
+    from phenotwin.embed.phenomap import saved_vae_map_steps
+
+    root, _, _ = material
+    viewer = make_napari_viewer()
+    widget = PhenotypeMapWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.features.value = VAE
+    assert not widget.save_folder.native.isHidden() and not widget.save_button.enabled  # nothing to save yet
+    widget.vae_steps.value, widget.data.value = 20, str(root / "plates")
+    widget.translations.value = str(root / "translated")
+    widget.start()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert widget.save_button.enabled and len(widget.result.arrows) == 2
+    widget.save_folder.value = str(tmp_path / "dock-map")
+    widget.save()
+    assert "Saved the VAE map" in widget.status.value
+    # the saved map puts the same cells where the dock showed them, and the command reads it too
+    placed = drive(saved_vae_map_steps(tmp_path / "dock-map", root / "plates", root / "translated"))
+    np.testing.assert_allclose(placed.coords, viewer.layers["Phenotype map"].data - [0, 32 + map_widget.MAP_GAP],
+                               atol=1e-3)
+    np.testing.assert_allclose(placed.arrows, widget.result.arrows, atol=1e-3)
+    assert main(["embed", "map", "--data", str(root / "plates"), "--vae-from", str(tmp_path / "dock-map"),
+                 "--out", str(tmp_path / "placed")]) == 0
+    # a second save asks first; No leaves the saved map as it was
+    before = (tmp_path / "dock-map" / "vae.safetensors").read_bytes()
+    asked = []
+    monkeypatch.setattr(map_widget, "ask_replace", lambda parent, text: asked.append(text) or False)
+    widget.result.traversal.model.to_latent.bias.data += 1.0  # as if another map had been trained
+    widget.save()
+    assert "already holds a VAE map" in asked[0] and (tmp_path / "dock-map" / "vae.safetensors").read_bytes() == before
+    monkeypatch.setattr(map_widget, "ask_replace", lambda parent, text: True)
+    widget.save()
+    assert (tmp_path / "dock-map" / "vae.safetensors").read_bytes() != before
+    # a vae.json phenotwin did not write there, or the command's map folder, is never replaced
+    shown = []
+    monkeypatch.setattr(map_widget, "show_error", shown.append)
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "vae.json").write_text("{}")
+    widget.save_folder.value = str(tmp_path / "theirs")
+    widget.save()
+    assert "did not write there" in shown[-1] and (tmp_path / "theirs" / "vae.json").read_text() == "{}"
+    widget.save_folder.value = str(tmp_path / "placed")
+    widget.save()
+    assert "holds a map made by `phenotwin embed map`" in shown[-1]
+
+
 @pytest.fixture(scope="module")
 def saved_map(material, tmp_path_factory):
     """A VAE map of the plates, made and saved by `phenotwin embed map --vae`."""

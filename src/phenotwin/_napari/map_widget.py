@@ -6,7 +6,9 @@ Cancel. It adds new layers (the user's layers are never touched): the cells as a
 map as points coloured by condition (placed to the right of the cells) and the translations as
 arrows from each source cell. Selecting points shows the first selected cell in the stack and all
 of them side by side in a "Selected cells" layer; on a VAE map, also the first one's latent
-traversal along the map's two axes ("Latent traversal", decoded in a worker).
+traversal along the map's two axes ("Latent traversal", decoded in a worker). A VAE trained here
+can be saved ("Save VAE map"), so later cells land on the same map ("Saved VAE map", or
+`phenotwin embed map --vae-from`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ if TYPE_CHECKING:
 
 MAP_GAP = 20  # pixels between the cell stack and the map
 ENCODER, VAE, SAVED = "Batch-robust encoder", "Affinity-VAE (trained here)", "Saved VAE map"
+
+
+def ask_replace(parent, text: str) -> bool:
+    """A Yes/No dialog (tests replace it)."""
+    from qtpy.QtWidgets import QMessageBox
+
+    answer = QMessageBox.question(parent, "Replace the saved map?", text)
+    return answer == QMessageBox.StandardButton.Yes
 
 
 def _path(edit: FileEdit) -> Path | None:
@@ -51,20 +61,49 @@ class PhenotypeMapWidget(Container):
         self.data = FileEdit(mode="d", label="Cells", tooltip="DIR/<condition>/*.tif: the cells to map")
         self.translations = FileEdit(mode="d", label="Translations",
                                      tooltip="optional: translated cells, named after their source image")
+        self.save_folder = FileEdit(mode="d", label="Save map to", visible=False,
+                                    tooltip="a folder for the VAE and the map's axes (vae.safetensors, vae.json)")
+        self.save_button = PushButton(text="Save VAE map", enabled=False, visible=False,
+                                      tooltip="keep the VAE trained here, so other cells can be placed on this map")
         self.run_button = PushButton(text="Show map")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
         self.extend([self.features, self.encoder, self.saved_map, self.vae_steps, self.data, self.translations,
-                     self.run_button, self.cancel_button, self.status])
-        self.features.changed.connect(lambda value: (setattr(self.encoder, "visible", value == ENCODER),
-                                                     setattr(self.saved_map, "visible", value == SAVED),
-                                                     setattr(self.vae_steps, "visible", value == VAE)))
+                     self.run_button, self.cancel_button, self.save_folder, self.save_button, self.status])
+        self.features.changed.connect(self._on_features)
         self.run_button.changed.connect(self.start)
+        self.save_button.changed.connect(self.save)
         self.cancel_button.changed.connect(self.cancel)
         self._worker = None
         self.result = None
         self.points = None
+
+    def _on_features(self, value: str) -> None:
+        self.encoder.visible, self.saved_map.visible = value == ENCODER, value == SAVED
+        for widget in (self.vae_steps, self.save_folder, self.save_button):
+            widget.visible = value == VAE
+
+    def save(self) -> None:
+        """Write the VAE map shown (trained here) into Save map to; asks before replacing phenotwin's own files."""
+        from phenotwin.embed.phenomap import save_vae
+        from phenotwin.embed.saved_map import VAE_INFO, VAE_WEIGHTS
+
+        folder = _path(self.save_folder)
+        if folder is None or self.result is None or self.result.vae_description is None:
+            show_error("Show a map with 'Affinity-VAE (trained here)' and choose Save map to first.")
+            return
+        present = [name for name in (VAE_WEIGHTS, VAE_INFO) if (folder / name).exists()]
+        if present and not ask_replace(self.native, f"{folder} already holds a VAE map ({', '.join(present)}). "
+                                                    "Replace it with this one?"):
+            return
+        try:
+            save_vae(self.result, folder, overwrite=bool(present))
+        except PhenotwinError as err:
+            show_error(f"Cannot save the map: {err}")
+            return
+        self.status.value = (f"Saved the VAE map to {folder}: choose 'Saved VAE map' and this folder to place "
+                             "other cells on it.")
 
     def start(self) -> None:
         from phenotwin.embed.phenomap import map_steps, saved_vae_map_steps, vae_map_steps
@@ -76,6 +115,7 @@ class PhenotypeMapWidget(Container):
                        "Choose the folder of cells first.")
             return
         self.run_button.enabled, self.cancel_button.enabled = False, True
+        self.save_button.enabled = False  # until this run's map is shown
         translations = _path(self.translations)
         if kind == VAE:
             steps = vae_map_steps(data, translations, steps=self.vae_steps.value)
@@ -102,6 +142,7 @@ class PhenotypeMapWidget(Container):
 
     def _show(self, result) -> None:
         self.result = result
+        self.save_button.enabled = result.vae_description is not None
         height, width = result.images.shape[-2:]
         self.viewer.add_image(result.images[:, 0], name="Map cells", colormap="gray")
         offset = np.array([0.0, width + MAP_GAP])

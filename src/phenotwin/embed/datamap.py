@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from phenotwin.checkpoint import MANIFEST_FILE
-from phenotwin.embed.saved_map import VAE_INFO, VAE_WEIGHTS
+from phenotwin.embed.saved_map import MAP_JSON, VAE_INFO, VAE_WEIGHTS, describe_vae
 from phenotwin.errors import PhenotwinError
 from phenotwin.progress import Progress, Steps
 
-MAP_PNG, MAP_CSV, MAP_JSON, REPORT = "map.png", "map.csv", "map.json", "report.md"
+MAP_PNG, MAP_CSV, REPORT = "map.png", "map.csv", "report.md"
 ENTRIES = (MAP_PNG, MAP_CSV, MAP_JSON, REPORT, VAE_WEIGHTS, VAE_INFO, MANIFEST_FILE)
 MARKERS = "os^DvP*Xph<>"
 
@@ -125,9 +125,7 @@ def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | No
     config = VAEConfig(steps=steps, gamma=gamma if matrix is not None else 0.0, seed=seed)
     model, history = yield from relabel(train_vae_steps(images, data.labels, config, matrix), "train map", 0, steps)
     content, angles = latents(model, images)
-    description = {"channels": images.shape[1], "size": size, "latent": config.latent, "width": config.width,
-                   "pose": config.pose, "classes": data.classes, "steps": steps, "gamma": config.gamma, "seed": seed,
-                   "normalization": {"low": data.images.low.tolist(), "high": data.images.high.tolist()}}
+    description = describe_vae(config, images.shape[1], size, data.classes, data.images.low, data.images.high)
     source = {"kind": "affinity-vae", "steps": steps, "size": size, "gamma": config.gamma, "latent": config.latent,
               "beta": config.beta, "cycle": config.cycle, "seed": seed,
               "affinity": None if matrix is None else matrix.tolist(),

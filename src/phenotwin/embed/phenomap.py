@@ -32,6 +32,7 @@ class PhenotypeMap:
     arrow_sources: list[int]  # the source cell of each arrow
     traversal: LatentTraversal | None = None  # a VAE map's walks through its latents; None for an encoder's
     warning: str | None = None  # why the map cannot be trusted (a VAE that did not learn), else None
+    vae_description: dict | None = None  # a VAE trained here: its vae.json description, for `save_vae`
 
 
 @dataclass
@@ -200,6 +201,7 @@ def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size:
     normalised with the data's own range and resized to `size` as `phenotwin embed map --vae` does.
     Yields a Progress per training step."""
     from phenotwin.embed.affinity_vae import VAEConfig, collapse_warning, latents, train_vae_steps, vae_inputs
+    from phenotwin.embed.saved_map import describe_vae
     from phenotwin.preprocessing import normalise
 
     raw, conditions, files, (low, high) = load_cells(data_folder)
@@ -210,13 +212,40 @@ def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size:
     cells = normalise(raw, low, high)  # (N, C, H, W): the same map as a translation's input
     inputs = vae_inputs(cells, size)
     labels = np.asarray([sorted(set(conditions)).index(c) for c in conditions])
-    model, _ = yield from train_vae_steps(inputs, labels, VAEConfig(steps=steps, seed=seed))
+    config = VAEConfig(steps=steps, seed=seed)
+    model, _ = yield from train_vae_steps(inputs, labels, config)
     content, _ = latents(model, inputs)
     translated = [latents(model, vae_inputs(normalise(image[None], low, high), size))[0][0]
                   for image in translated_images]
     projection, coords, arrows = _placed(content, translated, sources)
+    description = describe_vae(config, raw.shape[1], size, sorted(set(conditions)), low, high)
     return PhenotypeMap(coords, conditions, files, cells, arrows, sources, LatentTraversal(model, content, projection),
-                        collapse_warning(content))
+                        collapse_warning(content), description)
+
+
+def save_vae(result: PhenotypeMap, out, overwrite: bool = False) -> Path:
+    """Keep a VAE map trained in the dock as `phenotwin embed map --vae` keeps its own (vae.safetensors +
+    vae.json, `saved_map`), so the dock's "Saved VAE map" and `embed map --vae-from` place other cells on
+    it; refused, before writing, where it would replace a file phenotwin did not write there."""
+    from phenotwin.checkpoint import MANIFEST_FILE
+    from phenotwin.embed.saved_map import MAP_JSON, VAE_INFO, VAE_WEIGHTS, save_vae_map
+    from phenotwin.io import prepare_folder, writing_into
+    from phenotwin.output_folder import check_output, record_written
+
+    if result.vae_description is None:
+        raise PhenotwinError("only a map of an Affinity-VAE trained here can be saved: an encoder or a saved map is "
+                             "kept in its own folder already.")
+    out = Path(out)
+    if (out / MAP_JSON).exists():  # its VAE belongs to that map's map.png and map.csv
+        raise PhenotwinError(f"{out} holds a map made by `phenotwin embed map` ({MAP_JSON}); this map would replace "
+                             "its VAE but not its pictures and tables. Choose another folder.")
+    check_output(out, (VAE_WEIGHTS, VAE_INFO, MANIFEST_FILE), overwrite, option="map")
+    prepare_folder(out, "map")
+    projection = result.traversal.projection
+    record = {**projection.record(), "scale": projection.scale / MAP_SPAN}  # saved maps span 1 (`saved_vae_map_steps`)
+    with writing_into(out):
+        record_written(out, save_vae_map(out, result.traversal.model, result.vae_description, record))
+    return out
 
 
 def saved_vae_map_steps(map_folder, data_folder, translations_folder=None) -> Steps[PhenotypeMap]:

@@ -21,6 +21,7 @@ from phenotwin.errors import PhenotwinError
 from phenotwin.io import write_atomically
 
 VAE_WEIGHTS, VAE_INFO = "vae.safetensors", "vae.json"
+MAP_JSON = "map.json"  # `phenotwin embed map`'s record of the map its VAE belongs to
 VAE_FORMAT, FORMAT_VERSION = "phenotwin-vae-map", 1
 # Share of a channel's pixels outside the first data's range above which new data do not look like them.
 OUTSIDE_RANGE_WARNING = 0.05
@@ -31,6 +32,15 @@ class SavedMap:
     model: Any  # the Affinity-VAE (`affinity_vae.build_vae`), in eval mode
     info: dict[str, Any]  # vae.json; its "projection" is `phenomap.Projection.record()`
     folder: Path
+
+
+def describe_vae(config, channels: int, size: int, classes: list[str], low, high) -> dict[str, Any]:
+    """vae.json's description of a VAE trained with `config` (`affinity_vae.VAEConfig`) on `size` px crops
+    of `classes`, normalised with the per-channel range (`low`, `high`): what placing other data needs."""
+    return {"channels": int(channels), "size": int(size), "latent": config.latent, "width": config.width,
+            "pose": config.pose, "classes": list(classes), "steps": config.steps, "gamma": config.gamma,
+            "seed": config.seed, "normalization": {"low": np.asarray(low, np.float64).tolist(),
+                                                   "high": np.asarray(high, np.float64).tolist()}}
 
 
 def save_vae_map(out: Path, model, info: dict[str, Any], projection: dict[str, Any]) -> list[str]:
