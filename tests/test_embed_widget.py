@@ -213,6 +213,31 @@ def test_cells_placed_on_a_saved_vae_map_land_where_the_command_put_them(materia
         drive(saved_vae_map_steps(root / "plates", root / "plates"))
 
 
+def test_one_condition_placed_on_a_saved_map_is_compared_with_the_maps_own_conditions(material, saved_map, tmp_path,
+                                                                                      capsys):
+    import json
+    import shutil
+
+    from phenotwin.cli import main
+
+    root, _, _ = material
+    shutil.copytree(root / "plates" / "nocodazole", tmp_path / "new-plate" / "nocodazole")  # one condition
+    assert main(["embed", "map", "--data", str(tmp_path / "new-plate"), "--vae-from", str(saved_map),
+                 "--out", str(tmp_path / "placed")]) == 0
+    record = json.loads((tmp_path / "placed" / "map.json").read_text())
+    nearest = record["metrics"]["nearest_map_condition"]["nocodazole"]
+    # the map's own nocodazole cells: their mean is that landmark, the other condition's lies further
+    assert nearest["nearest"] == "nocodazole" and nearest["distances"]["nocodazole"] < 1e-4
+    assert nearest["distances"]["control"] > 0.01
+    assert "knn_condition_accuracy" not in record["metrics"]  # one condition: nothing to tell apart
+    report = (tmp_path / "placed" / "report.md").read_text()
+    assert "| nocodazole | " in report and "Where these conditions land" in report
+    # a map of its own still needs two conditions, and the refusal says how to place them instead
+    assert main(["embed", "map", "--data", str(tmp_path / "new-plate"), "--vae", "--vae-steps", "20",
+                 "--out", str(tmp_path / "own")]) == 2
+    assert "has one condition" in capsys.readouterr().err and not (tmp_path / "own").exists()
+
+
 @pytest.mark.gui
 @gui
 def test_the_map_dock_places_cells_on_a_saved_vae_map(make_napari_viewer, qtbot, material, saved_map):
@@ -235,6 +260,12 @@ def test_the_map_dock_places_cells_on_a_saved_vae_map(make_napari_viewer, qtbot,
     expected = drive(saved_vae_map_steps(saved_map, root / "plates")).coords
     points = viewer.layers["Phenotype map"].data
     np.testing.assert_allclose(points - points.min(0), expected - expected.min(0), atol=1e-4)
+    marks = viewer.layers["Map conditions"]  # the map's own conditions, at their mean cell's place
+    for k, condition in enumerate(marks.features["condition"]):
+        mine = [i for i, c in enumerate(widget.result.conditions) if c == condition]
+        np.testing.assert_allclose(marks.data[k] - points.min(0),
+                                   expected[mine].mean(0) - expected.min(0), atol=1e-3)  # linear: mean of places
+    assert "nocodazole lands nearest the map's nocodazole (distance 0.00" in widget.status.value
     viewer.layers["Phenotype map"].selected_data = {2}
     qtbot.waitUntil(lambda: "Latent traversal" in viewer.layers, timeout=30_000)
     assert viewer.layers["Latent traversal"].data.shape == (2 * 16, 7 * 16)

@@ -153,10 +153,19 @@ class PhenotypeMapWidget(Container):
             arrows = result.arrows.copy()
             arrows[:, 0] += offset
             self.viewer.add_vectors(arrows, name="Translations", edge_width=1.5, edge_color="white", vector_style="arrow")
+        if result.landmarks is not None:  # a saved map's own conditions, which these cells are compared with
+            names, where = result.landmarks
+            self.viewer.add_points(where + offset, name="Map conditions", symbol="x", size=16, face_color="white",
+                                   features={"condition": names}, text={"string": "{condition}", "color": "white",
+                                                                        "anchor": "upper_left"}, ndim=2)
         self.points.selected_data.events.items_changed.connect(self._selected)
+        self.viewer.layers.selection.active = self.points  # the layer whose points a click selects
         self.points.mode = "select"
         self.status.value = f"Done: {len(result.coords)} cells" + (f", {len(result.arrows)} translations."
                                                                    if len(result.arrows) else ".")
+        for condition, row in (result.nearest or {}).items():
+            self.status.value += (f" {condition} lands nearest the map's {row['nearest']} (distance "
+                                  f"{row['distances'][row['nearest']]:.2f} of the map's own spread).")
         if result.warning:  # a map the user cannot trust says so, in the dock and as a notification
             self.status.value += f" Warning: {result.warning}"
             show_warning(f"Phenotype map: {result.warning}")

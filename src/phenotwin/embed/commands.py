@@ -128,6 +128,9 @@ def describe(metrics: dict) -> list[str]:
     for key, name, chance in METRIC_NAMES:
         if key in metrics:
             lines.append(f"{name}: {metrics[key]:.3f}" + (f" (chance {metrics[chance]:.3f})" if chance else ""))
+    for condition, row in metrics.get("nearest_map_condition", {}).items():
+        lines.append(f"{condition} lands nearest the map's {row['nearest']} (distance "
+                     f"{row['distances'][row['nearest']]:.2f} of the map's own spread)")
     return lines
 
 

@@ -53,13 +53,13 @@ class BatchedImages:
 
 
 def load_batched(root: str | os.PathLike, min_size: int, normalization: dict | None = None,
-                 require_batches: bool = True, min_batches: int = 2) -> BatchedImages:
+                 require_batches: bool = True, min_batches: int = 2, min_conditions: int = 2) -> BatchedImages:
     """DIR/<condition>/* with DIR/batches.csv; `normalization` (an encoder's) replaces the data's own range.
 
     Without `require_batches` a folder without batches.csv is one batch, "all" (plain SimCLR and a map need
     none); `min_batches` is how many batches.csv must name (a map can show one)."""
     root = Path(root)
-    images = load_condition_folders(root, min_size)
+    images = load_condition_folders(root, min_size, min_conditions=min_conditions)
     if not require_batches and not (root / BATCHES_FILE).is_file():
         names = ["all"] * len(images.files)
     else:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from phenotwin.checkpoint import MANIFEST_FILE
-from phenotwin.embed.saved_map import MAP_JSON, VAE_INFO, VAE_WEIGHTS, describe_vae
+from phenotwin.embed.saved_map import MAP_JSON, VAE_INFO, VAE_WEIGHTS, describe_vae, landmarks_of
 from phenotwin.errors import PhenotwinError
 from phenotwin.progress import Progress, Steps
 
@@ -46,6 +46,7 @@ class DataMap:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # more per-image columns (the VAE's pose)
     projection: Any = None           # the `phenomap.Projection` that made `coords`
     vae: tuple | None = None         # a VAE map's (model, description) to save for reuse (`saved_map`)
+    landmarks: tuple | None = None   # on a saved map: (its conditions, (K, 2) where their means lie)
 
 
 def check_conditions(root: Path) -> None:
@@ -59,15 +60,20 @@ def check_conditions(root: Path) -> None:
     if len(found) == 1:
         raise PhenotwinError(f"{root} has one condition ({found[0]!r}); a map shows how conditions differ, and its "
                              "silhouettes and kNN accuracies need at least two. Add a subfolder with the images of "
-                             f"another condition (e.g. {root}/control/*.tif beside {root}/{found[0]}/).")
+                             f"another condition (e.g. {root}/control/*.tif beside {root}/{found[0]}/), or place these "
+                             "cells on a VAE map made before with --vae-from MAP_DIR.")
 
 
-def _load(root: Path, normalization: dict | None):
+def _load(root: Path, normalization: dict | None, one_condition: bool = False):
+    """The data (and whether they have batches.csv); one condition only where `one_condition` (cells placed
+    on a saved map are compared with the map's own conditions)."""
     from phenotwin.embed.data import load_batched
     from phenotwin.synthetic.batches import BATCHES_FILE
 
-    check_conditions(root)
-    data = load_batched(root, 8, normalization=normalization, require_batches=False, min_batches=1)
+    if not one_condition:
+        check_conditions(root)
+    data = load_batched(root, 8, normalization=normalization, require_batches=False, min_batches=1,
+                        min_conditions=1 if one_condition else 2)
     return data, (root / BATCHES_FILE).is_file()
 
 
@@ -126,6 +132,7 @@ def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | No
     model, history = yield from relabel(train_vae_steps(images, data.labels, config, matrix), "train map", 0, steps)
     content, angles = latents(model, images)
     description = describe_vae(config, images.shape[1], size, data.classes, data.images.low, data.images.high)
+    description["landmarks"] = landmarks_of(content, data.labels, data.classes)
     source = {"kind": "affinity-vae", "steps": steps, "size": size, "gamma": config.gamma, "latent": config.latent,
               "beta": config.beta, "cycle": config.cycle, "seed": seed,
               "affinity": None if matrix is None else matrix.tolist(),
@@ -139,15 +146,16 @@ def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | No
 
 def placed_vae_map_steps(data_dir, map_dir) -> Steps[DataMap]:
     """The map of `data_dir` on a saved VAE map (`--vae-from`): the cells encoded by its VAE, normalised
-    with its first data's range, and projected on its axes; nothing is trained."""
+    with its first data's range, and projected on its axes; nothing is trained. One condition is enough:
+    each is compared with the map's own conditions (`nearest_conditions`)."""
     from phenotwin.embed.affinity_vae import collapse_warning, latents, reconstruction_error, vae_inputs
     from phenotwin.embed.phenomap import Projection
-    from phenotwin.embed.saved_map import load_vae_map, range_warning
+    from phenotwin.embed.saved_map import load_vae_map, nearest_conditions, range_warning
 
     saved = load_vae_map(map_dir)
     info = saved.info
     root = Path(data_dir)
-    data, known = _load(root, info["normalization"])
+    data, known = _load(root, info["normalization"], one_condition=True)
     if data.images.channels != info["channels"]:
         raise PhenotwinError(f"{root} has {data.images.channels}-channel images but the map in {map_dir} was made "
                              f"from {info['channels']}-channel ones: place images of the same channels on it.")
@@ -164,6 +172,10 @@ def placed_vae_map_steps(data_dir, map_dir) -> Steps[DataMap]:
     result = _finish(root, data, known, content, source, {"pose_degrees": np.rad2deg(angles)},
                      Projection.from_record(info["projection"]))
     result.vae = (saved.model, {k: v for k, v in info.items() if k not in ("format", "format_version", "projection")})
+    if "landmarks" in info:
+        marks = info["landmarks"]
+        result.metrics["nearest_map_condition"] = nearest_conditions(content, result.conditions, marks)
+        result.landmarks = (marks["classes"], result.projection(np.asarray(marks["means"], np.float64)))
     return result
 
 
@@ -195,6 +207,11 @@ def draw(result: DataMap, figure) -> None:
                 ax.scatter(result.coords[pick, 0], result.coords[pick, 1], s=18, color=f"C{c % 10}",
                            marker=MARKERS[b % len(MARKERS)], alpha=0.8,
                            label=condition if batch is None else f"{condition}, {batch}")
+    if result.landmarks is not None:  # the saved map's own conditions, where these cells are compared with them
+        names, where = result.landmarks
+        ax.scatter(where[:, 0], where[:, 1], s=90, color="black", marker="X", label="the map's conditions (means)")
+        for name, (x, y) in zip(names, where):
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel(f"PC 1 ({100 * result.explained[0]:.0f}% of the variance)")
     ax.set_ylabel(f"PC 2 ({100 * result.explained[1]:.0f}% of the variance)")
     kind = (f"{result.source['method']} encoder" if result.source["kind"] == "encoder"
@@ -274,9 +291,10 @@ def report_markdown(record: dict) -> str:
                                                                            in record["batches"].items()))
              + f". The map is a PCA of {made}; its two axes show "
              f"{100 * sum(record['projection']['explained_variance']):.0f}% of their variance.", "",
-             "| measure | value | chance |", "| --- | --- | --- |",
-             f"| kNN condition accuracy | {m['knn_condition_accuracy']:.3f} | {m['condition_chance']:.3f} |",
-             f"| silhouette by condition | {m['silhouette_condition']:.3f} | 0 |"]
+             "| measure | value | chance |", "| --- | --- | --- |"]
+    if "knn_condition_accuracy" in m:  # one condition placed on a saved map has nothing to tell apart
+        lines += [f"| kNN condition accuracy | {m['knn_condition_accuracy']:.3f} | {m['condition_chance']:.3f} |",
+                  f"| silhouette by condition | {m['silhouette_condition']:.3f} | 0 |"]
     if "knn_batch_accuracy" in m:
         lines += [f"| kNN batch accuracy | {m['knn_batch_accuracy']:.3f} | {m['batch_chance']:.3f} |",
                   f"| silhouette by batch | {m['silhouette_batch']:.3f} | 0 |"]
@@ -288,6 +306,15 @@ def report_markdown(record: dict) -> str:
                   "set the images apart."]
     else:
         lines += ["The data have no batches.csv (or one batch), so batch effects are not measured."]
+    if "nearest_map_condition" in m:
+        nearest = m["nearest_map_condition"]
+        names = list(next(iter(nearest.values()))["distances"])
+        lines += ["", "Where these conditions land among the map's own (black crosses on map.png): the distance of "
+                  "each one's mean latent to the mean of each of the map's conditions, in units of the map cells' mean "
+                  "distance to their own condition's mean (1 or less: as close as the map's own cells are).", "",
+                  "| these cells | " + " | ".join(names) + " | nearest |", "| --- |" + " --- |" * (len(names) + 1)]
+        lines += [f"| {c} | " + " | ".join(f"{row['distances'][n]:.2f}" for n in names) + f" | {row['nearest']} |"
+                  for c, row in nearest.items()]
     if source.get("warning"):
         lines += ["", f"**Warning: {source['warning']}**"]
     if source["kind"] != "encoder" and source["gamma"] and not source.get("vae_from"):

@@ -36,7 +36,8 @@ def feature_report(features: np.ndarray, conditions: np.ndarray, batches: np.nda
                    k: int = 5) -> dict:
     """kNN accuracy and silhouette (cosine) by condition and by batch, with the chance levels.
 
-    Without batches, or with one batch, the batch numbers are left out: nothing to tell apart."""
+    Without batches, or with one batch, the batch numbers are left out: nothing to tell apart; so are the
+    condition numbers for one condition."""
     from sklearn.metrics import silhouette_score
 
     unit = _unit(features)
@@ -44,9 +45,11 @@ def feature_report(features: np.ndarray, conditions: np.ndarray, batches: np.nda
     def chance(labels):
         return float(np.bincount(np.unique(labels, return_inverse=True)[1]).max() / len(labels))
 
-    report = {"images": int(len(features)),
-              "knn_condition_accuracy": knn_accuracy(unit, conditions, k), "condition_chance": chance(conditions),
-              "silhouette_condition": float(silhouette_score(unit, conditions, metric="cosine"))}
+    report = {"images": int(len(features))}
+    if len(np.unique(conditions)) > 1:  # one condition (cells placed on a saved map): nothing to tell apart
+        report.update({"knn_condition_accuracy": knn_accuracy(unit, conditions, k),
+                       "condition_chance": chance(conditions),
+                       "silhouette_condition": float(silhouette_score(unit, conditions, metric="cosine"))})
     if batches is not None and len(np.unique(batches)) > 1:
         report.update({"knn_batch_accuracy": knn_accuracy(unit, batches, k), "batch_chance": chance(batches),
                        "silhouette_batch": float(silhouette_score(unit, batches, metric="cosine"))})

@@ -33,6 +33,8 @@ class PhenotypeMap:
     traversal: LatentTraversal | None = None  # a VAE map's walks through its latents; None for an encoder's
     warning: str | None = None  # why the map cannot be trusted (a VAE that did not learn), else None
     vae_description: dict | None = None  # a VAE trained here: its vae.json description, for `save_vae`
+    landmarks: tuple | None = None  # on a saved map: (its conditions, (K, 2) where their means lie)
+    nearest: dict | None = None  # on a saved map: `saved_map.nearest_conditions` of these cells
 
 
 @dataclass
@@ -117,12 +119,12 @@ class LatentTraversal:
         return np.stack(rows)
 
 
-def load_cells(folder) -> tuple[np.ndarray, list[str], list[Path], np.ndarray]:
+def load_cells(folder, min_conditions: int = 2) -> tuple[np.ndarray, list[str], list[Path], np.ndarray]:
     """(raw (N, C, H, W) images cropped to the smallest size, their conditions, their files, and the
     data's own per-channel range (low, high) as training computes it)."""
     from phenotwin.train.data import load_condition_folders
 
-    data = load_condition_folders(folder, 8)
+    data = load_condition_folders(folder, 8, min_conditions=min_conditions)
     h = min(im.shape[1] for im in data.images)
     w = min(im.shape[2] for im in data.images)
     crops = [im[:, (im.shape[1] - h) // 2: (im.shape[1] - h) // 2 + h, (im.shape[2] - w) // 2:
@@ -201,7 +203,7 @@ def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size:
     normalised with the data's own range and resized to `size` as `phenotwin embed map --vae` does.
     Yields a Progress per training step."""
     from phenotwin.embed.affinity_vae import VAEConfig, collapse_warning, latents, train_vae_steps, vae_inputs
-    from phenotwin.embed.saved_map import describe_vae
+    from phenotwin.embed.saved_map import describe_vae, landmarks_of
     from phenotwin.preprocessing import normalise
 
     raw, conditions, files, (low, high) = load_cells(data_folder)
@@ -219,6 +221,7 @@ def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size:
                   for image in translated_images]
     projection, coords, arrows = _placed(content, translated, sources)
     description = describe_vae(config, raw.shape[1], size, sorted(set(conditions)), low, high)
+    description["landmarks"] = landmarks_of(content, labels, sorted(set(conditions)))
     return PhenotypeMap(coords, conditions, files, cells, arrows, sources, LatentTraversal(model, content, projection),
                         collapse_warning(content), description)
 
@@ -253,11 +256,11 @@ def saved_vae_map_steps(map_folder, data_folder, translations_folder=None) -> St
     range, encoded by its VAE and placed on its axes (scaled to the dock's span), nothing trained, so
     the cells of a new plate land on the same map as the first data."""
     from phenotwin.embed.affinity_vae import collapse_warning, latents, vae_inputs
-    from phenotwin.embed.saved_map import load_vae_map, range_warning
+    from phenotwin.embed.saved_map import load_vae_map, nearest_conditions, range_warning
     from phenotwin.preprocessing import normalise
 
     saved = load_vae_map(map_folder)
-    raw, conditions, files, _ = load_cells(data_folder)
+    raw, conditions, files, _ = load_cells(data_folder, min_conditions=1)  # compared with the map's own
     if raw.shape[1] != saved.info["channels"]:
         raise PhenotwinError(f"the cells have {raw.shape[1]} channel(s) but the map in {map_folder} was made from "
                              f"{saved.info['channels']}: place cells of the same channels on it.")
@@ -276,5 +279,10 @@ def saved_vae_map_steps(map_folder, data_folder, translations_folder=None) -> St
     on_map = Projection.from_record(saved.info["projection"], span_scale=MAP_SPAN)  # saved at span 1
     projection, coords, arrows = _placed(content, translated, sources, on_map)
     warnings = [w for w in (range_warning(list(raw), low, high), collapse_warning(content)) if w]
-    return PhenotypeMap(coords, conditions, files, cells, arrows, sources,
-                        LatentTraversal(saved.model, content, projection), " ".join(warnings) or None)
+    result = PhenotypeMap(coords, conditions, files, cells, arrows, sources,
+                          LatentTraversal(saved.model, content, projection), " ".join(warnings) or None)
+    marks = saved.info.get("landmarks")  # maps saved before landmarks have none
+    if marks is not None:
+        result.landmarks = (marks["classes"], projection(np.asarray(marks["means"], np.float64)))
+        result.nearest = nearest_conditions(content, conditions, marks)
+    return result

@@ -3,8 +3,9 @@ beside the map (vae.safetensors + vae.json), so that other data (a new plate, a 
 on the same map with `--vae-from`: the same latents and the same axes, without training again.
 
 vae.json holds what placing needs: the VAE's shape, the intensity range the cells were normalised with
-(the first data's own; new data go through the same one), the conditions it was trained on, and the
-PCA (mean, components) with the map's origin and scale.
+(the first data's own; new data go through the same one), the conditions it was trained on, the
+PCA (mean, components) with the map's origin and scale, and the landmarks: where each of those
+conditions lies, so that placed cells are compared with them (a new drug's cells nearest "nocodazole").
 """
 
 from __future__ import annotations
@@ -43,6 +44,30 @@ def describe_vae(config, channels: int, size: int, classes: list[str], low, high
                                                    "high": np.asarray(high, np.float64).tolist()}}
 
 
+def landmarks_of(content: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Where the map's own conditions lie, kept in vae.json so that cells placed later can be compared with
+    them (`nearest_conditions`): each condition's mean content latent, and the map cells' mean distance to
+    their own condition's mean (the unit a distance is read in)."""
+    means = np.stack([content[labels == c].mean(0) for c in range(len(classes))])
+    within = float(np.linalg.norm(content - means[labels], axis=1).mean())
+    return {"classes": list(classes), "means": means.tolist(), "within": within}
+
+
+def nearest_conditions(content: np.ndarray, conditions: list[str], landmarks: dict[str, Any]) -> dict[str, Any]:
+    """For each condition of cells placed on a saved map: the distance of its mean latent to each of the map's
+    conditions' means, in units of the map cells' spread about their own means (`landmarks_of`; 1: as far
+    as a map cell from its condition's mean), and the nearest. What a new treatment resembles."""
+    means = np.asarray(landmarks["means"], np.float64)
+    unit = max(float(landmarks["within"]), 1e-12)
+    found = {}
+    for condition in sorted(set(conditions)):
+        mean = content[[i for i, c in enumerate(conditions) if c == condition]].mean(0)
+        distances = np.linalg.norm(means - mean, axis=1) / unit
+        found[condition] = {"nearest": landmarks["classes"][int(np.argmin(distances))],
+                            "distances": {name: float(d) for name, d in zip(landmarks["classes"], distances)}}
+    return found
+
+
 def save_vae_map(out: Path, model, info: dict[str, Any], projection: dict[str, Any]) -> list[str]:
     """Weights then description (with `projection`, a `phenomap.Projection.record()`), each atomically;
     returns the names written (for the folder's manifest)."""
@@ -73,7 +98,10 @@ def load_vae_map(path: str | os.PathLike) -> SavedMap:
               and min(channels, *(int(info[k]) for k in ("size", "latent", "width"))) > 0
               and {"classes", "pose", "steps", "gamma", "seed"} <= set(info)
               and all(len(info["normalization"][k]) == channels for k in ("low", "high"))
-              and np.asarray(info["projection"]["components"]).shape == (2, int(info["latent"])))
+              and np.asarray(info["projection"]["components"]).shape == (2, int(info["latent"]))
+              and ("landmarks" not in info  # maps saved before landmarks have none
+                   or np.asarray(info["landmarks"]["means"]).shape == (len(info["landmarks"]["classes"]),
+                                                                       int(info["latent"]))))
     except (ValueError, KeyError, TypeError, AttributeError):
         ok = False
     if not ok:

@@ -78,9 +78,10 @@ def _channel_first(array: np.ndarray, file: Path, channel_axis: int | None) -> n
 
 def load_condition_folders(
     root: str | os.PathLike, min_size: int, channel_axis: int | None = None, max_per_class: int | None = None,
-    allow_mixed_bit_depth: bool = False,
+    allow_mixed_bit_depth: bool = False, min_conditions: int = 2,
 ) -> ConditionImages:
     """Read DIR/<condition>/*.tif|png, check everything, and compute the normalisation.
+    `min_conditions`: 1 only where one condition makes sense (cells placed on a saved map).
 
     Data the model would learn the wrong thing from are refused: conditions stored at different
     bit depths (unless `allow_mixed_bit_depth`), or a condition whose images are all constant."""
@@ -133,7 +134,7 @@ def load_condition_folders(
         raise PhenotwinError(
             f"cannot train on {root}:\n  {shown}\nFix or remove these files (or lower --size for small images), then run again."
         )
-    if len(classes) < 2:
+    if len(classes) < min_conditions:
         raise PhenotwinError(
             f"{root} has one condition ({classes[0]!r}); a translation model needs at least two. "
             "Add a subfolder with the images of another condition."
