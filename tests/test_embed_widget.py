@@ -232,6 +232,18 @@ def test_one_condition_placed_on_a_saved_map_is_compared_with_the_maps_own_condi
     assert "knn_condition_accuracy" not in record["metrics"]  # one condition: nothing to tell apart
     report = (tmp_path / "placed" / "report.md").read_text()
     assert "| nocodazole | " in report and "Where these conditions land" in report
+    assert record["source"]["warning"] is None or "px across" not in record["source"]["warning"]
+    # the same cells imaged at twice the pixel size: placed, with a warning that names the sizes
+    (tmp_path / "zoomed" / "nocodazole").mkdir(parents=True)
+    for file in sorted((root / "plates" / "nocodazole").glob("*.tif")):
+        image = tifffile.imread(file)
+        tifffile.imwrite(tmp_path / "zoomed" / "nocodazole" / file.name, image.repeat(2, -1).repeat(2, -2))
+    assert main(["embed", "map", "--data", str(tmp_path / "zoomed"), "--vae-from", str(saved_map),
+                 "--out", str(tmp_path / "placed-zoomed")]) == 0
+    warning = json.loads((tmp_path / "placed-zoomed" / "map.json").read_text())["source"]["warning"]
+    side = tifffile.imread(file).shape[-1]
+    assert f"these images are {2 * side} px across and the map's were {side} px" in warning
+    assert "50% smaller" in warning
     # a map of its own still needs two conditions, and the refusal says how to place them instead
     assert main(["embed", "map", "--data", str(tmp_path / "new-plate"), "--vae", "--vae-steps", "20",
                  "--out", str(tmp_path / "own")]) == 2

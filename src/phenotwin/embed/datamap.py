@@ -131,7 +131,7 @@ def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | No
     config = VAEConfig(steps=steps, gamma=gamma if matrix is not None else 0.0, seed=seed)
     model, history = yield from relabel(train_vae_steps(images, data.labels, config, matrix), "train map", 0, steps)
     content, angles = latents(model, images)
-    description = describe_vae(config, images.shape[1], size, data.classes, data.images.low, data.images.high)
+    description = describe_vae(config, data.stacked(), size, data.classes, data.images.low, data.images.high)
     description["landmarks"] = landmarks_of(content, data.labels, data.classes)
     source = {"kind": "affinity-vae", "steps": steps, "size": size, "gamma": config.gamma, "latent": config.latent,
               "beta": config.beta, "cycle": config.cycle, "seed": seed,
@@ -148,9 +148,9 @@ def placed_vae_map_steps(data_dir, map_dir) -> Steps[DataMap]:
     """The map of `data_dir` on a saved VAE map (`--vae-from`): the cells encoded by its VAE, normalised
     with its first data's range, and projected on its axes; nothing is trained. One condition is enough:
     each is compared with the map's own conditions (`nearest_conditions`)."""
-    from phenotwin.embed.affinity_vae import collapse_warning, latents, reconstruction_error, vae_inputs
+    from phenotwin.embed.affinity_vae import latents, reconstruction_error, vae_inputs
     from phenotwin.embed.phenomap import Projection
-    from phenotwin.embed.saved_map import load_vae_map, nearest_conditions, range_warning
+    from phenotwin.embed.saved_map import load_vae_map, nearest_conditions, placement_warnings
 
     saved = load_vae_map(map_dir)
     info = saved.info
@@ -160,15 +160,14 @@ def placed_vae_map_steps(data_dir, map_dir) -> Steps[DataMap]:
         raise PhenotwinError(f"{root} has {data.images.channels}-channel images but the map in {map_dir} was made "
                              f"from {info['channels']}-channel ones: place images of the same channels on it.")
     yield Progress("encode", 0, 1)
-    images = vae_inputs(data.stacked(), int(info["size"]))
+    stacked = data.stacked()
+    images = vae_inputs(stacked, int(info["size"]))
     content, angles = latents(saved.model, images)
     yield Progress("encode", 1, 1)
-    low, high = (np.asarray(info["normalization"][k], np.float64) for k in ("low", "high"))
-    warnings = [w for w in (range_warning(data.images.images, low, high), collapse_warning(content)) if w]
     source = {"kind": "affinity-vae", "vae_from": str(map_dir), "trained_on": info["classes"],
               **{k: info[k] for k in ("steps", "size", "gamma", "latent", "seed")},
               "reconstruction_mse": reconstruction_error(saved.model, images),
-              "warning": " ".join(warnings) or None}
+              "warning": placement_warnings(info, data.images.images, min(stacked.shape[-2:]), content)}
     result = _finish(root, data, known, content, source, {"pose_degrees": np.rad2deg(angles)},
                      Projection.from_record(info["projection"]))
     result.vae = (saved.model, {k: v for k, v in info.items() if k not in ("format", "format_version", "projection")})

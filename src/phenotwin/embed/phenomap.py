@@ -220,7 +220,7 @@ def vae_map_steps(data_folder, translations_folder=None, steps: int = 400, size:
     translated = [latents(model, vae_inputs(normalise(image[None], low, high), size))[0][0]
                   for image in translated_images]
     projection, coords, arrows = _placed(content, translated, sources)
-    description = describe_vae(config, raw.shape[1], size, sorted(set(conditions)), low, high)
+    description = describe_vae(config, raw, size, sorted(set(conditions)), low, high)
     description["landmarks"] = landmarks_of(content, labels, sorted(set(conditions)))
     return PhenotypeMap(coords, conditions, files, cells, arrows, sources, LatentTraversal(model, content, projection),
                         collapse_warning(content), description)
@@ -255,8 +255,8 @@ def saved_vae_map_steps(map_folder, data_folder, translations_folder=None) -> St
     """The cells on a VAE map saved by `phenotwin embed map --vae` (`saved_map`): normalised with that map's
     range, encoded by its VAE and placed on its axes (scaled to the dock's span), nothing trained, so
     the cells of a new plate land on the same map as the first data."""
-    from phenotwin.embed.affinity_vae import collapse_warning, latents, vae_inputs
-    from phenotwin.embed.saved_map import load_vae_map, nearest_conditions, range_warning
+    from phenotwin.embed.affinity_vae import latents, vae_inputs
+    from phenotwin.embed.saved_map import load_vae_map, nearest_conditions, placement_warnings
     from phenotwin.preprocessing import normalise
 
     saved = load_vae_map(map_folder)
@@ -278,9 +278,9 @@ def saved_vae_map_steps(map_folder, data_folder, translations_folder=None) -> St
     yield Progress("map", 1, 1)
     on_map = Projection.from_record(saved.info["projection"], span_scale=MAP_SPAN)  # saved at span 1
     projection, coords, arrows = _placed(content, translated, sources, on_map)
-    warnings = [w for w in (range_warning(list(raw), low, high), collapse_warning(content)) if w]
     result = PhenotypeMap(coords, conditions, files, cells, arrows, sources,
-                          LatentTraversal(saved.model, content, projection), " ".join(warnings) or None)
+                          LatentTraversal(saved.model, content, projection),
+                          placement_warnings(saved.info, list(raw), min(raw.shape[-2:]), content))
     marks = saved.info.get("landmarks")  # maps saved before landmarks have none
     if marks is not None:
         result.landmarks = (marks["classes"], projection(np.asarray(marks["means"], np.float64)))

@@ -35,10 +35,12 @@ class SavedMap:
     folder: Path
 
 
-def describe_vae(config, channels: int, size: int, classes: list[str], low, high) -> dict[str, Any]:
-    """vae.json's description of a VAE trained with `config` (`affinity_vae.VAEConfig`) on `size` px crops
-    of `classes`, normalised with the per-channel range (`low`, `high`): what placing other data needs."""
-    return {"channels": int(channels), "size": int(size), "latent": config.latent, "width": config.width,
+def describe_vae(config, images: np.ndarray, size: int, classes: list[str], low, high) -> dict[str, Any]:
+    """vae.json's description of a VAE trained with `config` (`affinity_vae.VAEConfig`) on (N, C, H, W)
+    `images` of `classes` resized to `size` px, normalised with the per-channel range (`low`, `high`): what
+    placing other data needs. `source_side`: the images' square side before resizing (`vae_inputs`)."""
+    return {"channels": int(images.shape[1]), "size": int(size), "source_side": int(min(images.shape[-2:])),
+            "latent": config.latent, "width": config.width,
             "pose": config.pose, "classes": list(classes), "steps": config.steps, "gamma": config.gamma,
             "seed": config.seed, "normalization": {"low": np.asarray(low, np.float64).tolist(),
                                                    "high": np.asarray(high, np.float64).tolist()}}
@@ -118,6 +120,31 @@ def load_vae_map(path: str | os.PathLike) -> SavedMap:
         raise PhenotwinError(f"cannot load {weights} ({err}); the file is damaged or does not match {VAE_INFO}. "
                              "Make the map again.") from err
     return SavedMap(model.eval(), info, folder)
+
+
+# Relative change of the cells' side in pixels above which placed cells are drawn at another magnification.
+SIDE_CHANGE_WARNING = 0.1
+
+
+def placement_warnings(info: dict[str, Any], raw: list[np.ndarray], side: int, content: np.ndarray) -> str | None:
+    """What to say about cells placed on a saved map: raw (C, H, W) images outside its intensity range, a
+    square `side` (before resizing to the map's size) unlike its own cells', a VAE that does not tell them
+    apart; None when nothing. One place for `phenotwin embed map --vae-from` and the dock."""
+    from phenotwin.embed.affinity_vae import collapse_warning
+
+    low, high = (np.asarray(info["normalization"][k], np.float64) for k in ("low", "high"))
+    said = [range_warning(raw, low, high), side_warning(side, info.get("source_side")), collapse_warning(content)]
+    return " ".join(w for w in said if w) or None
+
+
+def side_warning(side: int, map_side: int | None) -> str | None:
+    """Both are resized to the map's crop size: cells imaged at another pixel size land by their size."""
+    if map_side is None or abs(side / map_side - 1) <= SIDE_CHANGE_WARNING:  # maps saved before sides: unknown
+        return None
+    return (f"these images are {side} px across and the map's were {map_side} px: both are resized to the map's "
+            "crop, so these cells are drawn {:.0%} {} than the map's and land partly by their size. Crop or "
+            "rescale them to the map's pixel size.".format(abs(map_side / side - 1), "smaller" if side > map_side
+                                                            else "larger"))
 
 
 def range_warning(images: list[np.ndarray], low: np.ndarray, high: np.ndarray) -> str | None:
