@@ -101,6 +101,12 @@ def preview_of(settings: TranslationSettings) -> TranslationSettings | None:
     return preview if 2 * calls_per_image(preview) <= calls_per_image(settings) else None
 
 
+def preview_calls(preview: TranslationSettings) -> int:
+    """What a preview adds to its translation's calls: all of its own but the edit mask, which the
+    translation then reuses (`Translator.adopt_edit_masks`)."""
+    return calls_per_image(preview) - CONFINE_CALLS * bool(preview.confine)
+
+
 def plan_run(translator: Translator, image: np.ndarray, settings: TranslationSettings,
              labels: np.ndarray | None = None, depth: int = 0) -> RunPlan:
     """The plan of translating `image` (C, H, W) or a stack (C, ..., H, W), cell by cell with `labels`;

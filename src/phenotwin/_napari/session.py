@@ -136,7 +136,7 @@ class TranslationSession:
         depth = self.inversion.depth if cached and self.inversion is not None else 0
         plan = cost.plan_run(self.translator, request.image, request.settings, request.labels, depth)
         preview = self._preview_of(request, cached)
-        return plan if preview is None else dataclasses.replace(plan, calls=plan.calls + cost.calls_per_image(preview))
+        return plan if preview is None else dataclasses.replace(plan, calls=plan.calls + cost.preview_calls(preview))
 
     def _preview_of(self, request: RunRequest, cached: bool):
         """The preview a run shows first: for one plane whose inversion is not cached, when enabled."""
@@ -435,10 +435,13 @@ def _invert_then_generate(translator: Translator, inverting, inversion, settings
     """Runs in the worker thread: the `preview` (image, settings) first if any, yielded as a `Preview`;
     invert unless the inversion is cached, then generate (its source and steps are the inversion's).
     Touches no session state: the result carries its inversion back."""
+    first = None
     if preview is not None:
         image, cheap = preview
-        yield Preview((yield from relabel(translator.translate_steps(image, channel_axis=0, settings=cheap),
-                                          "preview")))
+        first = yield from relabel(translator.translate_steps(image, channel_axis=0, settings=cheap), "preview")
+        yield Preview(first)
     if inverting is not None:
         inversion = yield from inverting
+    if first is not None:
+        translator.adopt_edit_masks(first.inversion, inversion)  # the preview's mask is the translation's
     return (yield from translator.generate_steps(inversion, settings=settings, reconstruct=True))
