@@ -394,7 +394,7 @@ def test_a_run_that_inverts_anew_shows_a_cheap_preview_first(session, runner, tr
 def test_the_translation_reuses_its_previews_edit_mask(session, runner, translator, cells):
     """The mask depends on the clean image, not on the inversion's solver or steps: the preview's 12 calls
     serve the translation, the plan and the clock count them once, and the result is the one made alone."""
-    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+    from phenotwin.pipeline.edit_mask import CONFINE_CALLS, adopt_edit_masks
 
     calls = translator.denoiser.calls
     plan = session.plan(request(cells, steps=60, confine=True))
@@ -410,5 +410,5 @@ def test_the_translation_reuses_its_previews_edit_mask(session, runner, translat
     np.testing.assert_array_equal(result.edit_mask, direct.edit_mask)
     np.testing.assert_array_equal(result.image, direct.image)
     other = translator.invert(cells[::-1].copy(), channel_axis=0, settings=settings(steps=60))
-    translator.adopt_edit_masks(result.inversion, other)  # another image's mask is never taken
+    adopt_edit_masks(result.inversion, other)  # another image's mask is never taken
     assert not other.edit_masks

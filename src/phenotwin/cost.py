@@ -103,7 +103,7 @@ def preview_of(settings: TranslationSettings) -> TranslationSettings | None:
 
 def preview_calls(preview: TranslationSettings) -> int:
     """What a preview adds to its translation's calls: all of its own but the edit mask, which the
-    translation then reuses (`Translator.adopt_edit_masks`)."""
+    translation then reuses (`edit_mask.adopt_edit_masks`)."""
     return calls_per_image(preview) - CONFINE_CALLS * bool(preview.confine)
 
 

@@ -435,6 +435,8 @@ def _invert_then_generate(translator: Translator, inverting, inversion, settings
     """Runs in the worker thread: the `preview` (image, settings) first if any, yielded as a `Preview`;
     invert unless the inversion is cached, then generate (its source and steps are the inversion's).
     Touches no session state: the result carries its inversion back."""
+    from phenotwin.pipeline.edit_mask import adopt_edit_masks
+
     first = None
     if preview is not None:
         image, cheap = preview
@@ -443,5 +445,5 @@ def _invert_then_generate(translator: Translator, inverting, inversion, settings
     if inverting is not None:
         inversion = yield from inverting
     if first is not None:
-        translator.adopt_edit_masks(first.inversion, inversion)  # the preview's mask is the translation's
+        adopt_edit_masks(first.inversion, inversion)  # the preview's mask is the translation's
     return (yield from translator.generate_steps(inversion, settings=settings, reconstruct=True))

@@ -117,7 +117,8 @@ def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | No
         raise PhenotwinError("give either --affinity CSV or --affinity-from ENCODER_DIR, not both.")
     root = Path(data_dir)
     data, known = _load(root, None)
-    images = vae_inputs(data.stacked(), size)
+    stacked = data.stacked()
+    images = vae_inputs(stacked, size)
     matrix = None
     if affinity:
         matrix = read_affinity(affinity, data.classes)
@@ -131,7 +132,7 @@ def vae_map_steps(data_dir, steps: int = 400, size: int = 32, affinity: str | No
     config = VAEConfig(steps=steps, gamma=gamma if matrix is not None else 0.0, seed=seed)
     model, history = yield from relabel(train_vae_steps(images, data.labels, config, matrix), "train map", 0, steps)
     content, angles = latents(model, images)
-    description = describe_vae(config, data.stacked(), size, data.classes, data.images.low, data.images.high)
+    description = describe_vae(config, stacked, size, data.classes, data.images.low, data.images.high)
     description["landmarks"] = landmarks_of(content, data.labels, data.classes)
     source = {"kind": "affinity-vae", "steps": steps, "size": size, "gamma": config.gamma, "latent": config.latent,
               "beta": config.beta, "cycle": config.cycle, "seed": seed,
@@ -289,14 +290,16 @@ def report_markdown(record: dict) -> str:
              + ("" if record["batches"] is None else "; batches " + ", ".join(f"{b} ({n})" for b, n
                                                                            in record["batches"].items()))
              + f". The map is a PCA of {made}; its two axes show "
-             f"{100 * sum(record['projection']['explained_variance']):.0f}% of their variance.", "",
-             "| measure | value | chance |", "| --- | --- | --- |"]
+             f"{100 * sum(record['projection']['explained_variance']):.0f}% of their variance."]
+    rows = []
     if "knn_condition_accuracy" in m:  # one condition placed on a saved map has nothing to tell apart
-        lines += [f"| kNN condition accuracy | {m['knn_condition_accuracy']:.3f} | {m['condition_chance']:.3f} |",
-                  f"| silhouette by condition | {m['silhouette_condition']:.3f} | 0 |"]
+        rows += [f"| kNN condition accuracy | {m['knn_condition_accuracy']:.3f} | {m['condition_chance']:.3f} |",
+                 f"| silhouette by condition | {m['silhouette_condition']:.3f} | 0 |"]
     if "knn_batch_accuracy" in m:
-        lines += [f"| kNN batch accuracy | {m['knn_batch_accuracy']:.3f} | {m['batch_chance']:.3f} |",
-                  f"| silhouette by batch | {m['silhouette_batch']:.3f} | 0 |"]
+        rows += [f"| kNN batch accuracy | {m['knn_batch_accuracy']:.3f} | {m['batch_chance']:.3f} |",
+                 f"| silhouette by batch | {m['silhouette_batch']:.3f} | 0 |"]
+    if rows:
+        lines += ["", "| measure | value | chance |", "| --- | --- | --- |", *rows]
     lines += ["", "kNN: 5 nearest neighbours, 5-fold cross-validated; silhouettes: cosine, from -1 to 1. Conditions "
               "the features tell apart have a kNN condition accuracy well above chance and a silhouette above 0."]
     if "knn_batch_accuracy" in m:

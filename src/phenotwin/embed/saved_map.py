@@ -141,10 +141,10 @@ def side_warning(side: int, map_side: int | None) -> str | None:
     """Both are resized to the map's crop size: cells imaged at another pixel size land by their size."""
     if map_side is None or abs(side / map_side - 1) <= SIDE_CHANGE_WARNING:  # maps saved before sides: unknown
         return None
+    change, smaller_or_larger = abs(map_side / side - 1), "smaller" if side > map_side else "larger"
     return (f"these images are {side} px across and the map's were {map_side} px: both are resized to the map's "
-            "crop, so these cells are drawn {:.0%} {} than the map's and land partly by their size. Crop or "
-            "rescale them to the map's pixel size.".format(abs(map_side / side - 1), "smaller" if side > map_side
-                                                            else "larger"))
+            f"crop, so these cells are drawn {change:.0%} {smaller_or_larger} than the map's and land partly by "
+            "their size. Crop or rescale them to the map's pixel size.")
 
 
 def range_warning(images: list[np.ndarray], low: np.ndarray, high: np.ndarray) -> str | None:

@@ -32,6 +32,17 @@ CONFINE_RAMP = 0.5
 CONFINE_CALLS = len(CONFINE_LEVELS) * CONFINE_DRAWS  # model calls (of two images) per edit mask
 
 
+def adopt_edit_masks(donor: Inversion, inversion: Inversion) -> None:
+    """Give `inversion` the edit masks `donor` made for the same input, source condition and batch. A
+    mask depends on the clean image only, never on the inversion's solver or steps (see below), so a
+    preview's mask serves the translation that follows it: CONFINE_CALLS model calls saved."""
+    same = (donor.checkpoint_id == inversion.checkpoint_id and donor.source_index == inversion.source_index
+            and donor.batch == inversion.batch and np.array_equal(donor.model_input, inversion.model_input))
+    if same:
+        for target, mask in donor.edit_masks.items():
+            inversion.edit_masks.setdefault(target, mask)
+
+
 def edit_mask_steps(diffusion: Diffusion, inversion: Inversion, target_index: int) -> Steps[np.ndarray]:
     """Weights (C, H, W) in [0, 1], cached on the inversion per target; CONFINE_CALLS seeded model
     calls of two images the first time, a stage of its own ("edit mask")."""

@@ -223,16 +223,6 @@ class Translator:
                               k + 1, len(rungs), "strength")
         return len(rungs)
 
-    def adopt_edit_masks(self, donor: Inversion, inversion: Inversion) -> None:
-        """Give `inversion` the edit masks `donor` made for the same input, source condition and batch. A
-        mask depends on the clean image only, never on the inversion's solver or steps (`edit_mask`), so
-        a preview's mask serves the translation that follows it: CONFINE_CALLS model calls saved."""
-        same = (donor.checkpoint_id == inversion.checkpoint_id and donor.source_index == inversion.source_index
-                and donor.batch == inversion.batch and np.array_equal(donor.model_input, inversion.model_input))
-        if same:
-            for target, mask in donor.edit_masks.items():
-                inversion.edit_masks.setdefault(target, mask)
-
     def edit_mask_steps(self, inversion: Inversion, target: str | int) -> Steps[np.ndarray]:
         """Where the condition matters for this image: weights (C, H, W) in [0, 1], cached (`edit_mask`)."""
         return edit_mask_steps(self.diffusion_in(inversion.batch), inversion, self.info.class_index(target))
