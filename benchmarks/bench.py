@@ -102,7 +102,7 @@ def raw_image(translator, size: int, seed: int = 0) -> np.ndarray:
     for channel, stat in zip(image, stats):
         p1, p50, p99 = (float(np.median(stat[k])) for k in ("p1", "p50", "p99"))
         # the image's median (about 0.5) lands on p50: (p50 - p1) / (p99 - p1) = 0.5 ** gamma
-        gamma = np.log((p50 - p1) / (p99 - p1)) / np.log(0.5)
+        gamma = np.log(np.clip((p50 - p1) / max(p99 - p1, 1e-12), 1e-3, 0.999)) / np.log(0.5)
         shaped.append(p1 + (p99 - p1) * channel ** gamma)
     return np.stack(shaped).astype(np.float32)
 

@@ -87,8 +87,8 @@ TOOLTIPS = {
     "steps": "Training steps; the model is saved along the way and at the end.",
     "reconstruction_target": "0: off. Otherwise the calibration at the end of training looks for default settings "
                              "that reconstruct your held-out cells at least this well (e.g. 38 dB), with more steps "
-                             "or a refinement when needed: a sharper trust verdict, at up to twice each translation's "
-                             "time.",
+                             "or a refinement when needed: a sharper trust verdict, and slower translations (1.9 times "
+                             "the model calls on the demo model at 38 dB).",
     "channels": "The channels of the model, in order (e.g. nucleus, golgi): each condition's layer whose name holds "
                 "a channel's name feeds that channel, and layers named alike but for the channel make one image. "
                 "Guessed from the layer names; empty: every layer is a one-channel image.",

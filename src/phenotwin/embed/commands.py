@@ -57,6 +57,11 @@ def add_parser(commands) -> None:
     check.add_argument("--seed", type=int, default=0)
 
 
+# `embed map`'s options that shape a VAE trained by --vae: one place for their defaults and the check
+# that refuses them with --vae-from (whose map has its own).
+VAE_DEFAULTS = {"vae_steps": 400, "vae_size": 32, "gamma": 1.0, "seed": 0}
+
+
 def add_map_parser(actions) -> None:
     mapping = actions.add_parser(
         "map", help="a phenotype map of your data: map.png, map.csv, map.json (silhouettes, kNN) and report.md",
@@ -77,12 +82,14 @@ def add_map_parser(actions) -> None:
                          help="with --vae: the conditions' affinity matrix, a CSV (header of condition names)")
     mapping.add_argument("--affinity-from", type=Path, default=None,
                          help="with --vae: an encoder folder whose class-mean feature similarities are the affinity")
-    mapping.add_argument("--gamma", type=float, default=1.0,
+    mapping.add_argument("--gamma", type=float, default=VAE_DEFAULTS["gamma"],
                          help="with --vae and an affinity: weight of the affinity loss (default: %(default)s)")
-    mapping.add_argument("--vae-steps", type=int, default=400, help="with --vae: training steps (default: %(default)s)")
-    mapping.add_argument("--vae-size", type=int, default=32,
+    mapping.add_argument("--vae-steps", type=int, default=VAE_DEFAULTS["vae_steps"],
+                         help="with --vae: training steps (default: %(default)s)")
+    mapping.add_argument("--vae-size", type=int, default=VAE_DEFAULTS["vae_size"],
                          help="with --vae: the images are resized to this square, a multiple of 8 (default: %(default)s)")
-    mapping.add_argument("--seed", type=int, default=0, help="with --vae: the random stream (default: %(default)s)")
+    mapping.add_argument("--seed", type=int, default=VAE_DEFAULTS["seed"],
+                         help="with --vae: the random stream (default: %(default)s)")
     mapping.add_argument("--overwrite", action="store_true",
                          help="replace a map phenotwin wrote in --out (other files there are never replaced)")
 
@@ -99,8 +106,8 @@ def run_map(args: argparse.Namespace) -> int:
         raise PhenotwinError("--affinity and --affinity-from shape the Affinity-VAE trained by --vae: "
                              + ("a saved map's VAE (--vae-from) is trained already; leave them out."
                                 if args.vae_from is not None else "add --vae, or leave them out."))
-    trained_with = {"--vae-steps": args.vae_steps != 400, "--vae-size": args.vae_size != 32, "--gamma": args.gamma != 1.0,
-                    "--seed": args.seed != 0}
+    trained_with = {"--" + name.replace("_", "-"): getattr(args, name) != default
+                    for name, default in VAE_DEFAULTS.items()}
     if args.vae_from is not None and any(trained_with.values()):
         raise PhenotwinError(f"{', '.join(k for k, v in trained_with.items() if v)} shape a VAE trained by --vae; the "
                              "map given to --vae-from has its own (see its vae.json). Leave them out, or make a new "

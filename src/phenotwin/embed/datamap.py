@@ -64,16 +64,16 @@ def check_conditions(root: Path) -> None:
                              "cells on a VAE map made before with --vae-from MAP_DIR.")
 
 
-def _load(root: Path, normalization: dict | None, one_condition: bool = False):
-    """The data (and whether they have batches.csv); one condition only where `one_condition` (cells placed
-    on a saved map are compared with the map's own conditions)."""
+def _load(root: Path, normalization: dict | None, min_conditions: int = 2):
+    """The data (and whether they have batches.csv); one condition only where `min_conditions` is 1 (cells
+    placed on a saved map are compared with the map's own conditions)."""
     from phenotwin.embed.data import load_batched
     from phenotwin.synthetic.batches import BATCHES_FILE
 
-    if not one_condition:
+    if min_conditions > 1:
         check_conditions(root)
     data = load_batched(root, 8, normalization=normalization, require_batches=False, min_batches=1,
-                        min_conditions=1 if one_condition else 2)
+                        min_conditions=min_conditions)
     return data, (root / BATCHES_FILE).is_file()
 
 
@@ -156,7 +156,7 @@ def placed_vae_map_steps(data_dir, map_dir) -> Steps[DataMap]:
     saved = load_vae_map(map_dir)
     info = saved.info
     root = Path(data_dir)
-    data, known = _load(root, info["normalization"], one_condition=True)
+    data, known = _load(root, info["normalization"], min_conditions=1)
     if data.images.channels != info["channels"]:
         raise PhenotwinError(f"{root} has {data.images.channels}-channel images but the map in {map_dir} was made "
                              f"from {info['channels']}-channel ones: place images of the same channels on it.")
