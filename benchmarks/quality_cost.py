@@ -52,6 +52,8 @@ CONFIGS = {
     "ddim-100-mask-1x1": ("ddim", 100, None, True, 0, ((0.5,), 1)),
     "dpm++-10": ("dpm++", 10, None, None, 0, FULL_MASK),
     "dpm++-10-mask-3x1": ("dpm++", 10, None, True, 0, ((0.3, 0.5, 0.7), 1)),
+    "dpm++-8-mask-3x1": ("dpm++", 8, None, True, 0, ((0.3, 0.5, 0.7), 1)),
+    "dpm++-6-mask-3x1": ("dpm++", 6, None, True, 0, ((0.3, 0.5, 0.7), 1)),
     "dpm++-20": ("dpm++", 20, None, None, 0, FULL_MASK),
     "dpm++-50": ("dpm++", 50, None, None, 0, FULL_MASK),
     "dpm++-20-no-guidance": ("dpm++", 20, 0.0, None, 0, FULL_MASK),
@@ -72,24 +74,19 @@ def image_evaluations(settings, calls: int, confine_calls: int) -> int:
 
 @contextlib.contextmanager
 def mask_sampling(sampling: tuple[tuple[float, ...], int] | None):
-    """The edit mask from `sampling` (noise levels, draws per level) for one configuration, then the
-    pipeline's again; yields its calls. A study of what fewer levels or draws cost in quality: the
-    pipeline has no setting for them (module constants, chosen on the demo), so they are swapped here."""
-    import phenotwin.cost as cost_module
-    import phenotwin.evaluate.translation as evaluation
+    """The edit mask's noise levels from `sampling` (levels, draws per level) for one configuration,
+    then the pipeline's again; yields the draws (a setting, `mask_draws`). A study of what fewer
+    levels cost in quality: the pipeline has no setting for them (a module constant, chosen on the
+    demo), so they are swapped here."""
     import phenotwin.pipeline.edit_mask as edit_mask
 
-    saved = edit_mask.CONFINE_LEVELS, edit_mask.CONFINE_DRAWS, edit_mask.CONFINE_CALLS
-    levels, draws = sampling or saved[:2]
+    saved = edit_mask.CONFINE_LEVELS
+    levels, draws = sampling or (saved, edit_mask.CONFINE_DRAWS)
     try:
-        edit_mask.CONFINE_LEVELS, edit_mask.CONFINE_DRAWS = levels, draws
-        for module in (edit_mask, cost_module, evaluation):
-            module.CONFINE_CALLS = len(levels) * draws
-        yield len(levels) * draws
+        edit_mask.CONFINE_LEVELS = levels
+        yield draws
     finally:
-        edit_mask.CONFINE_LEVELS, edit_mask.CONFINE_DRAWS = saved[:2]
-        for module in (edit_mask, cost_module, evaluation):
-            module.CONFINE_CALLS = saved[2]
+        edit_mask.CONFINE_LEVELS = saved
 
 
 def run(args) -> dict:
@@ -145,13 +142,16 @@ def run(args) -> dict:
         for name in args.configs:
             sampler, steps, guidance, confine, refinements, sampling = CONFIGS[name]
             translator = translator_for(sampler, refinements)
-            settings = translator.resolve(source=source, target=target, steps=steps, guidance=guidance,
-                                          confine=confine, strength=args.strength, inversion_refinements=refinements)
-            with mask_sampling(sampling) as mask_calls:
+            with mask_sampling(sampling) as draws:
+                settings = translator.resolve(source=source, target=target, steps=steps, guidance=guidance,
+                                              confine=confine, strength=args.strength,
+                                              inversion_refinements=refinements, mask_draws=draws)
+                mask_calls = cost.confine_calls(settings.replace(confine=True))
                 started = time.perf_counter()
                 result = drive(evaluation.translation_steps(
                     translator, held_out, reference, n=args.n, steps=settings.steps, strengths=[settings.strength],
-                    source=source, target=target, guidance=settings.guidance, confine=settings.confine, seed=0))
+                    source=source, target=target, guidance=settings.guidance, confine=settings.confine, seed=0,
+                    mask_draws=settings.mask_draws))
                 seconds = time.perf_counter() - started
                 (judged,) = result["results"]
                 before = translator.denoiser.calls  # what one translation makes (partial inversion)

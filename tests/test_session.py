@@ -392,19 +392,26 @@ def test_a_run_that_inverts_anew_shows_a_cheap_preview_first(session, runner, tr
 
 
 def test_the_translation_reuses_its_previews_edit_mask(session, runner, translator, cells):
-    """The mask depends on the clean image, not on the inversion's solver or steps: the preview's 12 calls
-    serve the translation, the plan and the clock count them once, and the result is the one made alone."""
-    from phenotwin.pipeline.edit_mask import CONFINE_CALLS, adopt_edit_masks
+    """The mask depends on the clean image, not on the inversion's solver or steps: the preview's rough
+    mask (one draw per level) is completed by the translation, the plan and the clock count each draw
+    once, and the result is the one made alone."""
+    from phenotwin.pipeline.edit_mask import CONFINE_CALLS, CONFINE_LEVELS, adopt_edit_masks
 
     calls = translator.denoiser.calls
+    previews = []
+    session.events.preview.connect(lambda result, context: previews.append(result))
     plan = session.plan(request(cells, steps=60, confine=True))
     session.run(request(cells, steps=60, confine=True))
     runner.drain()
     (result,) = results(session)
+    (first,) = previews
+    assert not np.array_equal(first.edit_mask, result.edit_mask)  # the preview's rough mask, then the full one
     made = translator.denoiser.calls - calls
     full = cost.calls_per_image(translator.resolve(settings(steps=60, confine=True)))
     preview = cost.preview_of(translator.resolve(settings(steps=60, confine=True)))
-    assert made == plan.calls == full + cost.calls_per_image(preview) - CONFINE_CALLS  # the mask made once
+    assert preview.mask_draws == 1 and cost.confine_calls(preview) == len(CONFINE_LEVELS)
+    assert made == plan.calls == full + cost.calls_per_image(preview) - len(CONFINE_LEVELS)  # each draw made once
+    assert cost.calls_per_image(preview) == cost.calls_per_image(preview.replace(mask_draws=4)) - CONFINE_CALLS + 3
     assert session.clock.done == made
     direct = translator.translate(cells, settings=settings(steps=60, confine=True), channel_axis=0)
     np.testing.assert_array_equal(result.edit_mask, direct.edit_mask)

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from phenotwin import Cancelled, PhenotwinError, PhenotwinWarning
+from phenotwin import Cancelled, PhenotwinError, PhenotwinWarning, TranslationSettings
 from phenotwin.pipeline.heatmap import psnr
 
 from .conftest import KINDS
@@ -462,6 +462,43 @@ def test_confine_works_for_every_kind_and_tiled_inputs(translators, kind):
     assert mask.shape == (2, 40, 48) and 0 <= mask.min() < mask.max() == 1
     expected = np.clip(inversion.normalised + mask * (result.generated - result.reconstruction), -1, 1)
     np.testing.assert_allclose(result.normalised, expected, atol=1e-6)
+
+
+def test_a_rough_edit_mask_is_completed_later_into_the_full_one_bit_for_bit(translators, cells):
+    """`mask_draws=1` (the widget's preview) costs one call per noise level and is rougher; the full mask
+    made later on the same inversion, or on another one that adopted its terms (the translation after
+    its preview), adds only the missing draws and equals a full mask made at once."""
+    from phenotwin.pipeline.edit_mask import CONFINE_CALLS, CONFINE_LEVELS, adopt_edit_masks, mask_calls_left
+
+    translator = translators["pixel"]
+    alone = translator.invert(cells, "control", steps=6, channel_axis=0)
+    full = translator.generate(alone, "treated", confine=True).edit_mask
+
+    rough_inversion = translator.invert(cells, "control", steps=6, channel_axis=0)
+    events = []
+    rough = translator.generate(rough_inversion, "treated", confine=True, progress=events.append,
+                                settings=TranslationSettings(mask_draws=1))
+    assert [e.step for e in events if e.stage == "edit mask"] == list(range(1, len(CONFINE_LEVELS) + 1))
+    assert not np.array_equal(rough.edit_mask, full)  # other draws, another mask
+    assert rough.edit_mask.max() == 1 and rough.metadata()["mask_draws"] == 1
+    assert mask_calls_left(rough_inversion, 1, 1) == 0  # the rough mask is kept as its terms: no call again
+    assert mask_calls_left(rough_inversion, 1, 4) == CONFINE_CALLS - len(CONFINE_LEVELS)
+
+    other = translator.invert(cells, "control", steps=8, channel_axis=0)  # another inversion of the same image
+    adopt_edit_masks(rough_inversion, other)
+    events = []
+    completed = translator.generate(other, "treated", confine=True, progress=events.append)
+    assert [e.step for e in events if e.stage == "edit mask"] == list(range(1, CONFINE_CALLS - len(CONFINE_LEVELS) + 1))
+    np.testing.assert_array_equal(completed.edit_mask, full)
+    assert not other.mask_terms  # the full mask is cached, its terms let go
+    again = translator.generate(rough_inversion, "treated", confine=True, settings=TranslationSettings(mask_draws=1))
+    np.testing.assert_array_equal(again.edit_mask, rough.edit_mask)  # the rough mask is the same each time
+
+
+@pytest.mark.parametrize("draws", [0, 5, 1.5, True])
+def test_mask_draws_out_of_range_are_refused(translators, draws):
+    with pytest.raises(PhenotwinError, match="mask_draws must be a whole number from 1 to 4"):
+        translators["pixel"].resolve(mask_draws=draws)
 
 
 def test_confine_to_the_source_condition_changes_nothing_and_costs_nothing(translators, cells):

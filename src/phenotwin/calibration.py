@@ -142,7 +142,7 @@ def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = Non
     plans with (the cost search stops at the first setting that keeps the quality, and its verdict
     table is measured only when one does)."""
     from phenotwin.cost import calls_per_image
-    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+    from phenotwin.pipeline.edit_mask import mask_calls
 
     step_counts, rungs, _, directions, counts = _plan(translator, data, n, step_counts, sweep)
     base = translator.defaults
@@ -151,7 +151,7 @@ def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = Non
     for steps in step_counts:
         swept = sweep and steps == base.steps
         total += images * (_verdict_calls(translator, translator.resolve(steps=steps), rungs,
-                                          _guidances(base.guidance, swept)) + CONFINE_CALLS * swept)
+                                          _guidances(base.guidance, swept)) + mask_calls(base.mask_draws) * swept)
     if sweep:  # the cost search, at the dearest chosen setting, and the verdict table of its choice
         options = searched_settings(translator, {"strength": max(rungs), "guidance": max(GUIDANCES), "confine": True},
                                    reconstruction_target)
@@ -208,7 +208,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     reconstruction a cheaper solver or step count may lose (`calibration_cost.cost_search`);
     `reconstruction_target`: the dB the defaults should reconstruct at, with dearer settings if need be."""
     from phenotwin.evaluate.translation import condition_classifier, require_conditions
-    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+    from phenotwin.pipeline.edit_mask import mask_calls_left
 
     require_conditions(translator, data)
     if n < 2:
@@ -231,8 +231,9 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
         if (*key, False) not in outcomes:
             return
         outcomes[(*key, False)].append((src, tgt, i, result))
-        if translator.classes.index(tgt) not in inversion.edit_masks:
-            yield from clock.run(translator.edit_mask_steps(inversion, tgt), CONFINE_CALLS)
+        left = mask_calls_left(inversion, translator.classes.index(tgt), rung.mask_draws)
+        if left:
+            yield from clock.run(translator.edit_mask_steps(inversion, tgt, rung.mask_draws), left)
         confined = yield from clock.run(translator.generate_steps(inversion, settings=rung.replace(confine=True)), 0)
         outcomes[(*key, True)].append((src, tgt, i, confined))
 

@@ -103,12 +103,12 @@ def cost_search(translator, data, classifier, directions, counts, chosen, refere
     included, that flips and reconstructs at least that well; the reference itself when it does. When none
     does, the one that flips and reconstructs best (the closest to the target), and the record says so."""
     from phenotwin.cost import calls_per_image, generation_calls, inversion_calls
-    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+    from phenotwin.pipeline.edit_mask import adopt_edit_masks, mask_calls_left
     from phenotwin.pipeline.heatmap import psnr
 
     # The edit mask compares clean-image estimates of the noised input at fixed levels, whatever the
     # solver and step count: each image's mask is the reference's, not computed again per option.
-    masks = {(src, i): ref.inversion.edit_masks for src, _, i, ref in reference["results"]}
+    mask_donors = {(src, i): ref.inversion for src, _, i, ref in reference["results"]}
     base = translator.resolve(**chosen)
     if reconstruction_target is not None and reference["reconstruction_psnr"] >= reconstruction_target:
         options = [o for o in searched_settings(translator, chosen) if calls_per_image(o) < calls_per_image(base)]
@@ -123,9 +123,11 @@ def cost_search(translator, data, classifier, directions, counts, chosen, refere
                 inversion = yield from clock.run(translator.invert_steps(
                     data.images[src][i], channel_axis=0, settings=settings, strength=settings.strength),
                     inversion_calls(settings))
-                inversion.edit_masks.update(masks.get((src, i), {}))
-                if settings.confine and translator.classes.index(tgt) not in inversion.edit_masks:
-                    yield from clock.run(translator.edit_mask_steps(inversion, tgt), CONFINE_CALLS)
+                if (src, i) in mask_donors:
+                    adopt_edit_masks(mask_donors[(src, i)], inversion)
+                left = mask_calls_left(inversion, translator.classes.index(tgt), settings.mask_draws)
+                if settings.confine and left:
+                    yield from clock.run(translator.edit_mask_steps(inversion, tgt, settings.mask_draws), left)
                 result = yield from clock.run(translator.generate_steps(inversion, settings=settings),
                                               generation_calls(settings))
                 results.append((src, tgt, i, result))

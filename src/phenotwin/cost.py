@@ -3,7 +3,7 @@ call takes on this machine, and the run's clock (calls done across all its stage
 
 A run's calls per image (a cell, a plane): the inversion's steps as deep as the strength needs
 (each 1 + refinements calls; only the missing ones when the inversion is cached),
-`CONFINE_CALLS` for the edit mask when confine is on, and the generation's steps (as many as the
+the edit mask's calls when confine is on (`edit_mask.mask_calls`: 12 at its full 4 draws per level), and the generation's steps (as many as the
 inversion's with DDIM, one more below strength 1 with DPM-Solver++: `generation_steps`); a field larger
 than the model makes each call one per tile. The seconds per call are timed once when a model
 loads (`time_one_call`), then replaced by what the runs measure. The Translate widget asks
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+from phenotwin.pipeline.edit_mask import mask_calls, mask_calls_left
 from phenotwin.pipeline.schedulers import generation_steps
 
 if TYPE_CHECKING:
@@ -78,7 +78,12 @@ def inversion_calls(settings: TranslationSettings, depth: int = 0) -> int:
 def calls_per_image(settings: TranslationSettings, depth: int = 0) -> int:
     """Model calls of one image's translation with resolved `settings`, from an inversion `depth` deep
     (0: a new one; only as deep as the strength needs is inverted)."""
-    return inversion_calls(settings, depth) + CONFINE_CALLS * bool(settings.confine) + generation_calls(settings)
+    return inversion_calls(settings, depth) + confine_calls(settings) + generation_calls(settings)
+
+
+def confine_calls(settings: TranslationSettings) -> int:
+    """Model calls of the edit mask at resolved `settings` (none without confine)."""
+    return mask_calls(settings.mask_draws) if settings.confine else 0
 
 
 def generation_calls(settings: TranslationSettings) -> int:
@@ -90,21 +95,24 @@ def generation_calls(settings: TranslationSettings) -> int:
 # (23 calls) flipped, localised and moved toward the true counterfactual as DDIM's 100 steps (112
 # calls) did, and lay 39.8 dB from their translation (docs/benchmarks.md, "Quality against cost").
 PREVIEW_STEPS = 10
+PREVIEW_MASK_DRAWS = 1
 
 
 def preview_of(settings: TranslationSettings) -> TranslationSettings | None:
-    """A preview of resolved `settings`: the same translation with DPM-Solver++ at PREVIEW_STEPS; None
-    when it would cost more than half the translation (then the translation itself comes soon enough)."""
+    """A preview of resolved `settings`: the same translation with DPM-Solver++ at PREVIEW_STEPS and an
+    edit mask of PREVIEW_MASK_DRAWS per level; None when it would cost more than half the translation
+    (then the translation itself comes soon enough)."""
     if settings.steps <= PREVIEW_STEPS:
         return None
-    preview = settings.replace(solver="dpm++", steps=PREVIEW_STEPS, inversion_refinements=0)
+    preview = settings.replace(solver="dpm++", steps=PREVIEW_STEPS, inversion_refinements=0,
+                               mask_draws=min(PREVIEW_MASK_DRAWS, settings.mask_draws))
     return preview if 2 * calls_per_image(preview) <= calls_per_image(settings) else None
 
 
 def preview_calls(preview: TranslationSettings) -> int:
-    """What a preview adds to its translation's calls: all of its own but the edit mask, which the
-    translation then reuses (`edit_mask.adopt_edit_masks`)."""
-    return calls_per_image(preview) - CONFINE_CALLS * bool(preview.confine)
+    """What a preview adds to its translation's calls: all of its own but the edit mask's draws, which
+    the translation then adds to instead of making again (`edit_mask.adopt_edit_masks`)."""
+    return calls_per_image(preview) - confine_calls(preview)
 
 
 def plan_run(translator: Translator, image: np.ndarray, settings: TranslationSettings,
@@ -142,9 +150,9 @@ def plan_scrub(translator: Translator, inversion: Any, settings: TranslationSett
     and the inversion steps a strength deeper than the inversion went adds (with the inversion's solver)."""
     resolved = translator.resolve(settings, solver=inversion.solver)
     target = translator.classes.index(resolved.target)
-    masking = resolved.confine and target != inversion.source_index and target not in inversion.edit_masks
+    masking = mask_calls_left(inversion, target, resolved.mask_draws) if resolved.confine else 0
     generating = not translator.is_generated(inversion, settings=settings.replace(confine=False))
-    calls = CONFINE_CALLS * masking + (inversion_calls(resolved, inversion.depth) + generation_calls(resolved)) * generating
+    calls = masking + (inversion_calls(resolved, inversion.depth) + generation_calls(resolved)) * generating
     return RunPlan(calls, tiles_for(*inversion.normalised.shape[-2:], translator.image_size),
                    SECONDS_PER_CALL.get(translator.checkpoint_id))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phenotwin.cost import generation_calls
+from phenotwin.cost import confine_calls, generation_calls
 from phenotwin.errors import PhenotwinError
 from phenotwin.evaluate.classifier import CLASSIFIER_EPOCHS, CLASSIFIER_IMAGES
 from phenotwin.evaluate.metrics import (
@@ -32,7 +32,6 @@ from phenotwin.evaluate.metrics import (
     smooth,
     ssim,
 )
-from phenotwin.pipeline.edit_mask import CONFINE_CALLS
 from phenotwin.progress import Progress, Steps, relabel
 
 SYNTHETIC_NAME = re.compile(r"^(obvious|subtle|texture)_(\d+)_(\d+)$")
@@ -181,7 +180,8 @@ def condition_classifier(translator, data: EvalSet, seed: int, epochs: int = CLA
 def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None = None, n: int = 16,
                       steps: int | None = None, strengths=None, source: str | None = None, target: str | None = None,
                       inception_weights=None, seed: int = 0, guidance: float | None = None,
-                      classifier_epochs: int = CLASSIFIER_EPOCHS, confine: bool | None = None, features=None) -> Steps[dict]:
+                      classifier_epochs: int = CLASSIFIER_EPOCHS, confine: bool | None = None, features=None,
+                      mask_draws: int | None = None) -> Steps[dict]:
     """Evaluate `translator` on `data` (see the module docstring); returns the JSON-ready result.
 
     `features` (an encoder folder of `phenotwin embed train`) adds FID/KID in its feature space, offline.
@@ -192,7 +192,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
     require_conditions(translator, data)
     if n < 1:
         raise PhenotwinError(f"n must be at least 1, got {n}.")
-    settings = translator.resolve(steps=steps, guidance=guidance, seed=seed, confine=confine)
+    settings = translator.resolve(steps=steps, guidance=guidance, seed=seed, confine=confine, mask_draws=mask_draws)
     steps, guidance, confine = settings.steps, settings.guidance, settings.confine
     rungs = [translator.resolve(settings, strength=s) for s in (strengths or [settings.strength])]
     strengths = [rung.strength for rung in rungs]
@@ -208,7 +208,7 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
     classifier, real = condition_classifier(translator, reference, seed, classifier_epochs)
     yield Progress("classifier", 1, 1)
 
-    per_image = steps + sum(generation_calls(rung) for rung in rungs) + CONFINE_CALLS * confine
+    per_image = steps + sum(generation_calls(rung) for rung in rungs) + confine_calls(settings)
     total = per_image * sum(min(n, len(data.images[s])) for s, _ in directions)
     done, rows, examples, collected = 0, [], [], {}
     for src, tgt in directions:
@@ -221,8 +221,9 @@ def translation_steps(translator, data: EvalSet, classifier_data: EvalSet | None
                                            "translate", done, total)
             done += steps
             if confine:  # once per image, before the strengths that share it
-                yield from relabel(translator.edit_mask_steps(inversion, tgt), "translate", done, total)
-                done += CONFINE_CALLS
+                yield from relabel(translator.edit_mask_steps(inversion, tgt, settings.mask_draws), "translate", done,
+                                   total)
+                done += confine_calls(settings)
             for rung in rungs:
                 translation = yield from relabel(translator.generate_steps(inversion, tgt, settings=rung),
                                                  "translate", done, total)

@@ -61,6 +61,8 @@ class Inversion:
     generated: GenerationCache = field(default_factory=GenerationCache, repr=False)
     # Edit masks (C, H, W) in [0, 1] by target class index (see `edit_mask.edit_mask_steps`).
     edit_masks: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    # The terms of rougher masks (fewer draws, the preview's), by target and term, until the full mask is made.
+    mask_terms: dict[int, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
     fit: FitReport | None = None  # the input's intensities against the training images'
     # The batch it was inverted in (None: unknown); its generations stay in it (`TranslationSettings.batch`).
     batch: str | None = None
@@ -137,6 +139,7 @@ class Translation:
             "autoencoder_psnr": self.autoencoder_psnr,
             "reference": s.reference,
             "confine": self.edit_mask is not None,
+            "mask_draws": s.mask_draws if self.edit_mask is not None else None,
             "inversion_refinements": s.inversion_refinements,
             "match_intensities": s.match_intensities,
             "input_fit": None if self.fit is None else {"level": self.fit.level, "findings": list(self.fit.findings)},

@@ -18,13 +18,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from phenotwin.errors import PhenotwinError
+from phenotwin.pipeline.edit_mask import CONFINE_DRAWS
 from phenotwin.pipeline.schedulers import SOLVERS, inversion_steps
 
 REFERENCES = ("reconstruction", "input")
 # What a model without its own `defaults` in phenotwin.json translates with: written here only.
 MODEL_DEFAULTS: dict[str, Any] = {
     "steps": 50, "strength": 1.0, "guidance": 0.0, "inversion_refinements": 0, "reference": "reconstruction",
-    "confine": False, "solver": "ddim",
+    "confine": False, "solver": "ddim", "mask_draws": CONFINE_DRAWS,
 }
 
 
@@ -54,7 +55,9 @@ class TranslationSettings:
     (DDIM and its inverse) or "dpm++" (DPM-Solver++, second order: a better reconstruction at few
     steps, docs/benchmarks.md); an inversion serves only the solver that made it; `batch`: the
     plate or day the image comes from, for a model trained with batches (`CheckpointInfo.batches`):
-    the translation changes the condition and keeps that batch's look (None: batch unknown).
+    the translation changes the condition and keeps that batch's look (None: batch unknown);
+    `mask_draws`: noise draws per level of the edit mask, 1 to CONFINE_DRAWS (fewer: cheaper and
+    rougher; the widget's preview takes 1, and its translation adds the rest).
     """
 
     source: str | None = None
@@ -71,6 +74,7 @@ class TranslationSettings:
     match_intensities: bool = False
     solver: str | None = None
     batch: str | None = None
+    mask_draws: int | None = None
 
     def replace(self, **changes: Any) -> TranslationSettings:
         """A copy with `changes`; a change of None keeps the current value (keyword-argument APIs pass None for unset)."""
@@ -110,6 +114,7 @@ class TranslationSettings:
             inversion_refinements=_refinements(merged.inversion_refinements), sigma=_sigma(merged.sigma),
             match_intensities=_flag("match_intensities", merged.match_intensities),
             solver=_solver(merged.solver, merged.inversion_refinements), batch=batch,
+            mask_draws=_mask_draws(merged.mask_draws),
         )
 
 
@@ -166,6 +171,13 @@ def _reference(reference: Any) -> str:
     if reference not in REFERENCES:
         raise PhenotwinError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}.")
     return str(reference)
+
+
+def _mask_draws(draws: Any) -> int:
+    if not isinstance(draws, (int, np.integer)) or isinstance(draws, (bool, np.bool_)) or not 1 <= draws <= CONFINE_DRAWS:
+        raise PhenotwinError(f"mask_draws must be a whole number from 1 to {CONFINE_DRAWS}, got {draws!r}: the edit "
+                             f"mask's noise draws per level ({CONFINE_DRAWS}, the default, is the smoothest).")
+    return int(draws)
 
 
 def _refinements(refinements: Any) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 
 from phenotwin.errors import CheckpointError, PhenotwinError
 from phenotwin.pipeline.cache import CACHE_BUDGET, GenerationCache
-from phenotwin.pipeline.edit_mask import edit_mask_steps
+from phenotwin.pipeline.edit_mask import edit_mask_steps, mask_calls_left
 from phenotwin.pipeline.outputs import Inversion, Translation, compose
 from phenotwin.pipeline.settings import TranslationSettings, model_defaults
 from phenotwin.pipeline.trajectory import TRAJECTORY_BUDGET, Diffusion
@@ -175,7 +175,7 @@ class Translator:
     def _generate(self, inversion: Inversion, s: TranslationSettings, reconstruct: bool) -> Steps[Translation]:
         target_index, used = self.classes.index(s.target), s.used_steps
         diffusion = self.diffusion_in(inversion.batch)
-        mask = (yield from edit_mask_steps(diffusion, inversion, target_index)) if s.confine else None
+        mask = (yield from edit_mask_steps(diffusion, inversion, target_index, s.mask_draws)) if s.confine else None
         relative = s.reference == "reconstruction"
         source_key = (inversion.source_index, used, s.guidance)
         generated = inversion.generated.get((target_index, used, s.guidance))
@@ -198,7 +198,7 @@ class Translator:
         s = self._for(inversion, settings, target=target, strength=strength, guidance=guidance, confine=confine)
         target_index = self.classes.index(s.target)
         needed = [s.target] + [s.source] * (s.reference == "reconstruction")
-        masked = not s.confine or target_index == inversion.source_index or target_index in inversion.edit_masks
+        masked = not s.confine or mask_calls_left(inversion, target_index, s.mask_draws) == 0
         return masked and all(inversion.is_cached(c, s.strength, s.guidance) for c in needed)
 
     def prefetch_steps(self, inversion: Inversion, strengths: Sequence[float], settings: TranslationSettings | None = None,
@@ -223,9 +223,11 @@ class Translator:
                               k + 1, len(rungs), "strength")
         return len(rungs)
 
-    def edit_mask_steps(self, inversion: Inversion, target: str | int) -> Steps[np.ndarray]:
-        """Where the condition matters for this image: weights (C, H, W) in [0, 1], cached (`edit_mask`)."""
-        return edit_mask_steps(self.diffusion_in(inversion.batch), inversion, self.info.class_index(target))
+    def edit_mask_steps(self, inversion: Inversion, target: str | int, draws: int | None = None) -> Steps[np.ndarray]:
+        """Where the condition matters for this image: weights (C, H, W) in [0, 1], cached (`edit_mask`);
+        `draws` per noise level, default the model's `mask_draws`."""
+        return edit_mask_steps(self.diffusion_in(inversion.batch), inversion, self.info.class_index(target),
+                               draws or self.defaults.mask_draws)
 
     def translate_steps(self, image: Any, source: str | int | None = None, target: str | int | None = None,
                         strength: float | None = None, steps: int | None = None, guidance: float | None = None,

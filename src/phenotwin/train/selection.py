@@ -92,11 +92,11 @@ def pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _score_calls(translator, data, n: int) -> int:
     """UNet calls of scoring one candidate on `n` images per condition."""
-    from phenotwin.pipeline.edit_mask import CONFINE_CALLS
+    from phenotwin.cost import confine_calls
 
     base = translator.defaults
     full = translator.resolve(strength=1.0, guidance=0.0, confine=False)
-    extra = 0 if base == full else base.used_steps + CONFINE_CALLS * bool(base.confine)
+    extra = 0 if base == full else base.used_steps + confine_calls(base)
     return sum(min(n, len(data.images[c])) for c in translator.classes) * (base.steps + full.used_steps + extra)
 
 
