@@ -51,3 +51,30 @@ def test_quick_benchmark_reports_every_section(tmp_path):
         assert gui["scrub"]["prefetched_s"]["median"] < gui["scrub"]["new_s"]["median"]
         assert gui["scrub"]["prefetch_s"] >= 0
     assert "| 1 | first translation" in done.stdout and "napari responsiveness" in done.stdout
+
+
+def test_change_direction_separates_the_size_of_a_change_from_its_direction():
+    """benchmarks/change_direction.py: a change along the true one, twice too large, has cosine 1 and
+    a best gain of 0.5 that reaches ratio 0; a change across it has cosine 0 and no gain helps."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("change_direction", BENCH.parent / "change_direction.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    sources = rng.random((3, 2, 8, 8))
+    masks = np.zeros((3, 8, 8), bool)
+    masks[:, 2:6, 2:6] = True
+    true_change = np.where(masks[:, None], rng.random((3, 2, 8, 8)), 0.0)
+    along = module.direction_figures(sources + 2 * true_change, sources, sources + true_change, masks)
+    assert along["cosine_with_true_change"] == pytest.approx(1.0)
+    assert along["counterfactual_ratio"] == pytest.approx(1.0)  # (2 - 1)^2: as far off as doing nothing
+    assert along["best_gain"] == pytest.approx(0.5) and along["ratio_at_best_gain"] == pytest.approx(0.0, abs=1e-9)
+    assert along["change_size"] == pytest.approx(2.0) and along["share_of_change_inside_true_mask"] == pytest.approx(1.0)
+    across = np.where(masks[:, None], 0.0, rng.random((3, 2, 8, 8)))  # outside the true change only
+    wrong = module.direction_figures(sources + across, sources, sources + true_change, masks)
+    assert wrong["cosine_with_true_change"] == pytest.approx(0.0)
+    assert wrong["ratio_at_best_gain"] == pytest.approx(1.0) and wrong["counterfactual_ratio"] > 1.0
+    assert wrong["ratio_inside_true_mask_only"] == pytest.approx(1.0)  # an oracle mask removes it all

@@ -3,8 +3,9 @@ call takes on this machine, and the run's clock (calls done across all its stage
 
 A run's calls per image (a cell, a plane): the inversion's steps as deep as the strength needs
 (each 1 + refinements calls; only the missing ones when the inversion is cached),
-the edit mask's calls when confine is on (`edit_mask.mask_calls`: 12 at its full 4 draws per level), and the generation's steps (as many as the
-inversion's with DDIM, one more below strength 1 with DPM-Solver++: `generation_steps`); a field larger
+the edit mask's calls when confine is on (`edit_mask.mask_calls`: 12 at its full 4 draws per
+level), and the generation's steps (as many as the inversion's with DDIM, one more below strength 1
+with DPM-Solver++: `generation_steps`); a field larger
 than the model makes each call one per tile. The seconds per call are timed once when a model
 loads (`time_one_call`), then replaced by what the runs measure. The Translate widget asks
 before a long run with it, `phenotwin translate` prints it before a batch. Imports neither Qt,
@@ -91,9 +92,10 @@ def generation_calls(settings: TranslationSettings) -> int:
     return generation_steps(settings.solver, settings.used_steps, settings.steps)
 
 
-# A first look while the translation runs (issue 17): on the demo model DPM-Solver++ at 10 steps
-# (23 calls) flipped, localised and moved toward the true counterfactual as DDIM's 100 steps (112
-# calls) did, and lay 39.8 dB from their translation (docs/benchmarks.md, "Quality against cost").
+# A first look while the translation runs (issue 17): on the demo model DPM-Solver++ at 10 steps with
+# one edit-mask draw per level (14 calls) flipped, localised and moved toward the true counterfactual
+# as DDIM's 100 steps (112 calls) did, and lay 37.3 dB from their translation; at 6 or 8 steps one
+# cell in six lay 28 dB away with another heatmap (docs/benchmarks.md, "Quality against cost").
 PREVIEW_STEPS = 10
 PREVIEW_MASK_DRAWS = 1
 

@@ -224,10 +224,9 @@ class Translator:
         return len(rungs)
 
     def edit_mask_steps(self, inversion: Inversion, target: str | int, draws: int | None = None) -> Steps[np.ndarray]:
-        """Where the condition matters for this image: weights (C, H, W) in [0, 1], cached (`edit_mask`);
-        `draws` per noise level, default the model's `mask_draws`."""
-        return edit_mask_steps(self.diffusion_in(inversion.batch), inversion, self.info.class_index(target),
-                               draws or self.defaults.mask_draws)
+        """Where the condition matters: weights (C, H, W) in [0, 1] (`edit_mask`); `draws` default: the model's `mask_draws`."""
+        draws = draws or self.defaults.mask_draws
+        return edit_mask_steps(self.diffusion_in(inversion.batch), inversion, self.info.class_index(target), draws)
 
     def translate_steps(self, image: Any, source: str | int | None = None, target: str | int | None = None,
                         strength: float | None = None, steps: int | None = None, guidance: float | None = None,
@@ -268,8 +267,7 @@ class Translator:
                strength=None, settings=None, batch=None) -> Inversion:
         """Invert `image` under its `source` condition, all the way or as deep as `strength` needs (`invert_steps`)."""
         return drive(self.invert_steps(image, source, steps, channel_axis, settings=settings, strength=strength,
-                                       batch=batch),
-                     progress, cancel)
+                                       batch=batch), progress, cancel)
 
     def extend(self, inversion, strength=1.0, progress=None, cancel: CancelFlag = None) -> Inversion:
         """Invert `inversion` further, as deep as `strength` needs (see `extend_steps`)."""
