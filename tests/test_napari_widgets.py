@@ -997,7 +997,10 @@ def test_one_progress_bar_counts_the_runs_model_calls_with_the_time_left(viewer_
     bar.valueChanged.connect(lambda value: seen.append((value, bar.maximum(), bar.format())))
     calls = widget.translator.denoiser.calls
     run_and_wait(qtbot, widget)
-    total = 10 + 12 + 10  # inversion (half way), edit mask, generation at half strength: known before it starts
+    # inversion (half way), edit mask, generation at half strength; the preview first (cost.preview_of: 5 DPM-Solver++
+    # inversion steps, 6 generation steps, one mask draw per level that the translation's mask then completes):
+    # known before it starts
+    total = 10 + 12 + 10 + 5 + 6
     assert widget.translator.denoiser.calls - calls == total
     values = [value for value, _, _ in seen if value]
     assert len(values) >= 3 and values == sorted(values) and values[-1] == total  # never restarts at a stage
