@@ -116,3 +116,32 @@ def dpm_solver_schedulers(scheduler_config: dict[str, Any], steps: int):
             f"(timesteps {sampler.timesteps.tolist()[:3]}... vs {inverse.timesteps.tolist()[-3:]})"
         )
     return inverse, sampler
+
+
+def refinement_output(inverse, output, guess, sample, t):
+    """The model's output at `guess` (a candidate for the next inversion state, level `t`),
+    restated so that `inverse.step(result, t, sample)` moves `sample` with the noise the DDIM
+    generation step from `guess` will use.
+
+    Needed because diffusers' inverse step reads a v- or x0-prediction against the sample it
+    starts from, while a fixed-point refinement evaluates the model at the state it moves to; read
+    so, a refinement of a v-prediction model pulled the reconstruction down (subtle model, 25
+    steps at strength 0.5: 27.9 -> 26.5 dB). An epsilon prediction needs nothing. The noise is read
+    at `guess`'s own level, as the generation step reads it, and given back in the inverse's own
+    parametrisation, so that step is then the exact inverse of the generation step. Hand-written:
+    diffusers has no fixed-point inversion.
+    """
+    kind = inverse.config.prediction_type
+    if kind == "epsilon":
+        return output
+    # The two levels of this inverse step, as DDIMInverseScheduler.step takes them.
+    previous_t = t - inverse.config.num_train_timesteps // inverse.num_inference_steps
+    start = float(inverse.alphas_cumprod[previous_t] if previous_t >= 0 else inverse.initial_alpha_cumprod)
+    level = float(inverse.alphas_cumprod[int(t)])
+    if kind == "v_prediction":
+        noise = level**0.5 * output + (1 - level) ** 0.5 * guess
+        return (noise - (1 - start) ** 0.5 * sample) / start**0.5
+    # "sample": the output is the clean image. Restated alike, but its fixed point is reached slowly
+    # (+0.3 dB for one iteration on a random tiny model, where v and epsilon gain more than 3).
+    noise = (guess - level**0.5 * output) / (1 - level) ** 0.5
+    return (sample - (1 - start) ** 0.5 * noise) / start**0.5

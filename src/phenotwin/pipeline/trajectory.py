@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from phenotwin.pipeline.heatmap import psnr
-from phenotwin.pipeline.schedulers import SOLVER_ORDER, dpm_solver_schedulers, generation_steps, inference_schedulers
+from phenotwin.pipeline.schedulers import (
+    SOLVER_ORDER,
+    dpm_solver_schedulers,
+    generation_steps,
+    inference_schedulers,
+    refinement_output,
+)
 from phenotwin.progress import Progress, Steps
 
 if TYPE_CHECKING:
@@ -143,7 +149,7 @@ class Diffusion:
             # Fixed-point refinement: re-evaluate the model at the new sample, so this step is
             # the exact inverse of the DDIM step that generation will take (sharper reconstruction).
             for _ in range(refinements):
-                sample = self.step(inverse, previous, t, labels, model_input=sample)
+                sample = self.refine(inverse, previous, t, labels, sample)
             yield sample, None
 
     def state(self, inversion: Inversion, k: int) -> Steps[torch.Tensor]:
@@ -220,14 +226,23 @@ class Diffusion:
             yield Progress("sample", i + 1, steps)
         return self.decode(sample)
 
-    def step(self, scheduler, sample, t, labels, guidance: float = 0.0, generator=None, model_input=None):
-        """One DDIM (or inverse DDIM) step from `sample`, the model evaluated at `model_input` (default: `sample`)."""
+    def step(self, scheduler, sample, t, labels, guidance: float = 0.0, generator=None):
+        """One DDIM (or inverse DDIM) step from `sample`."""
         import torch
 
         with torch.inference_mode():
-            output = self.denoiser.predict(sample if model_input is None else model_input, t, labels, guidance)
+            output = self.denoiser.predict(sample, t, labels, guidance)
             extra = {"generator": generator} if generator is not None else {}
             return scheduler.step(output, int(t), sample, **extra).prev_sample
+
+    def refine(self, inverse, sample, t, labels, guess):
+        """One fixed-point iteration of the inverse DDIM step from `sample`: the model evaluated at
+        the current `guess` of the next state."""
+        import torch
+
+        with torch.inference_mode():
+            output = refinement_output(inverse, self.denoiser.predict(guess, t, labels, 0.0), guess, sample, t)
+            return inverse.step(output, int(t), sample).prev_sample
 
     def multistep(self, scheduler, index: int, sample, labels, previous, guidance: float = 0.0):
         """Step `index` of a DPM-Solver++ grid (`scheduler`: inverse or sampler) from `sample`:
