@@ -7,7 +7,7 @@ ranks. Model calls per image: the inversion's steps x (1 + refinements) plus the
 generation's steps (the reconstruction rides in the batch of the target's generation).
 
     python benchmarks/reconstruction_levers.py [--checkpoint DIR] [--data DIR] [-n 6]
-        [--steps 50 100 200] [--refinements 0 1 2] [--strengths 0.5 1.0] [--exact [STEPS ...]] [--json out.json]
+        [--steps 50 100 200] [--refinements 0 1 2] [--strengths 0.5 1.0] [--exact [STEPS ...]] [--garbage] [--json out.json]
 
 `--exact` adds an exact inversion (BDIA-DDIM, Zhang et al. 2023: a leapfrog of DDIM moves that can
 be run backwards exactly, the same model calls as DDIM) at full strength, on the held-out images
@@ -130,8 +130,9 @@ def bdia_reconstruction(translator, image, source: str, steps: int) -> float:
     return float(psnr(prepared.model_input, reconstruction))
 
 
-def exact_inversion(translator, images, steps_list) -> list[dict]:
-    """BDIA against DDIM at full strength, on held-out images and on garbage of the model's shape."""
+def garbage_inputs(translator) -> dict:
+    """Inputs of the model's shape and intensity range that are not its cells: a good trust signal
+    reconstructs them worse than its held-out cells (a flat field is easy for any inversion)."""
     import numpy as np
     from skimage import data as skdata
     from skimage.transform import resize
@@ -141,16 +142,22 @@ def exact_inversion(translator, images, steps_list) -> list[dict]:
     low, high = (np.asarray(translator.info.normalization[k], float) for k in ("low", "high"))
     span = (high - low)[:, None, None]
     cell = resize(skdata.cell().astype(float) / 255, (size, size), anti_aliasing=True)
-    garbage = {
+    return {
         "noise": low[:, None, None] + span * rng.random((channels, size, size)),
         "flat": low[:, None, None] + 0.5 * span * np.ones((channels, size, size)),
         "skimage cell()": low[:, None, None] + span * np.stack([cell] * channels),
     }
+
+
+def exact_inversion(translator, images, steps_list) -> list[dict]:
+    """BDIA against DDIM at full strength, on held-out images and on garbage of the model's shape."""
+    import numpy as np
+
     source = translator.classes[0]
     rows = []
     for steps in steps_list:
         for name, inputs in [("held-out", [im for batch in images.values() for im in batch])] + [
-                (key, [value]) for key, value in garbage.items()]:
+                (key, [value]) for key, value in garbage_inputs(translator).items()]:
             ddim = [float(translator.translate(im, source, translator.classes[1], strength=1.0, steps=steps,
                                                guidance=0.0, confine=False, channel_axis=0).reconstruction_psnr)
                     for im in inputs]
@@ -181,6 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 1.0])
     parser.add_argument("--exact", type=int, nargs="*", default=None, metavar="STEPS",
                         help="also an exact (BDIA) inversion at these step counts (default 50), on garbage too")
+    parser.add_argument("--garbage", action="store_true",
+                        help="the same steps and refinements on garbage inputs too: does the trust signal survive?")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -201,8 +210,13 @@ def main(argv=None) -> int:
             exact = exact_inversion(translator, images, args.exact or [50])
     rows = measure(checkpoint, images, args.steps, args.refinements, args.strengths)
     print(markdown(rows))
+    garbage = {}
+    for name, image in (garbage_inputs(translator).items() if args.garbage else ()):
+        garbage[name] = measure(checkpoint, {translator.classes[0]: [image]}, args.steps, args.refinements,
+                                args.strengths)
+        print(f"\n{name}:\n{markdown(garbage[name])}")
     if args.json:
-        write_json(args.json, {"checkpoint": str(checkpoint), "rows": rows, "exact": exact})
+        write_json(args.json, {"checkpoint": str(checkpoint), "rows": rows, "exact": exact, "garbage": garbage})
     return 0
 
 
