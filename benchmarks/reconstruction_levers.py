@@ -32,13 +32,13 @@ from pathlib import Path
 def held_out(translator, data: Path | None, n: int):
     """{condition: [images]} of held-out images in the model's input units."""
     from phenotwin.evaluate.translation import from_pairs, load_eval_folder
-    from phenotwin.synthetic import as_camera_units, make_pairs
+    from phenotwin.synthetic import make_pairs
 
     if data is not None:
         images = load_eval_folder(data, translator.image_size, translator.channels, n).images
         return {c: list(v[:n]) for c, v in images.items()}
     pairs = from_pairs(make_pairs(n, size=translator.image_size, channels=translator.channels, seed=0, start=500_000))
-    return {c: [as_camera_units(im) for im in v[:n]] for c, v in pairs.images.items()}
+    return {c: list(v[:n]) for c, v in pairs.images.items()}  # `from_pairs` gives camera units already
 
 
 def measure(checkpoint, images, steps_list, refinements_list, strengths) -> list[dict]:

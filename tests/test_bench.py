@@ -78,3 +78,24 @@ def test_change_direction_separates_the_size_of_a_change_from_its_direction():
     assert wrong["cosine_with_true_change"] == pytest.approx(0.0)
     assert wrong["ratio_at_best_gain"] == pytest.approx(1.0) and wrong["counterfactual_ratio"] > 1.0
     assert wrong["ratio_inside_true_mask_only"] == pytest.approx(1.0)  # an oracle mask removes it all
+
+
+def test_reconstruction_levers_synthetic_cells_fit_the_demo_model():
+    """benchmarks/reconstruction_levers.py without --data: the held-out cells were converted to
+    camera units twice, so every cell was the same saturated field (mean 65 471 of 65 535) and its
+    numbers meant nothing; they must fit the model's training range and differ by condition."""
+    import importlib.util
+
+    import numpy as np
+
+    from phenotwin import Translator
+    from phenotwin.assets import demo_model_path
+
+    spec = importlib.util.spec_from_file_location("reconstruction_levers", BENCH.parent / "reconstruction_levers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    translator = Translator(demo_model_path(), device="cpu")
+    images = module.held_out(translator, None, 2)
+    control, treated = (np.stack(images[c]) for c in translator.classes)
+    assert not np.array_equal(control, treated) and not np.array_equal(control[0], control[1])
+    assert translator.processor.preprocess(control[0], 0).fit.level == "ok"
