@@ -395,19 +395,22 @@ def test_a_setting_flips_only_when_each_direction_flips():
 
 def test_a_sweep_recorded_without_the_per_direction_breakdown_is_judged_pooled():
     from phenotwin.assets import DEMO_MODEL, SUBTLE_MODEL
-    from phenotwin.calibration import choose
+    from phenotwin.calibration import choose, flip_bar
     from phenotwin.calibration_cost import flips
 
     old = {"flip_rate": 0.8125, "images": 16}  # 0.8125 of 16: within 0.095 of 0.875 - 0.05, not of 0.9 (0.075)
     assert flips(old, 0.825) and not flips(old, 0.9)
     shipped = [json.loads((m / "phenotwin.json").read_text())["calibration"] for m in (DEMO_MODEL, SUBTLE_MODEL)
                if (m / "phenotwin.json").is_file()]
-    # the demo model's record predates the per-direction counts (the subtle model's was made again with them)
-    legacy = [c for c in shipped if all("flip_rate_by_direction" not in r for r in c["sweep"])]
-    assert legacy and len(shipped) == 2
-    for calibration in shipped:  # each, with or without them, still chooses what it recorded
+    assert len(shipped) == 2
+    for calibration in shipped:  # each still chooses what it recorded
         picked = choose(calibration["sweep"], calibration["classifier_accuracy"])
-        assert {k: picked[k] for k in ("strength", "guidance", "confine")} == calibration["chosen"]
+        swept = ("strength", "guidance", "confine")  # the rest of `chosen` is the cost search's
+        assert {k: picked[k] for k in swept} == {k: calibration["chosen"][k] for k in swept}
+        # The same sweep as a record made before the per-direction counts: judged pooled, a row that flips.
+        legacy = [{k: v for k, v in r.items() if not k.endswith("_by_direction")} for r in calibration["sweep"]]
+        picked = choose(legacy, calibration["classifier_accuracy"])
+        assert picked in legacy and flips(picked, flip_bar(legacy, calibration["classifier_accuracy"]))
 
 
 def test_judge_records_the_flip_rate_of_each_direction():
