@@ -7,7 +7,8 @@ from a good image. So, on held-out images of the model's own conditions:
 
 1. intensity statistics of the images, when the model has none (the input-fit check);
 2. the reconstruction PSNR at each strength of STRENGTHS (and each step count asked for):
-   the distribution a result's trust verdict is ranked against (`phenotwin.trust`);
+   the distribution a result's trust verdict is ranked against (`phenotwin.trust`), at the
+   defaults on VERDICT_IMAGES a condition when the folder holds them;
 3. a sweep of strength x guidance x edit mask at the model's step count: a condition
    classifier gives the flip rate, the mean heatmap gives the size of the change. The
    criterion: **the gentlest localised change that flips**, i.e. among the settings whose flip
@@ -56,6 +57,9 @@ CALIBRATION_VERSION = 1
 # How much reconstruction a cheaper setting of the cost search may lose (`calibration_cost`; the
 # verdict of a cheaper default is measured at it, so it stays honest).
 RECONSTRUCTION_TOLERANCE_DB = 1.0
+# Images per condition of the verdict's table at the defaults (`phenotwin calibrate`): real cells
+# have a hard tail (1 in 12 of the demo's, `phenotwin.trust`), which 8 rarely sample and 32 do.
+VERDICT_IMAGES = 32
 
 
 def criterion(tolerance: float = RECONSTRUCTION_TOLERANCE_DB, reconstruction_target: float | None = None) -> str:
@@ -111,8 +115,9 @@ def describe(chosen: dict[str, Any]) -> str:
     return text
 
 
-def _plan(translator, data, n: int, step_counts: list[int] | None, sweep: bool):
-    """What a calibration runs: (step counts, strengths, sweep grid, directions, images per source)."""
+def _plan(translator, data, n: int, step_counts: list[int] | None, sweep: bool, verdict_images: int | None = None):
+    """What a calibration runs: (step counts, strengths, sweep grid, directions, images per source,
+    images per source of the verdict's table at the defaults: at least as many)."""
     base = translator.defaults
     step_counts = sorted(set(step_counts or [base.steps]) | {base.steps})
     rungs = sorted(set(STRENGTHS) | {base.strength})
@@ -120,7 +125,9 @@ def _plan(translator, data, n: int, step_counts: list[int] | None, sweep: bool):
     directions = [(src, tgt) for src in translator.classes for tgt in translator.classes if src != tgt]
     per_direction = max(1, n // (len(translator.classes) - 1))  # each condition is the source of n translations
     counts = {src: min(per_direction, len(data.images[src])) for src, _ in directions}
-    return step_counts, rungs, grid, directions, counts
+    verdict_per_direction = max(per_direction, (verdict_images or 0) // (len(translator.classes) - 1))
+    verdict_counts = {src: min(verdict_per_direction, len(data.images[src])) for src, _ in directions}
+    return step_counts, rungs, grid, directions, counts, verdict_counts
 
 
 def _guidances(base_guidance: float, swept: bool) -> list[float]:
@@ -137,27 +144,31 @@ def _verdict_calls(translator, settings, rungs: list[float], guidances: list[flo
 
 
 def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True,
-               reconstruction_target: float | None = None) -> int:
+               reconstruction_target: float | None = None, verdict_images: int | None = None) -> int:
     """How many UNet calls `calibrate_steps` makes at most with these arguments: what a time budget
     plans with (the cost search stops at the first setting that keeps the quality, and its verdict
     table is measured only when one does)."""
     from phenotwin.cost import calls_per_image
     from phenotwin.pipeline.edit_mask import mask_calls
 
-    step_counts, rungs, _, directions, counts = _plan(translator, data, n, step_counts, sweep)
+    step_counts, rungs, _, directions, counts, verdict_counts = _plan(translator, data, n, step_counts, sweep,
+                                                                      verdict_images)
     base = translator.defaults
     images = sum(counts[src] for src, _ in directions)
+    extra = sum(verdict_counts[src] - counts[src] for src, _ in directions)
     total = 0
     for steps in step_counts:
         swept = sweep and steps == base.steps
         total += images * (_verdict_calls(translator, translator.resolve(steps=steps), rungs,
                                           _guidances(base.guidance, swept)) + mask_calls(base.mask_draws) * swept)
+    verdict = _verdict_calls(translator, translator.resolve(), rungs, [base.guidance])
     if sweep:  # the cost search, at the dearest chosen setting, and the verdict table of its choice
         options = searched_settings(translator, {"strength": max(rungs), "guidance": max(GUIDANCES), "confine": True},
                                    reconstruction_target)
         total += images * sum(calls_per_image(o) for o in options)
-        total += images * max((_verdict_calls(translator, o, rungs, [max(GUIDANCES)]) for o in options), default=0)
-    return total
+        verdict = max([verdict] + [_verdict_calls(translator, o, rungs, [max(GUIDANCES)]) for o in options])
+        total += images * verdict
+    return total + extra * verdict
 
 
 class _Clock:
@@ -173,14 +184,15 @@ class _Clock:
 
 
 def _verdict_psnrs(translator, data, directions, counts, settings, rungs, guidances, seed, clock, psnrs,
-                   on_generated=None):
+                   on_generated=None, start=None):
     """Invert each held-out image with `settings` (steps, solver, refinements) and regenerate it at
     every rung and guidance, unconfined: the reconstruction PSNRs go to psnrs[guidance][steps][rung].
-    `on_generated(src, tgt, i, inversion, rung settings, result)` sees each generation (the sweep)."""
+    `on_generated(src, tgt, i, inversion, rung settings, result)` sees each generation (the sweep).
+    `start`: {source: the first image's index} (the images before it were measured already)."""
     from phenotwin.cost import generation_calls, inversion_calls
 
     for src, tgt in directions:
-        for i in range(counts[src]):
+        for i in range((start or {}).get(src, 0), counts[src]):
             batch = data.batch_for(translator, src, i)
             full = settings.replace(source=src, strength=1.0, batch=batch)
             inversion = yield from clock.run(translator.invert_steps(data.images[src][i], channel_axis=0,
@@ -200,13 +212,16 @@ def _verdict_psnrs(translator, data, directions, counts, settings, rungs, guidan
 def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True,
                     seed: int = 0, classifier_epochs: int = CLASSIFIER_EPOCHS, classifier=None,
                     reconstruction_tolerance: float = RECONSTRUCTION_TOLERANCE_DB,
-                    reconstruction_target: float | None = None) -> Steps[dict[str, Any]]:
+                    reconstruction_target: float | None = None,
+                    verdict_images: int | None = None) -> Steps[dict[str, Any]]:
     """Measure (see the module docstring) on `data`, an `evaluate.translation.EvalSet`; returns the
     `calibration` record with the chosen `defaults`. Writes nothing. `classifier` (a trained
     `evaluate.classifier.ConditionClassifier`) replaces the one trained on `data`, e.g. one trained
     on the training images when only a few are held out. `reconstruction_tolerance`: the dB of
     reconstruction a cheaper solver or step count may lose (`calibration_cost.cost_search`);
-    `reconstruction_target`: the dB the defaults should reconstruct at, with dearer settings if need be."""
+    `reconstruction_target`: the dB the defaults should reconstruct at, with dearer settings if need be;
+    `verdict_images`: images per condition the verdict's table at the defaults is measured on, when
+    more than `n` (the verdict ranks against a low percentile, which a few images place poorly)."""
     from phenotwin.evaluate.translation import condition_classifier, require_conditions
     from phenotwin.pipeline.edit_mask import mask_calls_left
 
@@ -214,14 +229,15 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     if n < 2:
         raise PhenotwinError(f"calibration needs at least 2 images per condition (-n), got {n}.")
     base = translator.defaults
-    step_counts, rungs, grid, directions, counts = _plan(translator, data, n, step_counts, sweep)
+    step_counts, rungs, grid, directions, counts, verdict_counts = _plan(translator, data, n, step_counts, sweep,
+                                                                         verdict_images)
 
     if sweep and classifier is None:
         yield Progress("classifier", 0, 1)
         classifier, _ = condition_classifier(translator, data, seed, classifier_epochs)
         yield Progress("classifier", 1, 1)
 
-    clock = _Clock(unet_calls(translator, data, n, step_counts, sweep, reconstruction_target))
+    clock = _Clock(unet_calls(translator, data, n, step_counts, sweep, reconstruction_target, verdict_images))
     psnrs: dict[float, dict[str, dict[str, list[float]]]] = {}
     outcomes: dict[tuple, list] = {key: [] for key in grid}
 
@@ -247,6 +263,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     record: dict[str, Any] = {
         "version": CALIBRATION_VERSION, "data_fingerprint": data.fingerprint,
         "images_per_condition": {src: counts[src] for src, _ in directions}, "strengths": rungs,
+        "verdict_images_per_condition": {src: verdict_counts[src] for src, _ in directions},
     }
     if translator.info.batches:  # the rest were translated in the model's "batch unknown" row
         record["images_in_their_batch"] = sum(data.batch_for(translator, src, i) is not None
@@ -288,6 +305,9 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     # Guidance lowers the reconstruction PSNR (37.1 -> 34.8 dB on the demo at strength 1), so the
     # verdict's table is the one measured at the guidance, solver and refinements the model will use by default.
     measured = translator.resolve(**{k: v for k, v in record.get("chosen", {}).items() if k != "confine"})
+    if verdict_counts != counts:  # more images for the table the defaults' results are ranked against
+        yield from _verdict_psnrs(translator, data, directions, verdict_counts, measured, rungs, [guidance], seed,
+                                  clock, psnrs, start=counts)
     record.update(reconstruction_guidance=guidance, reconstruction_solver=measured.solver,
                   reconstruction_refinements=measured.inversion_refinements)
     record["reconstruction_psnr"] = {k: {s: sorted(v) for s, v in by.items()} for k, by in psnrs[guidance].items()}
@@ -313,7 +333,8 @@ def apply(checkpoint: str | os.PathLike, record: dict[str, Any], statistics: dic
         same = (previous.get("reconstruction_guidance", 0.0) == record["reconstruction_guidance"]
                 and measured_with(previous) == measured_with(record))
         table = {**(previous.get("reconstruction_psnr", {}) if same else {}), **record["reconstruction_psnr"]}
-        record = {**previous, "reconstruction_psnr": table, **{k: record[k] for k in measured}}
+        record = {**previous, "reconstruction_psnr": table, **{k: record[k] for k in measured},
+                  "verdict_images_per_condition": record["verdict_images_per_condition"]}  # the sweep's count stays
     defaults = {**info.defaults, **record.get("chosen", {})}
     provenance = {**info.provenance, "inference_defaults": (
         f"calibrated by phenotwin calibrate: {record['criterion']}" if "chosen" in record else
@@ -380,6 +401,10 @@ def add_parser(commands) -> None:
     calibrate.add_argument("checkpoint", type=Path, help="model folder (contains phenotwin.json); updated in place")
     calibrate.add_argument("--data", type=Path, required=True, help="held-out images: DIR/<condition>/*.tif")
     calibrate.add_argument("-n", type=int, default=8, help="images per condition (default: %(default)s)")
+    calibrate.add_argument("--verdict-images", type=int, default=VERDICT_IMAGES, metavar="N",
+                           help="images per condition the trust verdict's table at the defaults is measured on, "
+                           "when more than -n and --data holds them: the verdict ranks a result against their 5th "
+                           "percentile, which a few images place poorly (default: %(default)s)")
     calibrate.add_argument("--steps", type=int, nargs="+", default=None,
                            help="step counts to calibrate the verdict at (default: the model's)")
     calibrate.add_argument("--classifier-data", type=Path, default=None,
@@ -413,7 +438,9 @@ def run(args: argparse.Namespace) -> int:
         raise PhenotwinError("--reconstruction-target needs the sweep (it searches the chosen setting's steps and "
                              "refinements): drop --no-sweep.")
     translator = Translator(args.checkpoint, device=args.device)
-    data = load_eval_folder(args.data, translator.image_size, translator.channels, args.n)
+    if args.verdict_images < 0:
+        raise PhenotwinError(f"--verdict-images is a number of images, 0 or more; got {args.verdict_images}.")
+    data = load_eval_folder(args.data, translator.image_size, translator.channels, max(args.n, args.verdict_images))
     if data.fingerprint and data.fingerprint == (translator.info.provenance or {}).get("data_fingerprint"):
         raise PhenotwinError(f"{args.data} is the model's training data; calibrate on held-out images of the same "
                              "conditions (images the model never saw), or the verdict would flatter it.")
@@ -427,7 +454,8 @@ def run(args: argparse.Namespace) -> int:
     record = drive(calibrate_steps(translator, data, n=args.n, step_counts=args.steps, sweep=not args.no_sweep,
                                    seed=args.seed, classifier=classifier,
                                    reconstruction_tolerance=args.reconstruction_tolerance,
-                                   reconstruction_target=args.reconstruction_target), tqdm_steps("calibrate"))
+                                   reconstruction_target=args.reconstruction_target,
+                                   verdict_images=args.verdict_images), tqdm_steps("calibrate"))
     statistics, normalization = None, translator.info.normalization
     if translator.info.intensity_statistics is None and normalization["mode"] == "fixed":
         images = [im for c in translator.classes for im in data.images[c]]

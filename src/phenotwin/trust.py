@@ -20,8 +20,14 @@ import numpy as np
 from phenotwin.input_fit import FitReport
 
 LEVELS = ("good", "fair", "uncalibrated", "poor", "does-not-fit")  # from best to worst
-# Against the worst of the model's held-out images: within GOOD_MARGIN_DB below it a result reads
-# "good" (so the model's own held-out images do, by construction), within POOR_MARGIN_DB "fair".
+# A result reads "good" at or above this quantile of the model's held-out PSNRs, less GOOD_MARGIN_DB,
+# so about 95% of the model's own held-out images do. Not the worst held-out image: real cells have a
+# hard tail (two nuclei in one crop, an unusually large cell: 1 in 12 of the demo's reconstruct ~15 dB
+# below the median at strength 0.75, and their translations can move a nucleus), so the worst of 16
+# usually missed it while the worst of 64 fell into it, and the verdict depended on how many images
+# were calibrated. A quantile does not. Results in the tail read "fair"; below every held-out image
+# less POOR_MARGIN_DB, "poor".
+GOOD_QUANTILE = 0.05
 GOOD_MARGIN_DB = 1.0
 POOR_MARGIN_DB = 3.0
 # Used only for a model without calibration, and said so: the old fixed thresholds.
@@ -117,14 +123,16 @@ def verdict(psnr: float, steps: int, strength: float, calibration: dict[str, Any
     else:
         values, where = reference
         percentile = float(100.0 * np.mean(np.asarray(values) <= psnr))
-        if psnr >= min(values) - GOOD_MARGIN_DB:
+        if psnr >= float(np.quantile(values, GOOD_QUANTILE)) - GOOD_MARGIN_DB:
             level = "good"
             message = (f"Reconstruction {shown}: good, as high as or higher than {percentile:.0f}% of this model's "
                        f"held-out images ({where}).")
         elif psnr >= min(values) - POOR_MARGIN_DB:
             level = "fair"
             message = (f"Reconstruction {shown}: fair, lower than {100 - percentile:.0f}% of this model's held-out "
-                       f"images ({where}); small changes in the translation may be reconstruction error.")
+                       f"images ({where}), like the hardest images it reconstructs (unusual cells: two nuclei in one "
+                       "crop, a large cell): small changes may be reconstruction error, and a cell may have moved. "
+                       "Compare the translation with the input before reading the heatmap.")
         else:
             level = "poor"
             message = (f"Reconstruction {shown}: POOR, below all of this model's held-out images ({where}, worst "
