@@ -48,8 +48,8 @@ def main() -> None:
         table = (translator.info.calibration or {}).get("reconstruction_psnr", {}).get(str(defaults.steps), {})
         values = table.get(repr(float(defaults.strength)), [])
         if values:
-            print(f"| {Path(checkpoint).name} | held-out cells ({len(values)}) | 5th percentile {np.quantile(values, 0.05):.1f} dB, median "
-                  f"{np.median(values):.1f} dB | |")
+            print(f"| {Path(checkpoint).name} | held-out cells ({len(values)}) | 5th percentile "
+                  f"{np.quantile(values, 0.05):.1f} dB, median {np.median(values):.1f} dB | |")
         for name, crop in garbage().items():
             cells = []
             for matched in (False, True):
