@@ -60,6 +60,11 @@ def test_refinements_are_refused_with_dpm_solver_and_saying_why_not_ignored():
     with pytest.raises(PhenotwinError, match=refused):
         TranslationSettings(solver="dpm++", inversion_refinements=1).resolve(info(), 1000)
     assert TranslationSettings(solver="ddim", inversion_refinements=1).resolve(info(), 1000).inversion_refinements == 1
+    # A model calibrated to DDIM with a refinement (the shipped ones): asking for DPM-Solver++ drops the
+    # refinement that came with the DDIM default instead of refusing what the caller never set.
+    refined = info(solver="ddim", inversion_refinements=1)
+    assert TranslationSettings(solver="dpm++").resolve(refined, 1000).inversion_refinements == 0
+    assert TranslationSettings().resolve(refined, 1000).inversion_refinements == 1
 
 
 def test_a_model_without_a_stored_solver_means_ddim_and_a_stored_one_is_its_default():

@@ -341,7 +341,8 @@ def test_a_classifier_too_weak_to_tell_the_conditions_apart_chooses_nothing(tmp_
     from types import SimpleNamespace
 
     from phenotwin import Translator
-    from phenotwin.calibration import apply, calibrate_steps
+    from phenotwin.calibration import calibrate_steps
+    from phenotwin.calibration_command import apply
     from phenotwin.checkpoint import read_info
     from phenotwin.evaluate.translation import from_pairs
     from phenotwin.progress import drive

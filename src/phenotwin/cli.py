@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     from phenotwin.evaluate.commands import add_parser as add_evaluate_parser
 
     add_evaluate_parser(commands)
-    from phenotwin.calibration import add_parser as add_calibrate_parser
+    from phenotwin.calibration_command import add_parser as add_calibrate_parser
 
     add_calibrate_parser(commands)
     from phenotwin.embed.commands import add_parser as add_embed_parser
@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_train(args, argv)
         if args.command == "calibrate":
-            from phenotwin.calibration import run as run_calibrate
+            from phenotwin.calibration_command import run as run_calibrate
 
             return run_calibrate(args)
         if args.command == "evaluate":

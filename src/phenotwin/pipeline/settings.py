@@ -101,7 +101,10 @@ class TranslationSettings:
         """Every unset field filled from `defaults` (else the model's), every field checked;
         conditions given by name or index come back as names."""
         base = defaults if defaults is not None else model_defaults(model.defaults)
-        merged = base.replace(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.solver not in (None, "ddim") and self.inversion_refinements is None:
+            given["inversion_refinements"] = 0  # the defaults' refinements belong to their DDIM: not to this solver
+        merged = base.replace(**given)
         source = None if merged.source is None else model.classes[model.class_index(merged.source)]
         target = None if merged.target is None else model.classes[model.class_index(merged.target)]
         batch = None if merged.batch is None else str(merged.batch)  # CSV batch names are strings: plate 1 is "1"

@@ -264,7 +264,8 @@ class Calibration:
     def _finish(self, best, rows, data, chosen: Plan, classifier, spent: float):
         """Keep the best save as the model, then calibrate it and write the tables."""
         from phenotwin import Translator
-        from phenotwin.calibration import apply, calibrate_steps, describe
+        from phenotwin.calibration import calibrate_steps, describe
+        from phenotwin.calibration_command import apply
         from phenotwin.io import write_csv
 
         trainer = self.trainer
