@@ -34,6 +34,7 @@ def main() -> None:
 
     from phenotwin import Translator
     from phenotwin.assets import SUBTLE_MODEL, demo_model_path
+    from phenotwin.trust import GOOD_QUANTILE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", nargs="+", default=[str(demo_model_path()), str(SUBTLE_MODEL)])
@@ -49,11 +50,11 @@ def main() -> None:
         values = table.get(repr(float(defaults.strength)), [])
         if values:
             print(f"| {Path(checkpoint).name} | held-out cells ({len(values)}) | 5th percentile "
-                  f"{np.quantile(values, 0.05):.1f} dB, median {np.median(values):.1f} dB | |")
+                  f"{np.quantile(values, GOOD_QUANTILE):.1f} dB, median {np.median(values):.1f} dB | |")
         for name, crop in garbage().items():
             cells = []
+            image = np.stack([crop] * translator.channels).astype(np.uint16) * 257
             for matched in (False, True):
-                image = np.stack([crop] * translator.channels).astype(np.uint16) * 257
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # garbage does not fit, on purpose
                     result = translator.translate(image, settings=defaults.replace(match_intensities=matched),

@@ -25,6 +25,7 @@ from phenotwin.calibration import (
 )
 from phenotwin.errors import PhenotwinError
 from phenotwin.evaluate.classifier import CLASSIFIER_IMAGES
+from phenotwin.trust import GOOD_QUANTILE
 
 
 def apply(checkpoint: str | os.PathLike, record: dict[str, Any], statistics: dict[str, Any] | None) -> Path:
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {record['reconstruction_target_missed']}", file=sys.stderr)
     for steps, by_strength in record["reconstruction_psnr"].items():
         print(f"held-out reconstruction at {steps} steps: " + ", ".join(
-            f"strength {float(s):g}: {np.median(v):.1f} dB (5th percentile {np.quantile(v, 0.05):.1f}, worst "
+            f"strength {float(s):g}: {np.median(v):.1f} dB (5th percentile {np.quantile(v, GOOD_QUANTILE):.1f}, worst "
             f"{min(v):.1f})" for s, v in by_strength.items()))
     print(f"wrote {written}")
     return 0
