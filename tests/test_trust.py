@@ -514,6 +514,34 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
     assert reached["cost_search"] and all(r["steps"] < 6 for r in reached["cost_search"])
     assert "reconstruction_target_missed" not in reached
 
+    # Under a time budget (training's), the search stops at the first setting whose calls would not fit,
+    # and the verdict's table takes more images only while they fit; the record says what was left out.
+    class Allowance:  # a deadline counted in model calls, so the test does not depend on the clock
+        def __init__(self, calls):
+            self.start, self.calls = translator.denoiser.calls, calls
+
+        def fits(self, calls):
+            return translator.denoiser.calls - self.start + calls <= self.calls
+
+    four = load_eval_folder(tmp_path / "held-out", 32, 2, 4)
+    roomy = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
+                                  budget=Allowance(10 ** 9)))
+    assert "cost_search_stopped" not in roomy and roomy["verdict_images_per_condition"] == {"control": 4,
+                                                                                           "nocodazole": 4}
+    before = translator.denoiser.calls
+    cut = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
+                                budget=Allowance(roomy["unet_calls"] // 2)))
+    assert translator.denoiser.calls - before == cut["unet_calls"] <= roomy["unet_calls"] // 2
+    prefix = [(r["solver"], r["steps"], r["inversion_refinements"]) for r in cut["cost_search"]]
+    assert prefix == [(r["solver"], r["steps"], r["inversion_refinements"])
+                      for r in roomy["cost_search"]][:len(prefix)] and len(prefix) < len(roomy["cost_search"])
+    assert f"left {len(roomy['cost_search']) - len(prefix)} of the cost search's" in cut["cost_search_stopped"]
+    spent = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
+                                  budget=Allowance(0)))  # the sweep itself is planned, and runs
+    assert spent["sweep"] and spent["cost_search"] == [] and "left 0" not in spent["cost_search_stopped"]
+    assert spent["verdict_images_per_condition"] == {"control": 2, "nocodazole": 2}
+    assert "--no-sweep to measure it on more" in spent["verdict_images_stopped"]
+
     assert main(["calibrate", str(model), "--data", str(tmp_path / "held-out"), "--reconstruction-target", "0",
                  "--device", "cpu"]) == 2
     assert main(["calibrate", str(model), "--data", str(tmp_path / "held-out"), "--reconstruction-target", "38",

@@ -31,6 +31,8 @@ The chosen settings become the model's `defaults` in phenotwin.json; the tables 
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from phenotwin.calibration_cost import cost_search, flips, judge, searched_settings, weakest_flip_rate
@@ -165,11 +167,31 @@ def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = Non
     return total + extra * verdict
 
 
+@dataclass(frozen=True)
+class TimeBudget:
+    """When a calibration must end (a `time.monotonic()` value) and the seconds one model call takes.
+    The parts whose cost cannot be planned run only while they fit before the deadline: the cost
+    search stops at its first setting that keeps the quality, so its dearer settings (a
+    reconstruction target's) may cost nothing or 2.6 times the rest (the real texture at 2 images a
+    condition: 1 928 model calls used of 8 356 planned), and the verdict's table takes more images
+    one at a time, each condition in turn."""
+
+    deadline: float
+    seconds_per_call: float
+
+    def fits(self, calls: int) -> bool:
+        return time.monotonic() + calls * self.seconds_per_call <= self.deadline
+
+
 class _Clock:
     """The calibration's model calls done so far, for one progress bar over all its stages."""
 
     def __init__(self, total: int):
         self.done, self.total = 0, total
+
+    def skip(self, calls: int) -> None:
+        """Planned calls that will not be made (a time budget ran out): the bar's total shrinks."""
+        self.total = max(self.done, self.total - calls)
 
     def run(self, steps, calls: int):
         result = yield from relabel(steps, "calibrate", self.done, max(self.total, self.done + calls))
@@ -203,11 +225,30 @@ def _verdict_psnrs(translator, data, directions, counts, settings, rungs, guidan
                         yield from on_generated(src, tgt, i, inversion, rung, result)
 
 
+def _more_verdict_images(translator, data, directions, counts, verdict_counts, settings, rungs, guidance, seed,
+                         clock, psnrs, budget: TimeBudget | None):
+    """The verdict's table at the defaults on images beyond the first `counts`, up to `verdict_counts`: one
+    image of each condition in turn, while the `budget` holds one more. Returns the images measured per source."""
+    done = dict(counts)
+    per_image = _verdict_calls(translator, settings, rungs, [guidance])
+    for i in range(max(verdict_counts.values(), default=0)):
+        for src in dict.fromkeys(src for src, _ in directions):
+            if not counts[src] <= i < verdict_counts[src]:
+                continue
+            if budget is not None and not budget.fits(per_image):
+                clock.skip(per_image * sum(verdict_counts[s] - done[s] for s in done))
+                return done
+            yield from _verdict_psnrs(translator, data, [d for d in directions if d[0] == src], {src: i + 1}, settings,
+                                      rungs, [guidance], seed, clock, psnrs, start={src: i})
+            done[src] = i + 1
+    return done
+
+
 def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True,
                     seed: int = 0, classifier_epochs: int = CLASSIFIER_EPOCHS, classifier=None,
                     reconstruction_tolerance: float = RECONSTRUCTION_TOLERANCE_DB,
                     reconstruction_target: float | None = None,
-                    verdict_images: int | None = None) -> Steps[dict[str, Any]]:
+                    verdict_images: int | None = None, budget: TimeBudget | None = None) -> Steps[dict[str, Any]]:
     """Measure (see the module docstring) on `data`, an `evaluate.translation.EvalSet`; returns the
     `calibration` record with the chosen `defaults`. Writes nothing. `classifier` (a trained
     `evaluate.classifier.ConditionClassifier`) replaces the one trained on `data`, e.g. one trained
@@ -215,7 +256,10 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     reconstruction a cheaper solver or step count may lose (`calibration_cost.cost_search`);
     `reconstruction_target`: the dB the defaults should reconstruct at, with dearer settings if need be;
     `verdict_images`: images per condition the verdict's table at the defaults is measured on, when
-    more than `n` (the verdict ranks against a low percentile, which a few images place poorly)."""
+    more than `n` (the verdict ranks against a low percentile, which a few images place poorly);
+    `budget`: a deadline for the cost search's settings and the verdict's images beyond the first
+    `n` (`TimeBudget`); the record says what it left out."""
+    from phenotwin.cost import calls_per_image
     from phenotwin.evaluate.translation import condition_classifier, require_conditions
     from phenotwin.pipeline.edit_mask import mask_calls_left
 
@@ -257,7 +301,6 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     record: dict[str, Any] = {
         "version": CALIBRATION_VERSION, "data_fingerprint": data.fingerprint,
         "images_per_condition": {src: counts[src] for src, _ in directions}, "strengths": rungs,
-        "verdict_images_per_condition": {src: verdict_counts[src] for src, _ in directions},
     }
     if translator.info.batches:  # the rest were translated in the model's "batch unknown" row
         record["images_in_their_batch"] = sum(data.batch_for(translator, src, i) is not None
@@ -271,10 +314,24 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
             chosen = {k: row[k] for k in ("strength", "guidance", "confine")}
             guidance = chosen["guidance"]
             reference = {**row, "results": outcomes[(row["strength"], row["guidance"], row["confine"])]}
-            tried, cheaper = yield from cost_search(translator, data, classifier, directions, counts, chosen,
-                                                     reference, flip_bar(rows, classifier.held_out_accuracy),
-                                                     seed, clock, reconstruction_tolerance, reconstruction_target)
+            images = sum(counts[src] for src, _ in directions)
+
+            def affordable(option) -> bool:  # its translations and, if kept, its verdict table
+                return budget is None or budget.fits(images * (calls_per_image(option) + _verdict_calls(
+                    translator, option, rungs, [option.guidance])))
+
+            tried, cheaper, untried = yield from cost_search(
+                translator, data, classifier, directions, counts, chosen, reference,
+                flip_bar(rows, classifier.held_out_accuracy), seed, clock, reconstruction_tolerance,
+                reconstruction_target, affordable)
             record["cost_search"] = tried
+            if untried:
+                clock.skip(images * sum(calls_per_image(option) for option in untried))
+                dearest = untried[-1]
+                record["cost_search_stopped"] = (
+                    f"the time budget left {len(untried)} of the cost search's {len(tried) + len(untried)} settings "
+                    f"untried, up to {dearest.solver} at {dearest.steps} steps with {dearest.inversion_refinements} "
+                    "refinement(s). Run phenotwin calibrate on held-out images to try them all.")
             if reconstruction_target is not None:
                 record["reconstruction_target"] = reconstruction_target
                 best = max([row["reconstruction_psnr"]] + [r["reconstruction_psnr"] for r in tried if r["kept"]])
@@ -299,9 +356,14 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     # Guidance lowers the reconstruction PSNR (37.1 -> 34.8 dB on the demo at strength 1), so the
     # verdict's table is the one measured at the guidance, solver and refinements the model will use by default.
     measured = translator.resolve(**{k: v for k, v in record.get("chosen", {}).items() if k != "confine"})
-    if verdict_counts != counts:  # more images for the table the defaults' results are ranked against
-        yield from _verdict_psnrs(translator, data, directions, verdict_counts, measured, rungs, [guidance], seed,
-                                  clock, psnrs, start=counts)
+    measured_counts = yield from _more_verdict_images(translator, data, directions, counts, verdict_counts, measured,
+                                                      rungs, guidance, seed, clock, psnrs, budget)
+    record["verdict_images_per_condition"] = measured_counts
+    if measured_counts != verdict_counts:
+        record["verdict_images_stopped"] = (
+            f"the time budget measured the trust verdict's table on {min(measured_counts.values())} image(s) a "
+            f"condition of the {max(verdict_counts.values())} there were: run phenotwin calibrate MODEL --data "
+            "HELD_OUT_FOLDER --no-sweep to measure it on more.")
     record.update(reconstruction_guidance=guidance, reconstruction_solver=measured.solver,
                   reconstruction_refinements=measured.inversion_refinements)
     record["reconstruction_psnr"] = {k: {s: sorted(v) for s, v in by.items()} for k, by in psnrs[guidance].items()}

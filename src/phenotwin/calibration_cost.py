@@ -92,12 +92,14 @@ def searched_settings(translator, chosen, reconstruction_target: float | None = 
 
 
 def cost_search(translator, data, classifier, directions, counts, chosen, reference, bar, seed, clock,
-                 tolerance: float, reconstruction_target: float | None = None):
+                 tolerance: float, reconstruction_target: float | None = None, affordable=None):
     """The cheapest of `searched_settings` that keeps the chosen setting's quality: it flips in every
     direction (within the noise, `flips`) and reconstructs within `tolerance` dB of `reference` (the
     chosen setting's row at the model's own solver and steps). Tried cheapest first; stops at the
-    first that does. Returns (rows tried, the settings kept or None). Each row also has `agreement_psnr`: how
-    close its translations are to the reference's, in dB.
+    first that does, or at the first for which `affordable(settings)` is False (a time budget: the
+    dearer ones would not fit either). Returns (rows tried, the settings kept or None, the settings
+    left untried). Each row also has `agreement_psnr`: how close its translations are to the
+    reference's, in dB.
 
     With a `reconstruction_target` (dB) the bar is the target instead: the cheapest setting, dearer ones
     included, that flips and reconstructs at least that well; the reference itself when it does. When none
@@ -115,7 +117,10 @@ def cost_search(translator, data, classifier, directions, counts, chosen, refere
     else:
         options = searched_settings(translator, chosen, reconstruction_target)
     tried = []
-    for option in options:
+    for k, option in enumerate(options):
+        if affordable is not None and not affordable(option):
+            untried = options[k:]
+            break
         results = []
         for src, tgt in directions:
             for i in range(counts[src]):
@@ -141,11 +146,13 @@ def cost_search(translator, data, classifier, directions, counts, chosen, refere
         row["kept"] = flips(row, bar) and row["reconstruction_psnr"] >= floor
         tried.append(row)
         if row["kept"]:
-            return tried, option
+            return tried, option, []
+    else:
+        untried = []
     closest = [(row, option) for row, option in zip(tried, options) if flips(row, bar)
                and row["reconstruction_psnr"] > reference["reconstruction_psnr"]]
     if reconstruction_target is not None and reference["reconstruction_psnr"] < reconstruction_target and closest:
         row, option = max(closest, key=lambda pair: pair[0]["reconstruction_psnr"])
         row["kept"] = True
-        return tried, option
-    return tried, None
+        return tried, option, untried
+    return tried, None, untried
