@@ -7,6 +7,7 @@ shipped demo model, which records the intensity statistics of its training image
 from __future__ import annotations
 
 import json
+import time
 import warnings
 
 import numpy as np
@@ -516,22 +517,34 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
 
     # Under a time budget (training's), the search stops at the first setting whose calls would not fit,
     # and the verdict's table takes more images only while they fit; the record says what was left out.
-    class Allowance:  # a deadline counted in model calls, so the test does not depend on the clock
+    class Allowance:  # a TimeBudget counted in model calls, so the test does not depend on the clock
         def __init__(self, calls):
             self.start, self.calls = translator.denoiser.calls, calls
 
-        def fits(self, calls):
-            return translator.denoiser.calls - self.start + calls <= self.calls
+        def calls_left(self):
+            return self.calls - (translator.denoiser.calls - self.start)
 
+        def fits(self, calls):
+            return calls <= self.calls_left()
+
+    from phenotwin.calibration import TimeBudget
+
+    hundred_seconds = TimeBudget(time.monotonic() + 100.0, seconds_per_call=2.0)
+    assert 45 <= hundred_seconds.calls_left() <= 50 and hundred_seconds.fits(45) and not hundred_seconds.fits(51)
+    assert TimeBudget(time.monotonic() - 1.0, 2.0).calls_left() == 0
     four = load_eval_folder(tmp_path / "held-out", 32, 2, 4)
     roomy = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
                                   budget=Allowance(10 ** 9)))
     assert "cost_search_stopped" not in roomy and roomy["verdict_images_per_condition"] == {"control": 4,
                                                                                            "nocodazole": 4}
     before = translator.denoiser.calls
+    totals = []
     cut = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
-                                budget=Allowance(roomy["unet_calls"] // 2)))
+                                budget=Allowance(roomy["unet_calls"] // 2)), lambda event: totals.append(event.total))
     assert translator.denoiser.calls - before == cut["unet_calls"] <= roomy["unet_calls"] // 2
+    # the progress bar ends where the budget does, not at the upper bound (its ETA would be far too long)
+    assert totals[-1] <= roomy["unet_calls"] // 2 < unet_calls(translator, four, 2, reconstruction_target=99.0,
+                                                               verdict_images=4)
     prefix = [(r["solver"], r["steps"], r["inversion_refinements"]) for r in cut["cost_search"]]
     assert prefix == [(r["solver"], r["steps"], r["inversion_refinements"])
                       for r in roomy["cost_search"]][:len(prefix)] and len(prefix) < len(roomy["cost_search"])

@@ -180,7 +180,10 @@ class TimeBudget:
     seconds_per_call: float
 
     def fits(self, calls: int) -> bool:
-        return time.monotonic() + calls * self.seconds_per_call <= self.deadline
+        return calls <= self.calls_left()
+
+    def calls_left(self) -> int:
+        return max(0, int((self.deadline - time.monotonic()) / self.seconds_per_call))
 
 
 class _Clock:
@@ -276,6 +279,8 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
         yield Progress("classifier", 1, 1)
 
     clock = _Clock(unet_calls(translator, data, n, step_counts, sweep, reconstruction_target, verdict_images))
+    if budget is not None:  # the bar's end and its ETA: what the budget holds, not the upper bound
+        clock.total = min(clock.total, max(budget.calls_left(), unet_calls(translator, data, n, step_counts, sweep)))
     psnrs: dict[float, dict[str, dict[str, list[float]]]] = {}
     outcomes: dict[tuple, list] = {key: [] for key in grid}
 
@@ -331,7 +336,8 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
                 record["cost_search_stopped"] = (
                     f"the time budget left {len(untried)} of the cost search's {len(tried) + len(untried)} settings "
                     f"untried, up to {dearest.solver} at {dearest.steps} steps with {dearest.inversion_refinements} "
-                    "refinement(s). Run phenotwin calibrate on held-out images to try them all.")
+                    f"refinement(s). Run phenotwin calibrate {translator.checkpoint_path or 'MODEL'} --data "
+                    "HELD_OUT_FOLDER to try them all.")
             if reconstruction_target is not None:
                 record["reconstruction_target"] = reconstruction_target
                 best = max([row["reconstruction_psnr"]] + [r["reconstruction_psnr"] for r in tried if r["kept"]])
@@ -362,8 +368,8 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
     if measured_counts != verdict_counts:
         record["verdict_images_stopped"] = (
             f"the time budget measured the trust verdict's table on {min(measured_counts.values())} image(s) a "
-            f"condition of the {max(verdict_counts.values())} there were: run phenotwin calibrate MODEL --data "
-            "HELD_OUT_FOLDER --no-sweep to measure it on more.")
+            f"condition of the {max(verdict_counts.values())} there were: run phenotwin calibrate "
+            f"{translator.checkpoint_path or 'MODEL'} --data HELD_OUT_FOLDER --no-sweep to measure it on more.")
     record.update(reconstruction_guidance=guidance, reconstruction_solver=measured.solver,
                   reconstruction_refinements=measured.inversion_refinements)
     record["reconstruction_psnr"] = {k: {s: sorted(v) for s, v in by.items()} for k, by in psnrs[guidance].items()}
