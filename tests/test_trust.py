@@ -549,6 +549,7 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
     assert prefix == [(r["solver"], r["steps"], r["inversion_refinements"])
                       for r in roomy["cost_search"]][:len(prefix)] and len(prefix) < len(roomy["cost_search"])
     assert f"left {len(roomy['cost_search']) - len(prefix)} of the cost search's" in cut["cost_search_stopped"]
+    assert "--reconstruction-target 99 to try them all" in cut["cost_search_stopped"]
     spent = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
                                   budget=Allowance(0)))  # the sweep itself is planned, and runs
     assert spent["sweep"] and spent["cost_search"] == [] and "left 0" not in spent["cost_search_stopped"]
