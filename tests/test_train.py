@@ -706,6 +706,10 @@ def test_calibration_at_the_end_of_training_writes_defaults_and_the_sweep(data, 
     assert [e.step for e in events if e.stage == "training"] == [1, 2, 3, 4]
     stages = {e.stage for e in events} - {"training"}
     assert {"calibrating: classifier", "calibrating: sweep", "calibrating: candidate 2/2 (step 4)"} <= stages
+    # one bar per candidate over all its images (an ETA), not one that starts again at every image
+    scoring = [(e.step, e.total) for e in events if e.stage == "calibrating: candidate 2/2 (step 4)"]
+    assert [step for step, _ in scoring] == sorted(step for step, _ in scoring)
+    assert len({total for _, total in scoring}) == 1 and scoring[-1][0] == scoring[-1][1] > 6  # 4 images
     info = read_info(out)
     record = info.calibration
     assert record["data_fingerprint"] == info.provenance["validation"]["fingerprint"]

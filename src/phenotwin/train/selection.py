@@ -103,24 +103,33 @@ def _score_calls(translator, data, n: int) -> int:
 
 
 def score_steps(translator, data, n: int, classifier, seed: int):
-    """Reconstruction PSNR (median, strength 1, default steps) and the defaults' flip rate on `data`."""
+    """Reconstruction PSNR (median, strength 1, default steps) and the defaults' flip rate on `data`.
+    Its progress counts model calls over the whole candidate (one bar, with an ETA), not per image."""
+    from phenotwin.progress import relabel
+
     classes = translator.classes
     psnrs, hits = [], []
+    start, total = translator.denoiser.calls, _score_calls(translator, data, n)
+
+    def counted(steps):
+        done = translator.denoiser.calls - start
+        return relabel(steps, "score", done, max(total, done + 1))
+
     for c, source in enumerate(classes):
         target = classes[(c + 1) % len(classes)]
         for i, image in enumerate(data.images[source][:n]):
             batch = data.batch_for(translator, source, i)  # as the calibration after it translates
-            inversion = yield from translator.invert_steps(image, source, translator.defaults.steps, channel_axis=0,
-                                                           batch=batch)
+            inversion = yield from counted(translator.invert_steps(image, source, translator.defaults.steps,
+                                                                   channel_axis=0, batch=batch))
             full = translator.resolve(source=source, target=target, strength=1.0, guidance=0.0, confine=False,
                                       seed=seed, batch=batch)
-            result = yield from translator.generate_steps(inversion, settings=full)
+            result = yield from counted(translator.generate_steps(inversion, settings=full))
             psnrs.append(float(result.reconstruction_psnr))
             settings = translator.resolve(source=source, target=target, seed=seed, batch=batch)
             if settings != full:
                 if settings.confine:
-                    yield from translator.edit_mask_steps(inversion, target)
-                result = yield from translator.generate_steps(inversion, settings=settings)
+                    yield from counted(translator.edit_mask_steps(inversion, target))
+                result = yield from counted(translator.generate_steps(inversion, settings=settings))
             if classifier is not None:
                 hits.append(bool(classifier.predict(result.normalised[None])[0] == classes.index(target)))
     return {"reconstruction_psnr": float(np.median(psnrs)), "flip_rate": float(np.mean(hits)) if hits else None,
