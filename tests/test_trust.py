@@ -307,9 +307,14 @@ def test_calibrate_writes_defaults_a_verdict_table_and_a_plot(tmp_path, torch_on
     assert verdicts.count("good") >= 0.95 * len(verdicts)  # the model's own held-out distribution reads good
 
     # A verdict-only calibration at another step count adds to the table; the sweep and defaults stay.
+    # It measures the table again, so what a time budget had left out of it no longer applies.
+    stored = json.loads((model / "phenotwin.json").read_text())
+    stored["calibration"]["verdict_images_stopped"] = "the time budget measured the table on 1 image a condition"
+    (model / "phenotwin.json").write_text(json.dumps(stored))
     assert main(["calibrate", str(model), "--data", str(tmp_path / "held-out"), "-n", "2", "--steps", "4",
                  "--no-sweep", "--verdict-images", "0", "--device", "cpu"]) == 0
     again = read_info(model)
+    assert "verdict_images_stopped" not in again.calibration
     assert sorted(again.calibration["reconstruction_psnr"], key=int) == sorted({"4", str(steps)}, key=int)
     assert len(again.calibration["reconstruction_psnr"]["4"]["0.25"]) == 4  # 2 a condition (the default's measured again)
     assert again.calibration["sweep"] == rows and again.calibration["chosen"] == chosen
@@ -478,7 +483,7 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
     import phenotwin.calibration
     from phenotwin import Translator
     from phenotwin.calibration import calibrate_steps, flip_bar, unet_calls
-    from phenotwin.calibration_cost import flips
+    from phenotwin.calibration_cost import flips, searched_settings
     from phenotwin.cli import main
     from phenotwin.evaluate.translation import load_eval_folder
     from phenotwin.progress import drive
@@ -538,21 +543,29 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
     assert "cost_search_stopped" not in roomy and roomy["verdict_images_per_condition"] == {"control": 4,
                                                                                            "nocodazole": 4}
     before = translator.denoiser.calls
-    totals = []
+    bar = []
     cut = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
-                                budget=Allowance(roomy["unet_calls"] // 2)), lambda event: totals.append(event.total))
+                                budget=Allowance(roomy["unet_calls"] // 2)),
+                lambda e: bar.append((e.step, e.total)) if e.stage == "calibrate" else None)
     assert translator.denoiser.calls - before == cut["unet_calls"] <= roomy["unet_calls"] // 2
-    # the progress bar ends where the budget does, not at the upper bound (its ETA would be far too long)
-    assert totals[-1] <= roomy["unet_calls"] // 2 < unet_calls(translator, four, 2, reconstruction_target=99.0,
+    # The progress bar ends where the budget does, not at the upper bound (its ETA would be far too long),
+    # and never before the calls the run still makes (an ETA of zero while the verdict's images run).
+    assert bar[-1][1] <= roomy["unet_calls"] // 2 < unet_calls(translator, four, 2, reconstruction_target=99.0,
                                                                verdict_images=4)
+    assert all(cut["unet_calls"] <= total and step <= total for step, total in bar)
     prefix = [(r["solver"], r["steps"], r["inversion_refinements"]) for r in cut["cost_search"]]
     assert prefix == [(r["solver"], r["steps"], r["inversion_refinements"])
                       for r in roomy["cost_search"]][:len(prefix)] and len(prefix) < len(roomy["cost_search"])
     assert f"left {len(roomy['cost_search']) - len(prefix)} of the cost search's" in cut["cost_search_stopped"]
     assert "--reconstruction-target 99 to try them all" in cut["cost_search_stopped"]
     spent = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
-                                  budget=Allowance(0)))  # the sweep itself is planned, and runs
-    assert spent["sweep"] and spent["cost_search"] == [] and "left 0" not in spent["cost_search_stopped"]
+                                  budget=Allowance(0)))  # the sweep and the cheaper settings are planned, and run
+    chosen = {k: spent["chosen"][k] for k in ("strength", "guidance", "confine")}
+    cheaper = {(o.solver, o.steps, o.inversion_refinements) for o in searched_settings(translator, chosen)}
+    assert spent["sweep"] and {(r["solver"], r["steps"], r["inversion_refinements"])
+                               for r in spent["cost_search"]} == cheaper
+    dearer = len(searched_settings(translator, chosen, 99.0)) - len(cheaper)
+    assert f"left {dearer} of the cost search's" in spent["cost_search_stopped"] and dearer > 0
     assert spent["verdict_images_per_condition"] == {"control": 2, "nocodazole": 2}
     assert "--no-sweep to measure it on more" in spent["verdict_images_stopped"]
 

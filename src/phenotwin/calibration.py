@@ -188,14 +188,22 @@ class TimeBudget:
 
 
 class _Clock:
-    """The calibration's model calls done so far, for one progress bar over all its stages."""
+    """The calibration's model calls done so far, for one progress bar over all its stages. Its
+    total is the upper bound of what is left, or with a `budget` what the budget still holds
+    when that is less (the bar's end and its ETA: the texture's upper bound read 69 minutes)."""
 
-    def __init__(self, total: int):
-        self.done, self.total = 0, total
+    def __init__(self, total: int, budget: TimeBudget | None = None):
+        self.done, self.upper, self.budget = 0, total, budget
+
+    @property
+    def total(self) -> int:
+        if self.budget is None:
+            return self.upper
+        return min(self.upper, self.done + self.budget.calls_left())
 
     def skip(self, calls: int) -> None:
-        """Planned calls that will not be made (a time budget ran out): the bar's total shrinks."""
-        self.total = max(self.done, self.total - calls)
+        """Calls counted in the upper bound that will not be made (the budget ran out first)."""
+        self.upper = max(self.done, self.upper - calls)
 
     def run(self, steps, calls: int):
         result = yield from relabel(steps, "calibrate", self.done, max(self.total, self.done + calls))
@@ -234,16 +242,17 @@ def _more_verdict_images(translator, data, directions, counts, verdict_counts, s
     """The verdict's table at the defaults on images beyond the first `counts`, up to `verdict_counts`: one
     image of each condition in turn, while the `budget` holds one more. Returns the images measured per source."""
     done = dict(counts)
-    per_image = _verdict_calls(translator, settings, rungs, [guidance])
+    per_direction = _verdict_calls(translator, settings, rungs, [guidance])
+    outgoing = {src: [d for d in directions if d[0] == src] for src, _ in directions}  # an image runs each of them
     for i in range(max(verdict_counts.values(), default=0)):
-        for src in dict.fromkeys(src for src, _ in directions):
+        for src, its_directions in outgoing.items():
             if not counts[src] <= i < verdict_counts[src]:
                 continue
-            if budget is not None and not budget.fits(per_image):
-                clock.skip(per_image * sum(verdict_counts[s] - done[s] for s in done))
+            if budget is not None and not budget.fits(per_direction * len(its_directions)):
+                clock.skip(per_direction * sum(len(outgoing[s]) * (verdict_counts[s] - done[s]) for s in done))
                 return done
-            yield from _verdict_psnrs(translator, data, [d for d in directions if d[0] == src], {src: i + 1}, settings,
-                                      rungs, [guidance], seed, clock, psnrs, start={src: i})
+            yield from _verdict_psnrs(translator, data, its_directions, {src: i + 1}, settings, rungs, [guidance],
+                                      seed, clock, psnrs, start={src: i})
             done[src] = i + 1
     return done
 
@@ -279,9 +288,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
         classifier, _ = condition_classifier(translator, data, seed, classifier_epochs)
         yield Progress("classifier", 1, 1)
 
-    clock = _Clock(unet_calls(translator, data, n, step_counts, sweep, reconstruction_target, verdict_images))
-    if budget is not None:  # the bar's end and its ETA: what the budget holds, not the upper bound
-        clock.total = min(clock.total, max(budget.calls_left(), unet_calls(translator, data, n, step_counts, sweep)))
+    clock = _Clock(unet_calls(translator, data, n, step_counts, sweep, reconstruction_target, verdict_images), budget)
     psnrs: dict[float, dict[str, dict[str, list[float]]]] = {}
     outcomes: dict[tuple, list] = {key: [] for key in grid}
 
@@ -322,9 +329,13 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
             reference = {**row, "results": outcomes[(row["strength"], row["guidance"], row["confine"])]}
             images = sum(counts[src] for src, _ in directions)
 
-            def affordable(option) -> bool:  # its translations and, if kept, its verdict table
-                return budget is None or budget.fits(images * (calls_per_image(option) + _verdict_calls(
-                    translator, option, rungs, [option.guidance])))
+            planned = calls_per_image(translator.resolve(**chosen))
+
+            def affordable(option) -> bool:
+                """Settings cheaper than the model's own were planned; a dearer one runs if its translations
+                and, if kept, its verdict table fit in what is left of the budget."""
+                return budget is None or calls_per_image(option) < planned or budget.fits(images * (
+                    calls_per_image(option) + _verdict_calls(translator, option, rungs, [option.guidance])))
 
             tried, cheaper, untried = yield from cost_search(
                 translator, data, classifier, directions, counts, chosen, reference,

@@ -97,7 +97,7 @@ def cost_search(translator, data, classifier, directions, counts, chosen, refere
     direction (within the noise, `flips`) and reconstructs within `tolerance` dB of `reference` (the
     chosen setting's row at the model's own solver and steps). Tried cheapest first; stops at the
     first that does, or at the first for which `affordable(settings)` is False (a time budget: the
-    dearer ones would not fit either). Returns (rows tried, the settings kept or None, the settings
+    dearer ones after it would not fit either). Returns (rows tried, the settings kept or None, the settings
     left untried). Each row also has `agreement_psnr`: how close its translations are to the
     reference's, in dB.
 

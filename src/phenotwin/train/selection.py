@@ -300,5 +300,10 @@ class Calibration:
             self.notes.append(record["not_chosen"])
         self.notes += [record[key] for key in ("cost_search_stopped", "verdict_images_stopped",
                                                "reconstruction_target_missed") if key in record]
+        if trainer.config.reconstruction_target is not None and not chosen.sweep:
+            self.notes.append(f"the reconstruction target ({trainer.config.reconstruction_target:g} dB) was not "
+                              f"searched: the sweep did not fit the time budget. Run phenotwin calibrate {trainer.out} "
+                              f"--data HELD_OUT_FOLDER --reconstruction-target "
+                              f"{trainer.config.reconstruction_target:g}.")
         self.notes.append(f"calibration took {record['budget']['seconds']:.0f} s")
         return record
