@@ -27,6 +27,12 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "steps": 50, "strength": 1.0, "guidance": 0.0, "inversion_refinements": 0, "reference": "reconstruction",
     "confine": False, "solver": "ddim", "mask_draws": CONFINE_DRAWS,
 }
+# What `phenotwin train` changes of those for a model it trains from scratch: one fixed-point
+# refinement of the DDIM inversion, the lever measured best per model call (at 50 steps +13.6 dB on
+# the demo model and +13.9 dB on the subtle one, at 1.5-1.7 times the calls; +8.7 dB on the real
+# texture), which keeps garbage below the cells (docs/evaluation.md, session 14). A model without
+# `defaults` of its own (made before) keeps MODEL_DEFAULTS, which its calibration measured.
+SCRATCH_DEFAULTS: dict[str, Any] = {"inversion_refinements": 1}
 
 
 class ModelInfo(Protocol):

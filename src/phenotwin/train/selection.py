@@ -94,12 +94,13 @@ def pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _score_calls(translator, data, n: int) -> int:
     """UNet calls of scoring one candidate on `n` images per condition."""
-    from phenotwin.cost import confine_calls
+    from phenotwin.cost import confine_calls, generation_calls, inversion_calls
 
     base = translator.defaults
     full = translator.resolve(strength=1.0, guidance=0.0, confine=False)
-    extra = 0 if base == full else base.used_steps + confine_calls(base)
-    return sum(min(n, len(data.images[c])) for c in translator.classes) * (base.steps + full.used_steps + extra)
+    extra = 0 if base == full else generation_calls(base) + confine_calls(base)
+    per_image = inversion_calls(full) + generation_calls(full) + extra
+    return sum(min(n, len(data.images[c])) for c in translator.classes) * per_image
 
 
 def score_steps(translator, data, n: int, classifier, seed: int):

@@ -24,6 +24,7 @@ from typing import Any
 from phenotwin.checkpoint import INFO_FILE, TRAINING_DIR, Checkpoint, CheckpointInfo, save_checkpoint
 from phenotwin.errors import PhenotwinError
 from phenotwin.io import write_atomically
+from phenotwin.pipeline.settings import MODEL_DEFAULTS, SCRATCH_DEFAULTS
 from phenotwin.train import state
 from phenotwin.train.config import OutputFolderInUse, TrainConfig, TrainProgress
 from phenotwin.train.data import AugmentedCrops, dropped_labels, hold_out, load_condition_folders, with_batches
@@ -262,7 +263,7 @@ class Trainer:
             base=self.base if adapter else None,
             adapter=adapter,
             # Steps, strength, reference... tuned for the base (by hand, in its phenotwin.json) still fit it.
-            **({"defaults": dict(self.base_info.defaults)} if self.base_info else {}),
+            defaults=dict(self.base_info.defaults) if self.base_info else {**MODEL_DEFAULTS, **SCRATCH_DEFAULTS},
         )
         return Checkpoint(
             info=info,
