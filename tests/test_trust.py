@@ -573,3 +573,42 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
                  "--device", "cpu"]) == 2
     assert main(["calibrate", str(model), "--data", str(tmp_path / "held-out"), "--reconstruction-target", "38",
                  "--no-sweep", "--device", "cpu"]) == 2
+
+
+def test_a_budget_counts_every_direction_an_extra_verdict_image_runs_with_three_conditions(tmp_path, torch_one_thread):
+    """With 3 conditions each source image of the verdict's table is generated toward both others, so
+    the budget must hold both before it starts one (it counted one direction before)."""
+    from phenotwin import Translator
+    from phenotwin.calibration import calibrate_steps
+    from phenotwin.evaluate.translation import EvalSet
+    from phenotwin.progress import drive
+    from phenotwin.testing import make_tiny_checkpoint
+
+    classes = ("control", "drug_a", "drug_b")
+    model = make_tiny_checkpoint(tmp_path / "three", classes=classes)
+    stored = json.loads((model / "phenotwin.json").read_text())
+    stored["defaults"]["steps"] = 4
+    (model / "phenotwin.json").write_text(json.dumps(stored))
+    translator = Translator(model, device="cpu")
+    rng = np.random.default_rng(0)
+    data = EvalSet(list(classes), {c: rng.random((2, 2, 32, 32)).astype(np.float32) for c in classes})
+
+    class Allowance:  # a TimeBudget counted in model calls
+        def __init__(self, calls):
+            self.start, self.calls = translator.denoiser.calls, calls
+
+        def calls_left(self):
+            return self.calls - (translator.denoiser.calls - self.start)
+
+        def fits(self, calls):
+            return calls <= self.calls_left()
+
+    # n=2 over 2 directions: 1 image a source swept; verdict_images=4: 2 a source in the table
+    roomy = drive(calibrate_steps(translator, data, n=2, sweep=False, verdict_images=4, budget=Allowance(10 ** 6)))
+    assert roomy["verdict_images_per_condition"] == {c: 2 for c in classes}
+    before = translator.denoiser.calls
+    short = drive(calibrate_steps(translator, data, n=2, sweep=False, verdict_images=4,
+                                  budget=Allowance(roomy["unet_calls"] - 1)))
+    assert translator.denoiser.calls - before == short["unet_calls"] <= roomy["unet_calls"] - 1
+    assert short["verdict_images_per_condition"] == {"control": 2, "drug_a": 2, "drug_b": 1}
+    assert "verdict_images_stopped" in short
