@@ -203,6 +203,19 @@ def test_the_verdict_ranks_against_a_low_quantile_so_it_does_not_depend_on_how_m
             assert tail.level == "fair" and "a cell may have moved" in tail.message
 
 
+class Allowance:
+    """A `TimeBudget` counted in the translator's model calls, so a test does not depend on the clock."""
+
+    def __init__(self, translator, calls: int):
+        self.translator, self.start, self.calls = translator, translator.denoiser.calls, calls
+
+    def calls_left(self) -> int:
+        return self.calls - (self.translator.denoiser.calls - self.start)
+
+    def fits(self, calls: int) -> bool:
+        return calls <= self.calls_left()
+
+
 def six_step_model(path):
     """A tiny camera-unit model whose default is 6 steps: a calibration of it takes seconds."""
     from phenotwin.testing import make_tiny_checkpoint
@@ -522,16 +535,6 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
 
     # Under a time budget (training's), the search stops at the first setting whose calls would not fit,
     # and the verdict's table takes more images only while they fit; the record says what was left out.
-    class Allowance:  # a TimeBudget counted in model calls, so the test does not depend on the clock
-        def __init__(self, calls):
-            self.start, self.calls = translator.denoiser.calls, calls
-
-        def calls_left(self):
-            return self.calls - (translator.denoiser.calls - self.start)
-
-        def fits(self, calls):
-            return calls <= self.calls_left()
-
     from phenotwin.calibration import TimeBudget
 
     hundred_seconds = TimeBudget(time.monotonic() + 100.0, seconds_per_call=2.0)
@@ -539,13 +542,13 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
     assert TimeBudget(time.monotonic() - 1.0, 2.0).calls_left() == 0
     four = load_eval_folder(tmp_path / "held-out", 32, 2, 4)
     roomy = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
-                                  budget=Allowance(10 ** 9)))
+                                  budget=Allowance(translator, 10 ** 9)))
     assert "cost_search_stopped" not in roomy and roomy["verdict_images_per_condition"] == {"control": 4,
                                                                                            "nocodazole": 4}
     before = translator.denoiser.calls
     bar = []
     cut = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
-                                budget=Allowance(roomy["unet_calls"] // 2)),
+                                budget=Allowance(translator, roomy["unet_calls"] // 2)),
                 lambda e: bar.append((e.step, e.total)) if e.stage == "calibrate" else None)
     assert translator.denoiser.calls - before == cut["unet_calls"] <= roomy["unet_calls"] // 2
     # The progress bar ends where the budget does, not at the upper bound (its ETA would be far too long),
@@ -559,7 +562,7 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
     assert f"left {len(roomy['cost_search']) - len(prefix)} of the cost search's" in cut["cost_search_stopped"]
     assert "--reconstruction-target 99 to try them all" in cut["cost_search_stopped"]
     spent = drive(calibrate_steps(translator, four, n=2, reconstruction_target=99.0, verdict_images=4,
-                                  budget=Allowance(0)))  # the sweep and the cheaper settings are planned, and run
+                                  budget=Allowance(translator, 0)))  # the sweep and cheaper settings: planned, run
     chosen = {k: spent["chosen"][k] for k in ("strength", "guidance", "confine")}
     cheaper = {(o.solver, o.steps, o.inversion_refinements) for o in searched_settings(translator, chosen)}
     assert spent["sweep"] and {(r["solver"], r["steps"], r["inversion_refinements"])
@@ -593,22 +596,13 @@ def test_a_budget_counts_every_direction_an_extra_verdict_image_runs_with_three_
     rng = np.random.default_rng(0)
     data = EvalSet(list(classes), {c: rng.random((2, 2, 32, 32)).astype(np.float32) for c in classes})
 
-    class Allowance:  # a TimeBudget counted in model calls
-        def __init__(self, calls):
-            self.start, self.calls = translator.denoiser.calls, calls
-
-        def calls_left(self):
-            return self.calls - (translator.denoiser.calls - self.start)
-
-        def fits(self, calls):
-            return calls <= self.calls_left()
-
     # n=2 over 2 directions: 1 image a source swept; verdict_images=4: 2 a source in the table
-    roomy = drive(calibrate_steps(translator, data, n=2, sweep=False, verdict_images=4, budget=Allowance(10 ** 6)))
+    roomy = drive(calibrate_steps(translator, data, n=2, sweep=False, verdict_images=4,
+                                  budget=Allowance(translator, 10 ** 6)))
     assert roomy["verdict_images_per_condition"] == {c: 2 for c in classes}
     before = translator.denoiser.calls
     short = drive(calibrate_steps(translator, data, n=2, sweep=False, verdict_images=4,
-                                  budget=Allowance(roomy["unet_calls"] - 1)))
+                                  budget=Allowance(translator, roomy["unet_calls"] - 1)))
     assert translator.denoiser.calls - before == short["unet_calls"] <= roomy["unet_calls"] - 1
     assert short["verdict_images_per_condition"] == {"control": 2, "drug_a": 2, "drug_b": 1}
     assert "verdict_images_stopped" in short

@@ -46,10 +46,12 @@ def apply(checkpoint: str | os.PathLike, record: dict[str, Any], statistics: dic
         same = (previous.get("reconstruction_guidance", 0.0) == record["reconstruction_guidance"]
                 and measured_with(previous) == measured_with(record))
         table = {**(previous.get("reconstruction_psnr", {}) if same else {}), **record["reconstruction_psnr"]}
-        record = {**{k: v for k, v in previous.items() if k != "verdict_images_stopped"},  # measured again now
-                  "reconstruction_psnr": table, **{k: record[k] for k in measured},
-                  "verdict_images_per_condition": record["verdict_images_per_condition"],  # the sweep's count stays
-                  **{k: record[k] for k in ("verdict_images_stopped",) if k in record}}
+        stopped = record.get("verdict_images_stopped")  # the table was measured again: the old one no longer holds
+        record = {**previous, "reconstruction_psnr": table, **{k: record[k] for k in measured},
+                  "verdict_images_per_condition": record["verdict_images_per_condition"]}  # the sweep's count stays
+        record.pop("verdict_images_stopped", None)
+        if stopped:
+            record["verdict_images_stopped"] = stopped
     defaults = {**info.defaults, **record.get("chosen", {})}
     provenance = {**info.provenance, "inference_defaults": (
         f"calibrated by phenotwin calibrate: {record['criterion']}" if "chosen" in record else
