@@ -606,3 +606,86 @@ def test_a_budget_counts_every_direction_an_extra_verdict_image_runs_with_three_
     assert translator.denoiser.calls - before == short["unet_calls"] <= roomy["unet_calls"] - 1
     assert short["verdict_images_per_condition"] == {"control": 2, "drug_a": 2, "drug_b": 1}
     assert "verdict_images_stopped" in short
+
+
+def _direction_rows(table, per_direction, forward="control->nocodazole", backward="nocodazole->control"):
+    """Sweep rows of two directions from (strength, guidance, confine, forward flips, backward flips, mean change)."""
+    return [{"strength": s, "guidance": g, "confine": c, "images": 2 * per_direction,
+             "flip_rate": (f + b) / (2 * per_direction), "mean_change": m,
+             "flip_rate_by_direction": {forward: f / per_direction, backward: b / per_direction},
+             "images_by_direction": {forward: per_direction, backward: per_direction}}
+            for s, g, c, f, b, m in table]
+
+
+def test_the_settings_near_the_flip_bar_that_decide_the_choice_are_doubtful():
+    """The demo's sweep on 8 cells a condition (the edit-mask rows): strength 0.5 flipped nocodazole
+    -> control 6 times of 8, below the bar within two standard errors, and 15 times of 16 held-out
+    cells, so the calibration took 0.75. Measured again on 8 cells more, 0.5 is chosen."""
+    from phenotwin.calibration import choose, doubtful, flip_bar
+
+    demo = _direction_rows([(0.25, 0.0, True, 2, 0, 0.004), (0.25, 1.0, True, 8, 3, 0.007),
+                            (0.5, 0.0, True, 8, 3, 0.008), (0.5, 1.0, True, 8, 6, 0.013),
+                            (0.75, 0.0, True, 8, 5, 0.010), (0.75, 1.0, True, 8, 8, 0.015),
+                            (0.5, 1.0, False, 8, 8, 0.028)], per_direction=8)
+    bar = flip_bar(demo, 1.0)
+    assert bar == pytest.approx(0.9)
+    assert [(r["strength"], r["guidance"], r["confine"]) for r in doubtful(demo, bar)] == [(0.5, 1.0, True)]
+    assert (choose(demo)["strength"], choose(demo)["guidance"]) == (0.75, 1.0)
+    looked = [r for r in demo if (r["strength"], r["guidance"], r["confine"]) != (0.5, 1.0, True)]
+    looked += _direction_rows([(0.5, 1.0, True, 16, 15, 0.013)], per_direction=16)
+    assert (choose(looked)["strength"], choose(looked)["guidance"]) == (0.5, 1.0)
+
+    # The texture's calibration on 5 cells a condition: every masked setting flipped textured -> control
+    # 3 or 4 times (0.8 passes within one standard error, 0.24; 5 of 8 held out). The ones at 4 are
+    # doubtful, the first is the choice, and the list ends at the first that flips outright.
+    texture = _direction_rows([(0.25, 0.0, True, 5, 3, 0.011), (0.25, 1.0, True, 5, 3, 0.014),
+                               (0.5, 0.0, True, 5, 3, 0.014), (0.5, 1.0, True, 5, 4, 0.020),
+                               (0.75, 0.0, True, 5, 4, 0.018), (0.25, 1.0, False, 5, 5, 0.024),
+                               (0.5, 1.0, False, 5, 5, 0.034)], per_direction=5, forward="control->textured",
+                              backward="textured->control")
+    unsure = doubtful(texture, flip_bar(texture, 1.0))
+    assert [(r["strength"], r["guidance"], r["confine"]) for r in unsure] == [(0.5, 1.0, True), (0.75, 0.0, True)]
+    assert choose(texture) is unsure[0]
+    # A choice that reaches the bar outright, with nothing the criterion prefers near it: nothing to settle.
+    clear = _direction_rows([(0.25, 0.0, True, 1, 0, 0.004), (0.5, 1.0, True, 8, 8, 0.013)], per_direction=8)
+    assert doubtful(clear, flip_bar(clear, 1.0)) == []
+
+
+def test_a_second_look_measures_the_doubtful_settings_again_on_more_images(tmp_path, torch_one_thread, monkeypatch):
+    """The doubtful settings (here chosen by the test: a tiny model's flips are noise) are translated
+    again on as many images more, in both edit masks, and judged on all of them; the rest stay as
+    swept. The budget can stop it, and a folder without more images has none to look at."""
+    import phenotwin.calibration
+    from phenotwin import Translator
+    from phenotwin.calibration import calibrate_steps, unet_calls
+    from phenotwin.evaluate.translation import EvalSet
+    from phenotwin.progress import drive
+
+    monkeypatch.setattr(phenotwin.calibration, "MIN_CLASSIFIER_ACCURACY", 0.0)
+    looked_at = (0.5, 1.0)
+    monkeypatch.setattr(phenotwin.calibration, "doubtful", lambda rows, bar: [
+        r for r in rows if (r["strength"], r["guidance"], r["confine"]) == (*looked_at, True)])
+    translator = Translator(six_step_model(tmp_path / "tiny"), device="cpu")
+    rng = np.random.default_rng(0)
+    classes = translator.classes
+    data = EvalSet(classes, {c: rng.uniform(500, 30000, (4, 2, 32, 32)).astype(np.float32) for c in classes})
+
+    before = translator.denoiser.calls
+    record = drive(calibrate_steps(translator, data, n=2))
+    assert translator.denoiser.calls - before == record["unet_calls"] <= unet_calls(translator, data, n=2)
+    assert record["second_look"]["images_per_condition"] == {c: 4 for c in classes}
+    assert record["second_look"]["settings"] == [{"strength": 0.5, "guidance": 1.0, "confine": True}]
+    assert set(record["second_look"]["chosen_before"]) == {"strength", "guidance", "confine"}
+    for row in record["sweep"]:
+        looked = (row["strength"], row["guidance"]) == looked_at  # both edit masks: the same generations
+        assert row["images_by_direction"] == {d: 4 if looked else 2 for d in row["images_by_direction"]}
+    assert "second_look_stopped" not in record and record["images_per_condition"] == {c: 2 for c in classes}
+
+    # No budget left: the second look stops before its first image, and the record says how to finish it.
+    short = drive(calibrate_steps(translator, data, n=2, budget=Allowance(translator, 0)))
+    assert short["second_look"]["images_per_condition"] == {c: 2 for c in classes}
+    assert "phenotwin calibrate" in short["second_look_stopped"]
+    assert all(set(r["images_by_direction"].values()) == {2} for r in short["sweep"])
+    # A folder with only the swept images: nothing more to look at.
+    few = EvalSet(classes, {c: v[:2] for c, v in data.images.items()})
+    assert "second_look" not in drive(calibrate_steps(translator, few, n=2))

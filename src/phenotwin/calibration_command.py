@@ -18,10 +18,12 @@ from phenotwin.calibration import (
     CONFINES,
     GUIDANCES,
     RECONSTRUCTION_TOLERANCE_DB,
+    SWEPT,
     VERDICT_IMAGES,
     calibrate_steps,
     describe,
     flip_bar,
+    second_look_note,
 )
 from phenotwin.errors import PhenotwinError
 from phenotwin.evaluate.classifier import CLASSIFIER_IMAGES
@@ -97,7 +99,7 @@ def _plot(rows: list[dict[str, Any]], chosen: dict[str, Any] | None, bar: float,
             axes.plot([r["mean_change"] for r in line], [r["flip_rate"] for r in line], marker="o",
                       label=f"guidance {guidance:g}{', confined' if confine else ''}")
     if chosen is not None:  # None: the classifier was too weak to choose (`not_chosen`)
-        pick = next(r for r in rows if all(r[k] == chosen[k] for k in ("strength", "guidance", "confine")))
+        pick = next(r for r in rows if all(r[k] == chosen[k] for k in SWEPT))
         axes.scatter([pick["mean_change"]], [pick["flip_rate"]], s=160, facecolors="none", edgecolors="black",
                      label=f"chosen: strength {pick['strength']:g}")
     axes.axhline(bar, color="grey", linestyle=":", linewidth=1, label=f"flip rate needed: {bar:.2f}")
@@ -181,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
     written = apply(args.checkpoint, record, statistics)
     if "chosen" in record:
         print(f"defaults: {describe(record['chosen'])} ({record['criterion']})")
+        if second_look_note(record):
+            print(second_look_note(record))
     elif "not_chosen" in record:
         print(f"warning: {record['not_chosen']}", file=sys.stderr)
     if "reconstruction_target_missed" in record:

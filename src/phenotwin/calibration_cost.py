@@ -23,15 +23,15 @@ CHEAPER_STEPS = (0.2, 0.5)
 DEARER_STEPS = (1.0, 2.0)
 
 
-def flips(row: dict[str, Any], bar: float) -> bool:
+def flips(row: dict[str, Any], bar: float, errors: float = 1.0) -> bool:
     """Whether a setting reaches `bar`, within the sampling noise of its translations: a flip rate
     of n translations is known to about one standard error, sqrt(bar (1 - bar) / n) (0.075 at 16,
     i.e. one cell), and one cell decided the demo's recalibration against the edit mask. Pooled and
     in each direction on its own images: the texture model's textured -> control flipped 0.62
     held-out where the pooled calibration saw 0.875. Rows recorded without the breakdown are
-    judged pooled."""
+    judged pooled. `errors`: how many standard errors below the bar still count (0: the bar itself)."""
     def reaches(rate: float, n: int) -> bool:
-        return rate >= bar - math.sqrt(max(0.0, bar * (1.0 - bar)) / max(1, n))
+        return rate >= bar - errors * math.sqrt(max(0.0, bar * (1.0 - bar)) / max(1, n))
 
     counts = row.get("images_by_direction", {})
     return reaches(row["flip_rate"], row["images"]) and all(
@@ -56,13 +56,17 @@ def judge(translator, data, classifier, results) -> dict[str, Any]:
     row = {"images": len(results), "flip_rate": float(np.mean(hits)),
            "mean_change": float(np.mean([r.heatmap.mean() for *_, r in results])),
            "reconstruction_psnr": float(np.mean([r.reconstruction_psnr for *_, r in results]))}
-    if data.aligned:  # synthetic pairs: the true counterfactual and change mask are known
+    # Synthetic pairs: the true counterfactual and change mask are known, for the images the folder
+    # was loaded with masks for (`load_eval_folder`'s n).
+    known = [k for k, (*_, i, _) in enumerate(results) if data.aligned and i < len(data.masks)]
+    if known:
         model_range = translator.processor.to_model_range
-        sources = np.stack([model_range(data.images[s][i:i + 1])[0] for s, _, i, _ in results])
-        truth = np.stack([model_range(data.images[t][i:i + 1])[0] for _, t, i, _ in results])
-        masks = np.stack([data.masks[i] for *_, i, _ in results])
-        row["counterfactual_ratio"] = counterfactual_ratio(translations, sources, truth)
-        row["heatmap_auroc_sigma2"] = auroc(smooth(np.stack([r.heatmap for *_, r in results]), 2), masks)
+        picked = [results[k] for k in known]
+        sources = np.stack([model_range(data.images[s][i:i + 1])[0] for s, _, i, _ in picked])
+        truth = np.stack([model_range(data.images[t][i:i + 1])[0] for _, t, i, _ in picked])
+        masks = np.stack([data.masks[i] for *_, i, _ in picked])
+        row["counterfactual_ratio"] = counterfactual_ratio(translations[known], sources, truth)
+        row["heatmap_auroc_sigma2"] = auroc(smooth(np.stack([r.heatmap for *_, r in picked]), 2), masks)
     by_direction: dict[str, list[bool]] = {}
     for (src, tgt, _, _), hit in zip(results, hits):
         by_direction.setdefault(f"{src}->{tgt}", []).append(bool(hit))

@@ -141,11 +141,12 @@ def plan(config, translator, data, count: int, seconds_per_call: float, budget: 
     """The most useful calibration that fits `budget` seconds with `count` candidates, or None.
 
     It plans with what the calibration must do: the candidates' scores, the sweep and the settings
-    of the cost search cheaper than the model's own. A reconstruction target's dearer settings and
-    the verdict's images beyond the sweep's run after, while the budget lasts (`TimeBudget`): their
-    cost is unknown until the search stops, and an upper bound for them cut the real texture's
+    of the cost search cheaper than the model's own, and room for a second look at one doubtful
+    setting. More doubtful settings, a reconstruction target's dearer settings and the verdict's
+    images beyond the sweep's run after, while the budget lasts (`TimeBudget`): their cost is
+    unknown until the sweep and the search end, and an upper bound for them cut the real texture's
     calibration to 2 images a condition where it used half its budget."""
-    from phenotwin.calibration import unet_calls
+    from phenotwin.calibration import second_look_reserve, unet_calls
 
     most = min(MOST_IMAGES, max(len(v) for v in data.images.values()))
     if config.calibration_images is not None:
@@ -156,7 +157,10 @@ def plan(config, translator, data, count: int, seconds_per_call: float, budget: 
                     timed=False)
     for sweep in (True, False):
         for n in range(most, 1, -1):
-            calls = count * _score_calls(translator, data, n) + unet_calls(translator, data, n, sweep=sweep)
+            calls = count * _score_calls(translator, data, n) + unet_calls(translator, data, n, sweep=sweep,
+                                                                              second_look=False)
+            if sweep:
+                calls += second_look_reserve(translator, data, n)
             if calls * seconds_per_call <= budget:
                 what = "with the sweep of the defaults" if sweep else "the trust verdict only (the sweep would not fit)"
                 return Plan(n, sweep, calls * seconds_per_call, f"{n} image(s) per condition, {what}")
@@ -276,7 +280,7 @@ class Calibration:
     def _finish(self, best, rows, data, chosen: Plan, classifier, spent: float, deadline: TimeBudget | None):
         """Keep the best save as the model, then calibrate it and write the tables."""
         from phenotwin import Translator
-        from phenotwin.calibration import VERDICT_IMAGES, calibrate_steps, describe
+        from phenotwin.calibration import VERDICT_IMAGES, calibrate_steps, describe, second_look_note
         from phenotwin.calibration_command import apply
         from phenotwin.io import write_csv
 
@@ -299,7 +303,8 @@ class Calibration:
                               "training/calibration.csv")
         elif "not_chosen" in record:
             self.notes.append(record["not_chosen"])
-        self.notes += [record[key] for key in ("cost_search_stopped", "verdict_images_stopped",
+        self.notes += [note for note in [second_look_note(record)] if note]
+        self.notes += [record[key] for key in ("second_look_stopped", "cost_search_stopped", "verdict_images_stopped",
                                                "reconstruction_target_missed") if key in record]
         if trainer.config.reconstruction_target is not None and not chosen.sweep:
             self.notes.append(f"the reconstruction target ({trainer.config.reconstruction_target:g} dB) was not "
