@@ -646,9 +646,12 @@ def test_the_settings_near_the_flip_bar_that_decide_the_choice_are_doubtful():
     unsure = doubtful(texture, flip_bar(texture, 1.0))
     assert [(r["strength"], r["guidance"], r["confine"]) for r in unsure] == [(0.5, 1.0, True), (0.75, 0.0, True)]
     assert choose(texture) is unsure[0]
-    # A choice that reaches the bar outright, with nothing the criterion prefers near it: nothing to settle.
-    clear = _direction_rows([(0.25, 0.0, True, 1, 0, 0.004), (0.5, 1.0, True, 8, 8, 0.013)], per_direction=8)
+    # A choice that reaches the bar outright, with nothing the criterion prefers near it: nothing to settle,
+    # whatever order the rows come in; a setting near the bar that it comes after cannot change the choice.
+    clear = _direction_rows([(1.0, 1.0, True, 8, 7, 0.02), (0.25, 0.0, True, 1, 0, 0.004),
+                             (0.25, 0.0, False, 8, 6, 0.01), (0.5, 1.0, True, 8, 8, 0.013)], per_direction=8)
     assert doubtful(clear, flip_bar(clear, 1.0)) == []
+    assert doubtful(clear[:1] + clear[2:3], flip_bar(clear, 1.0)) == [clear[0], clear[2]]  # masked first
 
 
 def test_a_second_look_measures_the_doubtful_settings_again_on_more_images(tmp_path, torch_one_thread, monkeypatch):
@@ -658,34 +661,48 @@ def test_a_second_look_measures_the_doubtful_settings_again_on_more_images(tmp_p
     import phenotwin.calibration
     from phenotwin import Translator
     from phenotwin.calibration import calibrate_steps, unet_calls
-    from phenotwin.evaluate.translation import EvalSet
+    from phenotwin.cost import generation_calls, inversion_calls
+    from phenotwin.evaluate.translation import EvalSet, condition_classifier
+    from phenotwin.pipeline.edit_mask import mask_calls
     from phenotwin.progress import drive
 
     monkeypatch.setattr(phenotwin.calibration, "MIN_CLASSIFIER_ACCURACY", 0.0)
-    looked_at = (0.5, 1.0)
+    looked_at = {(0.5, 1.0, True), (0.25, 0.0, False)}  # not (0.5, 0.0) nor (0.25, 1.0): no such setting is doubtful
     monkeypatch.setattr(phenotwin.calibration, "doubtful", lambda rows, bar: [
-        r for r in rows if (r["strength"], r["guidance"], r["confine"]) == (*looked_at, True)])
+        r for r in rows if (r["strength"], r["guidance"], r["confine"]) in looked_at])
     translator = Translator(six_step_model(tmp_path / "tiny"), device="cpu")
     rng = np.random.default_rng(0)
     classes = translator.classes
     data = EvalSet(classes, {c: rng.uniform(500, 30000, (4, 2, 32, 32)).astype(np.float32) for c in classes})
 
-    before = translator.denoiser.calls
-    record = drive(calibrate_steps(translator, data, n=2))
+    # The choice fixed too, so that the run with a second look and the run without differ only by it.
+    monkeypatch.setattr(phenotwin.calibration, "choose", lambda rows, accuracy=1.0: next(
+        r for r in rows if (r["strength"], r["guidance"], r["confine"]) == (0.5, 1.0, True)))
+    classifier, _ = condition_classifier(translator, data, 0, 2)  # the same judge of flips for both runs
+    plain = drive(calibrate_steps(translator, EvalSet(classes, {c: v[:2] for c, v in data.images.items()}), n=2,
+                                  classifier=classifier))
+    before, events = translator.denoiser.calls, []
+    record = drive(calibrate_steps(translator, data, n=2, classifier=classifier), events.append)
     assert translator.denoiser.calls - before == record["unet_calls"] <= unet_calls(translator, data, n=2)
+    assert all(e.step <= e.total for e in events)
+    # Each extra image: its inversion, a generation at each doubtful (strength, guidance) and its edit
+    # mask; not the other two pairs of their strengths and guidances. 2 images more a condition.
+    look = translator.resolve()
+    per_image = (inversion_calls(look.replace(strength=1.0)) + generation_calls(look.replace(strength=0.5)) +
+                 generation_calls(look.replace(strength=0.25)) + mask_calls(look.mask_draws))
+    assert record["unet_calls"] - plain["unet_calls"] == 2 * len(classes) * per_image
     assert record["second_look"]["images_per_condition"] == {c: 4 for c in classes}
-    assert record["second_look"]["settings"] == [{"strength": 0.5, "guidance": 1.0, "confine": True}]
-    assert set(record["second_look"]["chosen_before"]) == {"strength", "guidance", "confine"}
+    assert sorted(map(tuple, (d.values() for d in record["second_look"]["settings"]))) == sorted(looked_at)
+    assert record["second_look"]["chosen_before"] == {"strength": 0.5, "guidance": 1.0, "confine": True}
+    assert record["cost_search"] == plain["cost_search"]  # judged against the chosen setting on the swept images
     for row in record["sweep"]:
-        looked = (row["strength"], row["guidance"]) == looked_at  # both edit masks: the same generations
+        looked = (row["strength"], row["guidance"]) in {(s, g) for s, g, _ in looked_at}  # both edit masks
         assert row["images_by_direction"] == {d: 4 if looked else 2 for d in row["images_by_direction"]}
     assert "second_look_stopped" not in record and record["images_per_condition"] == {c: 2 for c in classes}
 
     # No budget left: the second look stops before its first image, and the record says how to finish it.
-    short = drive(calibrate_steps(translator, data, n=2, budget=Allowance(translator, 0)))
-    assert short["second_look"]["images_per_condition"] == {c: 2 for c in classes}
-    assert "phenotwin calibrate" in short["second_look_stopped"]
+    short = drive(calibrate_steps(translator, data, n=2, classifier=classifier, budget=Allowance(translator, 0)))
+    assert "second_look" not in short and "phenotwin calibrate" in short["second_look_stopped"]
     assert all(set(r["images_by_direction"].values()) == {2} for r in short["sweep"])
     # A folder with only the swept images: nothing more to look at.
-    few = EvalSet(classes, {c: v[:2] for c, v in data.images.items()})
-    assert "second_look" not in drive(calibrate_steps(translator, few, n=2))
+    assert "second_look" not in plain and "second_look_stopped" not in plain

@@ -137,8 +137,10 @@ def second_look_note(record: dict[str, Any]) -> str | None:
     before, after = look["chosen_before"], record.get("chosen", {})
     outcome = ("kept the choice" if all(after.get(k) == before[k] for k in SWEPT) else
                f"changed the choice from {describe(before)} to {describe({k: after[k] for k in SWEPT})}")
-    return (f"{len(look['settings'])} setting(s) near the flip bar were measured again on "
-            f"{min(look['images_per_condition'].values())} image(s) a condition: that {outcome}")
+    fewest, most = min(look["images_per_condition"].values()), max(look["images_per_condition"].values())
+    images = f"{fewest}" if fewest == most else f"{fewest}-{most}"
+    return (f"{len(look['settings'])} setting(s) near the flip bar were measured again on {images} image(s) a "
+            f"condition: that {outcome}")
 
 
 def describe(chosen: dict[str, Any]) -> str:
@@ -171,12 +173,14 @@ def _guidances(base_guidance: float, swept: bool) -> list[float]:
     return sorted({*GUIDANCES, base_guidance}) if swept else [base_guidance]
 
 
-def _verdict_calls(translator, settings, rungs: list[float], guidances: list[float]) -> int:
-    """Model calls of one image's verdict measurement: its inversion and every rung's generation."""
+def _verdict_calls(translator, settings, rungs: list[float], guidances: list[float], pairs=None) -> int:
+    """Model calls of one image's verdict measurement: its inversion and every rung's generation at
+    every guidance (only the (strength, guidance) `pairs`, when given)."""
     from phenotwin.cost import generation_calls, inversion_calls
 
+    generated = [s for g in guidances for s in rungs if pairs is None or (s, g) in pairs]
     return (inversion_calls(settings.replace(strength=1.0)) +
-            len(guidances) * sum(generation_calls(settings.replace(strength=s)) for s in rungs))
+            sum(generation_calls(settings.replace(strength=s)) for s in generated))
 
 
 def _second_look_images(data, counts: dict[str, int]) -> dict[str, int]:
@@ -184,13 +188,17 @@ def _second_look_images(data, counts: dict[str, int]) -> dict[str, int]:
     return {src: min(2 * count, len(data.images[src])) for src, count in counts.items()}
 
 
-def _second_look_calls(translator, data, directions, counts, strengths, guidances) -> int:
-    """Model calls of a second look at the settings of these strengths and guidances (both edit masks)."""
+def _second_look_calls(translator, data, directions, counts, pairs: set[tuple[float, float]]) -> int:
+    """Model calls of a second look at the settings of these (strength, guidance) `pairs`, both edit
+    masks: per image its inversion, the pairs' generations and its edit mask."""
     from phenotwin.pipeline.edit_mask import mask_calls
 
+    if not pairs:
+        return 0
     look = translator.resolve()
     wanted = _second_look_images(data, counts)
-    return ((_verdict_calls(translator, look, strengths, guidances) + mask_calls(look.mask_draws)) *
+    strengths, guidances = sorted({s for s, _ in pairs}), sorted({g for _, g in pairs})
+    return ((_verdict_calls(translator, look, strengths, guidances, pairs) + mask_calls(look.mask_draws)) *
             sum(wanted[src] - counts[src] for src, _ in directions))
 
 
@@ -198,7 +206,19 @@ def second_look_reserve(translator, data, n: int) -> int:
     """Model calls of the least second look, at one doubtful setting (its dearest), which a time
     budget's plan keeps room for; more doubtful settings are measured again while the budget lasts."""
     _, rungs, _, directions, counts, _ = _plan(translator, data, n, None, True)
-    return _second_look_calls(translator, data, directions, counts, [max(rungs)], [max(GUIDANCES)])
+    return _second_look_calls(translator, data, directions, counts, {(max(rungs), max(GUIDANCES))})
+
+
+def _cost_search_calls(translator, rungs: list[float], reconstruction_target: float | None = None) -> tuple[int, int]:
+    """Model calls per image, at most, of the cost search (at the dearest setting the sweep can
+    choose) and of the verdict's table measured again at the setting it keeps."""
+    from phenotwin.cost import calls_per_image
+
+    options = searched_settings(translator, {"strength": max(rungs), "guidance": max(GUIDANCES), "confine": True},
+                                reconstruction_target)
+    verdict = max([_verdict_calls(translator, translator.resolve(), rungs, [translator.defaults.guidance])] +
+                  [_verdict_calls(translator, o, rungs, [max(GUIDANCES)]) for o in options])
+    return sum(calls_per_image(o) for o in options), verdict
 
 
 def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = None, sweep: bool = True,
@@ -208,7 +228,6 @@ def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = Non
     plans with (the cost search stops at the first setting that keeps the quality, and its verdict
     table is measured only when one does). `second_look`: count the sweep's second look as if every
     setting were doubtful (a time budget runs it only while it lasts, so a plan leaves it out)."""
-    from phenotwin.cost import calls_per_image
     from phenotwin.pipeline.edit_mask import mask_calls
 
     step_counts, rungs, _, directions, counts, verdict_counts = _plan(translator, data, n, step_counts, sweep,
@@ -223,13 +242,10 @@ def unet_calls(translator, data, n: int = 8, step_counts: list[int] | None = Non
                                           _guidances(base.guidance, swept)) + mask_calls(base.mask_draws) * swept)
     verdict = _verdict_calls(translator, translator.resolve(), rungs, [base.guidance])
     if sweep:  # the cost search, at the dearest chosen setting, and the verdict table of its choice
-        options = searched_settings(translator, {"strength": max(rungs), "guidance": max(GUIDANCES), "confine": True},
-                                   reconstruction_target)
-        total += images * sum(calls_per_image(o) for o in options)
-        verdict = max([verdict] + [_verdict_calls(translator, o, rungs, [max(GUIDANCES)]) for o in options])
-        total += images * verdict
+        search, verdict = _cost_search_calls(translator, rungs, reconstruction_target)
+        total += images * (search + verdict)
         if second_look:
-            total += _second_look_calls(translator, data, directions, counts, rungs, GUIDANCES)
+            total += _second_look_calls(translator, data, directions, counts, {(s, g) for s in rungs for g in GUIDANCES})
     return total + extra * verdict
 
 
@@ -278,11 +294,12 @@ class _Clock:
 
 
 def _verdict_psnrs(translator, data, directions, counts, settings, rungs, guidances, seed, clock, psnrs,
-                   on_generated=None, start=None):
+                   on_generated=None, start=None, pairs=None):
     """Invert each held-out image with `settings` (steps, solver, refinements) and regenerate it at
     every rung and guidance, unconfined: the reconstruction PSNRs go to psnrs[guidance][steps][rung].
     `on_generated(src, tgt, i, inversion, rung settings, result)` sees each generation (the sweep).
-    `start`: {source: the first image's index} (the images before it were measured already)."""
+    `start`: {source: the first image's index} (the images before it were measured already);
+    `pairs`: only these (strength, guidance) (the second look)."""
     from phenotwin.cost import generation_calls, inversion_calls
 
     for src, tgt in directions:
@@ -293,6 +310,8 @@ def _verdict_psnrs(translator, data, directions, counts, settings, rungs, guidan
                                                                      settings=full), inversion_calls(full))
             for guidance in guidances:
                 for strength in rungs:
+                    if pairs is not None and (strength, guidance) not in pairs:
+                        continue
                     rung = translator.resolve(settings, source=src, target=tgt, strength=strength, guidance=guidance,
                                               seed=seed, confine=False, batch=batch)
                     calls = 0 if translator.is_generated(inversion, settings=rung) else generation_calls(rung)
@@ -304,14 +323,14 @@ def _verdict_psnrs(translator, data, directions, counts, settings, rungs, guidan
 
 
 def _more_images(translator, data, directions, counts, wanted, settings, rungs, guidances, seed, clock, psnrs,
-                 budget: TimeBudget | None, reserve: int = 0, on_generated=None):
+                 budget: TimeBudget | None, reserve: int = 0, on_generated=None, pairs=None):
     """`_verdict_psnrs` on the images beyond the first `counts`, up to `wanted`: one image of each
     condition in turn, while the `budget` holds one more and `reserve` calls besides (work planned
     after it). Returns the images measured per source."""
     from phenotwin.pipeline.edit_mask import mask_calls
 
     done = dict(counts)
-    per_direction = (_verdict_calls(translator, settings, rungs, guidances) +
+    per_direction = (_verdict_calls(translator, settings, rungs, guidances, pairs) +
                      (mask_calls(settings.mask_draws) if on_generated is not None else 0))
     outgoing = {src: [d for d in directions if d[0] == src] for src, _ in directions}  # an image runs each of them
     for i in range(max(wanted.values(), default=0)):
@@ -322,7 +341,7 @@ def _more_images(translator, data, directions, counts, wanted, settings, rungs, 
                 clock.skip(per_direction * sum(len(outgoing[s]) * (wanted[s] - done[s]) for s in done))
                 return done
             yield from _verdict_psnrs(translator, data, its_directions, {src: i + 1}, settings, rungs, guidances,
-                                      seed, clock, psnrs, on_generated, start={src: i})
+                                      seed, clock, psnrs, on_generated, start={src: i}, pairs=pairs)
             done[src] = i + 1
     return done
 
@@ -396,25 +415,25 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
         choosing = classifier.held_out_accuracy >= MIN_CLASSIFIER_ACCURACY
         unsure = doubtful(rows, flip_bar(rows, classifier.held_out_accuracy)) if choosing else []
         wanted = _second_look_images(data, counts)
-        strengths, guidances = sorted({r["strength"] for r in unsure}), sorted({r["guidance"] for r in unsure})
-        clock.skip(_second_look_calls(translator, data, directions, counts, rungs, GUIDANCES) - (
-            _second_look_calls(translator, data, directions, counts, strengths, guidances) if unsure else 0))
-        if unsure and wanted != counts:
+        pairs = {(r["strength"], r["guidance"]) for r in unsure}
+        clock.skip(_second_look_calls(translator, data, directions, counts, {(s, g) for s in rungs for g in GUIDANCES})
+                   - _second_look_calls(translator, data, directions, counts, pairs))  # the bound's rest
+        if pairs and wanted != counts:
             before = choose(rows, classifier.held_out_accuracy)
-            look = translator.resolve()
             images = sum(counts[src] for src, _ in directions)
-            reserve = images * sum(calls_per_image(o) for o in searched_settings(
-                translator, {k: before[k] for k in SWEPT}))  # the cost search's planned part
-            looked = yield from _more_images(translator, data, directions, counts, wanted, look, strengths, guidances,
-                                             seed, clock, {}, budget, reserve, sweep_confined)
+            reserve = images * sum(_cost_search_calls(translator, rungs))  # the planned cheaper settings, after it
+            looked = yield from _more_images(
+                translator, data, directions, counts, wanted, translator.resolve(), sorted({s for s, _ in pairs}),
+                sorted({g for _, g in pairs}), seed, clock, {}, budget, reserve, sweep_confined, pairs)
             rows = judged()
-            record["second_look"] = {
-                "settings": [{k: r[k] for k in SWEPT} for r in unsure], "images_per_condition": looked,
-                "chosen_before": {k: before[k] for k in SWEPT}}
+            if looked != counts:
+                record["second_look"] = {
+                    "settings": [{k: r[k] for k in SWEPT} for r in unsure], "images_per_condition": looked,
+                    "chosen_before": {k: before[k] for k in SWEPT}}
             if looked != wanted:
                 record["second_look_stopped"] = (
-                    f"the time budget measured the doubtful settings again on {min(looked.values())} image(s) a "
-                    f"condition of the {max(wanted.values())} there were: run phenotwin calibrate "
+                    f"the time budget left the settings near the flip bar measured on {min(looked.values())} image(s) "
+                    f"a condition of the {max(wanted.values())} there were: run phenotwin calibrate "
                     f"{translator.checkpoint_path or 'MODEL'} --data HELD_OUT_FOLDER to choose on all of them.")
     if rows:
         record.update(sweep=rows, classifier_accuracy=classifier.held_out_accuracy,
@@ -423,7 +442,10 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
             row = choose(rows, classifier.held_out_accuracy)
             chosen = {k: row[k] for k in SWEPT}
             guidance = chosen["guidance"]
-            reference = {**row, "results": outcomes[(row["strength"], row["guidance"], row["confine"])]}
+            # The cost search translates the swept images: its reference is the chosen row on those
+            # (after a second look the row holds more).
+            swept = [r for r in outcomes[(row["strength"], row["guidance"], row["confine"])] if r[2] < counts[r[0]]]
+            reference = {**judge(translator, data, classifier, swept), "results": swept}
             images = sum(counts[src] for src, _ in directions)
 
             planned = calls_per_image(translator.resolve(**chosen))
@@ -450,7 +472,7 @@ def calibrate_steps(translator, data, n: int = 8, step_counts: list[int] | None 
                     f"HELD_OUT_FOLDER{target_flag} to try them all.")
             if reconstruction_target is not None:
                 record["reconstruction_target"] = reconstruction_target
-                best = max([row["reconstruction_psnr"]] + [r["reconstruction_psnr"] for r in tried if r["kept"]])
+                best = max([reference["reconstruction_psnr"]] + [r["reconstruction_psnr"] for r in tried if r["kept"]])
                 if best < reconstruction_target:
                     record["reconstruction_target_missed"] = (
                         f"no setting tried that flips reconstructs at {reconstruction_target:g} dB on these held-out "

@@ -183,8 +183,9 @@ def run(args: argparse.Namespace) -> int:
     written = apply(args.checkpoint, record, statistics)
     if "chosen" in record:
         print(f"defaults: {describe(record['chosen'])} ({record['criterion']})")
-        if second_look_note(record):
-            print(second_look_note(record))
+        looked = second_look_note(record)
+        if looked:
+            print(looked)
     elif "not_chosen" in record:
         print(f"warning: {record['not_chosen']}", file=sys.stderr)
     if "reconstruction_target_missed" in record:
