@@ -387,7 +387,7 @@ def test_the_calibration_prefers_the_lowest_strength_that_flips_over_a_redrawn_c
     """The subtle phenotype's sweep (16 held-out pairs): strength 0.75 with the edit mask changed
     no more on average than 0.5 with guidance and mask, but lay 1.44x further from the true
     counterfactual than the input (0.72 at 0.5). Choosing by mean change alone took 0.75."""
-    from phenotwin.calibration import choose, flip_bar
+    from phenotwin.calibration_choice import choose, flip_bar
 
     rows = [{"strength": s, "guidance": g, "confine": True, "flip_rate": f, "mean_change": c, "images": 16}
             for s, g, f, c in [(0.25, 1.0, 0.5625, 0.00230), (0.5, 0.0, 0.625, 0.00192), (0.5, 1.0, 0.8125, 0.00387),
@@ -402,7 +402,7 @@ def test_the_calibration_prefers_the_lowest_strength_that_flips_over_a_redrawn_c
 
 def test_the_calibration_prefers_a_change_confined_to_the_edit_mask_within_the_flip_rates_noise():
     """Measured sweeps where an argmax of flips chose an unlocalised change (docs/evaluation.md)."""
-    from phenotwin.calibration import choose
+    from phenotwin.calibration_choice import choose
 
     def rows(table, images):
         return [{"strength": s, "guidance": g, "confine": c, "flip_rate": f, "mean_change": m, "images": images}
@@ -426,7 +426,7 @@ def test_the_calibration_prefers_a_change_confined_to_the_edit_mask_within_the_f
 def test_a_setting_flips_only_when_each_direction_flips():
     """The real texture's calibration saw 0.875 pooled over its translations, yet held out textured
     -> control flipped 0.62 against 1.00 the other way: a pooled rate can hide a direction."""
-    from phenotwin.calibration import choose, flip_bar
+    from phenotwin.calibration_choice import choose, flip_bar
     from phenotwin.calibration_cost import flips
 
     def row(strength, confine, forward, backward, per_direction=16):
@@ -450,7 +450,7 @@ def test_a_setting_flips_only_when_each_direction_flips():
 
 def test_a_sweep_recorded_without_the_per_direction_breakdown_is_judged_pooled():
     from phenotwin.assets import DEMO_MODEL, SUBTLE_MODEL
-    from phenotwin.calibration import choose, flip_bar
+    from phenotwin.calibration_choice import choose, flip_bar
     from phenotwin.calibration_cost import flips
 
     old = {"flip_rate": 0.8125, "images": 16}  # 0.8125 of 16: within 0.095 of 0.875 - 0.05, not of 0.9 (0.075)
@@ -495,7 +495,8 @@ def test_a_reconstruction_target_tries_dearer_settings_and_keeps_the_cheapest_th
                                                                                                monkeypatch):
     import phenotwin.calibration
     from phenotwin import Translator
-    from phenotwin.calibration import calibrate_steps, flip_bar, unet_calls
+    from phenotwin.calibration import calibrate_steps, unet_calls
+    from phenotwin.calibration_choice import flip_bar
     from phenotwin.calibration_cost import flips, searched_settings
     from phenotwin.cli import main
     from phenotwin.evaluate.translation import load_eval_folder
@@ -621,7 +622,7 @@ def test_the_settings_near_the_flip_bar_that_decide_the_choice_are_doubtful():
     """The demo's sweep on 8 cells a condition (the edit-mask rows): strength 0.5 flipped nocodazole
     -> control 6 times of 8, below the bar within two standard errors, and 15 times of 16 held-out
     cells, so the calibration took 0.75. Measured again on 8 cells more, 0.5 is chosen."""
-    from phenotwin.calibration import choose, doubtful, flip_bar
+    from phenotwin.calibration_choice import choose, doubtful, flip_bar
 
     demo = _direction_rows([(0.25, 0.0, True, 2, 0, 0.004), (0.25, 1.0, True, 8, 3, 0.007),
                             (0.5, 0.0, True, 8, 3, 0.008), (0.5, 1.0, True, 8, 6, 0.013),

@@ -14,17 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from phenotwin.calibration import (
-    CONFINES,
-    GUIDANCES,
-    RECONSTRUCTION_TOLERANCE_DB,
-    SWEPT,
-    VERDICT_IMAGES,
-    calibrate_steps,
-    describe,
-    flip_bar,
-    second_look_note,
-)
+from phenotwin.calibration import CONFINES, GUIDANCES, VERDICT_IMAGES, calibrate_steps
+from phenotwin.calibration_choice import RECONSTRUCTION_TOLERANCE_DB, SWEPT, describe, flip_bar, second_look_note
 from phenotwin.errors import PhenotwinError
 from phenotwin.evaluate.classifier import CLASSIFIER_IMAGES
 from phenotwin.trust import GOOD_QUANTILE

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from phenotwin.calibration import FLIP_SLACK, TimeBudget
+from phenotwin.calibration import TimeBudget
+from phenotwin.calibration_choice import FLIP_SLACK
 from phenotwin.checkpoint import TRAINING_DIR
 from phenotwin.evaluate.classifier import CLASSIFIER_EPOCHS, CLASSIFIER_IMAGES
 from phenotwin.train.config import TrainProgress
@@ -280,7 +281,8 @@ class Calibration:
     def _finish(self, best, rows, data, chosen: Plan, classifier, spent: float, deadline: TimeBudget | None):
         """Keep the best save as the model, then calibrate it and write the tables."""
         from phenotwin import Translator
-        from phenotwin.calibration import VERDICT_IMAGES, calibrate_steps, describe, second_look_note
+        from phenotwin.calibration import VERDICT_IMAGES, calibrate_steps
+        from phenotwin.calibration_choice import describe, second_look_note
         from phenotwin.calibration_command import apply
         from phenotwin.io import write_csv
 
